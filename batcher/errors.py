@@ -1,0 +1,284 @@
+"""batcher's one error tree.
+
+Every failure that crosses a module boundary is one of these; aiohttp and
+orjson exceptions are translated into them inside ``client.py`` only::
+
+    BatcherError
+    ├── ConfigError              bad flags, job file or environment (exit 2)
+    ├── ManifestError            unreadable manifest, missing header (exit 2)
+    ├── RowError                 one bad manifest row (row failed: invalidRow)
+    ├── LedgerError              the ledger cannot be opened or written
+    │   ├── LedgerLocked         another run holds this ledger (exit 4)
+    │   └── TransitionConflict   a compare-and-set matched no row
+    ├── OutputPathError          an output path would leave --out
+    └── ApiError                 anything the Diffio API or the network did
+        ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
+        ├── DecodeError          an answer that is not the JSON we need (retryable)
+        └── StatusError          an HTTP error status, with code and body
+            ├── RateLimited      429; carries retry_after (retryable)
+            ├── ServerError      500, 502-504 (retryable)
+            ├── AuthError        401, and 403 on the key itself (halts the run)
+            ├── SpendLimit       402 (halts submissions; body figures kept)
+            ├── Conflict         409 (idempotencyKeyConflict, not ready yet, …)
+            └── ClientError      other 4xx: the row is wrong (not retried)
+
+Each ``ApiError`` knows whether it is ``retryable`` and whether it ``halts``
+the run. Messages never contain the API key: the client never puts it in
+one, and ``redact`` scrubs anything that came back from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ApiError",
+    "AuthError",
+    "BatcherError",
+    "ClientError",
+    "ConfigError",
+    "Conflict",
+    "DecodeError",
+    "LedgerError",
+    "LedgerLocked",
+    "ManifestError",
+    "OutputPathError",
+    "RateLimited",
+    "RowError",
+    "ServerError",
+    "SpendLimit",
+    "StatusError",
+    "TransitionConflict",
+    "TransportError",
+    "redact",
+]
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Return ``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    if secret:
+        return text.replace(secret, "***")
+    return text
+
+
+class BatcherError(Exception):
+    """Root of every error batcher raises on purpose."""
+
+
+class ConfigError(BatcherError):
+    """Flags, environment or job file are wrong; nothing was sent."""
+
+
+class ManifestError(BatcherError):
+    """The manifest as a whole cannot be read (missing, no header, unknown type)."""
+
+
+class RowError(BatcherError):
+    """One manifest row is invalid; it fails with code ``invalidRow``.
+
+    ``line`` is the data-row number (1 = first data row) and ``field`` the
+    column or key at fault, when one is.
+    """
+
+    code = "invalidRow"
+
+    def __init__(self, message: str, *, path: str, line: int, field: str | None = None) -> None:
+        self.message = message
+        self.path = path
+        self.line = line
+        self.field = field
+        where = f"{path}: row {line}"
+        if field:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class LedgerError(BatcherError):
+    """The ledger cannot be opened, migrated or written."""
+
+
+class LedgerLocked(LedgerError):
+    """Another ``batcher run`` holds this ledger."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(f"ledger {path} is in use by {holder}")
+
+
+class TransitionConflict(LedgerError):
+    """A compare-and-set on a ledger row matched nothing.
+
+    Either the row does not exist or its stage was not the expected one; a
+    silent no-op here could hide a double submission, so it is an error.
+    """
+
+    def __init__(self, row_id: str, expected: str, actual: str | None) -> None:
+        self.row_id = row_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"row {row_id}: expected stage {expected}, found {actual or 'no such row'}"
+        )
+
+
+class OutputPathError(BatcherError):
+    """An output path from the manifest would be written outside ``--out``."""
+
+    code = "unsafeOutputPath"
+
+
+class ApiError(BatcherError):
+    """Something the Diffio API or the network did.
+
+    ``endpoint`` is the API path (``diffio-3.5-generation``, or ``upload`` /
+    ``download`` for signed URLs); ``row_id`` is attached by the caller when
+    known.
+    """
+
+    retryable: bool = False
+    halts: bool = False
+    code: str = "apiError"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        row_id: str | None = None,
+    ) -> None:
+        self.message = message
+        self.endpoint = endpoint
+        self.row_id = row_id
+        super().__init__(message)
+
+    @property
+    def http_status(self) -> int | None:
+        """The HTTP status, or None when there was no HTTP answer."""
+        return None
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.endpoint:
+            parts.append(f"(endpoint {self.endpoint}")
+            if self.row_id:
+                parts[-1] += f", row {self.row_id}"
+            parts[-1] += ")"
+        return " ".join(parts)
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``error`` object written to the ledger and the export."""
+        return {"code": self.code, "message": self.message, "httpStatus": self.http_status}
+
+
+class TransportError(ApiError):
+    """No usable HTTP answer: connection refused or reset, timeout, cut body."""
+
+    retryable = True
+    code = "transportError"
+
+
+class DecodeError(ApiError):
+    """An answer arrived but is not the JSON the endpoint promises."""
+
+    retryable = True
+    code = "badResponse"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str = "",
+        endpoint: str = "",
+        row_id: str | None = None,
+    ) -> None:
+        super().__init__(message, endpoint=endpoint, row_id=row_id)
+        self.status = status
+        self.body = body[:500]
+
+    @property
+    def http_status(self) -> int | None:
+        return self.status
+
+
+class StatusError(ApiError):
+    """An HTTP error status with the API's ``error`` text and ``code``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        endpoint: str = "",
+        row_id: str | None = None,
+    ) -> None:
+        super().__init__(message, endpoint=endpoint, row_id=row_id)
+        self.status = status
+        self.body: dict[str, Any] = dict(body or {})
+        if code:
+            self.code = code
+
+    @property
+    def http_status(self) -> int | None:
+        return self.status
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status} {self.code}: {super().__str__()}"
+
+
+class RateLimited(StatusError):
+    """429: slow down; ``retry_after`` seconds when the server said so."""
+
+    retryable = True
+    code = "rateLimited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class ServerError(StatusError):
+    """500 and 502–504: the server failed; the same request may succeed later."""
+
+    retryable = True
+    code = "serverError"
+
+
+class AuthError(StatusError):
+    """401, or 403 on the key itself (inactive, lacks permission): halt the run."""
+
+    halts = True
+    code = "unauthorized"
+
+
+class SpendLimit(StatusError):
+    """402: the key's spend limit or a billing hold; stop submitting.
+
+    The body's figures (``spendLimitUsd``, ``usedUsd``, ``estimatedCostUsd``…)
+    are kept in ``body`` so the CLI can show them.
+    """
+
+    halts = True
+    code = "spendLimitExceeded"
+
+    def figures(self) -> str:
+        """One line with the 402 body's figures, for the operator."""
+        keys = ("spendLimitUsd", "usedUsd", "pendingUsd", "estimatedCostUsd", "periodEnd")
+        shown = [f"{k}={self.body[k]}" for k in keys if k in self.body]
+        return ", ".join(shown) if shown else "no figures in the answer"
+
+
+class Conflict(StatusError):
+    """409: ``idempotencyKeyConflict`` (row fails) or a resource not ready yet."""
+
+    code = "conflict"
+
+
+class ClientError(StatusError):
+    """Other 4xx: the request is wrong for this row; not retried."""
+
+    code = "badRequest"

@@ -1,0 +1,320 @@
+"""The ledger's vocabulary and the one interface every backend implements.
+
+The ledger is the truth (DESIGN.md invariant 5): every step of every row is
+committed here, in order, before the runner acts on it. The runner talks only
+to :class:`Ledger`; SQLite, PostgreSQL and the in-memory backend all pass the
+same contract tests (tests/test_ledger_contract.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, TypedDict
+
+__all__ = [
+    "ACTIVE_STAGES",
+    "LEGAL_MOVES",
+    "Event",
+    "Kind",
+    "Ledger",
+    "LedgerRow",
+    "NewRow",
+    "RunInfo",
+    "Stage",
+    "Update",
+    "contract_status",
+]
+
+
+class Kind(StrEnum):
+    """What a manifest row names."""
+
+    PROJECT = "project"  # an existing Diffio project (apiProjectId column)
+    FILE = "file"  # a local audio file: create project, upload, generate, download
+
+
+class Stage(StrEnum):
+    """Where a row is. Every write is a compare-and-set on this column."""
+
+    # Imported; nothing the API could charge for has been accepted yet.
+    PENDING = "pending"
+    # File row: create_project answered; its id is durable (invariant 2) but the
+    # upload is not confirmed, so no generation has been posted for it.
+    PROJECT = "project"
+    # File row: bytes uploaded; a generation may now be posted on this project.
+    UPLOADED = "uploaded"
+    # The API accepted (or replayed) the generation; generation_id is known.
+    SUBMITTED = "submitted"
+    # The API reports `complete`; a file row still has to download its output.
+    GENERATED = "generated"
+    # Done. File rows: output on disk under its final name, sha256 recorded.
+    COMPLETE = "complete"
+    # Terminal failure with `error` set; only --retry-failed moves it again.
+    FAILED = "failed"
+
+
+# Stages in which the runner still has work to do.
+ACTIVE_STAGES: frozenset[Stage] = frozenset(
+    {Stage.PENDING, Stage.PROJECT, Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED}
+)
+
+# The legal moves. A same-stage move updates fields (attempts, apiStatus,
+# a retryable error) without changing where the row is.
+LEGAL_MOVES: Mapping[Stage, frozenset[Stage]] = {
+    Stage.PENDING: frozenset({Stage.PENDING, Stage.PROJECT, Stage.SUBMITTED, Stage.FAILED}),
+    # PROJECT -> PROJECT also covers "upload URL expired: fresh project".
+    Stage.PROJECT: frozenset({Stage.PROJECT, Stage.UPLOADED, Stage.PENDING, Stage.FAILED}),
+    Stage.UPLOADED: frozenset({Stage.UPLOADED, Stage.SUBMITTED, Stage.FAILED}),
+    Stage.SUBMITTED: frozenset(
+        {Stage.SUBMITTED, Stage.GENERATED, Stage.COMPLETE, Stage.FAILED}
+    ),
+    Stage.GENERATED: frozenset({Stage.GENERATED, Stage.COMPLETE, Stage.FAILED}),
+    # COMPLETE -> GENERATED: a file row whose output vanished is downloaded again.
+    # COMPLETE -> PENDING: its source file changed; it is a new request now.
+    Stage.COMPLETE: frozenset({Stage.COMPLETE, Stage.GENERATED, Stage.PENDING}),
+    # FAILED -> PENDING/UPLOADED/SUBMITTED: --retry-failed or a changed row.
+    Stage.FAILED: frozenset(
+        {Stage.FAILED, Stage.PENDING, Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED}
+    ),
+}
+
+
+def contract_status(stage: Stage) -> str:
+    """The export's `status` (CONTRACT.md): pending, submitted, complete or failed."""
+    if stage in (Stage.PENDING, Stage.PROJECT, Stage.UPLOADED):
+        return "pending"
+    if stage in (Stage.SUBMITTED, Stage.GENERATED):
+        return "submitted"
+    return stage.value
+
+
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    """A manifest row as the planner hands it to the ledger.
+
+    ``error`` is set for an invalid row: it is imported straight as FAILED.
+    ``group`` identifies one logical request (the API's identity: key and
+    source); the first row of a group leads it, later rows follow it.
+    """
+
+    row_id: str
+    line: int
+    kind: Kind
+    idempotency_key: str | None
+    model_key: str
+    api_project_id: str | None = None
+    source_path: str | None = None
+    source_sha256: str | None = None
+    source_size: int | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    output_rel: str | None = None
+    explicit_key: bool = False
+    # Canonical JSON of what the request asks for (model, source, sampling,
+    # params); two rows with one key but different content are reported.
+    request_digest: str = ""
+    group: str | None = None
+    error: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """A row as the ledger holds it now."""
+
+    row_id: str
+    line: int
+    kind: Kind
+    stage: Stage
+    idempotency_key: str | None
+    model_key: str
+    api_project_id: str | None = None
+    generation_id: str | None = None
+    api_status: str | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    source_path: str | None = None
+    source_sha256: str | None = None
+    source_size: int | None = None
+    output_rel: str | None = None
+    output_path: str | None = None
+    output_sha256: str | None = None
+    output_size: int | None = None
+    upload_url: str | None = None
+    upload_method: str | None = None
+    upload_expires_at: str | None = None
+    content_type: str | None = None
+    error: Mapping[str, Any] | None = None
+    attempts: int = 0
+    polls: int = 0
+    retry_count: int = 0
+    base_key: str | None = None
+    explicit_key: bool = False
+    request_digest: str = ""
+    group: str | None = None
+    leader_row_id: str | None = None
+    retired: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """The contract's status for this row."""
+        return contract_status(self.stage)
+
+    def export_record(self) -> dict[str, Any]:
+        """One export record with every field CONTRACT.md names, and more."""
+        return {
+            "rowId": self.row_id,
+            "line": self.line,
+            "kind": self.kind.value,
+            "idempotencyKey": self.idempotency_key,
+            "apiProjectId": self.api_project_id,
+            "generationId": self.generation_id,
+            "modelKey": self.model_key,
+            "status": self.status,
+            "stage": self.stage.value,
+            "apiStatus": self.api_status,
+            "error": dict(self.error) if self.error else None,
+            "output": self.output_path if self.kind is Kind.FILE else None,
+            "outputSha256": self.output_sha256,
+            "source": self.source_path,
+            "sourceSha256": self.source_sha256,
+            "attempts": self.attempts,
+            "polls": self.polls,
+            "retryCount": self.retry_count,
+            "leaderRowId": self.leader_row_id,
+        }
+
+
+class Update(TypedDict, total=False):
+    """Columns a transition may set. Absent keys are left as they are."""
+
+    idempotency_key: str | None
+    base_key: str | None
+    retry_count: int
+    api_project_id: str | None
+    generation_id: str | None
+    api_status: str | None
+    source_sha256: str | None
+    source_size: int | None
+    output_path: str | None
+    output_sha256: str | None
+    output_size: int | None
+    upload_url: str | None
+    upload_method: str | None
+    upload_expires_at: str | None
+    content_type: str | None
+    error: Mapping[str, Any] | None
+    attempts_delta: int  # added to attempts
+    polls_delta: int  # added to polls
+    leader_row_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of a row's append-only history."""
+
+    row_id: str
+    at: float
+    from_stage: Stage | None
+    to_stage: Stage
+    event: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Who is running: recorded in the ledger's runs table and in its lock."""
+
+    run_id: str
+    pid: int
+    host: str
+    started_at: float
+    command: str = ""
+
+
+class Ledger(Protocol):
+    """What the runner needs from a ledger; implemented per backend.
+
+    All methods are coroutines on the asyncio event loop. Writes resolve only
+    once committed (group commit may batch many writers into one transaction).
+    """
+
+    description: str
+
+    async def open(self, run: RunInfo, *, lock: bool = True) -> None:
+        """Create or migrate the schema, take the run lock, record the run.
+
+        Raises LedgerLocked when another live run holds the ledger.
+        With ``lock=False`` (status, export) the ledger is only read.
+        """
+        ...
+
+    async def close(self, exit_code: int | None = None) -> None:
+        """Flush pending writes, record the run's end, release the lock."""
+        ...
+
+    async def import_rows(self, rows: Sequence[NewRow]) -> list[LedgerRow]:
+        """Insert rows not yet present; return every given row's current state.
+
+        Idempotent: importing the same rows again changes nothing but their
+        ``retired`` flag. A row whose ``error`` is set and which is not yet
+        active is stored (or refreshed) as FAILED with that error. A row whose
+        group already has an earlier row gets ``leader_row_id`` = that row.
+        A known row whose idempotency_key or source_sha256 changed is returned
+        as stored; the runner decides what to do.
+        """
+        ...
+
+    async def finish_import(self) -> int:
+        """Mark rows not seen since :meth:`open` as retired; return how many."""
+        ...
+
+    async def transition(
+        self,
+        row_id: str,
+        expect: Stage | frozenset[Stage],
+        to: Stage,
+        update: Update | None = None,
+        *,
+        event: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> LedgerRow:
+        """Compare-and-set a row from ``expect`` to ``to`` and append an event.
+
+        Raises TransitionConflict when the row is missing or not in
+        ``expect``, and LedgerError when ``to`` is not a legal move.
+        """
+        ...
+
+    async def get(self, row_id: str) -> LedgerRow | None:
+        """One row, or None."""
+        ...
+
+    def rows(
+        self,
+        *,
+        stages: frozenset[Stage] | None = None,
+        include_retired: bool = False,
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows in manifest order (by line), streamed in pages."""
+        ...
+
+    async def counts(self, *, include_retired: bool = False) -> dict[Stage, int]:
+        """How many rows are in each stage."""
+        ...
+
+    async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
+        """The most common (code, message, count) among failed rows."""
+        ...
+
+    async def events(self, row_id: str) -> list[Event]:
+        """A row's history, oldest first."""
+        ...
+
+    async def runs(self) -> list[dict[str, Any]]:
+        """Every run recorded in this ledger, oldest first."""
+        ...
