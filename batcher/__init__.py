@@ -1,3 +1,8 @@
-"""batcher: run bulk jobs against the Diffio audio-restoration API."""
+"""batcher: run bulk jobs against the Diffio audio-restoration API.
 
-__all__: list[str] = []
+Resumable, rate-limited, and never paying twice for one logical request.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

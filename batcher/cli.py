@@ -1,0 +1,224 @@
+"""The ``batcher`` command line: a thin edge over the library.
+
+Library errors become one clear line here (exit 2, 3 or 4 per CONTRACT.md);
+signal handling lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import __version__
+from .errors import BatcherError, ConfigError, LedgerError, LedgerLocked, ManifestError
+from .settings import OPTION_SPECS, Settings, resolve
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("batcher")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path,
+                   help="manifest (.csv, .jsonl, .ndjson) or job file (.toml)")
+    for spec in OPTION_SPECS:
+        if spec.name == "manifest":
+            continue
+        metavar = {"ledger": "PATH_OR_URL", "model": "KEY", "rate": "R",
+                   "concurrency": "N", "poll_interval": "S", "out": "DIR",
+                   "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
+                   "max_spend": "USD", "report": "FILE", "metrics": "FILE"}.get(
+                       spec.name, spec.name.upper())
+        default = "" if spec.default is None else f" [default: {spec.default}]"
+        p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,
+                       help=f"{spec.help}{default} (env {spec.env})")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also retry rows the ledger holds as failed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the manifest and print the plan; no API request")
+    p.add_argument("--simulate", action="store_true",
+                   help="run against the embedded Diffio simulator (no key, no cost)")
+    p.add_argument("--sim-config", type=Path, default=None,
+                   help="with --simulate: simulator knobs from a JSON or TOML file")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Run bulk jobs against the Diffio audio-restoration API: resumable, "
+        "rate-limited, never paying twice. The API key comes from DIFFIO_API_KEY; the "
+        "base URL from --api-base or DIFFIO_API_BASE_URL.",
+    )
+    parser.add_argument("--version", action="version", version=f"batcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a job",
+                         description="Run or resume a job. Re-running the same command after "
+                         "any interruption resumes it; no logical request is charged twice.")
+    _add_run_options(run)
+    _add_common(run)
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="counts by status and the most common errors")
+    status.add_argument("ledger", help="SQLite ledger path or postgresql:// URL")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_common(status)
+    status.set_defaults(func=_cmd_status)
+
+    export = sub.add_parser("export", help="one record per manifest row, JSONL or CSV")
+    export.add_argument("ledger", help="SQLite ledger path or postgresql:// URL")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("-o", "--output", type=Path, default=None, help="file [stdout]")
+    export.add_argument("--all", action="store_true",
+                        help="include rows no longer in the manifest (retired)")
+    _add_common(export)
+    export.set_defaults(func=_cmd_export)
+
+    from .simulator.cli import add_arguments as add_sim_arguments
+
+    simulate = sub.add_parser("simulate", help="serve the embedded Diffio API simulator")
+    add_sim_arguments(simulate)
+    simulate.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``batcher`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    return code
+
+
+def _configure_logging(args: argparse.Namespace, secret: str = "") -> None:
+    from .logs import configure
+
+    level = logging.WARNING
+    if getattr(args, "quiet", False):
+        level = logging.ERROR
+    elif getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    elif getattr(args, "verbose", 0) == 1:
+        level = logging.INFO
+    configure(level=level, json=getattr(args, "log_json", False), secret=secret)
+
+
+def _error(message: str) -> None:
+    print(f"batcher: error: {message}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    flags: dict[str, Any] = {spec.name: getattr(args, spec.name, None) for spec in OPTION_SPECS
+                             if spec.name != "manifest"}
+    try:
+        settings = resolve(source=args.source, flags=flags, retry_failed=args.retry_failed,
+                           dry_run=args.dry_run, simulate=args.simulate)
+    except ConfigError as exc:
+        _configure_logging(args)
+        _error(str(exc))
+        return 2
+    _configure_logging(args, settings.api_key)
+    from .manifest import open_manifest
+
+    try:
+        open_manifest(settings.manifest)
+    except ManifestError as exc:
+        _error(str(exc))
+        return 2
+    sim_config = None
+    if args.sim_config is not None:
+        from .simulator.config import load_config_file
+
+        try:
+            sim_config = load_config_file(args.sim_config)
+        except (OSError, ValueError) as exc:
+            _error(f"--sim-config {args.sim_config}: {exc}")
+            return 2
+    try:
+        result = anyio.run(_run_with_signals, settings, sim_config, backend="asyncio")
+    except LedgerLocked as exc:
+        _error(f"{exc}; nothing was sent")
+        return 4
+    except (ConfigError, ManifestError, LedgerError) as exc:
+        _error(str(exc))
+        return 2
+    except BatcherError as exc:
+        _error(str(exc))
+        return 1
+    return result
+
+
+async def _run_with_signals(settings: Settings, sim_config: Any) -> int:
+    from .app import run_job
+    from .report import print_summary
+
+    interrupted: list[int] = []
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                interrupted.append(signum)
+                print("batcher: interrupted; saving state…", file=sys.stderr, flush=True)
+                scope.cancel()
+                return
+
+    result = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        result = await run_job(settings, sim_config=sim_config,
+                               cancel_scope=tg.cancel_scope, interrupted=interrupted)
+        tg.cancel_scope.cancel()
+    if result is None:
+        return 130
+    print_summary(result, settings, stream=sys.stdout)
+    return 130 if interrupted else result.exit_code
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    from .report import status_main
+
+    try:
+        return anyio.run(status_main, args.ledger, args.json, backend="asyncio")
+    except (LedgerError, ConfigError) as exc:
+        _error(str(exc))
+        return 2
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    from .export import export_main
+
+    try:
+        return anyio.run(export_main, args.ledger, args.format, args.output, args.all,
+                         backend="asyncio")
+    except (LedgerError, ConfigError) as exc:
+        _error(str(exc))
+        return 2
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator.cli import main as sim_main
+
+    return sim_main(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

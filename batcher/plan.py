@@ -1,0 +1,139 @@
+"""``--dry-run``: what a run would do and cost, without one API request.
+
+Nothing is written to the ledger: rows are compared with it read-only.
+Audio minutes come from file headers (mutagen); rows whose duration cannot be
+read (apiProjectId rows, unknown formats) are shown as unknown and estimated
+at the per-generation 60 s minimum (low), the mean of the known (expected) and
+the longest known (high).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+
+from .ledger.base import Kind, Ledger, Stage
+from .planner import PlanContext, plan_batches
+from .runner import RunResult
+from .runstats import RunStats
+from .settings import Settings
+
+__all__ = ["Plan", "audio_seconds", "make_plan"]
+
+MIN_BILLED_SECONDS = 60.0
+
+
+def audio_seconds(path: Path) -> float | None:
+    """The audio's duration from its header, or None when it cannot be read."""
+    try:
+        import mutagen
+
+        media = mutagen.File(str(path))
+    except Exception:  # mutagen raises many types on odd files; unknown is the answer
+        return None
+    if media is None or getattr(media, "info", None) is None:
+        return None
+    length = getattr(media.info, "length", None)
+    return float(length) if length else None
+
+
+@dataclass(slots=True)
+class Plan:
+    """The counts and the estimate of a dry run."""
+
+    total: int = 0
+    new: int = 0
+    complete: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    invalid: int = 0
+    known_seconds: list[float] = field(default_factory=list)
+    unknown: int = 0
+
+    def minutes(self) -> float:
+        return sum(self.known_seconds) / 60.0
+
+    def estimate(self, price_per_minute: float) -> tuple[float, float, float]:
+        """(low, expected, high) USD for the new rows, 60 s minimum each."""
+        billed = [max(MIN_BILLED_SECONDS, s) for s in self.known_seconds]
+        known = sum(billed)
+        mean = known / len(billed) if billed else MIN_BILLED_SECONDS
+        longest = max(billed) if billed else MIN_BILLED_SECONDS
+        per_second = price_per_minute / 60.0
+        low = (known + self.unknown * MIN_BILLED_SECONDS) * per_second
+        expected = (known + self.unknown * mean) * per_second
+        high = (known + self.unknown * longest) * per_second
+        return low, expected, high
+
+
+async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
+                    stream: TextIO | None = None) -> RunResult:
+    """Compare the manifest with the ledger and print the plan table."""
+    stream = stream or sys.stdout
+    ctx = PlanContext(manifest=settings.manifest, model=settings.model,
+                      namespace=settings.key_namespace, out=settings.out)
+    plan = Plan()
+    async for batch in plan_batches(ctx):
+        for new in batch:
+            plan.total += 1
+            if new.error is not None:
+                plan.invalid += 1
+                continue
+            row = await ledger.get(new.row_id)
+            stage = row.stage if row is not None else Stage.PENDING
+            changed = row is not None and new.kind is Kind.FILE and \
+                row.source_sha256 != new.source_sha256
+            if row is None or changed or (stage is Stage.FAILED and settings.retry_failed
+                                          and row.api_status == "failed"):
+                plan.new += 1
+                if new.kind is Kind.FILE and new.source_path:
+                    secs = await anyio.to_thread.run_sync(audio_seconds, Path(new.source_path))
+                    if secs is None:
+                        plan.unknown += 1
+                    else:
+                        plan.known_seconds.append(secs)
+                else:
+                    plan.unknown += 1
+            elif stage is Stage.COMPLETE:
+                plan.complete += 1
+            elif stage is Stage.FAILED:
+                plan.failed += 1
+            elif stage is Stage.PENDING:
+                plan.new += 1
+                plan.unknown += 1
+            else:
+                plan.in_flight += 1
+    stats.rows_total = plan.total
+    stats.rows_invalid = plan.invalid
+    print_plan(plan, settings, stream)
+    return RunResult(exit_code=0, counts={}, stats=stats, ledger=ledger.description)
+
+
+def print_plan(plan: Plan, settings: Settings, stream: TextIO) -> None:
+    """The plan table (plain text, so it reads the same in cron mail)."""
+    lines = [
+        ("rows total", str(plan.total)),
+        ("new (to submit)", str(plan.new)),
+        ("complete (skipped)", str(plan.complete)),
+        ("failed" + (" (retried)" if settings.retry_failed else " (left as is)"),
+         str(plan.failed)),
+        ("in flight (polled)", str(plan.in_flight)),
+        ("invalid", str(plan.invalid)),
+        ("audio minutes (new, known)", f"{plan.minutes():.2f}"),
+        ("durations unknown", str(plan.unknown)),
+    ]
+    if settings.price_per_minute is not None:
+        low, expected, high = plan.estimate(settings.price_per_minute)
+        lines.append(("estimated cost low", f"${low:,.2f}"))
+        lines.append(("estimated cost expected", f"${expected:,.2f}"))
+        lines.append(("estimated cost high", f"${high:,.2f}"))
+    else:
+        lines.append(("estimated cost", "unknown (give --price-per-minute USD)"))
+    width = max(len(k) for k, _ in lines)
+    print(f"plan for {settings.manifest} (dry run: no API request was made)", file=stream)
+    for key, value in lines:
+        print(f"  {key.ljust(width)}  {value}", file=stream)

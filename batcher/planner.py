@@ -1,0 +1,169 @@
+"""From manifest rows to ledger rows: validation, keys, identities, in batches.
+
+The manifest is read on a worker thread in batches, so a huge CSV neither
+blocks the event loop nor sits in memory: the runner pulls one batch at a
+time through a bounded stream (back-pressure from the workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .errors import OutputPathError, RowError
+from .keys import (
+    FileSource,
+    ProjectSource,
+    RowIdAssigner,
+    canonical_json,
+    derive_key,
+    derive_row_id,
+    normalize_model,
+    sha256_file,
+)
+from .ledger.base import Kind, NewRow
+from .manifest import ManifestRow, open_manifest
+from .paths import resolve_output
+
+__all__ = ["PlanContext", "plan_batches", "plan_row", "retry_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """What turning a manifest row into a ledger row depends on."""
+
+    manifest: Path
+    model: str
+    namespace: str
+    out: Path
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()[:32]
+
+
+def retry_key(row_model: str, source: ProjectSource | FileSource, sampling: Any,
+              params: Any, namespace: str, retry: int) -> str:
+    """The key of the ``retry``-th deliberate re-run of a failed generation."""
+    return derive_key(model=row_model, source=source, sampling=sampling, params=params,
+                      namespace=namespace, retry=retry)
+
+
+def plan_row(row: ManifestRow, ctx: PlanContext, assigner: RowIdAssigner) -> NewRow:
+    """A valid manifest row as a NewRow (hashing its file if it has one).
+
+    Raises RowError for problems only visible now (unreadable file, unsafe
+    output path).
+    """
+    model = row.model or ctx.model
+    sampling = dict(row.sampling)
+    params = dict(row.params)
+    source: ProjectSource | FileSource
+    sha: str | None = None
+    size: int | None = None
+    path = str(ctx.manifest)
+    if row.kind == "file":
+        assert row.file is not None and row.file_rel is not None
+        try:
+            sha, size = sha256_file(row.file)
+        except OSError as exc:
+            raise RowError(f"cannot read {row.file}: {exc.strerror or exc}", path=path,
+                           line=row.line, field="file") from None
+        source = FileSource(sha)
+        identity = row.file_rel
+    else:
+        assert row.api_project_id is not None
+        source = ProjectSource(row.api_project_id)
+        identity = row.api_project_id
+    if row.output is not None:
+        if row.kind != "file":
+            raise RowError("output is only for file rows", path=path, line=row.line,
+                           field="output")
+        try:
+            resolve_output(ctx.out, row.output)
+        except OutputPathError as exc:
+            raise RowError(str(exc), path=path, line=row.line, field="output") from None
+    key = row.idempotency_key or derive_key(
+        model=model, source=source, sampling=sampling, params=params, namespace=ctx.namespace
+    )
+    base_id = row.id or derive_row_id(
+        model=model, source_identity=identity, sampling=sampling, params=params,
+        explicit_key=row.idempotency_key, namespace=ctx.namespace,
+    )
+    row_id = assigner.assign(base_id)
+    source_id = f"project:{row.api_project_id}" if row.kind != "file" else f"sha256:{sha}"
+    request = {"model": normalize_model(model), "source": source_id,
+               "sampling": sampling, "params": params}
+    return NewRow(
+        row_id=row_id,
+        line=row.line,
+        kind=Kind.FILE if row.kind == "file" else Kind.PROJECT,
+        idempotency_key=key,
+        model_key=model,
+        api_project_id=row.api_project_id,
+        source_path=str(row.file) if row.file is not None else None,
+        source_sha256=sha,
+        source_size=size,
+        sampling=sampling,
+        params=params,
+        output_rel=row.output if row.output is not None else (
+            row.file_rel if row.kind == "file" else None),
+        explicit_key=row.idempotency_key is not None,
+        request_digest=_digest(request),
+        # The API's identity of a generation is (key, project). Derived keys
+        # already hash the source; an explicit key needs it added.
+        group=f"{key}|{source_id}",
+    )
+
+
+def invalid_row(err: RowError, model: str) -> NewRow:
+    """A bad row, imported straight as failed with code invalidRow."""
+    return NewRow(
+        row_id=f"invalid~{err.line}",
+        line=err.line,
+        kind=Kind.FILE if err.field in ("file", "output") else Kind.PROJECT,
+        idempotency_key=None,
+        model_key=model,
+        error={"code": RowError.code, "message": str(err), "httpStatus": None,
+               "field": err.field},
+    )
+
+
+def _iterate(ctx: PlanContext) -> Iterator[NewRow]:
+    manifest = open_manifest(ctx.manifest)
+    assigner = RowIdAssigner()
+    for item in manifest:
+        if isinstance(item, RowError):
+            yield invalid_row(item, ctx.model)
+            continue
+        try:
+            yield plan_row(item, ctx, assigner)
+        except RowError as err:
+            yield invalid_row(err, item.model or ctx.model)
+
+
+async def plan_batches(ctx: PlanContext, batch_size: int = 256) -> AsyncIterator[list[NewRow]]:
+    """Planned rows in manifest order, a batch at a time, read on a thread.
+
+    ``open_manifest`` errors (ManifestError) surface from the first batch.
+    """
+    rows = _iterate(ctx)
+
+    def take() -> list[NewRow]:
+        out: list[NewRow] = []
+        for new in rows:
+            out.append(new)
+            if len(out) >= batch_size:
+                break
+        return out
+
+    while True:
+        batch = await anyio.to_thread.run_sync(take)
+        if not batch:
+            return
+        yield batch

@@ -1,0 +1,183 @@
+"""What a person reads: the run summary, ``batcher status``, report files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from .errors import SpendLimit
+from .ledger import open_ledger
+from .ledger.base import RunInfo, Stage, contract_status
+from .runner import RunResult
+from .runstats import RunStats
+from .settings import Settings
+
+__all__ = ["metrics_text", "print_summary", "read_info", "status_main", "write_outputs"]
+
+
+def read_info() -> RunInfo:
+    """A RunInfo for read-only opens (status, export)."""
+    return RunInfo(run_id=f"read-{uuid.uuid4().hex[:8]}", pid=os.getpid(),
+                   host=socket.gethostname(), started_at=time.time(), command="read")
+
+
+def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys.stdout) -> None:
+    """The closing lines of ``batcher run``, always printed."""
+    c = result.counts
+    s = result.stats
+    total = sum(c.values())
+    print(
+        f"batcher: {total} rows: {c.get('complete', 0)} complete, {c.get('failed', 0)} failed, "
+        f"{c.get('pending', 0)} pending, {c.get('submitted', 0)} submitted "
+        f"({s.done} finished this run, {s.rows_skipped} already complete; "
+        f"{s.total_requests} API requests, {s.replays} replays, {s.polls} polls, "
+        f"{s.elapsed():.1f} s)",
+        file=stream,
+    )
+    if result.errors:
+        print("most common errors:", file=stream)
+        for code, message, n in result.errors:
+            print(f"  {n} x {code}: {message}", file=stream)
+    if isinstance(result.halt_error, SpendLimit):
+        print(f"halted by the API's spend limit (402): {result.halt_error.figures()}. "
+              "Raise the limit and re-run the same command to resume.", file=stream)
+    elif result.halted:
+        print(f"halted: {result.halted}. Fix it and re-run the same command to resume.",
+              file=stream)
+    if c.get("complete") and settings.out.exists():
+        print(f"restored files: {settings.out}", file=stream)
+    print(f"ledger: {result.ledger}", file=stream)
+
+
+def _table(rows: list[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
+    if stream.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        Console(file=stream).print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+          file=stream)
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(),
+              file=stream)
+
+
+async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> int:
+    """``batcher status LEDGER``: counts, errors, runs; works while a run writes."""
+    if "://" not in url and not Path(url).exists():
+        from .errors import ConfigError
+
+        raise ConfigError(f"no ledger at {url}")
+    ledger = open_ledger(url)
+    await ledger.open(read_info(), lock=False)
+    try:
+        by_stage = await ledger.counts()
+        errors = await ledger.error_summary(5)
+        runs = await ledger.runs()
+    finally:
+        await ledger.close(None)
+    by_status: dict[str, int] = {"pending": 0, "submitted": 0, "complete": 0, "failed": 0}
+    for stage, n in by_stage.items():
+        by_status[contract_status(stage)] += n
+    total = sum(by_status.values())
+    runs = [r for r in runs if not str(r.get("command", "")) == "read"]
+    last = runs[-1] if runs else None
+    if as_json:
+        stream.write(orjson.dumps({
+            "ledger": url, "total": total, "byStatus": by_status,
+            "byStage": {s.value: n for s, n in by_stage.items()},
+            "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],
+            "lastRun": last,
+        }, default=str).decode() + "\n")
+        return 0
+    rows = [(status, str(by_status[status]), f"{100 * by_status[status] / total:.1f}%"
+             if total else "-") for status in ("complete", "failed", "submitted", "pending")]
+    rows.append(("total", str(total), ""))
+    _table(rows, ("status", "rows", "share"), stream)
+    detail = [(s.value, str(by_stage.get(s, 0))) for s in Stage if by_stage.get(s)]
+    if detail:
+        print("stages: " + ", ".join(f"{k} {v}" for k, v in detail), file=stream)
+    if errors:
+        print("most common errors:", file=stream)
+        for code, message, n in errors:
+            print(f"  {n} x {code}: {message}", file=stream)
+    if last:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last["started_at"])))
+        ended = last.get("ended_at")
+        if ended:
+            took = float(ended) - float(last["started_at"])
+            print(f"last run: started {started} on {last.get('host')} (pid {last.get('pid')}), "
+                  f"took {took:.1f} s, exit {last.get('exit_code')}", file=stream)
+        else:
+            elapsed = time.time() - float(last["started_at"])
+            done = by_status["complete"] + by_status["failed"]
+            left = by_status["pending"] + by_status["submitted"]
+            line = (f"running: started {started} on {last.get('host')} "
+                    f"(pid {last.get('pid')}), {elapsed:.0f} s ago")
+            if done and left:
+                line += f"; {done / elapsed:.1f} rows/s, ETA {left / (done / elapsed):.0f} s"
+            print(line, file=stream)
+    return 0
+
+
+def metrics_text(stats: RunStats, exit_code: int | None) -> str:
+    """Prometheus textfile format (for node_exporter's textfile collector)."""
+    snap = stats.snapshot()
+    lines = [
+        "# HELP batcher_rows_finished_total Rows finished by the last run, by outcome.",
+        "# TYPE batcher_rows_finished_total gauge",
+        f'batcher_rows_finished_total{{outcome="complete"}} {snap["completedThisRun"]}',
+        f'batcher_rows_finished_total{{outcome="failed"}} {snap["failedThisRun"]}',
+        "# HELP batcher_requests_total API requests of the last run, by endpoint.",
+        "# TYPE batcher_requests_total gauge",
+    ]
+    for endpoint, n in sorted(stats.requests_by_endpoint().items()):
+        lines.append(f'batcher_requests_total{{endpoint="{endpoint}"}} {n}')
+    lines += [
+        "# TYPE batcher_rate_limited_total gauge",
+        f"batcher_rate_limited_total {snap['rateLimited']}",
+        "# TYPE batcher_polls_total gauge",
+        f"batcher_polls_total {snap['polls']}",
+        "# TYPE batcher_run_duration_seconds gauge",
+        f"batcher_run_duration_seconds {snap['durationSeconds']}",
+        "# TYPE batcher_estimated_spend_usd gauge",
+        f"batcher_estimated_spend_usd {snap['estimatedSpendUsd']}",
+        "# TYPE batcher_last_exit_code gauge",
+        f"batcher_last_exit_code {exit_code if exit_code is not None else -1}",
+        "# TYPE batcher_last_run_timestamp_seconds gauge",
+        f"batcher_last_run_timestamp_seconds {time.time():.0f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_outputs(settings: Settings, stats: RunStats, exit_code: int | None) -> None:
+    """--report (JSON) and --metrics (Prometheus textfile), written atomically."""
+    if settings.report is not None:
+        report: dict[str, Any] = {"exitCode": exit_code, **stats.snapshot(),
+                                  "settings": settings.describe()}
+        polls_per_row = stats.polls / max(stats.submitted, 1)
+        report["pollsPerRow"] = round(polls_per_row, 3)
+        _atomic_write(settings.report, orjson.dumps(report, default=str,
+                                                    option=orjson.OPT_INDENT_2))
+    if settings.metrics is not None:
+        _atomic_write(settings.metrics, metrics_text(stats, exit_code).encode())

@@ -1,0 +1,93 @@
+"""Live counters of one run: what progress lines, reports and metrics show."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RunStats"]
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counters the runner updates as it goes; read by progress and reports.
+
+    Plain attributes on purpose: one event loop writes them, nothing locks.
+    """
+
+    started: float = field(default_factory=time.monotonic)
+    rows_total: int = 0
+    rows_skipped: int = 0  # already complete when the run started
+    rows_invalid: int = 0
+    done: int = 0
+    failed: int = 0
+    submitted: int = 0
+    replays: int = 0
+    in_flight: int = 0
+    polls: int = 0
+    requests: Counter[str] = field(default_factory=Counter)  # "endpoint status" -> n
+    errors: Counter[str] = field(default_factory=Counter)  # error code -> n
+    rate_limited: int = 0
+    estimated_spend: float = 0.0
+    halted: str | None = None
+    source_changed: int = 0
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
+        """Feed from the client: one HTTP attempt finished."""
+        self.requests[f"{endpoint} {status if status is not None else 'error'}"] += 1
+        if status == 429:
+            self.rate_limited += 1
+        self._recent.append(time.monotonic())
+
+    def request_rate(self, window: float = 5.0) -> float:
+        """API requests per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        recent = sum(1 for t in self._recent if now - t <= window)
+        span = min(window, max(now - self.started, 1e-6))
+        return recent / span
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    def requests_by_endpoint(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for key, n in self.requests.items():
+            out[key.rsplit(" ", 1)[0]] += n
+        return dict(out)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def eta(self) -> float | None:
+        """Seconds until the rows of this run are finished, at the pace so far."""
+        finished = self.done + self.failed
+        todo = self.rows_total - self.rows_skipped - self.rows_invalid - finished
+        if finished <= 0 or todo <= 0:
+            return None if todo > 0 else 0.0
+        return self.elapsed() / finished * todo
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain values for a report."""
+        return {
+            "rowsTotal": self.rows_total,
+            "rowsAlreadyComplete": self.rows_skipped,
+            "rowsInvalid": self.rows_invalid,
+            "completedThisRun": self.done,
+            "failedThisRun": self.failed,
+            "submitted": self.submitted,
+            "idempotentReplays": self.replays,
+            "polls": self.polls,
+            "requests": self.total_requests,
+            "requestsByEndpoint": self.requests_by_endpoint(),
+            "requestsByStatus": dict(self.requests),
+            "rateLimited": self.rate_limited,
+            "errorsByCode": dict(self.errors),
+            "estimatedSpendUsd": round(self.estimated_spend, 4),
+            "halted": self.halted,
+            "sourceChanged": self.source_changed,
+            "durationSeconds": round(self.elapsed(), 3),
+        }
