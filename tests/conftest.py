@@ -1,0 +1,134 @@
+"""Shared factories: WAV files, a real simulator process, real batcher runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # aiohttp and aiolimiter are asyncio-only.
+    return "asyncio"
+
+
+def write_wav(path: Path, seconds: float = 0.5, freq: float = 440.0, rate: int = 8000) -> Path:
+    """A small mono 16-bit WAV; different freq -> different bytes -> different key."""
+    frames = b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * i / rate)))
+        for i in range(int(seconds * rate))
+    )
+    header = (
+        b"RIFF" + struct.pack("<I", 36 + len(frames)) + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", len(frames))
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + frames)
+    return path
+
+
+@dataclass
+class SimProcess:
+    """A `batcher simulate` server in its own process."""
+
+    proc: subprocess.Popen[str]
+    base_url: str
+
+    @property
+    def root(self) -> str:
+        return self.base_url.rsplit("/v1", 1)[0]
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/_sim/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def configure(self, patch: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            self.root + "/_sim/config", data=json.dumps(patch).encode(), method="POST",
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_simulator(*args: str) -> SimProcess:
+    """Start `python -m batcher simulate --port 0 ARGS` and wait for its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "simulate", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        found = re.search(r"https?://\S+", line)
+        if found:
+            # Keep draining output so the pipe never fills and blocks the server.
+            import threading
+
+            threading.Thread(target=lambda: proc.stdout and proc.stdout.read(),
+                             daemon=True).start()
+            return SimProcess(proc, found.group(0).rstrip("/.,"))
+    proc.kill()
+    raise RuntimeError("simulator did not print its URL")
+
+
+@pytest.fixture
+def simulator() -> Iterator[Any]:
+    """A factory: sim = simulator('--duration', '0.2,0.5'); stopped at teardown."""
+    started: list[SimProcess] = []
+
+    def factory(*args: str) -> SimProcess:
+        sim = start_simulator(*args)
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        sim.stop()
+
+
+def batcher_env(api_key: str = "sim-key", **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("BATCHER_") and k != "DIFFIO_API_BASE_URL"}
+    env["DIFFIO_API_KEY"] = api_key
+    env.update(extra)
+    return env
+
+
+def run_batcher(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                ) -> subprocess.CompletedProcess[str]:
+    """Run `python -m batcher ARGS` to its end."""
+    return subprocess.run([sys.executable, "-m", "batcher", *args], env=env or batcher_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def export_records(ledger: Path) -> list[dict[str, Any]]:
+    done = run_batcher("export", str(ledger), "--format", "jsonl")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

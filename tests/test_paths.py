@@ -1,0 +1,55 @@
+"""Output paths never leave --out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batcher.errors import OutputPathError
+from batcher.paths import default_output_rel, extension_for, resolve_output
+
+
+def test_relative_path_lands_under_out(tmp_path: Path) -> None:
+    assert resolve_output(tmp_path, "a/b.mp3") == tmp_path.resolve() / "a" / "b.mp3"
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x.mp3", "a/../../x.mp3", "", " ",
+                                 "C:\\x.mp3", ".", "a/..", "x\x00.mp3"])
+def test_escapes_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(OutputPathError):
+        resolve_output(tmp_path / "out", bad)
+
+
+def test_symlink_escape_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, out / "link")
+    with pytest.raises(OutputPathError, match="symlink"):
+        resolve_output(out, "link/x.mp3")
+
+
+def test_dotdot_that_stays_inside_is_fine(tmp_path: Path) -> None:
+    assert resolve_output(tmp_path, "a/../b.mp3") == tmp_path.resolve() / "b.mp3"
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_whatever_the_input_the_result_stays_inside(rel: str) -> None:
+    out = Path("/tmp/batcher-paths-prop/out")
+    try:
+        result = resolve_output(out, rel)
+    except OutputPathError:
+        return
+    assert out.resolve() in result.parents
+
+
+def test_default_names() -> None:
+    assert default_output_rel("sub/take.wav", "audio/mpeg") == "sub/take.restored.mp3"
+    assert default_output_rel("../up/take.wav", "audio/mpeg") == "take.restored.mp3"
+    assert default_output_rel("noext", None) == "noext.restored.bin"
+    assert extension_for("audio/mpeg; charset=x") == ".mp3"
