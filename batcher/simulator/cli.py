@@ -1,0 +1,154 @@
+"""``batcher simulate``: serve the simulator until SIGINT/SIGTERM.
+
+Settings are layered: defaults, then ``--config FILE`` (JSON or TOML), then
+the flags. The first line of stdout is the base URL, flushed, so a parent
+process can read it and start talking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import sys
+from typing import Any
+
+from batcher.errors import ConfigError
+from batcher.simulator.config import DEFAULT_API_KEY, SimConfig, load_config_file, parse_range
+from batcher.simulator.server import run_simulator
+
+__all__ = ["add_arguments", "build_config", "main"]
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        return parse_range("range", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+# flag dest -> SimConfig field, for the knobs that map one to one
+_KNOBS = (
+    "latency", "error_rate", "lost_rate", "html_rate", "truncated_rate", "rate_limit",
+    "duration", "failure_rate", "price_per_second", "flat_price", "upload_ttl",
+    "download_ttl", "seed", "auto_create_projects",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``batcher simulate``'s options to ``parser``."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    add("--port", type=int, default=8765, help="port to listen on; 0 picks a free one [8765]")
+    add("--api-key", dest="api_keys", action="append", metavar="KEY",
+        help=f"accept KEY (active, read+write); repeatable [{DEFAULT_API_KEY}]")
+    add("--config", metavar="FILE", help="JSON or TOML file of settings (flags override it)")
+    g = parser.add_argument_group("faults and behaviour (each overrides --config)")
+    g.add_argument("--latency", type=_range, metavar="MIN,MAX",
+                   help="extra seconds before every API answer [0]")
+    g.add_argument("--error-rate", type=_share, metavar="P",
+                   help="share of API requests answered 500 before any work [0]")
+    g.add_argument("--lost-rate", type=_share, metavar="P",
+                   help="share of generation requests created and charged, then the "
+                        "connection is cut without an answer [0]")
+    g.add_argument("--html-rate", type=_share, metavar="P",
+                   help="share of API requests answered by an HTML 502 page [0]")
+    g.add_argument("--truncated-rate", type=_share, metavar="P",
+                   help="share of 200 answers whose JSON is cut short (work done) [0]")
+    g.add_argument("--rate-limit", type=_positive, metavar="R",
+                   help="most requests per key in any 1 s window; above: 429 + Retry-After "
+                        "[no limit]")
+    g.add_argument("--duration", type=_range, metavar="MIN,MAX",
+                   help="seconds a generation takes to finish [1,3]")
+    g.add_argument("--failure-rate", type=_share, metavar="P",
+                   help="share of generations that end failed [0]")
+    g.add_argument("--spend-limit", type=_positive, metavar="USD",
+                   help="spend limit of every key; above: 402 spendLimitExceeded [none]")
+    g.add_argument("--price-per-second", type=_positive, metavar="USD",
+                   help="price per second of WAV audio, 60 s minimum [0.001]")
+    g.add_argument("--flat-price", type=_positive, metavar="USD",
+                   help="price of a generation whose project holds no readable WAV [0.06]")
+    g.add_argument("--upload-ttl", type=_positive, metavar="S",
+                   help="lifetime of signed upload URLs [3600]")
+    g.add_argument("--download-ttl", type=_positive, metavar="S",
+                   help="lifetime of signed download URLs [7200]")
+    g.add_argument("--seed", type=int, help="seed of the random source [0]")
+    g.add_argument("--auto-create-projects", action="store_true", default=None,
+                   help="create unknown apiProjectIds on generation requests")
+
+
+def build_config(args: argparse.Namespace) -> SimConfig:
+    """The config from defaults, ``--config`` and the flags (ConfigError if bad)."""
+    data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    config = SimConfig.from_mapping(data)
+    changes: dict[str, Any] = {
+        name: getattr(args, name) for name in _KNOBS if getattr(args, name, None) is not None
+    }
+    keys = getattr(args, "api_keys", None)
+    if keys:
+        # Named keys replace the demo key, but join the keys of a config file.
+        file_keys = any(k.replace("-", "_").lower() == "api_keys" for k in data)
+        config = dataclasses.replace(config, api_keys=config.api_keys if file_keys else {})
+        changes["api_keys"] = {k: {} for k in keys}
+    config = config.patched(changes)
+    limit = getattr(args, "spend_limit", None)
+    if limit is not None:
+        config = config.patched(
+            {"api_keys": {k: {"spend_limit_usd": limit} for k in config.api_keys}}
+        )
+    if not config.api_keys:
+        raise ConfigError("the simulator needs at least one API key")
+    return config
+
+
+async def _serve(config: SimConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with run_simulator(config, host, port) as sim:
+            print(f"Diffio simulator listening on {sim.base_url}", flush=True)
+            origin = (sim.base_url or "").removesuffix("/v1")
+            print(f"stats: GET {origin}/_sim/stats; knobs: POST {origin}/_sim/config", flush=True)
+            await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``batcher simulate``; returns the exit status (0 after a signal, 2 on bad settings)."""
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"batcher simulate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config, args.host, args.port))
+    except OSError as exc:
+        print(f"batcher simulate: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,183 @@
+"""The simulator's records: projects, generations, and how a generation ages.
+
+A generation's status is not stored: it is a pure function of the injected
+clock (seconds since it was created against its drawn duration), so a test
+that moves the clock moves every generation with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from batcher.simulator.audio import project_source_bytes
+
+__all__ = ["STAGES", "Generation", "Phase", "Project", "Refusal"]
+
+# Fractions of a generation's duration: queued until 10 %, preProcessing until
+# 30 %, inference until 100 %. A preProcessing failure ends it at 30 %.
+QUEUED_END = 0.1
+PRE_END = 0.3
+STAGES = ("preProcessing", "inference")
+
+
+class Refusal(Exception):
+    """An API error answer: HTTP status and the JSON body ``{"error", "code"?, ...}``."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        code: str | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{status} {error}")
+        self.status = status
+        self.body: dict[str, Any] = {"error": error}
+        if code is not None:
+            self.body["code"] = code
+        self.body.update(extra or {})
+        self.headers = headers or {}
+
+
+@dataclass
+class Project:
+    """A Diffio project owned by one API key."""
+
+    api_project_id: str
+    owner: str
+    file_name: str
+    content_type: str
+    content_length: float | None
+    params: dict[str, Any]
+    created_wall: float
+    updated_wall: float
+    # False for projects that exist "already" (add_project, auto-created):
+    # generating on them without an upload is normal, not worth a stat.
+    upload_expected: bool
+    audio: bytes | None = None
+    generation_ids: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``uploading`` until the signed PUT arrived, then ``uploaded``."""
+        return "uploading" if self.upload_expected and self.audio is None else "uploaded"
+
+    def source(self) -> str:
+        """sha256 hex of the uploaded bytes, or the project id when there are none."""
+        if self.audio is None:
+            return self.api_project_id
+        return hashlib.sha256(self.audio).hexdigest()
+
+    def source_bytes(self) -> bytes:
+        """The input the fake restoration works on."""
+        return self.audio if self.audio is not None else project_source_bytes(self.api_project_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """A generation's state at one instant."""
+
+    status: str  # queued | processing | complete | failed
+    progress: int  # overall 0-100
+    stages: dict[str, dict[str, Any]]
+    error: str | None
+    error_details: str | None
+    ended_after: float | None  # seconds after creation when it became terminal
+
+
+@dataclass
+class Generation:
+    """A generation: its request, its drawn fate, and its charge."""
+
+    generation_id: str
+    api_project_id: str
+    owner: str
+    model_key: str
+    idempotency_key: str | None
+    sampling: dict[str, Any]
+    params: dict[str, Any]
+    started: float  # injected clock at creation
+    created_wall: float
+    duration: float
+    failed_stage: str | None  # None: it will complete
+    charge_usd: float
+    logical_key: str
+    source_bytes: bytes
+
+    def phase(self, now: float) -> Phase:
+        """Where this generation is at clock time ``now``."""
+        d = self.duration
+        elapsed = max(0.0, now - self.started)
+        frac = 1.0 if d <= 0 else min(1.0, elapsed / d)
+        fail_at = PRE_END if self.failed_stage == "preProcessing" else 1.0
+        if self.failed_stage is not None and frac >= fail_at:
+            return self._failed(fail_at * d)
+        if frac >= 1.0:
+            done = {name: _stage(self, name, "complete", 100) for name in STAGES}
+            return Phase("complete", 100, done, None, None, d)
+        if frac < QUEUED_END:
+            idle = {name: _stage(self, name, "pending", 0) for name in STAGES}
+            return Phase("queued", 0, idle, None, None, None)
+        if frac < PRE_END:
+            pre = round(100 * (frac - QUEUED_END) / (PRE_END - QUEUED_END))
+            stages = {
+                "preProcessing": _stage(self, "preProcessing", "running", pre),
+                "inference": _stage(self, "inference", "pending", 0),
+            }
+        else:
+            inf = round(100 * (frac - PRE_END) / (1.0 - PRE_END))
+            stages = {
+                "preProcessing": _stage(self, "preProcessing", "complete", 100),
+                "inference": _stage(self, "inference", "running", inf),
+            }
+        return Phase("processing", min(99, round(100 * frac)), stages, None, None, None)
+
+    def _failed(self, ended_after: float) -> Phase:
+        failed = self.failed_stage or "inference"
+        where = "inference" if failed == "inference" else "pre-processing"
+        error = f"Generation failed during {where}."
+        details = f"Simulated failure in stage {failed} of generation {self.generation_id}."
+        stages: dict[str, dict[str, Any]] = {}
+        for name in STAGES:
+            if name == failed:
+                stages[name] = _stage(self, name, "failed", 100, error=error, details=details)
+            elif STAGES.index(name) < STAGES.index(failed):
+                stages[name] = _stage(self, name, "complete", 100)
+            else:
+                stages[name] = _stage(self, name, "pending", 0)
+        return Phase("failed", 100, stages, error, details, ended_after)
+
+
+_JOB_STATES = {
+    "pending": "PENDING",
+    "running": "RUNNING",
+    "complete": "SUCCEEDED",
+    "failed": "FAILED",
+}
+_MESSAGES = {"preProcessing": "Preparing audio", "inference": "Processing audio"}
+
+
+def _stage(
+    gen: Generation,
+    name: str,
+    status: str,
+    progress: int,
+    *,
+    error: str | None = None,
+    details: str | None = None,
+) -> dict[str, Any]:
+    started = status != "pending"
+    suffix = "pre" if name == "preProcessing" else "run"
+    return {
+        "jobId": f"job-{suffix}-{gen.generation_id.removeprefix('gen-')[:12]}" if started else None,
+        "jobState": _JOB_STATES[status],
+        "status": status,
+        "progress": progress,
+        "statusMessage": _MESSAGES[name] if status == "running" else None,
+        "error": error,
+        "errorDetails": details,
+    }

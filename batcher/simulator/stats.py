@@ -1,0 +1,161 @@
+"""What the simulator saw: counters kept live, and the snapshot tests read.
+
+The counters that matter most for batcher's invariants:
+
+- ``extra_charges``: a charge for a logical request (model, source, sampling,
+  params) that already had a generation which had not failed. Under a correct
+  runner it stays 0 whatever faults were injected.
+- ``signed_url_requests_with_key``: a signed storage URL received an API key
+  header. Must stay 0.
+- ``max_requests_per_second_by_key``: the most requests seen in any sliding
+  1 s window, exact (see ``window.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from batcher.simulator.window import SlidingWindow
+
+__all__ = ["SimStats", "StatsRecorder", "canonical_json", "logical_request_key"]
+
+
+def _canonical(value: Any) -> Any:
+    # 7 and 7.0 are the same seed (CONTRACT.md); bools stay bools.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, compact JSON with integral floats written as integers."""
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"))
+
+
+def logical_request_key(
+    model_key: str, source: str, sampling: dict[str, Any], params: dict[str, Any]
+) -> str:
+    """The id of one logical request: what a correct runner pays for once.
+
+    ``source`` is the sha256 hex of the project's uploaded bytes when it has
+    any, else the apiProjectId.
+    """
+    text = canonical_json([model_key, source, sampling, params])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class SimStats:
+    """A snapshot of the simulator's counters; plain data, safe to keep."""
+
+    requests: int = 0
+    requests_by_endpoint: dict[str, dict[str, int]] = field(default_factory=dict)
+    max_requests_per_second: int = 0
+    max_requests_per_second_by_key: dict[str, int] = field(default_factory=dict)
+    projects_created: int = 0
+    uploads: int = 0
+    downloads: int = 0
+    generations_created: int = 0
+    generations_replayed: int = 0
+    generations_without_upload: int = 0
+    charges: int = 0
+    charged_usd: float = 0.0
+    charges_by_key: dict[str, int] = field(default_factory=dict)
+    charged_usd_by_key: dict[str, float] = field(default_factory=dict)
+    charges_by_request: dict[str, int] = field(default_factory=dict)
+    extra_charges: int = 0
+    retry_charges: int = 0
+    signed_url_requests_with_key: int = 0
+    errors_injected: int = 0
+    html_errors_injected: int = 0
+    truncated_responses: int = 0
+    lost_responses: int = 0
+    rate_limited: int = 0
+    spend_limit_refusals: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (what ``GET /_sim/stats`` answers)."""
+        return dataclasses.asdict(self)
+
+    def status_count(self, endpoint: str, status: int | str) -> int:
+        """Requests to ``endpoint`` answered with ``status`` (``"lost"`` for cut ones)."""
+        return self.requests_by_endpoint.get(endpoint, {}).get(str(status), 0)
+
+
+class StatsRecorder:
+    """The live counters; the simulator's handlers are its only writers."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.by_endpoint: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.windows: dict[str, SlidingWindow] = {}
+        self.all_keys_window = SlidingWindow()
+        self.charges_by_key: Counter[str] = Counter()
+        self.usd_by_key: defaultdict[str, float] = defaultdict(float)
+        self.charges_by_request: Counter[str] = Counter()
+
+    def arrival(self, api_key: str | None, now: float) -> None:
+        """An API request arrived (before any check, 401s and 429s included)."""
+        self.counts["requests"] += 1
+        self.all_keys_window.add(now)
+        if api_key is not None:
+            self.windows.setdefault(api_key, SlidingWindow()).add(now)
+
+    def answered(self, endpoint: str, status: int | str) -> None:
+        """The request to ``endpoint`` was answered with ``status``."""
+        self.by_endpoint[endpoint][str(status)] += 1
+
+    def bump(self, counter: str, amount: int = 1) -> None:
+        """Add to a plain counter named after a :class:`SimStats` field."""
+        self.counts[counter] += amount
+
+    def charge(self, api_key: str, usd: float, logical_key: str, *, kind: str) -> None:
+        """A generation was charged; ``kind`` is ``first``, ``retry`` or ``extra``."""
+        self.counts["charges"] += 1
+        self.charges_by_key[api_key] += 1
+        self.usd_by_key[api_key] += usd
+        self.charges_by_request[logical_key] += 1
+        if kind == "extra":
+            self.counts["extra_charges"] += 1
+        elif kind == "retry":
+            self.counts["retry_charges"] += 1
+
+    def snapshot(self) -> SimStats:
+        """A consistent copy of every counter."""
+        c = self.counts
+        usd = {k: round(v, 6) for k, v in self.usd_by_key.items()}
+        return SimStats(
+            requests=c["requests"],
+            requests_by_endpoint={k: dict(v) for k, v in self.by_endpoint.items()},
+            max_requests_per_second=self.all_keys_window.peak,
+            max_requests_per_second_by_key={k: w.peak for k, w in self.windows.items()},
+            projects_created=c["projects_created"],
+            uploads=c["uploads"],
+            downloads=c["downloads"],
+            generations_created=c["generations_created"],
+            generations_replayed=c["generations_replayed"],
+            generations_without_upload=c["generations_without_upload"],
+            charges=c["charges"],
+            charged_usd=round(sum(self.usd_by_key.values()), 6),
+            charges_by_key=dict(self.charges_by_key),
+            charged_usd_by_key=usd,
+            charges_by_request=dict(self.charges_by_request),
+            extra_charges=c["extra_charges"],
+            retry_charges=c["retry_charges"],
+            signed_url_requests_with_key=c["signed_url_requests_with_key"],
+            errors_injected=c["errors_injected"],
+            html_errors_injected=c["html_errors_injected"],
+            truncated_responses=c["truncated_responses"],
+            lost_responses=c["lost_responses"],
+            rate_limited=c["rate_limited"],
+            spend_limit_refusals=c["spend_limit_refusals"],
+        )
