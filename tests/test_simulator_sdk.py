@@ -1,0 +1,158 @@
+"""The official Diffio SDK (diffio==0.1.92), unchanged, against the simulator
+running as a separate process (``python -m batcher.simulator``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from diffio import DiffioApiError, DiffioClient  # type: ignore[import-untyped]
+
+from batcher.simulator import restored_audio
+
+PREFIX = "Diffio simulator listening on "
+
+
+class SimProcess:
+    """A simulator process; its first stdout line is the base URL."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batcher.simulator", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        if not first.startswith(PREFIX):
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"unexpected first line {first!r}: {err}")
+        self.base_url = first[len(PREFIX):].strip()
+        self.root = self.base_url.removesuffix("/v1")
+        # Drain the rest so a full pipe can never block the server.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def control(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.root + path, data=data,
+                                         method="POST" if data else "GET")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture
+def sim() -> Iterator[SimProcess]:
+    process = SimProcess("--duration", "0.3,0.6", "--seed", "7")
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0
+
+
+def write_wav(path: Path, seconds: float) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(int(seconds * 8000) * 2))
+    path.write_bytes(out.getvalue())
+    return out.getvalue()
+
+
+def test_sdk_flow_end_to_end(sim: SimProcess, tmp_path: Path) -> None:
+    audio = write_wav(tmp_path / "song.wav", 1.0)
+    with DiffioClient(apiKey="sim-key", baseUrl=sim.base_url) as client:
+        project = client.create_project(filePath=str(tmp_path / "song.wav"))
+        assert project.uploadMethod == "PUT"
+        gen = client.create_generation(apiProjectId=project.apiProjectId, model="diffio-3.5",
+                                       sampling={"seed": 7}, idempotencyKey="row-1")
+        assert gen.status == "queued" and gen.modelKey == "diffio-3.5"
+        again = client.create_generation(apiProjectId=project.apiProjectId, model="diffio-3.4",
+                                         sampling={"seed": 7}, idempotencyKey="row-1")
+        assert again.generationId == gen.generationId and again.idempotentReplay is True
+        done = client.wait_for_generation(generationId=gen.generationId,
+                                          apiProjectId=project.apiProjectId,
+                                          pollInterval=0.1, timeout=20)
+        assert done.status == "complete"
+        assert done.inference.status == "complete"
+        download = client.get_generation_download(generationId=gen.generationId,
+                                                  apiProjectId=project.apiProjectId,
+                                                  downloadType="audio")
+        assert download.mimeType == "audio/mpeg"
+        target = tmp_path / "restored.mp3"
+        client.generations.download(generationId=gen.generationId,
+                                    apiProjectId=project.apiProjectId,
+                                    downloadFilePath=str(target))
+        assert target.read_bytes() == restored_audio(audio)
+        listed = client.list_project_generations(apiProjectId=project.apiProjectId)
+        assert [g.generationId for g in listed.generations] == [gen.generationId]
+        assert client.list_projects().projects[0].status == "uploaded"
+
+    stats = sim.control("/_sim/stats")
+    assert stats["generations_created"] == 1 and stats["generations_replayed"] == 1
+    assert stats["charges_by_key"] == {"sim-key": 1}
+    assert stats["charged_usd"] == 0.06  # 1 s of WAV, billed as the 60 s minimum
+    assert stats["extra_charges"] == 0
+    assert stats["signed_url_requests_with_key"] == 0
+    assert stats["uploads"] == 1 and stats["downloads"] == 1
+    assert stats["requests_by_endpoint"]["upload"] == {"200": 1}
+
+
+def test_sdk_sees_knobs_changed_at_runtime(sim: SimProcess, tmp_path: Path) -> None:
+    write_wav(tmp_path / "a.wav", 0.1)
+    sim.control("/_sim/config", {"api_keys": {"sim-key": {"spend_limit_usd": 0.05}}})
+    with DiffioClient(apiKey="sim-key", baseUrl=sim.root) as client:  # base without /v1
+        project = client.create_project(filePath=str(tmp_path / "a.wav"))
+        with pytest.raises(DiffioApiError) as refused:
+            client.create_generation(apiProjectId=project.apiProjectId, model="diffio-2")
+        assert refused.value.statusCode == 402
+        assert refused.value.responseBody["code"] == "spendLimitExceeded"
+        assert refused.value.responseBody["spendLimitUsd"] == 0.05
+        sim.control("/_sim/config", {"error_rate": 1.0})
+        with pytest.raises(DiffioApiError) as failed:
+            client.list_projects()
+        assert failed.value.statusCode == 500
+    with DiffioClient(apiKey="wrong", baseUrl=sim.base_url) as client, \
+            pytest.raises(DiffioApiError) as denied:
+        client.list_projects()
+    assert denied.value.statusCode == 401
+    assert denied.value.responseBody == {"error": "Invalid API key.", "code": "invalidApiKey"}
+
+
+def test_sigint_stops_the_server_with_status_0() -> None:
+    process = SimProcess("--api-key", "k1", "--rate-limit", "5")
+    assert process.base_url.startswith("http://127.0.0.1:")
+    assert process.base_url.endswith("/v1")
+    assert process.control("/_sim/config")["rate_limit"] == 5.0
+    assert process.stop(signal.SIGINT) == 0
+
+
+def test_bad_settings_exit_2_before_listening(tmp_path: Path) -> None:
+    bad = tmp_path / "sim.json"
+    bad.write_text('{"error_rate": 3}')
+    done = subprocess.run([sys.executable, "-m", "batcher.simulator", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "error_rate" in done.stderr and done.stdout == ""
