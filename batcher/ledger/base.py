@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypedDict
 __all__ = [
     "ACTIVE_STAGES",
     "LEGAL_MOVES",
+    "UPDATE_COLUMNS",
     "Event",
     "Kind",
     "Ledger",
@@ -25,6 +26,9 @@ __all__ = [
     "Stage",
     "Update",
     "contract_status",
+    "describe_stages",
+    "legal_sources",
+    "stage_set",
 ]
 
 
@@ -79,6 +83,25 @@ LEGAL_MOVES: Mapping[Stage, frozenset[Stage]] = {
         {Stage.FAILED, Stage.PENDING, Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED}
     ),
 }
+
+
+def stage_set(expect: Stage | frozenset[Stage]) -> frozenset[Stage]:
+    """``expect`` of :meth:`Ledger.transition` as a set of stages."""
+    return frozenset({expect}) if isinstance(expect, Stage) else frozenset(expect)
+
+
+def describe_stages(stages: frozenset[Stage]) -> str:
+    """``failed|pending``: a stage set as error messages name it."""
+    return "|".join(sorted(s.value for s in stages))
+
+
+def legal_sources(expect: Stage | frozenset[Stage], to: Stage) -> frozenset[Stage]:
+    """The stages of ``expect`` from which a move to ``to`` is legal.
+
+    Backends compare-and-set only against these, so an illegal move can never
+    be written, whatever stage the row turns out to be in.
+    """
+    return frozenset(s for s in stage_set(expect) if to in LEGAL_MOVES[s])
 
 
 def contract_status(stage: Stage) -> str:
@@ -210,6 +233,13 @@ class Update(TypedDict, total=False):
     attempts_delta: int  # added to attempts
     polls_delta: int  # added to polls
     leader_row_id: str | None
+
+
+# The Update keys that set a column of the same name (the deltas add instead).
+UPDATE_COLUMNS: frozenset[str] = frozenset(Update.__optional_keys__) - {
+    "attempts_delta",
+    "polls_delta",
+}
 
 
 @dataclass(frozen=True, slots=True)

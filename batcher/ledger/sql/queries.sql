@@ -1,0 +1,138 @@
+-- The ledger's statements, one per "-- name:" block.
+-- Parameters are named (:row_id); a PostgreSQL port rewrites them to $n.
+-- Stage lists are bound as seven parameters :s0..:s6 (padded by repeating a
+-- stage), so every statement has a fixed text and stays in the statement cache.
+
+-- name: get_row
+SELECT * FROM ledger_rows WHERE row_id = :row_id;
+
+-- name: get_stage
+SELECT stage FROM ledger_rows WHERE row_id = :row_id;
+
+-- name: insert_row
+INSERT INTO ledger_rows (
+    row_id, line, kind, stage, idempotency_key, model_key, api_project_id,
+    sampling, params, source_path, source_sha256, source_size, output_rel,
+    error, error_code, error_message, explicit_key, request_digest, group_key,
+    leader_row_id, retired, seen_run, created_at, updated_at
+) VALUES (
+    :row_id, :line, :kind, :stage, :idempotency_key, :model_key, :api_project_id,
+    :sampling, :params, :source_path, :source_sha256, :source_size, :output_rel,
+    :error, :error_code, :error_message, :explicit_key, :request_digest, :group_key,
+    :leader_row_id, FALSE, :run_id, :now, :now
+)
+ON CONFLICT (row_id) DO NOTHING
+RETURNING *;
+
+-- name: find_leader
+-- The group's first row in the manifest being imported now.
+SELECT row_id FROM ledger_rows
+WHERE group_key = :group_key AND seen_run = :run_id AND NOT retired
+  AND line < :line AND row_id <> :row_id
+ORDER BY line, row_id
+LIMIT 1;
+
+-- name: mark_seen
+UPDATE ledger_rows SET line = :line, seen_run = :run_id, retired = FALSE
+WHERE row_id = :row_id
+RETURNING *;
+
+-- name: mark_invalid
+-- Only rows that never reached the API (pending) or have already failed.
+UPDATE ledger_rows
+SET stage = 'failed', error = :error, error_code = :error_code,
+    error_message = :error_message, updated_at = :now
+WHERE row_id = :row_id AND stage IN ('pending', 'failed')
+RETURNING *;
+
+-- name: revalidate_row
+-- A row imported as invalid that is valid now: it never reached the API, so
+-- its request content is replaced and it starts again from pending.
+UPDATE ledger_rows
+SET kind = :kind, stage = 'pending', idempotency_key = :idempotency_key,
+    model_key = :model_key,
+    api_project_id = :api_project_id, sampling = :sampling, params = :params,
+    source_path = :source_path, source_sha256 = :source_sha256,
+    source_size = :source_size, output_rel = :output_rel, error = NULL,
+    error_code = NULL, error_message = NULL, explicit_key = :explicit_key,
+    request_digest = :request_digest, group_key = :group_key,
+    leader_row_id = :leader_row_id, updated_at = :now
+WHERE row_id = :row_id AND stage = 'failed' AND error_code = 'invalidRow'
+  AND generation_id IS NULL
+RETURNING *;
+
+-- name: transition
+-- The compare-and-set. :set_<column> says whether the update names <column>.
+UPDATE ledger_rows SET
+    stage = :to_stage,
+    updated_at = :now,
+    attempts = attempts + :attempts_delta,
+    polls = polls + :polls_delta,
+    idempotency_key = CASE WHEN :set_idempotency_key THEN :idempotency_key ELSE idempotency_key END,
+    base_key = CASE WHEN :set_base_key THEN :base_key ELSE base_key END,
+    retry_count = CASE WHEN :set_retry_count THEN :retry_count ELSE retry_count END,
+    api_project_id = CASE WHEN :set_api_project_id THEN :api_project_id ELSE api_project_id END,
+    generation_id = CASE WHEN :set_generation_id THEN :generation_id ELSE generation_id END,
+    api_status = CASE WHEN :set_api_status THEN :api_status ELSE api_status END,
+    source_sha256 = CASE WHEN :set_source_sha256 THEN :source_sha256 ELSE source_sha256 END,
+    source_size = CASE WHEN :set_source_size THEN :source_size ELSE source_size END,
+    output_path = CASE WHEN :set_output_path THEN :output_path ELSE output_path END,
+    output_sha256 = CASE WHEN :set_output_sha256 THEN :output_sha256 ELSE output_sha256 END,
+    output_size = CASE WHEN :set_output_size THEN :output_size ELSE output_size END,
+    upload_url = CASE WHEN :set_upload_url THEN :upload_url ELSE upload_url END,
+    upload_method = CASE WHEN :set_upload_method THEN :upload_method ELSE upload_method END,
+    upload_expires_at = CASE WHEN :set_upload_expires_at THEN :upload_expires_at ELSE upload_expires_at END,
+    content_type = CASE WHEN :set_content_type THEN :content_type ELSE content_type END,
+    error = CASE WHEN :set_error THEN :error ELSE error END,
+    error_code = CASE WHEN :set_error THEN :error_code ELSE error_code END,
+    error_message = CASE WHEN :set_error THEN :error_message ELSE error_message END,
+    leader_row_id = CASE WHEN :set_leader_row_id THEN :leader_row_id ELSE leader_row_id END
+WHERE row_id = :row_id AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
+RETURNING *;
+
+-- name: insert_event
+INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
+VALUES (:row_id, :at, :from_stage, :to_stage, :event, :detail, :run_id);
+
+-- name: retire_unseen
+UPDATE ledger_rows SET retired = TRUE
+WHERE NOT retired AND (seen_run IS NULL OR seen_run <> :run_id);
+
+-- name: rows_page
+-- Keyset paging: one page after (:after_line, :after_row_id).
+SELECT * FROM ledger_rows
+WHERE (line, row_id) > (:after_line, :after_row_id)
+  AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
+  AND (:include_retired OR NOT retired)
+ORDER BY line, row_id
+LIMIT :limit;
+
+-- name: counts
+SELECT stage, COUNT(*) FROM ledger_rows
+WHERE :include_retired OR NOT retired
+GROUP BY stage;
+
+-- name: error_summary
+SELECT COALESCE(error_code, ''), COALESCE(error_message, ''), COUNT(*) AS n
+FROM ledger_rows
+WHERE stage = 'failed' AND NOT retired
+GROUP BY COALESCE(error_code, ''), COALESCE(error_message, '')
+ORDER BY n DESC, 1, 2
+LIMIT :limit;
+
+-- name: events
+SELECT row_id, at, from_stage, to_stage, event, detail, run_id
+FROM ledger_events WHERE row_id = :row_id ORDER BY seq;
+
+-- name: insert_run
+INSERT INTO ledger_runs (run_id, pid, host, started_at, command)
+VALUES (:run_id, :pid, :host, :started_at, :command)
+ON CONFLICT (run_id) DO NOTHING;
+
+-- name: end_run
+UPDATE ledger_runs SET ended_at = :ended_at, exit_code = :exit_code
+WHERE run_id = :run_id;
+
+-- name: runs
+SELECT run_id, pid, host, started_at, ended_at, exit_code, command
+FROM ledger_runs ORDER BY started_at, run_id;

@@ -1,0 +1,644 @@
+"""The SQLite ledger: stdlib sqlite3, WAL, one writer thread with group commits.
+
+Threads and connections:
+
+* one **writer thread** owns the write connection and commits queued jobs in
+  groups (:mod:`batcher.ledger.writer`): many transitions, one transaction,
+  one fsync; a job that raises (a CAS conflict, an illegal move) fails only
+  its own caller.
+* one **read connection**, used through a single-thread anyio limiter, serves
+  ``get``, ``rows``, ``counts`` and friends. WAL lets it read while the writer
+  writes, in this process or in a ``batcher run`` holding the lock elsewhere.
+
+Durability: ``synchronous=FULL``. In WAL mode NORMAL survives a process crash
+but may lose the last commits on power loss; a lost "project created" or
+"submitted" commit would make the resume create a second project and post a
+second generation, i.e. pay twice (DESIGN.md invariants 2 and 3). FULL fsyncs
+the WAL on every commit, and group commit spreads that fsync over every
+transition in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
+from batcher.ledger.base import (
+    UPDATE_COLUMNS,
+    Event,
+    Kind,
+    LedgerRow,
+    NewRow,
+    RunInfo,
+    Stage,
+    Update,
+    describe_stages,
+    legal_sources,
+    stage_set,
+)
+from batcher.ledger.lock import RunLock
+from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
+from batcher.ledger.writer import GroupCommitWriter, Job
+
+__all__ = ["SqliteLedger"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STAGES: dict[str, Stage] = {s.value: s for s in Stage}
+_KINDS: dict[str, Kind] = {k.value: k for k in Kind}
+_ALL_STAGES: tuple[Stage, ...] = tuple(Stage)
+_DELTAS = frozenset({"attempts_delta", "polls_delta"})
+_INVALID_ROW = "invalidRow"
+_FIRST_KEY = (-(2**62), "")  # sorts before every (line, row_id)
+_BUSY_TIMEOUT_S = 10.0
+
+
+# -- conversions -----------------------------------------------------------
+
+
+def _dumps(value: Mapping[str, Any] | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise LedgerError(f"{what} must be a JSON object")
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as exc:
+        raise LedgerError(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def _error_columns(error: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """The error column and its code/message copies (for error_summary)."""
+    if error is None:
+        return {"error": None, "error_code": None, "error_message": None}
+    code, message = error.get("code"), error.get("message")
+    return {
+        "error": _dumps(error, what),
+        "error_code": None if code is None else str(code),
+        "error_message": None if message is None else str(message),
+    }
+
+
+def _bind_stages(params: dict[str, Any], stages: Sequence[Stage]) -> None:
+    """Bind :s0..:s6, padding with the first stage (see queries.sql)."""
+    for i in range(7):
+        params[f"s{i}"] = (stages[i] if i < len(stages) else stages[0]).value
+
+
+def _to_row(r: sqlite3.Row) -> LedgerRow:
+    error = r["error"]
+    return LedgerRow(
+        row_id=r["row_id"],
+        line=r["line"],
+        kind=_KINDS[r["kind"]],
+        stage=_STAGES[r["stage"]],
+        idempotency_key=r["idempotency_key"],
+        model_key=r["model_key"],
+        api_project_id=r["api_project_id"],
+        generation_id=r["generation_id"],
+        api_status=r["api_status"],
+        sampling=orjson.loads(r["sampling"]),
+        params=orjson.loads(r["params"]),
+        source_path=r["source_path"],
+        source_sha256=r["source_sha256"],
+        source_size=r["source_size"],
+        output_rel=r["output_rel"],
+        output_path=r["output_path"],
+        output_sha256=r["output_sha256"],
+        output_size=r["output_size"],
+        upload_url=r["upload_url"],
+        upload_method=r["upload_method"],
+        upload_expires_at=r["upload_expires_at"],
+        content_type=r["content_type"],
+        error=orjson.loads(error) if error is not None else None,
+        attempts=r["attempts"],
+        polls=r["polls"],
+        retry_count=r["retry_count"],
+        base_key=r["base_key"],
+        explicit_key=bool(r["explicit_key"]),
+        request_digest=r["request_digest"],
+        group=r["group_key"],
+        leader_row_id=r["leader_row_id"],
+        retired=bool(r["retired"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def _new_row_params(new: NewRow) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "row_id": new.row_id,
+        "line": new.line,
+        "kind": Kind(new.kind).value,
+        "idempotency_key": new.idempotency_key,
+        "model_key": new.model_key,
+        "api_project_id": new.api_project_id,
+        "sampling": _dumps(new.sampling, "sampling"),
+        "params": _dumps(new.params, "params"),
+        "source_path": new.source_path,
+        "source_sha256": new.source_sha256,
+        "source_size": new.source_size,
+        "output_rel": new.output_rel,
+        "explicit_key": bool(new.explicit_key),
+        "request_digest": new.request_digest,
+        "group_key": new.group,
+        "leader_row_id": None,
+    }
+    params.update(_error_columns(new.error, "error"))
+    return params
+
+
+def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
+    # Autocommit mode (isolation_level=None): transactions are explicit, so
+    # the writer decides where a group commit begins and ends.
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+    )
+    conn.row_factory = sqlite3.Row
+    if query_only:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+# -- the ledger ------------------------------------------------------------
+
+
+class SqliteLedger:
+    """A :class:`~batcher.ledger.base.Ledger` in one SQLite file.
+
+    ``batch_size`` caps the jobs of one group commit; ``page_size`` is the
+    number of rows :meth:`rows` reads per query. An instance is opened once
+    and closed once; open a new one to reopen the file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        batch_size: int = 512,
+        page_size: int = 500,
+    ) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self._clock = clock
+        self._batch_size = batch_size
+        self._page_size = page_size
+        self._q = load_queries()
+        self._lock = RunLock(self.path)
+        self._writer: GroupCommitWriter | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_limiter: anyio.CapacityLimiter | None = None
+        self._run: RunInfo | None = None
+        self._state = "new"  # new -> open -> closed
+
+    def __repr__(self) -> str:
+        mode = "writer" if self._writer else "reader"
+        return f"<SqliteLedger {str(self.path)!r} {self._state} {mode}>"
+
+    @property
+    def commit_stats(self) -> tuple[int, int]:
+        """(transactions committed, jobs in them) by this instance's writer."""
+        return (self._writer.commits, self._writer.jobs) if self._writer else (0, 0)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self, run: RunInfo, *, lock: bool = True) -> None:
+        """Create or migrate the ledger, take the lock and record the run.
+
+        With ``lock=False`` nothing is written (unless an old schema must be
+        migrated while no run holds the lock) and the ledger can be read while
+        another process runs on it.
+        """
+        if self._state != "new":
+            raise LedgerError(f"{self.description} was already opened")
+        self._state = "opening"
+        self._run = run
+        try:
+            if lock:
+                await anyio.to_thread.run_sync(self._open_writer, run)
+            else:
+                await anyio.to_thread.run_sync(self._check_readable, run)
+            self._reader = await anyio.to_thread.run_sync(
+                lambda: _connect(self.path, query_only=True)
+            )
+        except BaseException:
+            self._lock.release()
+            self._state = "closed"
+            raise
+        self._read_limiter = anyio.CapacityLimiter(1)
+        self._state = "open"
+        if self._writer is not None:
+            self._writer.start()
+
+    def _open_writer(self, run: RunInfo) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the folder of {self.path}: {exc}") from exc
+        self._lock.acquire(run)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(self.path, query_only=False)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise LedgerError(f"{self.path}: cannot use WAL journal (got {mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._refuse_foreign(conn)
+            applied = migrate_sqlite(conn, self._clock)
+            if applied:
+                log.info("ledger.migrated", extra={"ledger": str(self.path), "versions": applied})
+            conn.execute(
+                self._q["insert_run"],
+                {
+                    "run_id": run.run_id,
+                    "pid": run.pid,
+                    "host": run.host,
+                    "started_at": run.started_at,
+                    "command": run.command,
+                },
+            )
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+            raise
+        name = f"ledger-writer:{self.path.name}"
+        self._writer = GroupCommitWriter(conn, self._batch_size, name=name)
+
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
+        """Never add our tables to some other application's database."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "ledger_migrations" not in tables:
+            raise LedgerError(f"{self.path} is a SQLite database but not a batcher ledger")
+
+    def _check_readable(self, run: RunInfo) -> None:
+        if not self.path.is_file():
+            raise LedgerError(f"no ledger at {self.path}")
+        try:
+            conn = _connect(self.path, query_only=True)
+            try:
+                self._refuse_foreign(conn)
+                tables = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'ledger_migrations'"
+                ).fetchone()
+                done = [r[0] for r in conn.execute(APPLIED_SQL)] if tables else []
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
+        if not pending_migrations("sqlite", done):
+            return
+        # An older schema: migrate it now if no run holds the ledger. A run
+        # holding it has migrated it already, unless it is an older batcher.
+        try:
+            self._lock.acquire(run)
+        except LedgerLocked as exc:
+            raise LedgerError(
+                f"ledger {self.path} needs a schema upgrade but is in use by {exc.holder}"
+            ) from exc
+        try:
+            conn = _connect(self.path, query_only=False)
+            try:
+                conn.execute("PRAGMA synchronous = FULL")
+                migrate_sqlite(conn, self._clock)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot migrate ledger {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
+
+    async def close(self, exit_code: int | None = None) -> None:
+        """Flush queued writes, record the run's end, release the lock.
+
+        Safe to call twice; shielded from cancellation so that Ctrl-C still
+        leaves every accepted write committed.
+        """
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        self._state = "closed"
+        with anyio.CancelScope(shield=True):
+            writer, self._writer = self._writer, None
+            try:
+                if writer is not None:
+                    run = self._run
+                    assert run is not None
+                    params = {"run_id": run.run_id, "exit_code": exit_code}
+                    try:
+                        await writer.submit(
+                            lambda conn: conn.execute(
+                                self._q["end_run"], {**params, "ended_at": self._clock()}
+                            )
+                        )
+                    finally:
+                        writer.stop()
+                        await anyio.to_thread.run_sync(writer.join)
+            finally:
+                reader, self._reader = self._reader, None
+                if reader is not None and self._read_limiter is not None:
+                    async with self._read_limiter:
+                        reader.close()
+                self._lock.release()
+
+    # -- job plumbing ------------------------------------------------------
+
+    async def _write(self, fn: Job[T]) -> T:
+        if self._state != "open":
+            raise LedgerError(f"{self.description} is not open")
+        if self._writer is None:
+            raise LedgerError(f"{self.description} is open read-only")
+        return await self._writer.submit(fn)
+
+    async def _read(self, fn: Job[T]) -> T:
+        if self._state != "open" or self._reader is None or self._read_limiter is None:
+            raise LedgerError(f"{self.description} is not open")
+        reader = self._reader
+        try:
+            return await anyio.to_thread.run_sync(fn, reader, limiter=self._read_limiter)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
+
+    def _run_id(self) -> str:
+        return self._run.run_id if self._run else ""
+
+    def _insert_event(
+        self,
+        conn: sqlite3.Connection,
+        row_id: str,
+        at: float,
+        from_stage: Stage | None,
+        to_stage: Stage,
+        event: str,
+        detail: str,
+    ) -> None:
+        conn.execute(
+            self._q["insert_event"],
+            {
+                "row_id": row_id,
+                "at": at,
+                "from_stage": from_stage.value if from_stage else None,
+                "to_stage": to_stage.value,
+                "event": event,
+                "detail": detail,
+                "run_id": self._run_id(),
+            },
+        )
+
+    # -- import ------------------------------------------------------------
+
+    async def import_rows(self, rows: Sequence[NewRow]) -> list[LedgerRow]:
+        """Insert new rows, mark all seen in this run, in one transaction.
+
+        See :meth:`Ledger.import_rows`. Besides ``retired``, a known row's
+        ``line`` follows the manifest, so exports and paging show where the
+        row is now. An invalid row refreshes a stored PENDING or FAILED row
+        to FAILED with the new error; a stored ``invalidRow`` failure that
+        comes valid (it never reached the API) restarts as PENDING with the
+        new content. Any other known row is returned as stored.
+        """
+        prepared = [(new, _new_row_params(new)) for new in rows]
+        if not prepared:
+            return []
+
+        def job(conn: sqlite3.Connection) -> list[LedgerRow]:
+            return [self._import_one(conn, new, params) for new, params in prepared]
+
+        return await self._write(job)
+
+    def _import_one(
+        self, conn: sqlite3.Connection, new: NewRow, params: dict[str, Any]
+    ) -> LedgerRow:
+        q = self._q
+        now = self._clock()
+        params["now"] = now
+        params["run_id"] = self._run_id()
+        cur = conn.execute(q["get_row"], params).fetchone()
+        if cur is None:
+            stage = Stage.FAILED if new.error is not None else Stage.PENDING
+            params["stage"] = stage.value
+            params["leader_row_id"] = self._leader(conn, params)
+            row = conn.execute(q["insert_row"], params).fetchall()[0]
+            detail = {"line": new.line, **({"error": new.error} if new.error else {})}
+            self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
+            return _to_row(row)
+        row = conn.execute(q["mark_seen"], params).fetchall()[0]
+        stored_error = orjson.loads(row["error"]) if row["error"] is not None else None
+        stage = _STAGES[row["stage"]]
+        if new.error is not None:
+            fresh = orjson.loads(params["error"])
+            if stage is Stage.PENDING or (stage is Stage.FAILED and stored_error != fresh):
+                row = conn.execute(q["mark_invalid"], params).fetchall()[0]
+                self._insert_event(
+                    conn, new.row_id, now, stage, Stage.FAILED, "invalid", params["error"]
+                )
+        elif (
+            stage is Stage.FAILED
+            and row["error_code"] == _INVALID_ROW
+            and row["generation_id"] is None
+        ):
+            params["leader_row_id"] = self._leader(conn, params)
+            row = conn.execute(q["revalidate_row"], params).fetchall()[0]
+            self._insert_event(conn, new.row_id, now, stage, Stage.PENDING, "revalidated", "{}")
+        return _to_row(row)
+
+    def _leader(self, conn: sqlite3.Connection, params: dict[str, Any]) -> str | None:
+        if params["group_key"] is None:
+            return None
+        found = conn.execute(self._q["find_leader"], params).fetchone()
+        return str(found[0]) if found else None
+
+    async def finish_import(self) -> int:
+        """Retire rows the current run's import did not see; return how many."""
+        params = {"run_id": self._run_id()}
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(self._q["retire_unseen"], params).rowcount
+
+        return await self._write(job)
+
+    # -- transitions -------------------------------------------------------
+
+    async def transition(
+        self,
+        row_id: str,
+        expect: Stage | frozenset[Stage],
+        to: Stage,
+        update: Update | None = None,
+        *,
+        event: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> LedgerRow:
+        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol."""
+        expected = stage_set(expect)
+        allowed = legal_sources(expected, to)
+        if not allowed:
+            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
+        params = self._transition_params(row_id, to, update or {})
+        detail_json = _dumps(detail or {}, "event detail") or "{}"
+        ordered = sorted(allowed)
+
+        def job(conn: sqlite3.Connection) -> LedgerRow:
+            if len(ordered) == 1:
+                from_stage = ordered[0]
+            else:
+                got = conn.execute(self._q["get_stage"], params).fetchone()
+                from_stage = _check_stage(row_id, expected, allowed, to, got)
+            now = self._clock()
+            params["now"] = now
+            _bind_stages(params, (from_stage,))
+            found = conn.execute(self._q["transition"], params).fetchall()
+            if not found:
+                got = conn.execute(self._q["get_stage"], params).fetchone()
+                _check_stage(row_id, expected, allowed, to, got)
+                raise LedgerError(f"row {row_id}: compare-and-set failed in stage {got[0]}")
+            self._insert_event(conn, row_id, now, from_stage, to, event, detail_json)
+            return _to_row(found[0])
+
+        return await self._write(job)
+
+    def _transition_params(self, row_id: str, to: Stage, update: Update) -> dict[str, Any]:
+        unknown = set(update) - UPDATE_COLUMNS - _DELTAS
+        if unknown:
+            raise LedgerError(f"unknown update fields: {sorted(unknown)}")
+        params: dict[str, Any] = dict(_TRANSITION_DEFAULTS)
+        params["row_id"] = row_id
+        params["to_stage"] = to.value
+        fields: dict[str, Any] = dict(update)
+        for key, value in fields.items():
+            if key in _DELTAS:
+                params[key] = int(value)
+            elif key == "error":
+                params["set_error"] = True
+                params.update(_error_columns(value, "error"))
+            else:
+                params["set_" + key] = True
+                params[key] = value
+        return params
+
+    # -- reads -------------------------------------------------------------
+
+    async def get(self, row_id: str) -> LedgerRow | None:
+        """One row, or None."""
+
+        def job(conn: sqlite3.Connection) -> LedgerRow | None:
+            found = conn.execute(self._q["get_row"], {"row_id": row_id}).fetchone()
+            return _to_row(found) if found is not None else None
+
+        return await self._read(job)
+
+    async def rows(
+        self,
+        *,
+        stages: frozenset[Stage] | None = None,
+        include_retired: bool = False,
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows by (line, row_id), one query per page (keyset pagination)."""
+        wanted = tuple(sorted(stages)) if stages is not None else _ALL_STAGES
+        if not wanted:
+            return
+        params: dict[str, Any] = {"include_retired": include_retired, "limit": self._page_size}
+        _bind_stages(params, wanted)
+        after = _FIRST_KEY
+        while True:
+            page_params = {**params, "after_line": after[0], "after_row_id": after[1]}
+
+            def job(conn: sqlite3.Connection, p: dict[str, Any] = page_params) -> list[LedgerRow]:
+                return [_to_row(r) for r in conn.execute(self._q["rows_page"], p)]
+
+            page = await self._read(job)
+            for row in page:
+                yield row
+            if len(page) < self._page_size:
+                return
+            after = (page[-1].line, page[-1].row_id)
+
+    async def counts(self, *, include_retired: bool = False) -> dict[Stage, int]:
+        """Rows per stage, every stage present (zero when empty)."""
+
+        def job(conn: sqlite3.Connection) -> dict[Stage, int]:
+            counts = dict.fromkeys(Stage, 0)
+            for stage, n in conn.execute(self._q["counts"], {"include_retired": include_retired}):
+                counts[_STAGES[stage]] = n
+            return counts
+
+        return await self._read(job)
+
+    async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
+        """The most common (code, message, count) among failed, unretired rows."""
+
+        def job(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            found = conn.execute(self._q["error_summary"], {"limit": limit})
+            return [(str(code), str(message), int(n)) for code, message, n in found]
+
+        return await self._read(job)
+
+    async def events(self, row_id: str) -> list[Event]:
+        """A row's history, oldest first."""
+
+        def job(conn: sqlite3.Connection) -> list[Event]:
+            return [
+                Event(
+                    row_id=r["row_id"],
+                    at=r["at"],
+                    from_stage=_STAGES[r["from_stage"]] if r["from_stage"] else None,
+                    to_stage=_STAGES[r["to_stage"]],
+                    event=r["event"],
+                    detail=orjson.loads(r["detail"]),
+                    run_id=r["run_id"],
+                )
+                for r in conn.execute(self._q["events"], {"row_id": row_id})
+            ]
+
+        return await self._read(job)
+
+    async def runs(self) -> list[dict[str, Any]]:
+        """Every run recorded in this ledger, oldest first."""
+        return await self._read(lambda conn: [dict(r) for r in conn.execute(self._q["runs"])])
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _check_stage(
+    row_id: str,
+    expected: frozenset[Stage],
+    allowed: frozenset[Stage],
+    to: Stage,
+    got: sqlite3.Row | None,
+) -> Stage:
+    """The row's stage if the move may go ahead, else the right error."""
+    if got is None:
+        raise TransitionConflict(row_id, describe_stages(expected), None)
+    actual = _STAGES[got[0]]
+    if actual not in expected:
+        raise TransitionConflict(row_id, describe_stages(expected), actual.value)
+    if actual not in allowed:
+        raise LedgerError(f"row {row_id}: illegal move {actual} -> {to}")
+    return actual
+
+
+# Every :set_<column> false and every value NULL: a transition that names no
+# column only moves the stage (and the deltas add zero).
+_TRANSITION_DEFAULTS: dict[str, Any] = {
+    "attempts_delta": 0,
+    "polls_delta": 0,
+    "error_code": None,
+    "error_message": None,
+    **{col: None for col in UPDATE_COLUMNS},
+    **{"set_" + col: False for col in UPDATE_COLUMNS},
+}

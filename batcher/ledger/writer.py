@@ -1,0 +1,145 @@
+"""A thread that owns one SQLite connection and commits queued jobs in groups.
+
+Coroutines call :meth:`GroupCommitWriter.submit` with a job (a function of the
+connection) and await the future it returns. The thread drains up to
+``batch_size`` jobs, runs each inside its own SAVEPOINT of one
+``BEGIN IMMEDIATE`` transaction, commits once, then settles every caller's
+future with one hop to the event loop (one wake-up per batch, not per caller).
+A job that raises rolls back to its savepoint and fails only its own caller;
+a failed COMMIT fails every job of the batch. A future resolves only after
+its job is committed; a caller cancelled meanwhile does not undo its write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from batcher.errors import LedgerError
+
+__all__ = ["GroupCommitWriter", "Job"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], T]
+
+
+class _Job(Generic[T]):
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self, fn: Job[T], future: asyncio.Future[T], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.fn = fn
+        self.future = future
+        self.loop = loop
+
+
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    for future, result, exc in outcomes:
+        if future.done():  # the caller was cancelled; the write stands
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
+class GroupCommitWriter:
+    """The one thread that writes through ``conn``; closes it when stopped."""
+
+    def __init__(self, conn: sqlite3.Connection, batch_size: int, name: str) -> None:
+        self._conn = conn
+        self._batch_size = batch_size
+        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.commits = 0
+        self.jobs = 0
+
+    def start(self) -> None:
+        """Start the thread; jobs submitted before are kept in the queue."""
+        self._thread.start()
+
+    def submit(self, fn: Job[T]) -> asyncio.Future[T]:
+        """Queue ``fn``; the future resolves once its transaction committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, future, loop))
+        return future
+
+    def stop(self) -> None:
+        """Ask the thread to finish the jobs queued so far, then close."""
+        self._queue.put(None)
+
+    def join(self) -> None:
+        """Wait for the thread to end (blocking: call it from a worker thread)."""
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch: list[_Job[Any]] = [first]
+                while len(batch) < self._batch_size:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stopping = True
+                        break
+                    batch.append(nxt)
+                self._commit(batch)
+        finally:
+            self._conn.close()
+
+    def _commit(self, batch: list[_Job[Any]]) -> None:
+        conn = self._conn
+        outcomes: list[_Outcome] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        wrapped = LedgerError(f"ledger write failed: {exc}")
+                        wrapped.__cause__ = exc
+                        exc = wrapped
+                    outcomes.append((job.future, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job.future, result, None))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.jobs += len(batch)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            log.error("ledger.commit_failed", extra={"error": str(exc), "jobs": len(batch)})
+            failure = LedgerError(f"ledger commit failed: {exc}")
+            outcomes = [(job.future, None, failure) for job in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for job, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(job.loop, []).append(outcome)
+        for loop, items in by_loop.items():
+            # One wake-up of the loop per batch, not one per caller.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, items)
