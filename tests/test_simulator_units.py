@@ -21,6 +21,7 @@ from batcher.simulator import (
     restored_source_digest,
     wav_duration_seconds,
 )
+from batcher.simulator.billing import SpendBook
 from batcher.simulator.cli import add_arguments, build_config
 from batcher.simulator.model import Generation
 from batcher.simulator.window import RateLimiter, SlidingWindow
@@ -212,3 +213,15 @@ def test_failure_in_preprocessing_ends_early_and_leaves_inference_pending() -> N
     assert late.stages["preProcessing"]["status"] == "complete"
     assert late.stages["inference"]["jobState"] == "FAILED"
     assert late.error and late.error_details
+
+
+def test_spend_book_moves_charges_from_pending_to_used_as_generations_end() -> None:
+    book = SpendBook()
+    ok, early_fail = _gen(10.0), _gen(10.0, "preProcessing")
+    book.record(ok, 0.0)
+    book.record(early_fail, 0.0)
+    assert book.totals("k", 100.0, 0.0) == (0.0, 0.12)
+    assert book.totals("k", 103.0, 0.0) == (0.06, 0.06)  # the failure ended at 30 %
+    assert book.totals("k", 110.0, 0.0) == (0.12, 0.0)
+    assert book.totals("other", 110.0, 0.0) == (0.0, 0.0)
+    assert book.totals("k", 110.0, 1.0) == (0.0, 0.0)  # a new period starts from zero

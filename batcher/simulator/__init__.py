@@ -12,7 +12,12 @@ counters batcher's own tests check (``SimStats``)::
 from __future__ import annotations
 
 from batcher.simulator.app import Simulator
-from batcher.simulator.audio import restored_audio, restored_source_digest, wav_duration_seconds
+from batcher.simulator.audio import (
+    project_source_bytes,
+    restored_audio,
+    restored_source_digest,
+    wav_duration_seconds,
+)
 from batcher.simulator.config import DEFAULT_API_KEY, KeySpec, SimConfig
 from batcher.simulator.server import run_simulator
 from batcher.simulator.state import derived_generation_id
@@ -26,6 +31,7 @@ __all__ = [
     "Simulator",
     "derived_generation_id",
     "logical_request_key",
+    "project_source_bytes",
     "restored_audio",
     "restored_source_digest",
     "run_simulator",

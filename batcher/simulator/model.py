@@ -108,6 +108,12 @@ class Generation:
     logical_key: str
     source_bytes: bytes
 
+    @property
+    def ends_at(self) -> float:
+        """Clock time at which it becomes ``complete`` or ``failed``."""
+        fraction = PRE_END if self.failed_stage == "preProcessing" else 1.0
+        return self.started + fraction * self.duration
+
     def phase(self, now: float) -> Phase:
         """Where this generation is at clock time ``now``."""
         d = self.duration

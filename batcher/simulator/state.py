@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batcher.simulator.audio import wav_duration_seconds
+from batcher.simulator.billing import SpendBook
 from batcher.simulator.config import KeySpec, SimConfig
 from batcher.simulator.model import STAGES, Generation, Project, Refusal
 from batcher.simulator.stats import StatsRecorder, logical_request_key
@@ -64,6 +65,7 @@ class SimState:
         # logical request key -> its generations, oldest first
         self.logical: dict[str, list[str]] = {}
         self._users: dict[str, str] = {}
+        self._book = SpendBook()
 
     # -- keys and projects -------------------------------------------------
 
@@ -167,18 +169,8 @@ class SimState:
 
     def spend(self, owner: str) -> tuple[float, float]:
         """(used, pending) USD of ``owner`` in the current monthly period."""
-        start, end = _period(self.wall())
-        lo, hi = start.timestamp(), end.timestamp()
-        now = self.clock()
-        used = pending = 0.0
-        for gen in self.generations.values():
-            if gen.owner != owner or not lo <= gen.created_wall < hi:
-                continue
-            if gen.phase(now).status in ("complete", "failed"):
-                used += gen.charge_usd
-            else:
-                pending += gen.charge_usd
-        return round(used, 6), round(pending, 6)
+        start, _ = _period(self.wall())
+        return self._book.totals(owner, self.clock(), start.timestamp())
 
     def _check_spend(self, owner: str, estimate: float) -> None:
         spec = self.key_spec(owner)
@@ -287,6 +279,7 @@ class SimState:
         self.generations[gen_id] = gen
         project.generation_ids.append(gen_id)
         project.updated_wall = gen.created_wall
+        self._book.record(gen, _period(gen.created_wall)[0].timestamp())
         self.stats.bump("generations_created")
         self.stats.charge(owner, charge, logical, kind=kind)
         return gen
