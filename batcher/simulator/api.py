@@ -134,7 +134,7 @@ class ApiRoutes:
         endpoint = ENDPOINTS.get(name)
         label = name if endpoint is not None else "unknown"
         try:
-            response, status = await self._answer(request, name, endpoint, key)
+            response, status = await self._answer(request, endpoint, key)
         except Refusal as refusal:
             response = _json(refusal.status, refusal.body, refusal.headers)
             status = refusal.status
@@ -142,7 +142,7 @@ class ApiRoutes:
         return response
 
     async def _answer(
-        self, request: web.Request, name: str, endpoint: Endpoint | None, key: str | None
+        self, request: web.Request, endpoint: Endpoint | None, key: str | None
     ) -> tuple[web.StreamResponse, int | str]:
         if endpoint is None:
             raise Refusal(404, "Not found.", "notFound")
