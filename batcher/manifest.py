@@ -236,6 +236,14 @@ class Manifest:
         ignored = [name for name, typo in self._unknown.items() if typo is None]
         return tuple(ignored[:_MAX_IGNORED])
 
+    @property
+    def misspelt_columns(self) -> dict[str, str]:
+        """Unknown columns that look misspelt, each with the known column it resembles.
+
+        Rows with a value in one of these fail; for JSONL, the keys seen so far.
+        """
+        return {name: typo for name, typo in self._unknown.items() if typo}
+
     def __iter__(self) -> Manifest:
         return self
 
@@ -452,7 +460,9 @@ class Manifest:
     def _no_source(self, present: Mapping[str, Any], typos: Sequence[tuple[str, str]]) -> str:
         message = "has neither apiProjectId nor file"
         if present:
-            message += f" (values in: {', '.join(present)})"
+            names = list(present)
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            message += f" (values in: {', '.join(names[:10])}{more})"
         for name, suggestion in typos:
             message += f"; unknown column {name!r}: did you mean {suggestion!r}?"
         ignored = [n for n in present if n not in KNOWN_COLUMNS and not self._typo_of(n)]

@@ -227,6 +227,15 @@ def test_overlong_line_fails_its_row_only(tmp_path: Path) -> None:
     assert "longer than" in str(rows[1])
 
 
+def test_overlong_jsonl_line_fails_its_row_only(tmp_path: Path) -> None:
+    long_line = '{"prompt": "' + "x" * (3 << 20) + '"}'
+    content = '{"apiProjectId": "p1"}\n' + long_line + '\n{"apiProjectId": "p3"}\n'
+    rows = read(write(tmp_path, "m.jsonl", content))
+    assert [type(r).__name__ for r in rows] == ["ManifestRow", "RowError", "ManifestRow"]
+    assert [r.line for r in rows] == [1, 2, 3]
+    assert rows[2].physical_line == 3
+
+
 def test_unclosed_quote_is_a_row_error_not_a_crash(tmp_path: Path) -> None:
     rows = read(write(tmp_path, "m.csv", 'apiProjectId,prompt\np1,ok\np2,"never closed\n'))
     assert isinstance(rows[0], ManifestRow)
@@ -331,14 +340,19 @@ def test_misspelt_column_fails_an_otherwise_valid_row(tmp_path: Path) -> None:
 
 
 def test_misspelt_column_left_empty_is_harmless(tmp_path: Path) -> None:
-    row = good(tmp_path, "m.csv", csv1("apiProjectId,seeds", "p1,"))
-    assert row.sampling == {}
+    path = write(tmp_path, "m.csv", csv1("apiProjectId,seeds,Model", "p1,,"))
+    with open_manifest(path) as manifest:
+        assert manifest.misspelt_columns == {"seeds": "seed", "Model": "model"}
+        assert manifest.ignored_columns == ()
+        rows = list(manifest)
+    assert isinstance(rows[0], ManifestRow) and rows[0].sampling == {}
 
 
 def test_unrelated_columns_are_ignored_and_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "m.csv", "apiProjectId,notes,,title\np1,remember,x,Song\n")
     with open_manifest(path) as manifest:
         assert manifest.ignored_columns == ("notes", "title")
+        assert manifest.misspelt_columns == {}
         rows = list(manifest)
     assert isinstance(rows[0], ManifestRow) and rows[0].api_project_id == "p1"
 
