@@ -188,6 +188,9 @@ def _json_kind(value: object) -> str:
 
 
 def _shown(value: object) -> str:
+    """A short rendering of a bad value for a message."""
+    if isinstance(value, list | dict):
+        return _json_kind(value)
     text = value if isinstance(value, str) else orjson.dumps(value).decode()
     return repr(text if len(text) <= 40 else text[:37] + "...")
 

@@ -395,6 +395,12 @@ def test_seed_must_be_a_number_jsonl(tmp_path: Path, seed: Any) -> None:
     assert error.field == "seed"
 
 
+def test_seed_deeply_nested_is_a_row_error(tmp_path: Path) -> None:
+    deep = "[" * 600 + "]" * 600
+    error = bad(tmp_path, "m.jsonl", '{"apiProjectId": "p1", "seed": ' + deep + "}\n")
+    assert error.field == "seed" and "got an array" in error.message
+
+
 @pytest.mark.parametrize("seed", [7, 7.0, "7", "7.0"])
 def test_seed_jsonl_number_or_numeric_string(tmp_path: Path, seed: Any) -> None:
     row = good(tmp_path, "m.jsonl", jsonl1({"apiProjectId": "p1", "seed": seed}))
