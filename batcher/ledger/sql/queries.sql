@@ -1,7 +1,7 @@
 -- The ledger's statements, one per "-- name:" block.
 -- Parameters are named (:row_id); a PostgreSQL port rewrites them to $n.
 -- Stage lists are bound as seven parameters :s0..:s6 (padded by repeating a
--- stage), so every statement has a fixed text and stays in the statement cache.
+-- stage), so a statement's text does not depend on how many stages it names.
 
 -- name: get_row
 SELECT * FROM ledger_rows WHERE row_id = :row_id;
@@ -62,31 +62,13 @@ WHERE row_id = :row_id AND stage = 'failed' AND error_code = 'invalidRow'
 RETURNING *;
 
 -- name: transition
--- The compare-and-set. :set_<column> says whether the update names <column>.
+-- The compare-and-set. {assignments} becomes ", <column> = :<column>" for each
+-- column the update names; the names come from base.UPDATE_COLUMNS only.
 UPDATE ledger_rows SET
     stage = :to_stage,
     updated_at = :now,
     attempts = attempts + :attempts_delta,
-    polls = polls + :polls_delta,
-    idempotency_key = CASE WHEN :set_idempotency_key THEN :idempotency_key ELSE idempotency_key END,
-    base_key = CASE WHEN :set_base_key THEN :base_key ELSE base_key END,
-    retry_count = CASE WHEN :set_retry_count THEN :retry_count ELSE retry_count END,
-    api_project_id = CASE WHEN :set_api_project_id THEN :api_project_id ELSE api_project_id END,
-    generation_id = CASE WHEN :set_generation_id THEN :generation_id ELSE generation_id END,
-    api_status = CASE WHEN :set_api_status THEN :api_status ELSE api_status END,
-    source_sha256 = CASE WHEN :set_source_sha256 THEN :source_sha256 ELSE source_sha256 END,
-    source_size = CASE WHEN :set_source_size THEN :source_size ELSE source_size END,
-    output_path = CASE WHEN :set_output_path THEN :output_path ELSE output_path END,
-    output_sha256 = CASE WHEN :set_output_sha256 THEN :output_sha256 ELSE output_sha256 END,
-    output_size = CASE WHEN :set_output_size THEN :output_size ELSE output_size END,
-    upload_url = CASE WHEN :set_upload_url THEN :upload_url ELSE upload_url END,
-    upload_method = CASE WHEN :set_upload_method THEN :upload_method ELSE upload_method END,
-    upload_expires_at = CASE WHEN :set_upload_expires_at THEN :upload_expires_at ELSE upload_expires_at END,
-    content_type = CASE WHEN :set_content_type THEN :content_type ELSE content_type END,
-    error = CASE WHEN :set_error THEN :error ELSE error END,
-    error_code = CASE WHEN :set_error THEN :error_code ELSE error_code END,
-    error_message = CASE WHEN :set_error THEN :error_message ELSE error_message END,
-    leader_row_id = CASE WHEN :set_leader_row_id THEN :leader_row_id ELSE leader_row_id END
+    polls = polls + :polls_delta{assignments}
 WHERE row_id = :row_id AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
 RETURNING *;
 

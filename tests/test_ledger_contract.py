@@ -1,0 +1,714 @@
+"""One contract for every ledger backend (memory, SQLite; PostgreSQL to come).
+
+A new backend joins by adding a name to ``BACKENDS`` and a branch to
+``Backend.make``; every test here must then pass unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batcher.errors import LedgerError, TransitionConflict
+from batcher.ledger import MemoryLedger, SqliteLedger
+from batcher.ledger.base import (
+    LEGAL_MOVES,
+    Kind,
+    Ledger,
+    LedgerRow,
+    NewRow,
+    RunInfo,
+    Stage,
+    Update,
+)
+
+BACKENDS = ["memory", "sqlite"]
+PAGE = 7  # small pages, so paging is exercised with a few dozen rows
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    """Strictly increasing time, safe to call from the writer thread."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self._now += 0.5
+            return self._now
+
+
+class Backend:
+    """Makes (and re-makes, for a new run) a ledger of one kind on one store."""
+
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name = name
+        self.clock = FakeClock()
+        self.path = tmp_path / "ledger.sqlite"
+        self._memory = MemoryLedger(clock=self.clock, page_size=PAGE)
+        self._runs = itertools.count(1)
+
+    def make(self) -> Ledger:
+        if self.name == "memory":
+            return self._memory
+        if self.name == "sqlite":
+            return SqliteLedger(self.path, clock=self.clock, page_size=PAGE)
+        raise AssertionError(self.name)
+
+    async def open(self, *, lock: bool = True, run_id: str | None = None) -> Ledger:
+        led = self.make()
+        rid = run_id or f"run-{next(self._runs)}"
+        await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
+        return led
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return Backend(request.param, tmp_path)
+
+
+@pytest.fixture
+async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
+    led = await backend.open()
+    yield led
+    await led.close(0)
+
+
+def new_row(i: int, **kw: Any) -> NewRow:
+    fields: dict[str, Any] = {
+        "row_id": f"r{i}",
+        "line": i,
+        "kind": Kind.PROJECT,
+        "idempotency_key": f"key-{i}",
+        "model_key": "diffio-3.5",
+        "api_project_id": f"proj-{i}",
+        "sampling": {"seed": i},
+        "params": {"prompt": f"p{i}"},
+        "request_digest": f"digest-{i}",
+        "group": f"g{i}",
+    }
+    fields.update(kw)
+    return NewRow(**fields)
+
+
+INVALID = {"code": "invalidRow", "message": "both apiProjectId and file", "httpStatus": None}
+
+
+def path_to(stage: Stage) -> list[Stage]:
+    """Shortest legal path of stages from PENDING to ``stage`` (excluding PENDING)."""
+    prev: dict[Stage, Stage | None] = {Stage.PENDING: None}
+    todo = deque([Stage.PENDING])
+    while todo:
+        cur = todo.popleft()
+        for nxt in sorted(LEGAL_MOVES[cur]):
+            if nxt not in prev:
+                prev[nxt] = cur
+                todo.append(nxt)
+    path: list[Stage] = []
+    at: Stage | None = stage
+    while at is not None and at is not Stage.PENDING:
+        path.append(at)
+        at = prev[at]
+    return path[::-1]
+
+
+async def drive(led: Ledger, row_id: str, stage: Stage) -> LedgerRow:
+    row = await led.get(row_id)
+    assert row is not None and row.stage is Stage.PENDING
+    for nxt in path_to(stage):
+        row = await led.transition(row_id, row.stage, nxt, event=f"to-{nxt}")
+    return row
+
+
+# -- import -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_import_inserts_pending_rows_with_their_content(ledger: Ledger) -> None:
+    rows = await ledger.import_rows(
+        [
+            new_row(1),
+            new_row(
+                2,
+                kind=Kind.FILE,
+                api_project_id=None,
+                source_path="/a.wav",
+                source_sha256="ab",
+                source_size=10,
+                output_rel="a.out.wav",
+                explicit_key=True,
+            ),
+        ]
+    )
+    assert [r.row_id for r in rows] == ["r1", "r2"]
+    r1, r2 = rows
+    assert r1.stage is Stage.PENDING and r1.kind is Kind.PROJECT
+    assert (r1.idempotency_key, r1.model_key, r1.api_project_id) == (
+        "key-1",
+        "diffio-3.5",
+        "proj-1",
+    )
+    assert r1.sampling == {"seed": 1} and r1.params == {"prompt": "p1"}
+    assert r1.request_digest == "digest-1" and r1.group == "g1" and r1.leader_row_id is None
+    assert r1.attempts == 0 and r1.error is None and not r1.retired
+    assert r1.created_at == r1.updated_at > 1_000_000.0
+    assert (r2.source_path, r2.source_sha256, r2.source_size) == ("/a.wav", "ab", 10)
+    assert r2.output_rel == "a.out.wav" and r2.explicit_key is True and r2.kind is Kind.FILE
+    assert await ledger.get("r2") == r2
+    assert await ledger.get("nope") is None
+
+
+@pytest.mark.anyio
+async def test_import_is_idempotent(ledger: Ledger) -> None:
+    first = await ledger.import_rows([new_row(i) for i in range(1, 6)])
+    moved = await ledger.transition(
+        "r3", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "gen-3"}, event="submitted"
+    )
+    again = await ledger.import_rows([new_row(i) for i in range(1, 6)])
+    assert [r.row_id for r in again] == [r.row_id for r in first]
+    assert again[2] == moved  # a known row comes back as stored, not reset
+    assert again[0] == first[0]
+    counts = await ledger.counts()
+    assert counts[Stage.PENDING] == 4 and counts[Stage.SUBMITTED] == 1
+    assert [e.event for e in await ledger.events("r1")] == ["imported"]
+
+
+@pytest.mark.anyio
+async def test_known_row_with_changed_content_is_returned_as_stored(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    got = await ledger.import_rows([new_row(1, idempotency_key="other", source_sha256="ff")])
+    assert got[0].idempotency_key == "key-1" and got[0].source_sha256 is None
+
+
+@pytest.mark.anyio
+async def test_known_row_follows_its_new_line(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1), new_row(2)])
+    got = await ledger.import_rows([new_row(2, line=1), new_row(1, line=2)])
+    assert [(r.row_id, r.line) for r in got] == [("r2", 1), ("r1", 2)]
+    assert [r.row_id async for r in ledger.rows()] == ["r2", "r1"]
+
+
+@pytest.mark.anyio
+async def test_first_row_of_a_group_leads_the_later_ones(ledger: Ledger) -> None:
+    got = await ledger.import_rows(
+        [
+            new_row(1, group="g"),
+            new_row(2, group="h"),
+            new_row(3, group="g"),
+        ]
+    )
+    assert [r.leader_row_id for r in got] == [None, None, "r1"]
+    # across import batches too, and rows without a group never lead or follow
+    more = await ledger.import_rows(
+        [new_row(4, group="g"), new_row(5, group=None), new_row(6, group="h")]
+    )
+    assert [r.leader_row_id for r in more] == ["r1", None, "r2"]
+
+
+@pytest.mark.anyio
+async def test_a_retired_row_does_not_lead(backend: Backend) -> None:
+    led = await backend.open()
+    await led.import_rows([new_row(1, group="g"), new_row(2, group="g")])
+    assert await led.finish_import() == 0
+    await led.close(0)
+    # next run: r1 is gone from the manifest; a new r3 of the group comes
+    # after r2 and follows r2, the group's first row in this manifest
+    led = await backend.open()
+    got = await led.import_rows([new_row(2, group="g"), new_row(3, group="g")])
+    assert got[0].leader_row_id == "r1"  # known rows are returned as stored
+    assert got[1].leader_row_id == "r2"
+    assert await led.finish_import() == 1
+    await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_invalid_rows_are_imported_failed_with_their_error(ledger: Ledger) -> None:
+    got = await ledger.import_rows(
+        [
+            new_row(1),
+            new_row(2, error=INVALID, idempotency_key=None, group=None),
+            new_row(3, error={"code": "invalidRow", "message": "bad JSON in sampling"}, group=None),
+        ]
+    )
+    assert [r.stage for r in got] == [Stage.PENDING, Stage.FAILED, Stage.FAILED]
+    assert got[1].error == INVALID and got[1].status == "failed"
+    assert (await ledger.counts())[Stage.FAILED] == 2
+    summary = await ledger.error_summary()
+    assert sorted(summary) == [
+        ("invalidRow", "bad JSON in sampling", 1),
+        ("invalidRow", "both apiProjectId and file", 1),
+    ]
+    events = await ledger.events("r2")
+    assert [(e.from_stage, e.to_stage, e.event) for e in events] == [
+        (None, Stage.FAILED, "imported")
+    ]
+    assert events[0].detail["error"] == INVALID
+
+
+@pytest.mark.anyio
+async def test_invalid_row_error_is_refreshed_and_a_fixed_row_restarts(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1, error=INVALID, group=None)])
+    newer = {"code": "invalidRow", "message": "file missing", "httpStatus": None}
+    (row,) = await ledger.import_rows([new_row(1, error=newer, group=None)])
+    assert row.stage is Stage.FAILED and row.error == newer
+    (same,) = await ledger.import_rows([new_row(1, error=newer, group=None)])
+    assert same == row  # the same error again changes nothing
+    # the row comes valid: it never reached the API, so it restarts with its content
+    (fixed,) = await ledger.import_rows([new_row(1, idempotency_key="k-new", group="g")])
+    assert fixed.stage is Stage.PENDING and fixed.error is None
+    assert fixed.idempotency_key == "k-new" and fixed.group == "g"
+    events = [(e.from_stage, e.to_stage, e.event) for e in await ledger.events("r1")]
+    assert events == [
+        (None, Stage.FAILED, "imported"),
+        (Stage.FAILED, Stage.FAILED, "invalid"),
+        (Stage.FAILED, Stage.PENDING, "revalidated"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_row_turning_invalid_fails_only_if_it_never_reached_the_api(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1), new_row(2)])
+    await ledger.transition(
+        "r2", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g2"}, event="submitted"
+    )
+    got = await ledger.import_rows([new_row(1, error=INVALID), new_row(2, error=INVALID)])
+    assert got[0].stage is Stage.FAILED and got[0].error == INVALID
+    assert got[1].stage is Stage.SUBMITTED and got[1].error is None
+
+
+@pytest.mark.anyio
+async def test_a_runtime_failure_is_not_revived_by_import(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    err = {"code": "badRequest", "message": "no", "httpStatus": 400}
+    await ledger.transition("r1", Stage.PENDING, Stage.FAILED, {"error": err}, event="failed")
+    (row,) = await ledger.import_rows([new_row(1)])
+    assert row.stage is Stage.FAILED and row.error == err
+
+
+# -- transitions --------------------------------------------------------------
+
+
+LEGAL_PAIRS = sorted((src, dst) for src, dsts in LEGAL_MOVES.items() for dst in dsts)
+ILLEGAL_PAIRS = sorted((src, dst) for src in Stage for dst in Stage if dst not in LEGAL_MOVES[src])
+
+
+@pytest.mark.anyio
+async def test_every_legal_move_is_allowed(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(i) for i in range(len(LEGAL_PAIRS))])
+    for i, (src, dst) in enumerate(LEGAL_PAIRS):
+        await drive(ledger, f"r{i}", src)
+        row = await ledger.transition(f"r{i}", src, dst, event="move", detail={"n": i})
+        assert row.stage is dst, (src, dst)
+        assert (await ledger.get(f"r{i}")) == row
+        last = (await ledger.events(f"r{i}"))[-1]
+        assert (last.from_stage, last.to_stage, last.event, last.detail) == (
+            src,
+            dst,
+            "move",
+            {"n": i},
+        )
+
+
+@pytest.mark.anyio
+async def test_illegal_moves_are_refused_and_change_nothing(ledger: Ledger) -> None:
+    assert ILLEGAL_PAIRS, "the table allows everything?"
+    await ledger.import_rows([new_row(i) for i in range(len(ILLEGAL_PAIRS))])
+    for i, (src, dst) in enumerate(ILLEGAL_PAIRS):
+        before = await drive(ledger, f"r{i}", src)
+        n_events = len(await ledger.events(f"r{i}"))
+        with pytest.raises(LedgerError) as info:
+            await ledger.transition(f"r{i}", src, dst, event="illegal")
+        assert not isinstance(info.value, TransitionConflict), (src, dst)
+        assert "illegal" in str(info.value)
+        assert await ledger.get(f"r{i}") == before
+        assert len(await ledger.events(f"r{i}")) == n_events
+
+
+@pytest.mark.anyio
+async def test_expect_set_is_checked_against_the_actual_stage(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1), new_row(2)])
+    await drive(ledger, "r2", Stage.PROJECT)
+    # UPLOADED is legal from PROJECT but not from PENDING
+    either = frozenset({Stage.PENDING, Stage.PROJECT})
+    with pytest.raises(LedgerError, match="illegal") as info:
+        await ledger.transition("r1", either, Stage.UPLOADED, event="x")
+    assert not isinstance(info.value, TransitionConflict)
+    row = await ledger.transition("r2", either, Stage.UPLOADED, event="x")
+    assert row.stage is Stage.UPLOADED
+    assert (await ledger.events("r2"))[-1].from_stage is Stage.PROJECT
+
+
+@pytest.mark.anyio
+async def test_stale_expect_is_a_conflict_naming_the_actual_stage(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    await ledger.transition(
+        "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="submitted"
+    )
+    before = await ledger.get("r1")
+    with pytest.raises(TransitionConflict) as info:
+        await ledger.transition("r1", Stage.PENDING, Stage.SUBMITTED, event="again")
+    assert info.value.actual == "submitted" and info.value.expected == "pending"
+    assert info.value.row_id == "r1"
+    with pytest.raises(TransitionConflict) as info:
+        await ledger.transition(
+            "r1", frozenset({Stage.PENDING, Stage.FAILED}), Stage.SUBMITTED, event="again"
+        )
+    assert info.value.actual == "submitted" and info.value.expected == "failed|pending"
+    assert await ledger.get("r1") == before
+    assert len(await ledger.events("r1")) == 2
+
+
+@pytest.mark.anyio
+async def test_missing_row_is_a_conflict(ledger: Ledger) -> None:
+    with pytest.raises(TransitionConflict) as info:
+        await ledger.transition("ghost", Stage.PENDING, Stage.PROJECT, event="x")
+    assert info.value.actual is None
+
+
+@pytest.mark.anyio
+async def test_update_sets_columns_and_deltas_add(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1, kind=Kind.FILE)])
+    full: Update = {
+        "idempotency_key": "k2",
+        "base_key": "k1",
+        "retry_count": 2,
+        "api_project_id": "p9",
+        "generation_id": "g9",
+        "api_status": "processing",
+        "source_sha256": "aa",
+        "source_size": 5,
+        "output_path": "/out/x.wav",
+        "output_sha256": "bb",
+        "output_size": 7,
+        "upload_url": "https://u",
+        "upload_method": "PUT",
+        "upload_expires_at": "2030-01-01T00:00:00Z",
+        "content_type": "audio/wav",
+        "leader_row_id": "r0",
+        "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
+        "attempts_delta": 3,
+        "polls_delta": 2,
+    }
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry")
+    stored = await ledger.get("r1")
+    assert stored == row
+    for key, value in full.items():
+        if not key.endswith("_delta"):
+            assert getattr(row, key) == value, key
+    assert (row.attempts, row.polls) == (3, 2)
+    assert row.updated_at > row.created_at
+    # absent keys stay, None clears, deltas add again
+    row2 = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PROJECT, {"error": None, "attempts_delta": 1}, event="project"
+    )
+    assert row2.error is None and row2.generation_id == "g9" and row2.attempts == 4
+    assert row2.polls == 2
+    assert (await ledger.error_summary()) == []
+
+
+@pytest.mark.anyio
+async def test_unknown_update_field_is_refused(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    bad: Any = {"stage": "complete"}
+    with pytest.raises(LedgerError, match="unknown update"):
+        await ledger.transition("r1", Stage.PENDING, Stage.PENDING, bad, event="x")
+    assert (await ledger.get("r1")).stage is Stage.PENDING  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_writers_lose_no_update(ledger: Ledger) -> None:
+    tasks, per = 200, 50
+    await ledger.import_rows([new_row(i) for i in range(tasks)])
+
+    async def bump(i: int) -> None:
+        for _ in range(per):
+            await ledger.transition(
+                f"r{i}",
+                Stage.PENDING,
+                Stage.PENDING,
+                {"attempts_delta": 1, "polls_delta": 2},
+                event="tick",
+            )
+
+    await asyncio.gather(*(bump(i) for i in range(tasks)))
+    rows = [r async for r in ledger.rows()]
+    assert len(rows) == tasks
+    assert all(r.attempts == per and r.polls == 2 * per for r in rows)
+    assert len(await ledger.events("r7")) == per + 1
+
+
+@pytest.mark.anyio
+async def test_racing_compare_and_sets_have_one_winner(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    results = await asyncio.gather(
+        *(
+            ledger.transition(
+                "r1", Stage.PENDING, Stage.PROJECT, {"api_project_id": f"p{i}"}, event=f"try{i}"
+            )
+            for i in range(30)
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, LedgerRow)]
+    assert len(wins) == 1
+    assert all(isinstance(r, TransitionConflict) for r in results if r not in wins)
+    assert (await ledger.get("r1")) == wins[0]
+    winner = str(wins[0].api_project_id).removeprefix("p")
+    assert [e.event for e in await ledger.events("r1")] == ["imported", f"try{winner}"]
+
+
+@pytest.mark.anyio
+async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    await ledger.transition(
+        "r1",
+        Stage.PENDING,
+        Stage.SUBMITTED,
+        {"generation_id": "g"},
+        event="submitted",
+        detail={"replay": False},
+    )
+    await ledger.transition(
+        "r1",
+        Stage.SUBMITTED,
+        Stage.SUBMITTED,
+        {"polls_delta": 1},
+        event="polled",
+        detail={"apiStatus": "processing"},
+    )
+    await ledger.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="complete")
+    events = await ledger.events("r1")
+    assert [(e.from_stage, e.to_stage, e.event) for e in events] == [
+        (None, Stage.PENDING, "imported"),
+        (Stage.PENDING, Stage.SUBMITTED, "submitted"),
+        (Stage.SUBMITTED, Stage.SUBMITTED, "polled"),
+        (Stage.SUBMITTED, Stage.COMPLETE, "complete"),
+    ]
+    assert events[1].detail == {"replay": False}
+    assert events[2].detail == {"apiStatus": "processing"}
+    assert all(e.row_id == "r1" and e.run_id == "run-1" for e in events)
+    times = [e.at for e in events]
+    assert times == sorted(times) and len(set(times)) == 4
+    assert await ledger.events("nope") == []
+
+
+@pytest.mark.anyio
+async def test_rows_come_in_line_order_across_pages(ledger: Ledger) -> None:
+    lines = list(range(1, 4 * PAGE + 3))
+    random.Random(7).shuffle(lines)
+    for chunk in (lines[:10], lines[10:]):
+        await ledger.import_rows([new_row(i) for i in chunk])
+    got = [r.line async for r in ledger.rows()]
+    assert got == sorted(lines)
+    for i in range(1, 4 * PAGE + 3, 3):
+        await ledger.transition(
+            f"r{i}",
+            Stage.PENDING,
+            Stage.FAILED,
+            {"error": {"code": "x", "message": "y"}},
+            event="f",
+        )
+    failed = [r.line async for r in ledger.rows(stages=frozenset({Stage.FAILED}))]
+    assert failed == list(range(1, 4 * PAGE + 3, 3))
+    both = [r.line async for r in ledger.rows(stages=frozenset({Stage.FAILED, Stage.PENDING}))]
+    assert both == sorted(lines)
+    assert [r async for r in ledger.rows(stages=frozenset({Stage.COMPLETE}))] == []
+    assert [r async for r in ledger.rows(stages=frozenset())] == []
+
+
+@pytest.mark.anyio
+async def test_rows_with_one_line_are_ordered_by_row_id_and_not_repeated(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(i, line=5, row_id=f"x{i:02d}") for i in range(3 * PAGE)])
+    got = [r.row_id async for r in ledger.rows()]
+    assert got == sorted(got) and len(got) == len(set(got)) == 3 * PAGE
+
+
+@pytest.mark.anyio
+async def test_rows_missing_from_the_manifest_are_retired(backend: Backend) -> None:
+    led = await backend.open()
+    await led.import_rows([new_row(i) for i in range(1, 2 * PAGE + 1)])
+    assert await led.finish_import() == 0
+    await led.close(0)
+
+    led = await backend.open()
+    kept = [i for i in range(1, 2 * PAGE + 1) if i % 3]
+    await led.import_rows([new_row(i) for i in kept])
+    gone = 2 * PAGE - len(kept)
+    assert await led.finish_import() == gone
+    assert [r.line async for r in led.rows()] == kept
+    everything = [r async for r in led.rows(include_retired=True)]
+    assert len(everything) == 2 * PAGE
+    assert {r.line for r in everything if r.retired} == {
+        i for i in range(1, 2 * PAGE + 1) if i % 3 == 0
+    }
+    assert sum((await led.counts()).values()) == len(kept)
+    assert sum((await led.counts(include_retired=True)).values()) == 2 * PAGE
+    assert await led.finish_import() == 0  # already retired
+    await led.close(0)
+
+    led = await backend.open()  # a row that comes back is active again
+    (back,) = await led.import_rows([new_row(3)])
+    assert back.retired is False
+    await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_counts_and_error_summary(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(i) for i in range(1, 8)])
+    errs = [
+        ("serverError", "boom"),
+        ("serverError", "boom"),
+        ("serverError", "boom"),
+        ("notFound", "no project"),
+        ("notFound", "no project"),
+        ("conflict", "key reused"),
+    ]
+    for i, (code, msg) in enumerate(errs, start=1):
+        await ledger.transition(
+            f"r{i}",
+            Stage.PENDING,
+            Stage.FAILED,
+            {"error": {"code": code, "message": msg, "httpStatus": 500}},
+            event="failed",
+        )
+    counts = await ledger.counts()
+    assert counts == {**dict.fromkeys(Stage, 0), Stage.FAILED: 6, Stage.PENDING: 1}
+    assert await ledger.error_summary() == [
+        ("serverError", "boom", 3),
+        ("notFound", "no project", 2),
+        ("conflict", "key reused", 1),
+    ]
+    assert await ledger.error_summary(limit=1) == [("serverError", "boom", 3)]
+
+
+@pytest.mark.anyio
+async def test_export_record_has_the_contract_fields(ledger: Ledger) -> None:
+    await ledger.import_rows(
+        [
+            new_row(1),
+            new_row(2, kind=Kind.FILE, api_project_id=None, source_path="/in/a.wav"),
+        ]
+    )
+    await ledger.transition(
+        "r1",
+        Stage.PENDING,
+        Stage.SUBMITTED,
+        {"generation_id": "gen-1", "api_status": "queued", "attempts_delta": 1},
+        event="submitted",
+    )
+    await ledger.transition(
+        "r2", Stage.PENDING, Stage.PROJECT, {"api_project_id": "p2"}, event="project"
+    )
+    await ledger.transition("r2", Stage.PROJECT, Stage.UPLOADED, event="uploaded")
+    await ledger.transition(
+        "r2", Stage.UPLOADED, Stage.SUBMITTED, {"generation_id": "gen-2"}, event="submitted"
+    )
+    await ledger.transition(
+        "r2",
+        Stage.SUBMITTED,
+        Stage.COMPLETE,
+        {"output_path": "/out/a.wav", "output_sha256": "cc", "api_status": "complete"},
+        event="done",
+    )
+    records = [r.export_record() async for r in ledger.rows()]
+    contract = {
+        "rowId",
+        "line",
+        "idempotencyKey",
+        "apiProjectId",
+        "generationId",
+        "modelKey",
+        "status",
+        "apiStatus",
+        "error",
+        "output",
+        "attempts",
+    }
+    assert all(contract <= set(rec) for rec in records)
+    one, two = records
+    assert one == {
+        **one,
+        "rowId": "r1",
+        "line": 1,
+        "idempotencyKey": "key-1",
+        "apiProjectId": "proj-1",
+        "generationId": "gen-1",
+        "modelKey": "diffio-3.5",
+        "status": "submitted",
+        "apiStatus": "queued",
+        "error": None,
+        "output": None,
+        "attempts": 1,
+    }
+    assert two["status"] == "complete" and two["output"] == "/out/a.wav"
+    assert two["apiProjectId"] == "p2"
+
+
+# -- lifecycle ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_runs_are_recorded_with_their_end(backend: Backend) -> None:
+    led = await backend.open(run_id="first")
+    await led.close(1)
+    led = await backend.open(run_id="second")
+    runs = await led.runs()
+    assert [r["run_id"] for r in runs] == ["first", "second"]
+    first = runs[0]
+    assert (first["pid"], first["host"], first["command"]) == (4242, "host-a", "batcher run m.csv")
+    assert first["started_at"] == 1_000.0 and first["exit_code"] == 1
+    assert first["ended_at"] is not None and runs[1]["ended_at"] is None
+    await led.close(0)
+    await led.close(0)  # twice is fine
+
+
+@pytest.mark.anyio
+async def test_read_only_open_reads_but_never_writes(backend: Backend) -> None:
+    led = await backend.open()
+    await led.import_rows([new_row(1)])
+    await led.close(0)
+    ro = await backend.open(lock=False, run_id="status")
+    assert (await ro.get("r1")) is not None
+    assert [r.row_id async for r in ro.rows()] == ["r1"]
+    with pytest.raises(LedgerError):
+        await ro.import_rows([new_row(2)])
+    with pytest.raises(LedgerError):
+        await ro.transition("r1", Stage.PENDING, Stage.PROJECT, event="x")
+    with pytest.raises(LedgerError):
+        await ro.finish_import()
+    assert [r["run_id"] for r in await ro.runs()] == ["run-1"]  # a reader is not a run
+    await ro.close()
+
+
+@pytest.mark.anyio
+async def test_a_closed_ledger_refuses_work(backend: Backend) -> None:
+    led = await backend.open()
+    await led.close(0)
+    with pytest.raises(LedgerError):
+        await led.transition("r1", Stage.PENDING, Stage.PROJECT, event="x")
+    with pytest.raises(LedgerError):
+        await led.get("r1")
+
+
+@pytest.mark.anyio
+async def test_bad_json_is_refused_before_anything_is_written(ledger: Ledger) -> None:
+    await ledger.import_rows([new_row(1)])
+    with pytest.raises(LedgerError, match="JSON"):
+        await ledger.transition(
+            "r1", Stage.PENDING, Stage.PROJECT, event="x", detail={"when": object()}
+        )
+    assert (await ledger.get("r1")).stage is Stage.PENDING  # type: ignore[union-attr]
