@@ -242,10 +242,13 @@ class SqliteLedger:
                 await anyio.to_thread.run_sync(self._open_writer, run)
             else:
                 await anyio.to_thread.run_sync(self._check_readable, run)
-            self._reader = await anyio.to_thread.run_sync(
-                lambda: _connect(self.path, query_only=True)
-            )
+            self._reader = await anyio.to_thread.run_sync(self._connect_reader)
         except BaseException:
+            writer, self._writer = self._writer, None
+            if writer is not None:  # never started: stopping it closes its connection
+                writer.start()
+                writer.stop()
+                await anyio.to_thread.run_sync(writer.join)
             self._lock.release()
             self._state = "closed"
             raise
@@ -253,6 +256,12 @@ class SqliteLedger:
         self._state = "open"
         if self._writer is not None:
             self._writer.start()
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        try:
+            return _connect(self.path, query_only=True)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
 
     def _open_writer(self, run: RunInfo) -> None:
         try:
