@@ -1,0 +1,592 @@
+"""The Diffio API client: one HTTP attempt per call, errors from batcher's tree.
+
+Every method makes exactly one attempt; the runner owns retries
+(:class:`batcher.retry.RetryPolicy`). What can go wrong comes out as an
+:class:`~batcher.errors.ApiError` subclass and nothing else: answers are
+classified by :func:`batcher.classify.classify`, and aiohttp, OS and orjson
+exceptions are translated in :meth:`DiffioClient._transport_error` only
+(``raise … from exc``), with the endpoint attached.
+
+API requests hold the concurrency cap, then pass the rate gate, then go out
+at once (the cap comes first so a granted request never queues for a slot
+afterwards, which would bunch requests past the gate's margin). A 429 is
+reported to the gate here, so every caller slows down, and nobody else needs
+to call :meth:`RateGate.on_rate_limited`.
+
+Signed storage URLs (upload, download) are not the API: they never carry the
+API key and do not pass the rate gate, but they do hold the concurrency cap.
+
+The API key lives in one headers mapping; it is never put in a message, and
+answers are scrubbed of it before they are classified.
+
+Errors added here (subclasses of the tree in ``errors.py``)::
+
+    ApiError
+    ├── LocalFileError     the source file is unreadable or changed, or the
+    │                      download destination cannot be written (row fails)
+    ├── InvalidRequest     the request body cannot be encoded (row fails)
+    └── StatusError
+        └── ClientError
+            └── UrlExpired 401/403/410 (or an "expired" 400) from a signed
+                           storage URL: get a fresh URL, do not retry this one
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import anyio
+import orjson
+from aiohttp import http_exceptions
+
+from batcher.classify import classify, parse_retry_after
+from batcher.errors import (
+    ApiError,
+    ClientError,
+    ConfigError,
+    DecodeError,
+    RateLimited,
+    ServerError,
+    StatusError,
+    TransportError,
+    redact,
+)
+from batcher.ratelimit import RateGate
+
+__all__ = [
+    "DiffioClient",
+    "DownloadInfo",
+    "GenerationAccepted",
+    "InvalidRequest",
+    "LocalFileError",
+    "Progress",
+    "ProjectCreated",
+    "RequestCallback",
+    "UrlExpired",
+    "normalize_base_url",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RequestCallback = Callable[[str, int | None, float], None]
+"""``on_request(endpoint, status or None on transport failure, seconds)``."""
+
+_CHUNK = 1 << 20
+# Floor on upload throughput used to size an upload's total timeout: a
+# stalled upload must end, but a large one on a slow link must not.
+_MIN_UPLOAD_BYTES_PER_S = 64 * 1024
+_ERROR_BODY_LIMIT = 4096
+
+# Everything the HTTP layer may raise for a failed exchange. aiohttp's
+# exceptions cover connect, reset, payload and (ServerTimeoutError) timeouts;
+# a total timeout surfaces as the builtin TimeoutError; some OS errors and
+# HTTP parser errors can escape unwrapped.
+_TRANSPORT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientError,
+    http_exceptions.HttpProcessingError,
+    TimeoutError,
+    OSError,
+)
+
+
+class UrlExpired(ClientError):
+    """A signed storage URL was refused (401/403/410, or a 400 saying expired).
+
+    Retrying the same URL is pointless: get a fresh one (a new project for an
+    upload, a new ``get_generation_download`` for a download).
+    """
+
+    code = "urlExpired"
+
+
+class LocalFileError(ApiError):
+    """A local file problem around a transfer; the row fails, no retry.
+
+    ``code`` is ``fileUnreadable``, ``fileChanged`` or ``outputUnwritable``.
+    """
+
+    def __init__(self, message: str, *, code: str, endpoint: str = "") -> None:
+        super().__init__(message, endpoint=endpoint)
+        self.code = code
+
+
+class InvalidRequest(ApiError):
+    """The request body could not be encoded as JSON; nothing was sent."""
+
+    code = "badRequest"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectCreated:
+    """Answer of ``create_project``: where and how to upload the file."""
+
+    api_project_id: str
+    upload_url: str
+    upload_method: str
+    object_path: str | None
+    bucket: str | None
+    expires_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationAccepted:
+    """Answer of ``{model}-generation``; ``replay`` is ``idempotentReplay``."""
+
+    generation_id: str
+    api_project_id: str
+    model_key: str | None
+    status: str
+    replay: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Answer of ``get_generation_progress``.
+
+    ``status`` is the overall status as sent (unknown values are kept; the
+    runner decides); ``progress`` is the inference stage's percentage.
+    """
+
+    generation_id: str
+    api_project_id: str | None
+    status: str
+    progress: int | None
+    error: str | None
+    error_details: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadInfo:
+    """Answer of ``get_generation_download``: a signed URL, valid ~2 hours."""
+
+    download_url: str
+    file_name: str | None
+    mime_type: str | None
+    storage_path: str | None
+    download_type: str | None
+    bucket: str | None
+
+
+def normalize_base_url(url: str) -> str:
+    """The API base ending in ``/v1``, from a URL with or without it.
+
+    ``https://api.diffio.ai``, ``https://api.diffio.ai/``,
+    ``https://api.diffio.ai/v1`` and ``https://api.diffio.ai/v1/`` all give
+    ``https://api.diffio.ai/v1``. Raises :class:`ConfigError` for anything
+    that is not an absolute http(s) URL without query or fragment.
+    """
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"API base URL must be an absolute http(s) URL, not {text!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"API base URL must not have a query or fragment: {text!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+class DiffioClient:
+    """Client for the Diffio API (seed era), one attempt per method call.
+
+    ``session`` is owned by the caller (the CLI), shared with everything
+    else; its connector limit should be at least the ``cap``'s total tokens.
+    ``gate`` is acquired before every API request; ``cap`` is held around
+    every request, API or storage, and must not already be held by the
+    calling task. ``timeout`` bounds an API request in all, and a storage
+    transfer's connect and each read. ``on_request`` is called after each
+    HTTP attempt with the endpoint, the status (``None`` when no answer
+    arrived) and the seconds it took, for metrics.
+    """
+
+    __slots__ = (
+        "_api_timeout",
+        "_base_url",
+        "_cap",
+        "_gate",
+        "_headers",
+        "_key",
+        "_key_bytes",
+        "_on_request",
+        "_session",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        *,
+        gate: RateGate,
+        cap: anyio.CapacityLimiter,
+        timeout: float = 60.0,
+        on_request: RequestCallback | None = None,
+    ) -> None:
+        if not api_key or any(c.isspace() or ord(c) < 32 for c in api_key):
+            raise ConfigError("the API key is empty or contains whitespace or control characters")
+        if timeout <= 0:
+            raise ConfigError("timeout must be positive")
+        self._session = session
+        self._base_url = normalize_base_url(base_url)
+        self._key = api_key
+        self._key_bytes = api_key.encode()
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self._gate = gate
+        self._cap = cap
+        self._timeout = timeout
+        self._api_timeout = aiohttp.ClientTimeout(total=timeout)
+        self._on_request = on_request
+
+    @property
+    def base_url(self) -> str:
+        """The normalized API base, ending in ``/v1``."""
+        return self._base_url
+
+    def __repr__(self) -> str:
+        return f"DiffioClient(base_url={self._base_url!r}, key=***)"
+
+    # -- API endpoints --------------------------------------------------------
+
+    async def create_project(
+        self, *, file_name: str, content_type: str, content_length: int
+    ) -> ProjectCreated:
+        """``POST create_project``: a project and a signed upload URL for one file."""
+        endpoint = "create_project"
+        obj = await self._call(
+            endpoint,
+            {"fileName": file_name, "contentType": content_type, "contentLength": content_length},
+        )
+        upload_url = _required_str(obj, "uploadUrl", endpoint)
+        if not _is_http_url(upload_url):
+            _bad_answer(endpoint, obj, f"uploadUrl is not an http(s) URL: {upload_url[:100]!r}")
+        return ProjectCreated(
+            api_project_id=_required_str(obj, "apiProjectId", endpoint),
+            upload_url=upload_url,
+            upload_method=(_optional_str(obj, "uploadMethod") or "PUT").upper(),
+            object_path=_optional_str(obj, "objectPath"),
+            bucket=_optional_str(obj, "bucket"),
+            expires_at=_optional_str(obj, "expiresAt"),
+        )
+
+    async def create_generation(
+        self,
+        *,
+        model: str,
+        api_project_id: str,
+        sampling: Mapping[str, Any],
+        params: Mapping[str, Any],
+        idempotency_key: str,
+    ) -> GenerationAccepted:
+        """``POST {model}-generation`` with the row's idempotency key.
+
+        A replay (same key, same project) answers with the existing
+        generation and ``replay=True``; nothing is charged twice.
+        """
+        # Quoted so a strange model name cannot step out of the path.
+        endpoint = f"{quote(model, safe='.')}-generation"
+        obj = await self._call(
+            endpoint,
+            {
+                "apiProjectId": api_project_id,
+                "sampling": dict(sampling),
+                "params": dict(params),
+                "idempotencyKey": idempotency_key,
+            },
+        )
+        return GenerationAccepted(
+            generation_id=_required_str(obj, "generationId", endpoint),
+            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
+            model_key=_optional_str(obj, "modelKey"),
+            status=_required_str(obj, "status", endpoint),
+            replay=obj.get("idempotentReplay") is True,
+        )
+
+    async def get_progress(self, *, generation_id: str, api_project_id: str | None) -> Progress:
+        """``POST get_generation_progress`` for one generation."""
+        endpoint = "get_generation_progress"
+        payload: dict[str, Any] = {"generationId": generation_id}
+        if api_project_id:
+            payload["apiProjectId"] = api_project_id
+        obj = await self._call(endpoint, payload)
+        inference = obj.get("inference")
+        progress = inference.get("progress") if isinstance(inference, dict) else None
+        if isinstance(progress, bool) or not isinstance(progress, int | float):
+            progress = None
+        return Progress(
+            generation_id=_optional_str(obj, "generationId") or generation_id,
+            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
+            status=_required_str(obj, "status", endpoint),
+            progress=None if progress is None else int(progress),
+            error=_optional_str(obj, "error"),
+            error_details=_optional_str(obj, "errorDetails"),
+        )
+
+    async def get_download(
+        self, *, generation_id: str, api_project_id: str, download_type: str = "audio"
+    ) -> DownloadInfo:
+        """``POST get_generation_download``: a fresh signed URL for the result."""
+        endpoint = "get_generation_download"
+        obj = await self._call(
+            endpoint,
+            {
+                "generationId": generation_id,
+                "apiProjectId": api_project_id,
+                "downloadType": download_type,
+            },
+        )
+        url = _required_str(obj, "downloadUrl", endpoint)
+        if not _is_http_url(url):
+            _bad_answer(endpoint, obj, f"downloadUrl is not an http(s) URL: {url[:100]!r}")
+        return DownloadInfo(
+            download_url=url,
+            file_name=_optional_str(obj, "fileName"),
+            mime_type=_optional_str(obj, "mimeType"),
+            storage_path=_optional_str(obj, "storagePath"),
+            download_type=_optional_str(obj, "downloadType"),
+            bucket=_optional_str(obj, "bucket"),
+        )
+
+    async def _call(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            data = orjson.dumps(payload)
+        except orjson.JSONEncodeError as exc:
+            raise InvalidRequest(
+                f"request body cannot be encoded as JSON: {exc}", endpoint=endpoint
+            ) from exc
+        url = f"{self._base_url}/{endpoint}"
+        async with self._cap:
+            await self._gate.acquire()
+            start = self._gate.clock.now()
+            try:
+                async with self._session.post(
+                    url,
+                    data=data,
+                    headers=self._headers,
+                    timeout=self._api_timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    headers = resp.headers
+            except _TRANSPORT_EXCEPTIONS as exc:
+                self._report(endpoint, None, start)
+                raise self._transport_error(exc, endpoint) from exc
+            self._report(endpoint, status, start)
+        if self._key_bytes in body:
+            body = body.replace(self._key_bytes, b"***")
+        result = classify(
+            status, headers, body, endpoint=endpoint, content_type=headers.get("Content-Type")
+        )
+        if isinstance(result, ApiError):
+            if isinstance(result, RateLimited):
+                self._gate.on_rate_limited(result.retry_after)
+            raise result
+        return result
+
+    # -- signed storage URLs --------------------------------------------------
+
+    async def upload(
+        self, *, url: str, method: str, path: Path, content_type: str, size: int
+    ) -> None:
+        """Send the file at ``path`` to a signed upload URL, streamed from disk.
+
+        No API key is sent and the rate gate is not used. ``size`` is the
+        size the project was created with; a file of another size now raises
+        :class:`LocalFileError` (``fileChanged``) before anything is sent.
+        """
+        endpoint = "upload"
+        try:
+            actual = (await anyio.Path(path).stat()).st_size
+        except OSError as exc:
+            raise LocalFileError(
+                f"cannot read {path}: {exc.strerror or exc}",
+                code="fileUnreadable",
+                endpoint=endpoint,
+            ) from exc
+        if actual != size:
+            raise LocalFileError(
+                f"{path} is {actual} bytes, not the {size} it had when keyed",
+                code="fileChanged",
+                endpoint=endpoint,
+            )
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout + size / _MIN_UPLOAD_BYTES_PER_S,
+            sock_connect=self._timeout,
+            sock_read=self._timeout,
+        )
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+        async with self._cap:
+            start = self._gate.clock.now()
+            try:
+                async with self._session.request(
+                    method.upper() or "PUT",
+                    url,
+                    data=_file_chunks(path, size),
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    body = b""
+                    if not 200 <= status < 300:
+                        body = await resp.content.read(_ERROR_BODY_LIMIT)
+                    resp_headers = resp.headers
+            except _TRANSPORT_EXCEPTIONS as exc:
+                self._report(endpoint, None, start)
+                raise self._transport_error(exc, endpoint) from exc
+            self._report(endpoint, status, start)
+        if not 200 <= status < 300:
+            raise _storage_error(status, resp_headers, body, endpoint)
+
+    async def download(self, *, url: str, dest: Path) -> tuple[str, int]:
+        """GET a signed URL into ``dest``, streamed; return ``(sha256 hex, size)``.
+
+        ``dest`` should be a temporary path beside the final one: it is
+        written, flushed and fsynced but not renamed (the caller renames after
+        recording the hash). On any failure ``dest`` is removed. No API key
+        is sent and the rate gate is not used.
+        """
+        endpoint = "download"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeout, sock_read=self._timeout
+        )
+        digest = hashlib.sha256()
+        size = 0
+        async with self._cap:
+            start = self._gate.clock.now()
+            status: int | None = None
+            try:
+                async with self._session.get(url, timeout=timeout) as resp:
+                    status = resp.status
+                    if not 200 <= status < 300:
+                        body = await resp.content.read(_ERROR_BODY_LIMIT)
+                        raise _storage_error(status, resp.headers, body, endpoint)
+                    async with await _local(anyio.open_file(dest, "wb"), dest) as out:
+                        async for chunk in resp.content.iter_chunked(_CHUNK):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            await _local(out.write(chunk), dest)
+                        await _local(out.flush(), dest)
+                        await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), dest)
+            except ApiError:
+                await _remove(dest)
+                self._report(endpoint, status, start)
+                raise
+            except _TRANSPORT_EXCEPTIONS as exc:
+                await _remove(dest)
+                self._report(endpoint, None, start)
+                raise self._transport_error(exc, endpoint) from exc
+            except BaseException:
+                await _remove(dest)
+                raise
+            self._report(endpoint, status, start)
+        return digest.hexdigest(), size
+
+    # -- one place for translations --------------------------------------------
+
+    def _transport_error(self, exc: BaseException, endpoint: str) -> ApiError:
+        """Translate an aiohttp/OS/timeout exception into the error tree."""
+        if isinstance(exc, TimeoutError):
+            what = f"no answer within the timeout ({type(exc).__name__})"
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            what = "the server closed the connection before answering"
+        elif isinstance(exc, aiohttp.ClientPayloadError):
+            what = f"the answer was cut short: {exc}"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            what = f"cannot connect: {exc}"
+        elif isinstance(exc, aiohttp.InvalidURL):
+            return DecodeError(f"invalid URL: {exc}", endpoint=endpoint)
+        else:
+            what = f"{type(exc).__name__}: {exc}"
+        return TransportError(redact(what, self._key), endpoint=endpoint)
+
+    def _report(self, endpoint: str, status: int | None, start: float) -> None:
+        if self._on_request is not None:
+            self._on_request(endpoint, status, self._gate.clock.now() - start)
+
+
+async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
+    """The first ``size`` bytes of ``path``, one chunk at a time off the loop."""
+    async with await anyio.open_file(path, "rb") as f:
+        left = size
+        while left > 0:
+            data = await f.read(min(_CHUNK, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+
+
+async def _local(awaitable: Awaitable[T], path: Path) -> T:
+    """Await a local file operation; its OSError becomes ``outputUnwritable``."""
+    try:
+        return await awaitable
+    except OSError as exc:
+        raise LocalFileError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            code="outputUnwritable",
+            endpoint="download",
+        ) from exc
+
+
+async def _remove(path: Path) -> None:
+    """Delete a partial download, even while being cancelled."""
+    try:
+        with anyio.CancelScope(shield=True):
+            await anyio.Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("download_cleanup_failed", extra={"path": str(path), "error": str(exc)})
+
+
+def _storage_error(
+    status: int, headers: Mapping[str, str], body: bytes, endpoint: str
+) -> StatusError:
+    """Map a non-2xx answer of a signed storage URL (not the API)."""
+    text = body[:200].decode("utf-8", errors="replace")
+    message = f"{endpoint} to signed URL failed with HTTP {status}: {text!r}"
+    kw: dict[str, Any] = {"status": status, "endpoint": endpoint, "body": {"text": text}}
+    if status in (401, 403, 410) or (status == 400 and "expired" in text.lower()):
+        return UrlExpired(message, **kw)
+    if status == 429:
+        return RateLimited(message, retry_after=parse_retry_after(headers.get("Retry-After")), **kw)
+    if status == 408 or status >= 500:
+        return ServerError(message, **kw)
+    return ClientError(message, code=f"http{status}", **kw)
+
+
+def _required_str(obj: Mapping[str, Any], key: str, endpoint: str) -> str:
+    value = obj.get(key)
+    if isinstance(value, str) and value:
+        return value
+    _bad_answer(endpoint, obj, f"answer lacks a string {key!r}")
+
+
+def _optional_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _bad_answer(endpoint: str, obj: Mapping[str, Any], problem: str) -> NoReturn:
+    shown = orjson.dumps(obj)[:200].decode("utf-8", errors="replace")
+    raise DecodeError(f"HTTP 200 {problem}: {shown}", status=200, body=shown, endpoint=endpoint)
