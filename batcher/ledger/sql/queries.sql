@@ -81,10 +81,13 @@ UPDATE ledger_rows SET retired = TRUE
 WHERE NOT retired AND (seen_run IS NULL OR seen_run <> :run_id);
 
 -- name: rows_page
--- Keyset paging: one page after (:after_line, :after_row_id).
+-- Keyset paging: one page after (:after_line, :after_row_id). The stage test
+-- is on an expression on purpose: it keeps the planner off the stage index,
+-- which would sort every matching row for each page (quadratic in a long
+-- listing); walking the (line, row_id) index and filtering is linear.
 SELECT * FROM ledger_rows
 WHERE (line, row_id) > (:after_line, :after_row_id)
-  AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
+  AND (stage || '') IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
   AND (:include_retired OR NOT retired)
 ORDER BY line, row_id
 LIMIT :limit;
