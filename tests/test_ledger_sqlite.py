@@ -427,3 +427,13 @@ def test_open_ledger_picks_the_backend(tmp_path: Path) -> None:
             open_ledger(url)
     with pytest.raises(ConfigError):
         open_ledger("")
+
+
+@pytest.mark.anyio
+async def test_an_unwritable_place_is_a_ledger_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LedgerError):
+        await SqliteLedger(blocker / "l.sqlite").open(run_info())
+    with pytest.raises(LedgerError, match=r"not a batcher ledger|cannot"):
+        await SqliteLedger(blocker).open(run_info())

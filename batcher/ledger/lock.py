@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from batcher.errors import LedgerLocked
+from batcher.errors import LedgerError, LedgerLocked
 from batcher.ledger.base import RunInfo
 
 __all__ = ["RunLock", "describe_holder", "lock_path_for"]
@@ -73,7 +73,10 @@ class RunLock:
         """Take the lock at once or raise LedgerLocked naming its holder."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"cannot open the lock file {self.path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
