@@ -1,8 +1,34 @@
 """batcher: run bulk jobs against the Diffio audio-restoration API.
 
 Resumable, rate-limited, and never paying twice for one logical request.
+The names below are the public Python API; everything else is internal.
 """
+
+from .api import make_settings, run_manifest, run_manifest_async
+from .errors import (
+    ApiError,
+    BatcherError,
+    ConfigError,
+    LedgerError,
+    LedgerLocked,
+    ManifestError,
+)
+from .runner import RunResult
+from .settings import Settings
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ApiError",
+    "BatcherError",
+    "ConfigError",
+    "LedgerError",
+    "LedgerLocked",
+    "ManifestError",
+    "RunResult",
+    "Settings",
+    "__version__",
+    "make_settings",
+    "run_manifest",
+    "run_manifest_async",
+]

@@ -6,6 +6,7 @@ their own ledger, clock or random source.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -102,7 +103,8 @@ async def _run(
 ) -> RunResult:
     clock = clock or SystemClock()
     async with AsyncExitStack() as stack:
-        base, key = settings.api_base, settings.api_key
+        base: str = settings.api_base
+        key: str = settings.api_key
         if settings.simulate:
             from .simulator import KeySpec, SimConfig, run_simulator
 
@@ -110,9 +112,9 @@ async def _run(
             key = key or SIM_KEY
             keys = dict(cfg.api_keys)
             keys.setdefault(key, KeySpec())
-            cfg = cfg.replace(auto_create_projects=True, api_keys=keys)
+            cfg = dataclasses.replace(cfg, auto_create_projects=True, api_keys=keys)
             sim = await stack.enter_async_context(run_simulator(cfg))
-            base = sim.base_url
+            base = str(sim.base_url)
             print(f"batcher: running against the embedded simulator at {base}",
                   file=sys.stderr, flush=True)
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 8,

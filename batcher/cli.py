@@ -138,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .manifest import open_manifest
 
     try:
-        open_manifest(settings.manifest)
+        open_manifest(settings.manifest).close()
     except ManifestError as exc:
         _error(str(exc))
         return 2

@@ -111,8 +111,9 @@ def plan_row(row: ManifestRow, ctx: PlanContext, assigner: RowIdAssigner) -> New
         source_size=size,
         sampling=sampling,
         params=params,
-        output_rel=row.output if row.output is not None else (
-            row.file_rel if row.kind == "file" else None),
+        # Only an explicit output is stored; the default name needs the
+        # returned mimeType and is made at download time.
+        output_rel=row.output,
         explicit_key=row.idempotency_key is not None,
         request_digest=_digest(request),
         # The API's identity of a generation is (key, project). Derived keys

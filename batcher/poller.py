@@ -36,6 +36,7 @@ class PollItem:
     polls: int = 0
     delay: float = 0.0  # the last wait used
     unknown_statuses: int = 0
+    errors: int = 0  # consecutive failed polls
     resumed: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 

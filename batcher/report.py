@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import socket
 import sys
 import time
@@ -56,7 +57,7 @@ def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys
     print(f"ledger: {result.ledger}", file=stream)
 
 
-def _table(rows: list[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
+def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
     if stream.isatty():
         from rich.console import Console
         from rich.table import Table

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from anyio.abc import CancelScope
+from anyio import CancelScope
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .client import DiffioClient, UrlExpired
@@ -513,9 +513,8 @@ class Runner:
             self._set_halt(err, hard=True)
             self._cancel()
             return True
-        errors = int(item.extra.get("errors", 0) or 0) + 1
-        item.extra["errors"] = errors
-        if err.retryable and errors < self.settings.max_attempts * 3:
+        item.errors += 1
+        if err.retryable and item.errors < self.settings.max_attempts * 3:
             log.info("poll.retry %s", err, extra={"row": item.row_id})
             return False
         row = await self.ledger.get(item.row_id)
