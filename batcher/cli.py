@@ -152,17 +152,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _error(f"--sim-config {args.sim_config}: {exc}")
             return 2
     try:
-        result = anyio.run(_run_with_signals, settings, sim_config, backend="asyncio")
-    except LedgerLocked as exc:
-        _error(f"{exc}; nothing was sent")
-        return 4
-    except (ConfigError, ManifestError, LedgerError) as exc:
-        _error(str(exc))
-        return 2
-    except BatcherError as exc:
-        _error(str(exc))
-        return 1
+        result: int = anyio.run(_run_with_signals, settings, sim_config, backend="asyncio")
+    except Exception as exc:
+        found = _batcher_error(exc)
+        if found is None:
+            raise
+        if isinstance(found, LedgerLocked):
+            _error(f"{found}; nothing was sent")
+            return 4
+        _error(str(found))
+        return 2 if isinstance(found, ConfigError | ManifestError | LedgerError) else 1
     return result
+
+
+def _batcher_error(exc: BaseException) -> BatcherError | None:
+    """The BatcherError inside ``exc``, unwrapping task groups' ExceptionGroups."""
+    if isinstance(exc, BatcherError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _batcher_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _run_with_signals(settings: Settings, sim_config: Any) -> int:
