@@ -586,9 +586,11 @@ class Runner:
 
     async def _download(self, row: LedgerRow) -> None:
         assert row.generation_id is not None and row.api_project_id is not None
+        rel = row.output_rel
+        final: Path | None = None
         try:
-            rel = self._output_rel(row)
-            final = resolve_output(self.settings.out, rel) if rel else None
+            if rel:
+                final = resolve_output(self.settings.out, rel)
         except OutputPathError as err:
             await self._fail(row, {"code": err.code, "message": str(err), "httpStatus": None})
             return
@@ -599,12 +601,10 @@ class Runner:
             try:
                 info = await self.client.get_download(
                     generation_id=row.generation_id, api_project_id=row.api_project_id)
-                if final is None:
-                    final = resolve_output(self.settings.out,
-                                           default_output_rel(self._source_rel(row),
-                                                              info.mime_type))
-                else:
-                    final = resolve_output(self.settings.out, self._output_rel(row) or "")
+                # Resolved again on every attempt: a symlink planted since the
+                # last check must not lead the write outside --out.
+                final = resolve_output(self.settings.out, rel or default_output_rel(
+                    self._source_rel(row), info.mime_type))
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = write_atomically_target(final, row.row_id)
                 try:
@@ -649,9 +649,6 @@ class Runner:
         if not_ready and attempt < self.settings.max_attempts * 2:
             return min(30.0, self.settings.poll_interval * attempt + 0.5)
         return self.policy.decide(err, attempt, self.rng)
-
-    def _output_rel(self, row: LedgerRow) -> str | None:
-        return row.output_rel
 
     def _source_rel(self, row: LedgerRow) -> str:
         assert row.source_path is not None

@@ -48,7 +48,7 @@ class UrlSigner:
 
     def query(self, purpose: str, name: str, expires_wall: float) -> str:
         """``expires=…&sig=…`` for a URL valid until ``expires_wall`` (unix seconds)."""
-        expires = math.ceil(expires_wall)
+        expires = math.floor(expires_wall)  # floor: a 0 s TTL is expired at once
         return f"expires={expires}&sig={self.signature(purpose, name, expires)}"
 
     def check(self, purpose: str, name: str, query: Mapping[str, str], now_wall: float) -> str:
@@ -78,7 +78,7 @@ class StorageRoutes:
         """A fresh signed upload URL and its expiry (unix seconds)."""
         expires = self.state.wall() + self.state.config.upload_ttl
         query = self.signer.query("upload", api_project_id, expires)
-        return f"{origin}{UPLOAD_PREFIX}{api_project_id}?{query}", float(math.ceil(expires))
+        return f"{origin}{UPLOAD_PREFIX}{api_project_id}?{query}", float(math.floor(expires))
 
     def download_url(self, origin: str, generation_id: str) -> str:
         """A fresh signed download URL for a complete generation."""
