@@ -203,8 +203,17 @@ async def _run_with_signals(settings: Settings, sim_config: Any) -> int:
     return 130 if interrupted else result.exit_code
 
 
+def _missing_ledger(url: str) -> bool:
+    if "://" in url or Path(url).exists():
+        return False
+    _error(f"no ledger at {url}")
+    return True
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if _missing_ledger(args.ledger):
+        return 2
     from .report import status_main
 
     try:
@@ -216,6 +225,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if _missing_ledger(args.ledger):
+        return 2
     from .export import export_main
 
     try:

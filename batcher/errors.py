@@ -11,6 +11,7 @@ orjson exceptions are translated into them inside ``client.py`` only::
     │   ├── LedgerLocked         another run holds this ledger (exit 4)
     │   └── TransitionConflict   a compare-and-set matched no row
     ├── OutputPathError          an output path would leave --out
+    ├── RunHalted                a local stop: --max-spend reached, --halt-after passed
     └── ApiError                 anything the Diffio API or the network did
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
@@ -46,6 +47,7 @@ __all__ = [
     "OutputPathError",
     "RateLimited",
     "RowError",
+    "RunHalted",
     "ServerError",
     "SpendLimit",
     "StatusError",
@@ -127,6 +129,21 @@ class OutputPathError(BatcherError):
     """An output path from the manifest would be written outside ``--out``."""
 
     code = "unsafeOutputPath"
+
+
+class RunHalted(BatcherError):
+    """The run stopped itself before the API did: a local cap or failure share.
+
+    Like a 402 it stops new submissions, lets what is in flight finish, and
+    the run exits 3, resumable.
+    """
+
+    halts = True
+
+    def __init__(self, message: str, *, code: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
 
 
 class ApiError(BatcherError):

@@ -50,10 +50,6 @@ async def export_main(url: str, fmt: str, output: Path | None, include_retired: 
     """The ``export`` subcommand; works while a run is writing the ledger."""
     from .report import read_info
 
-    if "://" not in url and not Path(url).exists():
-        from .errors import ConfigError
-
-        raise ConfigError(f"no ledger at {url}")
     ledger = open_ledger(url)
     await ledger.open(read_info(), lock=False)
     try:

@@ -21,25 +21,9 @@ from .planner import PlanContext, plan_batches
 from .runner import RunResult
 from .runstats import RunStats
 from .settings import Settings
+from .spend import MIN_BILLED_SECONDS, audio_seconds
 
-__all__ = ["Plan", "audio_seconds", "make_plan"]
-
-MIN_BILLED_SECONDS = 60.0
-
-
-def audio_seconds(path: Path) -> float | None:
-    """The audio's duration from its header, or None when it cannot be read."""
-    try:
-        import mutagen
-
-        media = mutagen.File(str(path))
-    except Exception:  # mutagen raises many types on odd files; unknown is the answer
-        return None
-    if media is None or getattr(media, "info", None) is None:
-        return None
-    length = getattr(media.info, "length", None)
-    return float(length) if length else None
-
+__all__ = ["Plan", "make_plan", "print_plan"]
 
 @dataclass(slots=True)
 class Plan:

@@ -91,10 +91,8 @@ class DelayModel:
         floor = self.poll_interval if learned is None else max(
             self.poll_interval * 0.5, 0.15 * learned, 0.05
         )
-        if item.polls <= 1:
-            wait = floor
-        else:
-            wait = min(self.cap, max(floor, item.delay * self.growth))
+        grown = min(self.cap, max(floor, item.delay * self.growth))
+        wait = floor if item.polls <= 1 else grown
         # Jitter keeps thousands of rows submitted together from polling in step.
         return wait * self._rng.uniform(0.9, 1.1)
 
@@ -164,12 +162,12 @@ class Poller:
                     self._inflight += 1
                     await send.send(item)
 
-    async def _sleep(self, timeout: float | None) -> None:
+    async def _sleep(self, seconds: float | None) -> None:
         self._wake = anyio.Event()
-        if timeout is None:
+        if seconds is None:
             await self._wake.wait()
         else:
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(seconds):
                 await self._wake.wait()
 
     async def _worker(self, recv: MemoryObjectReceiveStream[PollItem]) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import socket
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -78,10 +78,6 @@ def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: Te
 
 async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> int:
     """``batcher status LEDGER``: counts, errors, runs; works while a run writes."""
-    if "://" not in url and not Path(url).exists():
-        from .errors import ConfigError
-
-        raise ConfigError(f"no ledger at {url}")
     ledger = open_ledger(url)
     await ledger.open(read_info(), lock=False)
     try:
@@ -94,7 +90,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
     for stage, n in by_stage.items():
         by_status[contract_status(stage)] += n
     total = sum(by_status.values())
-    runs = [r for r in runs if not str(r.get("command", "")) == "read"]
+    runs = [r for r in runs if str(r.get("command", "")) != "read"]
     last = runs[-1] if runs else None
     if as_json:
         stream.write(orjson.dumps({

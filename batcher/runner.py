@@ -15,6 +15,7 @@ one concurrency cap. The invariants this module keeps:
 
 from __future__ import annotations
 
+import functools
 import logging
 import mimetypes
 import os
@@ -35,14 +36,15 @@ from .client import DiffioClient, UrlExpired
 from .clock import Clock, SystemClock
 from .errors import (
     ApiError,
-    AuthError,
+    BatcherError,
     ClientError,
     Conflict,
     LedgerError,
     OutputPathError,
-    RateLimited,
+    RunHalted,
     SpendLimit,
     TransitionConflict,
+    TransportError,
 )
 from .keys import FileSource, ProjectSource, derive_key, sha256_file
 from .ledger.base import (
@@ -62,6 +64,7 @@ from .ratelimit import RateGate
 from .retry import RetryPolicy
 from .runstats import RunStats
 from .settings import Settings
+from .spend import SpendCap
 
 __all__ = ["RunResult", "Runner"]
 
@@ -77,6 +80,8 @@ FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
 # instead of being polled forever.
 UNKNOWN_STATUS_LIMIT = 10
 FRESH_PROJECT_LIMIT = 3
+# --halt-after judges the failure share only after this many finished rows.
+HALT_AFTER_MIN_SAMPLE = 20
 DOWNLOAD_URL_LIMIT = 5
 
 
@@ -88,7 +93,7 @@ class RunResult:
     counts: dict[str, int]
     stats: RunStats
     halted: str | None = None
-    halt_error: ApiError | None = None
+    halt_error: BatcherError | None = None
     ledger: str = ""
     errors: list[tuple[str, str, int]] = field(default_factory=list)
 
@@ -137,7 +142,10 @@ class Runner:
         self._wall = wall
         self._attempts: dict[str, int] = {}
         self._polls: dict[str, int] = {}
-        self._halt_error: ApiError | None = None
+        self._halt_error: BatcherError | None = None
+        self.spend: SpendCap | None = None
+        if settings.price_per_minute is not None:
+            self.spend = SpendCap(settings.price_per_minute, settings.max_spend)
         self._hard_halt = False
         self._scope: CancelScope | None = None
         self._dl_send: MemoryObjectSendStream[LedgerRow] | None = None
@@ -161,6 +169,8 @@ class Runner:
         )
         with anyio.CancelScope() as scope:
             self._scope = scope
+            if self.spend is not None and self.spend.cap is not None:
+                await self._count_earlier_spend(self.spend)
             await self._pipeline(ctx)
         if not self._hard_halt:
             await self._settle_followers()
@@ -174,17 +184,52 @@ class Runner:
             for _ in range(min(n, 8)):
                 downloads.start_soon(self._download_worker, dl_recv.clone())
             dl_recv.close()
-            async with dl_send:
-                async with anyio.create_task_group() as polling:
-                    polling.start_soon(self.poller.run)
-                    sub_send, sub_recv = anyio.create_memory_object_stream[LedgerRow](n * 2)
-                    async with anyio.create_task_group() as submits:
-                        for _ in range(n):
-                            submits.start_soon(self._submit_worker, sub_recv.clone())
-                        sub_recv.close()
-                        async with sub_send:
-                            await self._plan(ctx, sub_send)
-                    self.poller.close()
+            async with dl_send, anyio.create_task_group() as polling:
+                polling.start_soon(self.poller.run)
+                sub_send, sub_recv = anyio.create_memory_object_stream[LedgerRow](n * 2)
+                async with anyio.create_task_group() as submits:
+                    for _ in range(n):
+                        submits.start_soon(self._submit_worker, sub_recv.clone())
+                    sub_recv.close()
+                    async with sub_send:
+                        await self._plan(ctx, sub_send)
+                self.poller.close()
+
+    async def _count_earlier_spend(self, spend: SpendCap) -> None:
+        """The cap covers the job: count what earlier runs already submitted."""
+        stages = frozenset({Stage.SUBMITTED, Stage.GENERATED, Stage.COMPLETE, Stage.FAILED})
+        async for row in self.ledger.rows(stages=stages):
+            if row.generation_id and row.leader_row_id is None:
+                await anyio.to_thread.run_sync(spend.add_earlier, row)
+
+    async def _reserve(self, row: LedgerRow) -> bool:
+        """Reserve the submission's estimated cost; False (and halt) past the cap."""
+        if self.spend is None:
+            return True
+        usd = await anyio.to_thread.run_sync(self.spend.estimate, row)
+        if self.spend.try_reserve(row.row_id, usd):
+            return True
+        self._set_halt(RunHalted(
+            f"--max-spend reached: the next submission (${usd:,.2f}) would pass the cap; "
+            f"{self.spend.figures()}. Re-run with a higher --max-spend to go on.",
+            code="maxSpendReached"), hard=False)
+        return False
+
+    def _settle_spend(self, row_id: str, *, charged: bool) -> None:
+        if self.spend is not None:
+            self.stats.estimated_spend += self.spend.settle(row_id, charged=charged)
+
+    def _check_failure_share(self) -> None:
+        """--halt-after PCT: stop submitting when too many rows fail."""
+        limit = self.settings.halt_after
+        finished = self.stats.done + self.stats.failed
+        if limit is None or finished < HALT_AFTER_MIN_SAMPLE or self._halt_error is not None:
+            return
+        share = 100.0 * self.stats.failed / finished
+        if share > limit:
+            self._set_halt(RunHalted(
+                f"--halt-after {limit:g}: {self.stats.failed} of {finished} finished rows "
+                f"failed ({share:.1f}%)", code="haltAfter"), hard=False)
 
     async def _result(self) -> RunResult:
         by_stage = await self.ledger.counts()
@@ -397,10 +442,19 @@ class Runner:
                 self.stats.in_flight -= 1
                 return
             assert row.api_project_id is not None and row.idempotency_key is not None
+            if not await self._reserve(row):
+                self.stats.in_flight -= 1
+                return
             project, key = row.api_project_id, row.idempotency_key
-            accepted = await self._call(row.row_id, lambda: self.client.create_generation(
-                model=row.model_key, api_project_id=project, sampling=row.sampling,
-                params=row.params, idempotency_key=key))
+            try:
+                accepted = await self._call(row.row_id, lambda: self.client.create_generation(
+                    model=row.model_key, api_project_id=project, sampling=row.sampling,
+                    params=row.params, idempotency_key=key))
+            except ApiError as err:
+                # No answer at all: the API may have charged; count it, to be safe.
+                self._settle_spend(row.row_id, charged=isinstance(err, TransportError))
+                raise
+            self._settle_spend(row.row_id, charged=not accepted.replay)
         except ApiError as err:
             await self._api_failure(row, err)
             return
@@ -441,8 +495,9 @@ class Runner:
             ctype = row.content_type or "application/octet-stream"
             size = row.source_size or 0
             try:
-                await self._call(row.row_id, lambda: self.client.upload(
-                    url=url, method=method, path=path, content_type=ctype, size=size))
+                await self._call(row.row_id, functools.partial(
+                    self.client.upload, url=url, method=method, path=path,
+                    content_type=ctype, size=size))
             except UrlExpired:
                 # No generation exists on this project (we only post after
                 # UPLOADED is committed), so a fresh project costs nothing.
@@ -454,7 +509,9 @@ class Runner:
 
     async def _create_project(self, row: LedgerRow, path: Path) -> LedgerRow:
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        size = row.source_size if row.source_size is not None else path.stat().st_size
+        size = row.source_size
+        if size is None:
+            size = (await anyio.Path(path).stat()).st_size
         created = await self._call(row.row_id, lambda: self.client.create_project(
             file_name=path.name, content_type=ctype, content_length=size))
         # Invariant 2: the project id is durable before anything else happens.
@@ -507,8 +564,6 @@ class Runner:
                                         progress.error_details, poll=item)
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
-        if isinstance(err, RateLimited):
-            self.gate.on_rate_limited(err.retry_after)
         if err.halts and not isinstance(err, SpendLimit):
             self._set_halt(err, hard=True)
             self._cancel()
@@ -639,8 +694,6 @@ class Runner:
             return
 
     def _download_wait(self, err: ApiError, attempt: int) -> float | None:
-        if isinstance(err, RateLimited):
-            self.gate.on_rate_limited(err.retry_after)
         if isinstance(err, UrlExpired) and attempt < DOWNLOAD_URL_LIMIT:
             return 0.0
         # Before the audio is ready the API may answer 404 or 409: retry later.
@@ -718,8 +771,7 @@ class Runner:
                 return await fn()
             except ApiError as err:
                 err.row_id = err.row_id or row_id
-                if isinstance(err, RateLimited):
-                    self.gate.on_rate_limited(err.retry_after)
+                # (A 429 has already slowed the shared gate inside the client.)
                 if isinstance(err, UrlExpired):
                     raise
                 wait = self.policy.decide(err, attempt, self.rng)
@@ -745,10 +797,10 @@ class Runner:
         current = await self.ledger.get(row.row_id)
         await self._fail(current or row, err.to_record())
 
-    def _set_halt(self, err: ApiError, *, hard: bool) -> None:
+    def _set_halt(self, err: BatcherError, *, hard: bool) -> None:
         if self._halt_error is None:
             self._halt_error = err
-            self.stats.halted = f"{err.code}: {err}"
+            self.stats.halted = f"{getattr(err, 'code', 'halted')}: {err}"
             log.error("run.halted %s", err)
         self._hard_halt = self._hard_halt or hard
 
@@ -775,6 +827,7 @@ class Runner:
         self.stats.failed += 1
         self.stats.in_flight -= 1
         self.stats.errors[str(error.get("code"))] += 1
+        self._check_failure_share()
         log.warning("row.failed %s: %s", error.get("code"), error.get("message"),
                     extra={"row": row.row_id})
 

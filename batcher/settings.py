@@ -55,6 +55,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("timeout", float, 60.0, "seconds before one HTTP request is abandoned"),
     OptionSpec("price_per_minute", float, None, "USD per audio minute, for estimates"),
     OptionSpec("max_spend", float, None, "stop submitting before estimated spend passes USD"),
+    OptionSpec("halt_after", float, None, "stop submitting once more than PCT %% of finished "
+               "rows failed (after 20)"),
     OptionSpec("report", str, None, "write a JSON report here at the end", path=True),
     OptionSpec("metrics", str, None, "write Prometheus textfile metrics here", path=True),
     OptionSpec("progress_every", float, 10.0, "seconds between plain progress lines off a tty"),
@@ -84,6 +86,7 @@ class Settings:
     simulate: bool = False
     price_per_minute: float | None = None
     max_spend: float | None = None
+    halt_after: float | None = None
     report: Path | None = None
     metrics: Path | None = None
     progress_every: float = 10.0
@@ -232,6 +235,13 @@ def _validate(s: Settings) -> None:
         raise ConfigError("--model must not be empty")
     if s.max_spend is not None and s.max_spend < 0:
         raise ConfigError(f"--max-spend must not be negative, got {s.max_spend}")
+    if s.max_spend is not None and s.price_per_minute is None:
+        raise ConfigError("--max-spend needs --price-per-minute to estimate what a "
+                          "generation costs (the API publishes no prices)")
+    if s.price_per_minute is not None and s.price_per_minute < 0:
+        raise ConfigError(f"--price-per-minute must not be negative, got {s.price_per_minute}")
+    if s.halt_after is not None and not 0 <= s.halt_after <= 100:
+        raise ConfigError(f"--halt-after must be a percentage 0-100, got {s.halt_after}")
     if not (s.dry_run or s.simulate) and not s.api_key:
         raise ConfigError(
             "DIFFIO_API_KEY is not set (use --simulate to rehearse without a key)"
