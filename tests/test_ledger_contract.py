@@ -1,27 +1,37 @@
-"""One contract for every ledger backend (memory, SQLite; PostgreSQL to come).
+"""One contract for every ledger backend (memory, SQLite, PostgreSQL).
 
 A new backend joins by adding a name to ``BACKENDS`` and a branch to
 ``Backend.make``; every test here must then pass unchanged.
+
+PostgreSQL runs against ``$BATCHER_TEST_PG`` (default
+postgresql://postgres@127.0.0.1:5432/test), each test in a fresh schema that
+is dropped at the end of the session; its tests are skipped, saying why, only
+when that server cannot be reached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import threading
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger import MemoryLedger, SqliteLedger
+from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
 from batcher.ledger.base import (
+    LEASE_TAKEN_OVER,
     LEGAL_MOVES,
     Kind,
+    LeasingLedger,
     Ledger,
     LedgerRow,
     NewRow,
@@ -30,8 +40,9 @@ from batcher.ledger.base import (
     Update,
 )
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 PAGE = 7  # small pages, so paging is exercised with a few dozen rows
+PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
@@ -51,25 +62,73 @@ class FakeClock:
             self._now += 0.5
             return self._now
 
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+class PgSchemas:
+    """Fresh schemas in the test database, dropped when the session ends."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.made: list[str] = []
+
+    def url_for_new_schema(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        self.made.append(name)
+        return self.url + ("&" if "?" in self.url else "?") + f"schema={name}"
+
+    async def drop_all(self) -> None:
+        conn = await asyncpg.connect(self.url, timeout=5)
+        try:
+            for name in self.made:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def _reachable(url: str) -> str | None:
+    """None when ``url`` accepts a connection, else why not (password redacted)."""
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        return PostgresLedger(url).description + f": {type(exc).__name__}: {exc}"
+    await conn.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_schemas() -> Iterator[PgSchemas]:
+    why = asyncio.run(_reachable(PG_URL))
+    if why is not None:
+        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
+    schemas = PgSchemas(PG_URL)
+    yield schemas
+    asyncio.run(schemas.drop_all())
+
 
 class Backend:
     """Makes (and re-makes, for a new run) a ledger of one kind on one store."""
 
-    def __init__(self, name: str, tmp_path: Path) -> None:
+    def __init__(self, name: str, tmp_path: Path, pg_url: str = "") -> None:
         self.name = name
         self.clock = FakeClock()
         self.path = tmp_path / "ledger.sqlite"
+        self.pg_url = pg_url
         self._memory = MemoryLedger(clock=self.clock, page_size=PAGE)
         self._runs = itertools.count(1)
 
-    def make(self) -> Ledger:
+    def make(self) -> LeasingLedger:
         if self.name == "memory":
             return self._memory
         if self.name == "sqlite":
             return SqliteLedger(self.path, clock=self.clock, page_size=PAGE)
+        if self.name == "postgres":
+            return PostgresLedger(self.pg_url, clock=self.clock, page_size=PAGE)
         raise AssertionError(self.name)
 
-    async def open(self, *, lock: bool = True, run_id: str | None = None) -> Ledger:
+    async def open(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
         led = self.make()
         rid = run_id or f"run-{next(self._runs)}"
         await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
@@ -78,11 +137,14 @@ class Backend:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "postgres":
+        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
+        return Backend(request.param, tmp_path, schemas.url_for_new_schema())
     return Backend(request.param, tmp_path)
 
 
 @pytest.fixture
-async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
+async def ledger(backend: Backend) -> AsyncIterator[LeasingLedger]:
     led = await backend.open()
     yield led
     await led.close(0)

@@ -1,7 +1,7 @@
 """The ledger: where every row's progress is committed (DESIGN.md invariant 5).
 
 :func:`open_ledger` picks a backend from ``--ledger``'s value; the runner only
-ever sees the :class:`~batcher.ledger.base.Ledger` Protocol.
+ever sees the :class:`~batcher.ledger.base.LeasingLedger` Protocol.
 """
 
 from __future__ import annotations
@@ -11,26 +11,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 from batcher.errors import ConfigError
-from batcher.ledger.base import Ledger
+from batcher.ledger.base import LeasingLedger
 from batcher.ledger.memory import MemoryLedger
+from batcher.ledger.postgres import PostgresLedger
 from batcher.ledger.sqlite import SqliteLedger
 
-__all__ = ["MemoryLedger", "SqliteLedger", "open_ledger"]
+__all__ = ["MemoryLedger", "PostgresLedger", "SqliteLedger", "open_ledger"]
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> Ledger:
+def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> LeasingLedger:
     """The ledger ``path_or_url`` names, not yet opened.
 
-    ``:memory:`` gives a :class:`MemoryLedger`, ``postgresql://…`` the
-    PostgreSQL ledger (not available yet: ConfigError), anything else a
-    :class:`SqliteLedger` on that path (``sqlite:///path`` is accepted too).
+    ``:memory:`` gives a :class:`MemoryLedger`, ``postgresql://…`` (or
+    ``postgres://…``) a :class:`PostgresLedger` shared by every host given the
+    same URL (ConfigError, password redacted, for a malformed one), anything
+    else a :class:`SqliteLedger` on that path (``sqlite:///path`` is accepted
+    too). All three implement :class:`~batcher.ledger.base.LeasingLedger`.
     """
     if path_or_url == ":memory:":
         return MemoryLedger(clock=clock)
     if path_or_url.startswith(_POSTGRES_SCHEMES):
-        raise ConfigError("PostgreSQL ledgers are not supported yet; use a SQLite file path")
+        return PostgresLedger(path_or_url, clock=clock)
     if path_or_url.startswith("sqlite://"):
         path_or_url = path_or_url.removeprefix("sqlite://")
     if not path_or_url:

@@ -15,10 +15,12 @@ from typing import Any, Protocol, TypedDict
 
 __all__ = [
     "ACTIVE_STAGES",
+    "LEASE_TAKEN_OVER",
     "LEGAL_MOVES",
     "UPDATE_COLUMNS",
     "Event",
     "Kind",
+    "LeasingLedger",
     "Ledger",
     "LedgerRow",
     "NewRow",
@@ -347,4 +349,73 @@ class Ledger(Protocol):
 
     async def runs(self) -> list[dict[str, Any]]:
         """Every run recorded in this ledger, oldest first."""
+        ...
+
+
+# The event a row's history gets when a worker takes over a lease that its
+# previous owner let expire (detail: previousOwner, leaseExpiredAt, owner).
+LEASE_TAKEN_OVER = "leaseTakenOver"
+
+
+class LeasingLedger(Ledger, Protocol):
+    """A ledger several runners can share: work is leased, workers heartbeat.
+
+    A lease says which worker is working on a row and until when; heartbeats
+    renew it. When a worker dies its leases run out and any other worker's
+    :meth:`lease` takes those rows over. Leasing never changes a row's stage
+    and never bypasses the compare-and-set of :meth:`Ledger.transition`:
+    two workers that both believe they hold a row still cannot both move it.
+    Time comes from the ledger's clock; ``ttl`` is in seconds.
+
+    On PostgreSQL this is how hosts share a job. SQLite and memory ledgers
+    implement the same semantics, so the runner has one code path.
+    """
+
+    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
+        """Record a live worker (host and pid from ``run``) with a first heartbeat.
+
+        Registering an id again refreshes it and keeps its leases.
+        """
+        ...
+
+    async def heartbeat(self, worker_id: str, ttl: float) -> int:
+        """Renew the worker and every lease it holds until now + ``ttl``.
+
+        Returns how many workers are live (their last heartbeat is younger
+        than the ttl they declared), this one included: the runner divides
+        the job's ``--rate`` by it. Raises LedgerError for an unknown worker.
+        """
+        ...
+
+    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
+        """Lease up to ``limit`` rows to the worker until now + ``ttl``.
+
+        Candidates are rows in ACTIVE_STAGES, not retired, not followers
+        (``leader_row_id`` is None), and unleased or with an expired lease;
+        they are taken in manifest order. Concurrent callers never get the
+        same row. A row taken from another worker whose lease expired gets a
+        :data:`LEASE_TAKEN_OVER` event naming that worker.
+        """
+        ...
+
+    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
+        """Give back the worker's leases on ``row_ids`` (others' are left alone)."""
+        ...
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        """Release every lease of the worker and forget it (unknown ids: no-op)."""
+        ...
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        """Live workers, oldest first: worker_id, host, pid, run_id,
+        started_at, heartbeat_at, ttl and ``leases`` (unexpired leases held)."""
+        ...
+
+    async def pending_work(self) -> tuple[int, int]:
+        """(rows :meth:`lease` could hand out now, rows under an unexpired lease).
+
+        Both count the candidates of :meth:`lease` only. (0, n>0): nothing
+        left for a new worker but others are still busy; (0, 0): the job is
+        done as far as leasing goes.
+        """
         ...

@@ -20,6 +20,8 @@ import orjson
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger.base import (
+    ACTIVE_STAGES,
+    LEASE_TAKEN_OVER,
     UPDATE_COLUMNS,
     LedgerRow,
     NewRow,
@@ -68,6 +70,8 @@ class MemoryLedger:
         self._groups: dict[str, set[str]] = {}
         self._events: dict[str, list[LedgerEvent]] = {}
         self._runs: dict[str, dict[str, Any]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # row_id -> (owner, expires)
+        self._workers: dict[str, dict[str, Any]] = {}
         self._run: RunInfo | None = None
         self._writable = False
 
@@ -358,3 +362,118 @@ class MemoryLedger:
         self._reader()
         ordered = sorted(self._runs.values(), key=lambda r: (r["started_at"], r["run_id"]))
         return [dict(r) for r in ordered]
+
+    # -- leases (LeasingLedger) ----------------------------------------------
+
+    def _leasable(self, row: LedgerRow) -> bool:
+        return row.stage in ACTIVE_STAGES and not row.retired and row.leader_row_id is None
+
+    def _known_worker(self, worker_id: str) -> dict[str, Any]:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise LedgerError(f"worker {worker_id} is not registered")
+        return worker
+
+    def _live(self, now: float) -> list[dict[str, Any]]:
+        return [w for w in self._workers.values() if w["heartbeat_at"] + w["ttl"] >= now]
+
+    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
+        """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        now = self._clock()
+        started = self._workers.get(worker_id, {}).get("started_at", now)
+        self._workers[worker_id] = {
+            "worker_id": worker_id,
+            "host": run.host,
+            "pid": run.pid,
+            "run_id": run.run_id,
+            "started_at": started,
+            "heartbeat_at": now,
+            "ttl": float(ttl),
+        }
+
+    async def heartbeat(self, worker_id: str, ttl: float) -> int:
+        """Renew the worker and its leases; return the number of live workers."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        worker = self._known_worker(worker_id)
+        now = self._clock()
+        worker.update(heartbeat_at=now, ttl=float(ttl))
+        for rid, (owner, _) in self._leases.items():
+            if owner == worker_id:
+                self._leases[rid] = (owner, now + ttl)
+        return len(self._live(now))
+
+    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
+        """Lease up to ``limit`` free rows in manifest order to the worker."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        self._known_worker(worker_id)
+        now = self._clock()
+        free = sorted(
+            (
+                r
+                for r in self._rows.values()
+                if self._leasable(r)
+                and (r.row_id not in self._leases or self._leases[r.row_id][1] < now)
+            ),
+            key=lambda r: (r.line, r.row_id),
+        )[: max(limit, 0)]
+        for row in free:
+            previous = self._leases.get(row.row_id)
+            self._leases[row.row_id] = (worker_id, now + ttl)
+            if previous is not None and previous[0] != worker_id:
+                detail = {
+                    "previousOwner": previous[0],
+                    "leaseExpiredAt": previous[1],
+                    "owner": worker_id,
+                }
+                self._event(row.row_id, now, row.stage, row.stage, LEASE_TAKEN_OVER, detail)
+        return free
+
+    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
+        """Give back the worker's leases on ``row_ids``."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        for rid in row_ids:
+            held = self._leases.get(rid)
+            if held is not None and held[0] == worker_id:
+                del self._leases[rid]
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        """Release the worker's leases and forget it."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        for rid in [rid for rid, (owner, _) in self._leases.items() if owner == worker_id]:
+            del self._leases[rid]
+        self._workers.pop(worker_id, None)
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        """Live workers, oldest first, with the number of leases each holds."""
+        await anyio.lowlevel.checkpoint()
+        self._reader()
+        now = self._clock()
+        out = []
+        for w in sorted(self._live(now), key=lambda w: (w["started_at"], w["worker_id"])):
+            held = sum(
+                1 for owner, exp in self._leases.values() if owner == w["worker_id"] and exp >= now
+            )
+            out.append({**w, "leases": held})
+        return out
+
+    async def pending_work(self) -> tuple[int, int]:
+        """(rows free to lease, rows under an unexpired lease)."""
+        await anyio.lowlevel.checkpoint()
+        self._reader()
+        now = self._clock()
+        free = held = 0
+        for row in self._rows.values():
+            if not self._leasable(row):
+                continue
+            lease = self._leases.get(row.row_id)
+            if lease is None or lease[1] < now:
+                free += 1
+            else:
+                held += 1
+        return free, held

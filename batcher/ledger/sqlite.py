@@ -33,6 +33,7 @@ import anyio.to_thread
 import orjson
 
 from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
+from batcher.ledger import sqlite_leases
 from batcher.ledger.base import (
     UPDATE_COLUMNS,
     Event,
@@ -645,6 +646,46 @@ class SqliteLedger:
     async def runs(self) -> list[dict[str, Any]]:
         """Every run recorded in this ledger, oldest first."""
         return await self._read(lambda conn: _records(conn.execute(self._q["runs"])))
+
+    # -- leases (LeasingLedger; see batcher.ledger.sqlite_leases) ---------------
+
+    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
+        """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
+        await self._write(
+            lambda conn: sqlite_leases.register_worker(conn, worker_id, run, ttl, self._clock())
+        )
+
+    async def heartbeat(self, worker_id: str, ttl: float) -> int:
+        """Renew the worker and its leases; return the number of live workers."""
+        return await self._write(
+            lambda conn: sqlite_leases.heartbeat(conn, worker_id, ttl, self._clock())
+        )
+
+    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
+        """Lease up to ``limit`` free rows in manifest order to the worker."""
+        run_id = self._run_id()
+        return await self._write(
+            lambda conn: sqlite_leases.lease(
+                conn, worker_id, limit, ttl, self._clock(), run_id, _to_row
+            )
+        )
+
+    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
+        """Give back the worker's leases on ``row_ids``."""
+        ids = list(row_ids)
+        await self._write(lambda conn: sqlite_leases.release(conn, worker_id, ids))
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        """Release the worker's leases and forget it."""
+        await self._write(lambda conn: sqlite_leases.deregister_worker(conn, worker_id))
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        """Live workers, oldest first, with the number of leases each holds."""
+        return await self._read(lambda conn: sqlite_leases.live_workers(conn, self._clock()))
+
+    async def pending_work(self) -> tuple[int, int]:
+        """(rows free to lease, rows under an unexpired lease)."""
+        return await self._read(lambda conn: sqlite_leases.pending_work(conn, self._clock()))
 
 
 def _json(value: Mapping[str, Any]) -> str:

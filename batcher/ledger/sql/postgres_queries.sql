@@ -1,0 +1,218 @@
+-- The PostgreSQL ledger's own statements, one per "-- name:" block, in the
+-- format of queries.sql (whose portable statements it also uses). :named
+-- parameters become $n when loaded; a name used twice is one parameter.
+-- Casts (::text[]) tell PostgreSQL the types it cannot infer.
+-- {active} becomes the quoted ACTIVE_STAGES, in the order the partial index
+-- ledger_rows_leasable spells them.
+--
+-- Lock order: every statement that locks several rows of ledger_rows locks
+-- them by row_id (ORDER BY row_id FOR UPDATE), so concurrent hosts queue
+-- instead of deadlocking; lease() skips locked rows instead of waiting.
+
+-- name: lock_rows
+-- The batch's rows that exist already, locked in row_id order.
+SELECT row_id FROM ledger_rows
+WHERE row_id = ANY(:row_ids::text[])
+ORDER BY row_id
+FOR UPDATE;
+
+-- name: group_leaders
+-- Per group, the first row (by line) seen by an import since this run
+-- opened, outside the batch being imported.
+SELECT DISTINCT ON (group_key) group_key, line, row_id FROM ledger_rows
+WHERE group_key = ANY(:groups::text[])
+  AND seen_seq >= :epoch::bigint AND NOT retired
+  AND row_id <> ALL(:row_ids::text[])
+ORDER BY group_key, line, row_id;
+
+-- name: insert_rows
+-- Rows another host inserts meanwhile are skipped here and marked below.
+INSERT INTO ledger_rows (
+    row_id, line, kind, stage, idempotency_key, model_key, api_project_id,
+    sampling, params, source_path, source_sha256, source_size, output_rel,
+    error, error_code, error_message, explicit_key, request_digest, group_key,
+    leader_row_id, retired, seen_run, seen_seq, created_at, updated_at
+)
+SELECT
+    u.row_id, u.line, u.kind, u.stage, u.idempotency_key, u.model_key, u.api_project_id,
+    u.sampling, u.params, u.source_path, u.source_sha256, u.source_size, u.output_rel,
+    u.error, u.error_code, u.error_message, u.explicit_key, u.request_digest, u.group_key,
+    u.leader_row_id, FALSE, :run_id::text, :epoch::bigint, :now::float8, :now::float8
+FROM unnest(
+    :row_id::text[], :line::int[], :kind::text[], :stage::text[],
+    :idempotency_key::text[], :model_key::text[], :api_project_id::text[],
+    :sampling::text[], :params::text[], :source_path::text[], :source_sha256::text[],
+    :source_size::bigint[], :output_rel::text[], :error::text[], :error_code::text[],
+    :error_message::text[], :explicit_key::boolean[], :request_digest::text[],
+    :group_key::text[], :leader_row_id::text[]
+) AS u (
+    row_id, line, kind, stage, idempotency_key, model_key, api_project_id,
+    sampling, params, source_path, source_sha256, source_size, output_rel,
+    error, error_code, error_message, explicit_key, request_digest, group_key,
+    leader_row_id
+)
+ON CONFLICT (row_id) DO NOTHING
+RETURNING *;
+
+-- name: mark_seen_rows
+-- seen_seq only grows: a host that opened earlier importing after us must
+-- not make our finish_import retire the row.
+UPDATE ledger_rows r
+SET line = u.line, seen_run = :run_id::text, retired = FALSE,
+    seen_seq = GREATEST(COALESCE(r.seen_seq, 0), :epoch::bigint)
+FROM unnest(:row_ids::text[], :lines::int[]) AS u (row_id, line)
+WHERE r.row_id = u.row_id
+RETURNING r.*;
+
+-- name: insert_import_events
+INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
+SELECT u.row_id, :at::float8, NULL, u.to_stage, 'imported', u.detail, :run_id::text
+FROM unnest(:row_ids::text[], :to_stages::text[], :details::text[])
+    AS u (row_id, to_stage, detail);
+
+-- name: retire_unseen
+UPDATE ledger_rows SET retired = TRUE
+WHERE NOT retired AND (seen_seq IS NULL OR seen_seq < :epoch::bigint);
+
+-- name: next_epoch
+SELECT nextval('ledger_import_epoch');
+
+-- name: transition
+-- The compare-and-set and its event, one statement. cur locks the row and
+-- reads its stage as of the lock (a concurrent move has committed or not),
+-- so the event names the stage this move really left. {assignments} becomes
+-- ", <column> = :<column>" for each column the update names; the names come
+-- from base.UPDATE_COLUMNS only.
+WITH cur AS (
+    SELECT row_id, stage FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
+), moved AS (
+    UPDATE ledger_rows r SET
+        stage = :to_stage::text,
+        updated_at = :now::float8,
+        attempts = r.attempts + :attempts_delta::int,
+        polls = r.polls + :polls_delta::int{assignments}
+    FROM cur
+    WHERE r.row_id = cur.row_id AND cur.stage = ANY(:allowed::text[])
+    RETURNING r.*, cur.stage AS from_stage
+), logged AS (
+    INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
+    SELECT row_id, :now::float8, from_stage, :to_stage::text, :event::text,
+           :detail::text, :run_id::text
+    FROM moved
+)
+SELECT * FROM moved;
+
+-- name: rows_page
+SELECT * FROM ledger_rows
+WHERE (line, row_id) > (:after_line::int, :after_row_id::text)
+  AND stage = ANY(:stages::text[])
+  AND (:include_retired::boolean OR NOT retired)
+ORDER BY line, row_id
+LIMIT :limit::int;
+
+-- name: register_worker
+INSERT INTO ledger_workers (worker_id, host, pid, run_id, started_at, heartbeat_at, ttl)
+VALUES (:worker_id::text, :host::text, :pid::int, :run_id::text, :now::float8,
+        :now::float8, :ttl::float8)
+ON CONFLICT (worker_id) DO UPDATE SET
+    host = EXCLUDED.host, pid = EXCLUDED.pid, run_id = EXCLUDED.run_id,
+    heartbeat_at = EXCLUDED.heartbeat_at, ttl = EXCLUDED.ttl;
+
+-- name: heartbeat
+-- One statement: touch the worker, renew its leases (locked by row_id), and
+-- count the live workers. The count reads the table as it was before this
+-- statement, so the caller is counted by name.
+WITH touched AS (
+    UPDATE ledger_workers SET heartbeat_at = :now::float8, ttl = :ttl::float8
+    WHERE worker_id = :worker_id::text
+    RETURNING worker_id
+), held AS (
+    SELECT row_id FROM ledger_rows
+    WHERE lease_owner = :worker_id::text AND EXISTS (SELECT 1 FROM touched)
+    ORDER BY row_id
+    FOR UPDATE
+), renewed AS (
+    UPDATE ledger_rows r SET lease_expires = :now::float8 + :ttl::float8
+    FROM held WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text
+    RETURNING r.row_id
+)
+SELECT
+    (SELECT COUNT(*) FROM touched) AS registered,
+    (SELECT COUNT(*) FROM renewed) AS renewed,
+    (SELECT COUNT(*) FROM ledger_workers
+     WHERE heartbeat_at + ttl >= :now::float8
+        OR worker_id IN (SELECT worker_id FROM touched)) AS live;
+
+-- name: worker_known
+SELECT 1 FROM ledger_workers WHERE worker_id = :worker_id::text;
+
+-- name: lease
+-- SKIP LOCKED: rows another host is leasing (or a transaction holds) are
+-- passed over, so concurrent callers get disjoint rows without waiting.
+-- FOR UPDATE re-checks the WHERE on the newest version of each row, so a
+-- row leased by someone else since this statement began is not taken.
+WITH picked AS (
+    SELECT row_id, lease_owner AS previous_owner, lease_expires AS previous_expires
+    FROM ledger_rows
+    WHERE NOT retired AND leader_row_id IS NULL
+      AND stage IN ({active})
+      AND (lease_owner IS NULL OR lease_expires < :now::float8)
+    ORDER BY line, row_id
+    LIMIT :limit::int
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE ledger_rows r
+    SET lease_owner = :worker_id::text, lease_expires = :now::float8 + :ttl::float8
+    FROM picked WHERE r.row_id = picked.row_id
+    RETURNING r.*, picked.previous_owner, picked.previous_expires
+), taken_over AS (
+    INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
+    SELECT row_id, :now::float8, stage, stage, :event::text,
+           json_build_object(
+               'previousOwner', previous_owner,
+               'leaseExpiredAt', previous_expires,
+               'owner', :worker_id::text
+           )::text,
+           :run_id::text
+    FROM leased
+    WHERE previous_owner IS NOT NULL AND previous_owner <> :worker_id::text
+)
+SELECT * FROM leased ORDER BY line, row_id;
+
+-- name: release
+WITH held AS (
+    SELECT row_id FROM ledger_rows
+    WHERE row_id = ANY(:row_ids::text[]) AND lease_owner = :worker_id::text
+    ORDER BY row_id
+    FOR UPDATE
+)
+UPDATE ledger_rows r SET lease_owner = NULL, lease_expires = NULL
+FROM held WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text;
+
+-- name: release_all
+WITH held AS (
+    SELECT row_id FROM ledger_rows
+    WHERE lease_owner = :worker_id::text
+    ORDER BY row_id
+    FOR UPDATE
+)
+UPDATE ledger_rows r SET lease_owner = NULL, lease_expires = NULL
+FROM held WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text;
+
+-- name: forget_worker
+DELETE FROM ledger_workers WHERE worker_id = :worker_id::text;
+
+-- name: live_workers
+SELECT w.worker_id, w.host, w.pid, w.run_id, w.started_at, w.heartbeat_at, w.ttl,
+       (SELECT COUNT(*) FROM ledger_rows r
+        WHERE r.lease_owner = w.worker_id AND r.lease_expires >= :now::float8) AS leases
+FROM ledger_workers w
+WHERE w.heartbeat_at + w.ttl >= :now::float8
+ORDER BY w.started_at, w.worker_id;
+
+-- name: pending_work
+SELECT
+    COUNT(*) FILTER (WHERE lease_owner IS NULL OR lease_expires < :now::float8) AS free,
+    COUNT(*) FILTER (WHERE lease_owner IS NOT NULL AND lease_expires >= :now::float8) AS held
+FROM ledger_rows
+WHERE NOT retired AND leader_row_id IS NULL AND stage IN ({active});
