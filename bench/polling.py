@@ -1,0 +1,69 @@
+"""Polls per row when generations take a steady 2-4 s.
+
+The poller should learn how long generations take from the ones that
+completed and poll most rows once, near their end. Run with a first-poll
+wait shorter than the generations (a user's guess that is too small: the
+learning has to fix it) and with the default wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .common import (
+    ChildRun,
+    Figure,
+    SimProcess,
+    batcher_run,
+    section,
+    stats_delta,
+    workdir,
+    write_project_manifest,
+)
+
+__all__ = ["PollResult", "bench_polling"]
+
+
+@dataclass(slots=True)
+class PollResult:
+    """One polling run."""
+
+    poll_interval: float
+    rows: int
+    polls: int
+    requests: dict[str, int]
+    run: ChildRun
+
+    @property
+    def per_row(self) -> float:
+        return self.polls / self.rows
+
+
+def bench_polling(rows: int = 300, *, rate: float = 50.0, intervals: tuple[float, ...] = (1.0, 5.0),
+                  duration: str = "2,4") -> tuple[list[PollResult], list[Figure]]:
+    """One run per first-poll wait, each on a fresh simulator."""
+    section(f"polling: {rows} rows, generations take {duration} s, --rate {rate:g}")
+    results: list[PollResult] = []
+    lo, hi = (float(x) for x in duration.split(","))
+    for interval in intervals:
+        with workdir() as d, SimProcess("--duration", duration, "--seed", "3") as sim:
+            manifest = write_project_manifest(d / "poll.csv", rows, prefix="poll")
+            before = sim.counts()
+            run = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}",
+                              "--poll-interval", f"{interval:g}").check()
+            delta = stats_delta(before, sim.counts())
+        polls = delta.get("get_generation_progress", 0)
+        res = PollResult(interval, rows, polls, delta, run)
+        results.append(res)
+        # No run can end before the last submission plus the longest generation.
+        floor = rows / rate + hi
+        print(f"--poll-interval {interval:g}: {polls} polls = {res.per_row:.2f} per row; "
+              f"wall {run.wall:.1f} s (floor ~{floor:.1f} s: submissions at the rate + "
+              f"the longest generation); CPU {1000 * run.cpu / rows:.2f} ms/row; {delta}")
+    figures = [
+        Figure(f"polls per row (durations {lo:g}-{hi:g} s, --poll-interval {r.poll_interval:g})",
+               f"{r.per_row:.2f}", "<= 1.5", r.per_row <= 1.5,
+               f"{r.rows} rows at --rate {rate:g}; wall {r.run.wall:.1f} s")
+        for r in results
+    ]
+    return results, figures

@@ -1,0 +1,103 @@
+"""Rate efficiency and CPU per row: generations that finish at once, a high rate.
+
+With ``--duration 0,0`` every generation is complete when created, so the
+job is pure request throughput: the ceiling is (API requests made) / rate.
+The same run gives the CPU per row of the batcher process. A run on an empty
+manifest measures the fixed cost (interpreter start, imports, ledger open),
+shown apart so the per-row cost at other sizes can be worked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import (
+    ChildRun,
+    Figure,
+    SimProcess,
+    api_requests,
+    batcher_run,
+    endpoint_counts,
+    section,
+    stats_delta,
+    workdir,
+    write_project_manifest,
+)
+
+__all__ = ["RateResult", "bench_rate", "fixed_cost"]
+
+
+@dataclass(slots=True)
+class RateResult:
+    """Figures of one throughput run."""
+
+    rows: int
+    rate: float
+    requests: int
+    run: ChildRun
+    fixed: ChildRun
+    max_rps: int
+
+    @property
+    def ideal(self) -> float:
+        return self.requests / self.rate
+
+    @property
+    def in_run(self) -> float:
+        """The run's own duration (from its report): process start-up left out."""
+        return float(self.run.report.get("durationSeconds", self.run.wall))
+
+    @property
+    def cpu_ms_per_row(self) -> float:
+        return 1000.0 * self.run.cpu / self.rows
+
+    @property
+    def net_cpu_ms_per_row(self) -> float:
+        return 1000.0 * max(0.0, self.run.cpu - self.fixed.cpu) / self.rows
+
+
+def fixed_cost(base_url: str, folder: Path) -> ChildRun:
+    """A run on a header-only manifest: start-up and shutdown, no rows."""
+    path = write_project_manifest(folder / "empty.csv", 0)
+    return batcher_run(path, base_url).check()
+
+
+def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
+               poll_interval: float = 0.0) -> tuple[RateResult, list[Figure]]:
+    """Run the throughput benchmark; print its lines and return its figures."""
+    section(f"rate efficiency and CPU: {rows} apiProjectId rows, generations done at once, "
+            f"--rate {rate:g} --concurrency {concurrency} --poll-interval {poll_interval:g}")
+    with workdir() as d, SimProcess("--duration", "0,0") as sim:
+        fixed = fixed_cost(sim.base_url, d)
+        manifest = write_project_manifest(d / "rate.csv", rows, prefix="rate")
+        before = sim.counts()
+        run = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}",
+                          "--concurrency", str(concurrency),
+                          "--poll-interval", f"{poll_interval:g}").check()
+        stats = sim.stats()
+    delta = stats_delta(before, endpoint_counts(stats))
+    res = RateResult(rows=rows, rate=rate, requests=api_requests(delta), run=run, fixed=fixed,
+                     max_rps=int(stats.get("max_requests_per_second", 0)))
+    print(f"API requests: {res.requests} ({res.requests / rows:.2f} per row) {delta}")
+    print(f"ideal = requests / rate = {res.ideal:.2f} s")
+    print(f"process wall {run.wall:.2f} s = {run.wall / res.ideal:.3f}x ideal; "
+          f"in-run (report) {res.in_run:.2f} s = {res.in_run / res.ideal:.3f}x ideal; "
+          f"start-up + shutdown alone {fixed.wall:.2f} s")
+    print(f"busiest 1 s window at the simulator: {res.max_rps} requests (rate {rate:g})")
+    print(f"CPU {run.cpu:.2f} s (user {run.user:.2f} + sys {run.sys:.2f}) = "
+          f"{res.cpu_ms_per_row:.3f} ms/row; fixed cost {fixed.cpu:.2f} s, "
+          f"net {res.net_cpu_ms_per_row:.3f} ms/row; peak RSS {run.maxrss_mb:.0f} MB")
+    figures = [
+        Figure(f"rate efficiency ({rows} rows, wall/ideal)",
+               f"{run.wall / res.ideal:.3f}x ({run.wall:.2f} s / {res.ideal:.2f} s)",
+               "<= 1.05x", run.wall / res.ideal <= 1.05,
+               f"in-run {res.in_run / res.ideal:.3f}x; busiest 1 s window "
+               f"{res.max_rps} req at --rate {rate:g}"),
+        Figure(f"CPU per row ({rows} rows)",
+               f"{res.cpu_ms_per_row:.3f} ms",
+               "<= 0.5 ms", res.cpu_ms_per_row <= 0.5,
+               f"user {run.user:.2f} s + sys {run.sys:.2f} s; "
+               f"{res.net_cpu_ms_per_row:.3f} ms/row net of the {fixed.cpu:.2f} s start-up"),
+    ]
+    return res, figures
