@@ -774,3 +774,187 @@ async def test_bad_json_is_refused_before_anything_is_written(ledger: Ledger) ->
             "r1", Stage.PENDING, Stage.PROJECT, event="x", detail={"when": object()}
         )
     assert (await ledger.get("r1")).stage is Stage.PENDING  # type: ignore[union-attr]
+
+
+# -- leases -------------------------------------------------------------------
+
+TTL = 60.0
+WORKER_RUN = RunInfo("run-w", 4343, "host-b", 1_000.0, "batcher run m.csv")
+
+
+async def lease_all(led: LeasingLedger, worker: str, limit: int = 100) -> list[str]:
+    return [r.row_id for r in await led.lease(worker, limit, TTL)]
+
+
+@pytest.mark.anyio
+async def test_lease_hands_out_free_leaders_in_line_order_once(ledger: LeasingLedger) -> None:
+    # lines run against the row ids: r7 is line 3, r1 line 9; r3 leads r1
+    await ledger.import_rows(
+        [new_row(i, line=10 - i, group="g" if i in (1, 3) else f"g{i}") for i in range(7, 0, -1)]
+    )
+    assert (await ledger.get("r1")).leader_row_id == "r3"  # type: ignore[union-attr]
+    await ledger.transition(
+        "r5", Stage.PENDING, Stage.FAILED, {"error": {"code": "x"}}, event="failed"
+    )
+    await drive(ledger, "r6", Stage.COMPLETE)
+    await ledger.register_worker("a", WORKER_RUN, TTL)
+    await ledger.register_worker("b", WORKER_RUN, TTL)
+    assert await ledger.pending_work() == (4, 0)  # r7, r4, r3, r2
+    first = await ledger.lease("a", 2, TTL)
+    assert [r.row_id for r in first] == ["r7", "r4"]
+    assert first == [await ledger.get("r7"), await ledger.get("r4")]  # leasing is no update
+    assert await lease_all(ledger, "b") == ["r3", "r2"]
+    assert await lease_all(ledger, "a") == []  # nothing free; its own rows are not re-leased
+    assert await lease_all(ledger, "b", 0) == []
+    assert await ledger.pending_work() == (0, 4)
+    # a row that leaves the active stages is no longer pending work
+    await ledger.transition("r7", Stage.PENDING, Stage.SUBMITTED, event="submitted")
+    await ledger.transition("r7", Stage.SUBMITTED, Stage.COMPLETE, event="done")
+    assert await ledger.pending_work() == (0, 3)
+    assert [e.event for e in await ledger.events("r4")] == ["imported"]  # no takeover
+
+
+@pytest.mark.anyio
+async def test_retired_rows_are_not_leased(backend: Backend) -> None:
+    led = await backend.open()
+    await led.import_rows([new_row(i) for i in range(1, 4)])
+    await led.close(0)
+    led = await backend.open()
+    await led.import_rows([new_row(1), new_row(3)])
+    assert await led.finish_import() == 1
+    await led.register_worker("a", WORKER_RUN, TTL)
+    assert await lease_all(led, "a") == ["r1", "r3"]
+    assert await led.pending_work() == (0, 2)
+    await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_expired_lease_is_taken_over_and_recorded(
+    backend: Backend, ledger: LeasingLedger
+) -> None:
+    await ledger.import_rows([new_row(i) for i in range(1, 4)])
+    await ledger.transition(
+        "r2", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g2"}, event="submitted"
+    )
+    await ledger.register_worker("a", WORKER_RUN, TTL)
+    await ledger.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
+    assert await lease_all(ledger, "b") == []
+    backend.clock.advance(TTL / 2)
+    assert await ledger.heartbeat("b", TTL) == 2
+    assert await lease_all(ledger, "b") == []  # a's leases have not expired yet
+    backend.clock.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
+    assert await ledger.heartbeat("b", TTL) == 1
+    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
+    assert await ledger.pending_work() == (3, 0)
+    taken = await ledger.lease("b", 10, TTL)
+    assert [r.row_id for r in taken] == ["r1", "r2", "r3"]
+    assert taken[1].stage is Stage.SUBMITTED and taken[1].generation_id == "g2"  # resumable
+    last = (await ledger.events("r2"))[-1]
+    assert (last.from_stage, last.to_stage, last.event) == (
+        Stage.SUBMITTED,
+        Stage.SUBMITTED,
+        LEASE_TAKEN_OVER,
+    )
+    assert last.detail["previousOwner"] == "a" and last.detail["owner"] == "b"
+    assert last.detail["leaseExpiredAt"] < last.at
+    assert await ledger.pending_work() == (0, 3)
+    # a comes back: it is live again but the rows stay with b
+    assert await ledger.heartbeat("a", TTL) == 2
+    assert await lease_all(ledger, "a") == []
+    backend.clock.advance(TTL + 1)  # now b dies; a re-takes them
+    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
+    assert (await ledger.events("r1"))[-1].detail["previousOwner"] == "b"
+
+
+@pytest.mark.anyio
+async def test_heartbeat_renews_leases_and_counts_live_workers(
+    backend: Backend, ledger: LeasingLedger
+) -> None:
+    await ledger.import_rows([new_row(i) for i in range(1, 4)])
+    await ledger.register_worker("a", WORKER_RUN, TTL)
+    await ledger.register_worker("b", WORKER_RUN, TTL)
+    assert await ledger.heartbeat("a", TTL) == 2
+    assert await lease_all(ledger, "a", 2) == ["r1", "r2"]
+    backend.clock.advance(TTL * 2 / 3)
+    assert await ledger.heartbeat("a", TTL) == 2
+    backend.clock.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
+    assert await ledger.heartbeat("a", TTL) == 1
+    # a's first leases would have expired; its heartbeats renewed them
+    await ledger.register_worker("c", WORKER_RUN, TTL)
+    assert await lease_all(ledger, "c") == ["r3"]
+    live = await ledger.live_workers()
+    assert [(w["worker_id"], w["leases"]) for w in live] == [("a", 2), ("c", 1)]
+    assert (live[0]["host"], live[0]["pid"], live[0]["run_id"]) == ("host-b", 4343, "run-w")
+    assert live[0]["ttl"] == TTL and live[0]["heartbeat_at"] > live[0]["started_at"]
+    assert await ledger.heartbeat("c", 5.0) == 2
+    backend.clock.advance(10.0)  # c declared a 5 s ttl: dead; a is not
+    assert [w["worker_id"] for w in await ledger.live_workers()] == ["a"]
+    assert await lease_all(ledger, "a") == ["r3"]
+
+
+@pytest.mark.anyio
+async def test_release_and_deregister_give_rows_back(ledger: LeasingLedger) -> None:
+    await ledger.import_rows([new_row(i) for i in range(1, 5)])
+    await ledger.register_worker("a", WORKER_RUN, TTL)
+    await ledger.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(ledger, "a", 3) == ["r1", "r2", "r3"]
+    await ledger.release("a", ["r1", "nope"])
+    await ledger.release("b", ["r2"])  # not b's: left alone
+    assert await ledger.pending_work() == (2, 2)
+    assert await lease_all(ledger, "b") == ["r1", "r4"]
+    await ledger.deregister_worker("a")
+    await ledger.deregister_worker("never-registered")
+    assert await lease_all(ledger, "b") == ["r2", "r3"]
+    assert all(e.event != LEASE_TAKEN_OVER for e in await ledger.events("r2"))  # given back
+    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
+    with pytest.raises(LedgerError, match="not registered"):
+        await ledger.heartbeat("a", TTL)
+    with pytest.raises(LedgerError, match="not registered"):
+        await ledger.lease("a", 1, TTL)
+    await ledger.register_worker("a", WORKER_RUN, TTL)  # registering again is fine
+    assert await ledger.heartbeat("a", TTL) == 2
+
+
+@pytest.mark.anyio
+async def test_concurrent_leases_are_disjoint_and_cover_every_row(ledger: LeasingLedger) -> None:
+    n = 60
+    await ledger.import_rows([new_row(i) for i in range(n)])
+    workers = ["a", "b", "c"]
+    for w in workers:
+        await ledger.register_worker(w, WORKER_RUN, TTL)
+
+    async def take(worker: str) -> list[str]:
+        got: list[str] = []
+        while batch := await lease_all(ledger, worker, 4):
+            got += batch
+            await asyncio.sleep(0)
+        return got
+
+    shares = await asyncio.gather(*(take(w) for w in workers))
+    flat = [rid for share in shares for rid in share]
+    assert len(flat) == len(set(flat)) == n
+    assert await ledger.pending_work() == (0, n)
+    live = {w["worker_id"]: w["leases"] for w in await ledger.live_workers()}
+    assert live == {w: len(share) for w, share in zip(workers, shares, strict=True)}
+
+
+@pytest.mark.anyio
+async def test_a_read_only_ledger_refuses_lease_writes(backend: Backend) -> None:
+    led = await backend.open()
+    await led.import_rows([new_row(1)])
+    await led.register_worker("a", WORKER_RUN, TTL)
+    await led.close(0)
+    ro = await backend.open(lock=False, run_id="status")
+    assert await ro.pending_work() == (1, 0)
+    assert [w["worker_id"] for w in await ro.live_workers()] == ["a"]
+    for call in (
+        lambda: ro.register_worker("b", WORKER_RUN, TTL),
+        lambda: ro.heartbeat("a", TTL),
+        lambda: ro.lease("a", 1, TTL),
+        lambda: ro.release("a", ["r1"]),
+        lambda: ro.deregister_worker("a"),
+    ):
+        with pytest.raises(LedgerError):
+            await call()
+    await ro.close()

@@ -349,32 +349,30 @@ class PostgresLedger:
     ) -> dict[str, str]:
         """row_id -> the first earlier row of its group in the manifest imported now.
 
-        Candidates: the batch's own rows (every host imports in line order, so
-        any earlier batch has been marked seen by this run already) and rows
-        outside the batch seen since this run's epoch. Rows without a leader
-        are left out.
+        Candidates, as SQLite sees them importing row by row: rows outside the
+        batch seen since this run's epoch (every host imports in line order,
+        so earlier batches have been marked seen by this run already) and the
+        rows before this one in the batch. Rows without a leader are left out.
         """
-        members: dict[str, list[tuple[int, str]]] = {}
-        for _, p in prepared:
-            if p["group_key"] is not None:
-                members.setdefault(p["group_key"], []).append((p["line"], p["row_id"]))
-        if not members:
+        groups = sorted({p["group_key"] for _, p in prepared if p["group_key"] is not None})
+        if not groups:
             return {}
         gl = self._q["group_leaders"]
-        params = {"groups": sorted(members), "epoch": self._epoch, "row_ids": ids}
+        params = {"groups": groups, "epoch": self._epoch, "row_ids": ids}
+        seen: dict[str, list[tuple[int, str]]] = {g: [] for g in groups}
         for r in await conn.fetch(gl.text, *gl.args(params)):
-            members[r["group_key"]].append((r["line"], r["row_id"]))
-        for member_list in members.values():
-            member_list.sort()
+            seen[r["group_key"]].append((r["line"], r["row_id"]))
         leaders: dict[str, str] = {}
         for _, p in prepared:
-            group = members.get(p["group_key"]) if p["group_key"] is not None else None
-            for line, rid in group or ():
-                if line >= p["line"]:
-                    break
-                if rid != p["row_id"]:
-                    leaders[p["row_id"]] = rid
-                    break
+            group = p["group_key"]
+            if group is None:
+                continue
+            earlier = [
+                (line, rid) for line, rid in seen[group] if line < p["line"] and rid != p["row_id"]
+            ]
+            if earlier:
+                leaders[p["row_id"]] = min(earlier)[1]
+            seen[group].append((p["line"], p["row_id"]))
         return leaders
 
     async def _refresh(
