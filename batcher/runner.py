@@ -275,10 +275,7 @@ class Runner:
             log.warning("row.invalid %s", new.error.get("message"), extra={"row": new.row_id})
             return
         if row.kind is Kind.FILE and row.source_sha256 != new.source_sha256:
-            changed = await self._source_changed(new, row)
-            if changed is None:
-                return
-            row = changed
+            row = await self._source_changed(new, row)
         if row.leader_row_id is not None:
             await self._check_follower(new, row)
             return
@@ -319,20 +316,25 @@ class Runner:
             return False
         return sha == row.output_sha256 and (row.output_size is None or size == row.output_size)
 
-    async def _source_changed(self, new: NewRow, row: LedgerRow) -> LedgerRow | None:
+    async def _source_changed(self, new: NewRow, row: LedgerRow) -> LedgerRow:
         """A file edited since its row was keyed: report it, restore the new audio.
 
-        Nothing of the old request is reused: a fresh key (from the new bytes),
-        a fresh project. A row still in flight at the API is not touched (its
-        outcome would be mixed with the new audio); it is reported and left for
-        the next run.
+        Nothing of the old request is reused: a fresh key (from the new bytes)
+        and a fresh project, so the old generation can never be downloaded for
+        the new audio. The old key, project and generation stay in the row's
+        history (event ``sourceChanged``).
         """
         self.stats.source_changed += 1
         detail = {"oldSha256": row.source_sha256, "newSha256": new.source_sha256,
-                  "oldKey": row.idempotency_key, "oldGenerationId": row.generation_id}
+                  "oldKey": row.idempotency_key, "oldProjectId": row.api_project_id,
+                  "oldGenerationId": row.generation_id, "oldStage": row.stage.value}
+        in_flight = row.stage in (Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED)
         log.warning(
-            "source.changed: %s changed on disk since its row was keyed (%s -> %s)",
+            "source.changed: %s changed on disk since its row was keyed (%s -> %s)%s; "
+            "restoring the new audio as a new request",
             new.source_path, (row.source_sha256 or "")[:12], (new.source_sha256 or "")[:12],
+            f"; generation {row.generation_id or '(maybe posted)'} of the old audio is "
+            "abandoned" if in_flight else "",
             extra={"row": row.row_id},
         )
         reset: Update = {
@@ -342,22 +344,7 @@ class Runner:
             "upload_url": None, "upload_method": None, "upload_expires_at": None,
             "output_path": None, "output_sha256": None, "output_size": None, "error": None,
         }
-        if row.stage in (Stage.PENDING, Stage.PROJECT, Stage.COMPLETE, Stage.FAILED):
-            return await self._move(row, Stage.PENDING, reset, "sourceChanged", detail)
-        error = {
-            "code": "sourceChanged",
-            "message": f"{new.source_path} changed on disk while its generation "
-                       f"{row.generation_id or '(being posted)'} was in flight; that "
-                       "generation restores the old audio. Re-run to restore the new audio.",
-            "httpStatus": None,
-        }
-        if row.stage is Stage.UPLOADED:
-            # Not posted yet as far as the ledger knows, but it may have been:
-            # finish nothing, forget nothing; the next run starts afresh.
-            await self._move(row, Stage.FAILED, {"error": error}, "sourceChanged", detail)
-            return None
-        await self._move(row, Stage.FAILED, {"error": error}, "sourceChanged", detail)
-        return None
+        return await self._move(row, Stage.PENDING, reset, "sourceChanged", detail)
 
     async def _check_follower(self, new: NewRow, row: LedgerRow) -> None:
         """A row that repeats an earlier row's request waits for that row."""

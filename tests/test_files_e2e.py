@@ -175,3 +175,33 @@ def test_expired_download_url_is_asked_for_again(tmp_path: Path, simulator: Any)
     assert stats["requests_by_endpoint"]["download"].get("410", 0) >= 1
     assert stats["requests_by_endpoint"]["get_generation_download"]["200"] >= 2
     assert stats["charges"] == 1
+
+
+def test_file_edited_while_its_generation_runs_never_gets_the_old_output(
+        tmp_path: Path, simulator: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import batcher_env
+
+    sim = simulator("--duration", "3,3")
+    manifest = file_manifest(tmp_path, [("take.wav", 300.0)])
+    proc = subprocess.Popen([sys.executable, "-m", "batcher", *args_for(manifest, sim)],
+                            env=batcher_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not sim.stats()["generations_created"]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sim.stats()["generations_created"] == 1
+    write_wav(tmp_path / "take.wav", seconds=0.2, freq=777.0)
+    sim.configure({"duration": [0.1, 0.2]})
+    done = run_batcher(*args_for(manifest, sim))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "abandoned" in done.stderr
+    rec = export_records(tmp_path / "m.ledger.sqlite")[0]
+    assert Path(rec["output"]).read_bytes() == restored_audio((tmp_path / "take.wav").read_bytes())
+    stats = sim.stats()
+    assert stats["generations_created"] == 2 and stats["extra_charges"] == 0

@@ -72,11 +72,14 @@ LEGAL_MOVES: Mapping[Stage, frozenset[Stage]] = {
     Stage.PENDING: frozenset({Stage.PENDING, Stage.PROJECT, Stage.SUBMITTED, Stage.FAILED}),
     # PROJECT -> PROJECT also covers "upload URL expired: fresh project".
     Stage.PROJECT: frozenset({Stage.PROJECT, Stage.UPLOADED, Stage.PENDING, Stage.FAILED}),
-    Stage.UPLOADED: frozenset({Stage.UPLOADED, Stage.SUBMITTED, Stage.FAILED}),
+    # UPLOADED/SUBMITTED/GENERATED -> PENDING: the source file's audio changed;
+    # the row becomes a new request (new key, new project). The old generation
+    # stays in the row's history.
+    Stage.UPLOADED: frozenset({Stage.UPLOADED, Stage.SUBMITTED, Stage.PENDING, Stage.FAILED}),
     Stage.SUBMITTED: frozenset(
-        {Stage.SUBMITTED, Stage.GENERATED, Stage.COMPLETE, Stage.FAILED}
+        {Stage.SUBMITTED, Stage.GENERATED, Stage.COMPLETE, Stage.PENDING, Stage.FAILED}
     ),
-    Stage.GENERATED: frozenset({Stage.GENERATED, Stage.COMPLETE, Stage.FAILED}),
+    Stage.GENERATED: frozenset({Stage.GENERATED, Stage.COMPLETE, Stage.PENDING, Stage.FAILED}),
     # COMPLETE -> GENERATED: a file row whose output vanished is downloaded again.
     # COMPLETE -> PENDING: its source file changed; it is a new request now.
     Stage.COMPLETE: frozenset({Stage.COMPLETE, Stage.GENERATED, Stage.PENDING}),
