@@ -67,6 +67,7 @@ class ChildRun:
     maxrss_mb: float  # peak resident set size
     stdout: str
     stderr: str
+    spawned_at: float = 0.0  # time.time() just before the spawn, to line up with ledger stamps
     report: dict[str, Any] = field(default_factory=dict)  # batcher --report, when asked
 
     @property
@@ -98,6 +99,7 @@ def run_child(
     """
     full_env = child_env(env)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        spawned_at = time.time()
         start = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=full_env, cwd=cwd)
         # Blocking wait (no polling loop competing for the 2 cores); a timer
@@ -122,6 +124,7 @@ def run_child(
             maxrss_mb=usage.ru_maxrss / 1024.0,  # KiB on Linux
             stdout=out.read(),
             stderr=err.read(),
+            spawned_at=spawned_at,
         )
 
 
@@ -174,7 +177,7 @@ def api_requests(counts: Mapping[str, int]) -> int:
 
 def stats_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
     """Per-endpoint requests made between two snapshots."""
-    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
 
 
 class SimProcess:
@@ -185,18 +188,24 @@ class SimProcess:
         self.base_url = ""
         self.origin = ""
         self._proc: subprocess.Popen[str] | None = None
+        self._err: Any = None
 
     def __enter__(self) -> SimProcess:
         argv = [PYTHON, "-m", "batcher", "simulate", "--port", "0", "--auto-create-projects",
                 *self.args]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self._err = tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err,
                                       text=True, env=child_env())
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().strip()
         marker = "listening on "
         if marker not in line:
             self._proc.kill()
-            raise RuntimeError(f"simulator did not start: {line!r}")
+            self._proc.wait()
+            self._err.seek(0)
+            tail = self._err.read()[-1500:]
+            self._err.close()
+            raise RuntimeError(f"simulator did not start: {line!r} {tail}")
         self.base_url = line.split(marker, 1)[1].strip()
         self.origin = self.base_url.removesuffix("/v1")
         return self
@@ -213,6 +222,7 @@ class SimProcess:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        self._err.close()
 
     def stats(self) -> dict[str, Any]:
         """``GET /_sim/stats``."""

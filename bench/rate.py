@@ -9,6 +9,8 @@ shown apart so the per-row cost at other sizes can be worked out.
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,29 @@ class RateResult:
         return 1000.0 * max(0.0, self.run.cpu - self.fixed.cpu) / self.rows
 
 
+def timeline(run: ChildRun, ledger: Path) -> dict[str, float]:
+    """Where the wall time went, from the ledger's own timestamps.
+
+    ``startup``: spawn to the run's record; ``ramp``: to the first accepted
+    generation; ``steady``: first to last accepted; ``tail``: last accepted to
+    the run's end record; ``shutdown``: to the process being reaped.
+    """
+    with closing(sqlite3.connect(ledger)) as conn:
+        started, ended = conn.execute(
+            "SELECT started_at, ended_at FROM ledger_runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        first, last, n = conn.execute(
+            "SELECT MIN(at), MAX(at), COUNT(*) FROM ledger_events "
+            "WHERE event IN ('submitted', 'replayed')"
+        ).fetchone()
+    if first is None or ended is None:
+        return {}
+    end = run.spawned_at + run.wall
+    return {"startup": started - run.spawned_at, "ramp": first - started,
+            "steady": last - first, "tail": ended - last, "shutdown": end - ended,
+            "accepted": float(n)}
+
+
 def fixed_cost(base_url: str, folder: Path) -> ChildRun:
     """A run on a header-only manifest: start-up and shutdown, no rows."""
     path = write_project_manifest(folder / "empty.csv", 0)
@@ -76,6 +101,7 @@ def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
                           "--concurrency", str(concurrency),
                           "--poll-interval", f"{poll_interval:g}").check()
         stats = sim.stats()
+        phases = timeline(run, manifest.with_suffix(".ledger.sqlite"))
     delta = stats_delta(before, endpoint_counts(stats))
     res = RateResult(rows=rows, rate=rate, requests=api_requests(delta), run=run, fixed=fixed,
                      max_rps=int(stats.get("max_requests_per_second", 0)))
@@ -84,6 +110,13 @@ def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
     print(f"process wall {run.wall:.2f} s = {run.wall / res.ideal:.3f}x ideal; "
           f"in-run (report) {res.in_run:.2f} s = {res.in_run / res.ideal:.3f}x ideal; "
           f"start-up + shutdown alone {fixed.wall:.2f} s")
+    if phases:
+        n = int(phases["accepted"])
+        paced = (n - 1) / rate
+        print(f"timeline: start-up {phases['startup']:.2f} s, ramp to the first accepted "
+              f"{phases['ramp']:.2f} s, steady {phases['steady']:.2f} s for {n} accepted "
+              f"({phases['steady'] / paced:.3f}x the {paced:.2f} s the rate allows), "
+              f"tail {phases['tail']:.2f} s, shutdown {phases['shutdown']:.2f} s")
     print(f"busiest 1 s window at the simulator: {res.max_rps} requests (rate {rate:g})")
     print(f"CPU {run.cpu:.2f} s (user {run.user:.2f} + sys {run.sys:.2f}) = "
           f"{res.cpu_ms_per_row:.3f} ms/row; fixed cost {fixed.cpu:.2f} s, "
