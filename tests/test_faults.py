@@ -11,7 +11,9 @@ SIGINT; nothing here repeats those.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import hashlib
 import json
 import random
 import signal
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from conftest import batcher_env, export_records, run_batcher, write_wav
 
 from batcher.simulator import restored_audio
@@ -103,6 +106,96 @@ def kill_campaign(args: list[str], sim: Any, *, seed: int, kills: int,
         proc.wait(timeout=30)
         seen.append(sim.stats())
     return seen
+
+
+
+class FakeDiffio:
+    """A tiny Diffio in a thread of this process, for answers the simulator never gives.
+
+    By default it accepts every generation (``queued``) and reports it
+    ``complete`` on the first poll. Tests replace :meth:`answer` to misbehave.
+    ``hits`` holds (arrival time, endpoint, request number) of every API call.
+    """
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[float, str, int]] = []
+        self.base_url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+
+    def __enter__(self) -> FakeDiffio:
+        self._thread.start()
+        assert self._ready.wait(10), "fake Diffio did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("*", "/v1/{endpoint}", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.match_info["endpoint"]
+        number = len(self.hits) + 1
+        self.hits.append((time.monotonic(), endpoint, number))
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        return self.answer(endpoint, body, number)
+
+    def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
+        """A well-behaved answer; override to misbehave."""
+        if endpoint.endswith("-generation"):
+            project = str(body.get("apiProjectId"))
+            gen = "gen-" + hashlib.sha256(
+                f"{project}|{body.get('idempotencyKey')}".encode()).hexdigest()[:16]
+            return web.json_response({"generationId": gen, "apiProjectId": project,
+                                      "modelKey": "diffio-3.5", "status": "queued"})
+        if endpoint == "get_generation_progress":
+            return web.json_response(self.progress(body, "complete"))
+        return web.json_response({"error": "not here", "code": "notFound"}, status=404)
+
+    @staticmethod
+    def progress(body: dict[str, Any], status: str) -> dict[str, Any]:
+        stage = {"jobId": "job", "jobState": "SUCCEEDED", "status": "complete",
+                 "progress": 100, "statusMessage": None, "error": None, "errorDetails": None}
+        return {"generationId": body.get("generationId"),
+                "apiProjectId": body.get("apiProjectId") or "p", "status": status,
+                "hasVideo": False, "preProcessing": stage, "inference": stage,
+                "error": None, "errorDetails": None}
+
+    def arrivals(self, start: float, end: float) -> int:
+        """API calls that arrived in [start, end)."""
+        return sum(1 for t, _, _ in self.hits if start <= t < end)
+
+    def max_window(self, width: float = 1.0) -> int:
+        """The most calls in any window of ``width`` seconds."""
+        times = [t for t, _, _ in self.hits]
+        best, lo = 0, 0
+        for hi, t in enumerate(times):
+            while times[lo] <= t - width:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
 
 
 # ------------------------------------------------------------------ crashes
@@ -243,40 +336,75 @@ def test_429_storm_pauses_every_worker_and_slows_the_whole_run(tmp_path: Path, s
                                                                 ) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.2,0.5", "--rate-limit", "15",
                     "--seed", "4")
-    manifest = project_manifest(tmp_path / "m.csv", 70)
+    manifest = project_manifest(tmp_path / "m.csv", 60)
     report = tmp_path / "report.json"
     start = time.monotonic()
     with Timeline(sim) as timeline:
         done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "50",
                                      "--poll-interval", "0.3", "--report", str(report)))
     wall = time.monotonic() - start
-    print(wall, timeline.first_429s())
     assert done.returncode == 0, done.stdout + done.stderr
-    assert statuses(export_records(manifest.with_suffix(".sqlite"))) == {"complete": 70}
+    assert statuses(export_records(manifest.with_suffix(".sqlite"))) == {"complete": 60}
     stats = sim.stats()
-    print({k: v for k, v in stats.items() if k != "charges_by_request"})
-    assert stats["extra_charges"] == 0 and stats["generations_created"] == 70
-    # The storm happened, and stayed a small share of the traffic.
+    assert stats["extra_charges"] == 0 and stats["generations_created"] == 60
+    # The storm happened, and the 429s stayed a small share of the traffic.
     assert stats["rate_limited"] >= 1
     assert stats["rate_limited"] < 0.25 * stats["requests"]
     # Slowed down globally: the server never saw the asked-for 50 per second,
     # only its own 15 and the few requests already on their way.
     assert stats["max_requests_per_second_by_key"]["sim-key"] <= 20
-    # Not hammering, not collapsing: the pace stays near the server's 15/s.
-    pace = stats["requests"] / wall
-    print("pace", pace)
-    assert 5 <= pace <= 16
+    # Neither hammering nor collapsing to a crawl: near the server's 15/s.
+    assert 5 <= stats["requests"] / wall <= 16
     # Retry-After (1 s here) pauses every worker: right after each 429 the
-    # server hears nothing, not just from the request that got it.
+    # server hears nothing at all, not just nothing from the one that got it.
     for t in timeline.first_429s():
         if t + 0.8 < timeline.samples[-1][0]:
-            quiet = timeline.requests_between(t + 0.15, t + 0.75)
-            print(t - start, quiet)
-    b = 0
-    base = timeline.samples[0][0]
-    prev = 0
-    for t, n, r in timeline.samples:
-        if t - base >= b:
-            print(f"{t-base:5.1f} +{n-prev} 429={r}")
-            prev = n
-            b += 0.5
+            assert timeline.requests_between(t + 0.15, t + 0.75) == 0, t - start
+    # The report tells the same story.
+    report_data = json.loads(report.read_text())
+    assert report_data["rateLimited"] == stats["rate_limited"]
+    assert report_data["requests"] == stats["requests"]
+
+
+class OneRetryAfter(FakeDiffio):
+    """Answers request number ``at`` with 429 and ``Retry-After: 2``, once."""
+
+    at = 40
+
+    def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
+        if number == self.at:
+            return web.json_response({"error": "Rate limit exceeded.", "code": "rateLimited"},
+                                     status=429, headers={"Retry-After": "2"})
+        return super().answer(endpoint, body, number)
+
+
+def test_retry_after_pauses_everyone_then_the_rate_is_cut_and_recovers(tmp_path: Path
+                                                                        ) -> None:
+    manifest = project_manifest(tmp_path / "m.csv", 130)
+    with OneRetryAfter() as fake:
+        done = run_batcher(*run_args(manifest, fake.base_url, "--rate", "50",
+                                     "--poll-interval", "0.05", "--concurrency", "16"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    t429 = next(t for t, _, n in fake.hits if n == OneRetryAfter.at)
+    assert fake.hits[-1][0] > t429 + 6, "too little traffic after the 429 to judge"
+    # Retry-After: 2 silences every worker for 2 s, not only the one that got it.
+    assert fake.arrivals(t429 + 0.1, t429 + 1.95) == 0
+    after = [fake.arrivals(t429 + 2 + i, t429 + 3 + i) for i in range(4)]
+    # Then a multiplicative cut (about half of 50 per second) ...
+    assert 8 <= after[0] <= 30, after
+    # ... and an additive recovery: the rate grows back second by second.
+    assert after[2] + after[3] >= after[0] + after[1] + 8, after
+    # Never above --rate in any 1 s window, burst after the pause included.
+    assert fake.max_window() <= 50
+
+
+def test_rate_200_is_never_exceeded_over_any_second(tmp_path: Path, simulator: Any) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "0,0.05")
+    manifest = project_manifest(tmp_path / "m.csv", 400)
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "200", "--poll-interval",
+                                 "0.05", "--concurrency", "32"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = sim.stats()
+    assert stats["requests"] >= 700  # several seconds' worth at 200/s
+    # Busy enough to press on the limit, and never over it.
+    assert 100 <= stats["max_requests_per_second_by_key"]["sim-key"] <= 200
