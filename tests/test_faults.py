@@ -21,10 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from conftest import batcher_env, export_records, run_batcher, write_wav
 
@@ -408,3 +410,91 @@ def test_rate_200_is_never_exceeded_over_any_second(tmp_path: Path, simulator: A
     assert stats["requests"] >= 700  # several seconds' worth at 200/s
     # Busy enough to press on the limit, and never over it.
     assert 100 <= stats["max_requests_per_second_by_key"]["sim-key"] <= 200
+
+
+# ------------------------------------------------------------- halts (exit 3)
+
+
+def test_spend_limit_halts_finishes_in_flight_and_resumes_after_raise(
+        tmp_path: Path, simulator: Any) -> None:
+    # 0.06 USD a generation: a 0.5 limit lets 8 through, the 9th is refused.
+    sim = simulator("--auto-create-projects", "--duration", "0.5,1", "--spend-limit", "0.5")
+    manifest = project_manifest(tmp_path / "m.csv", 20)
+    args = run_args(manifest, sim.base_url, "--rate", "50", "--poll-interval", "0.2")
+    done = run_batcher(*args)
+    assert done.returncode == 3, done.stdout + done.stderr
+    no_traceback(done)
+    output = done.stdout + done.stderr
+    assert "402" in output
+    for figure in ("spendLimitUsd=0.5", "usedUsd=", "pendingUsd=", "estimatedCostUsd=0.06"):
+        assert figure in output, figure
+    records = export_records(manifest.with_suffix(".sqlite"))
+    # What the API accepted was polled to its end; the rest waits, resumable.
+    assert statuses(records) == {"complete": 8, "pending": 12}
+    assert {r["error"]["httpStatus"] for r in records if r["status"] == "pending"
+            and r["error"] is not None} <= {402}
+    stats = sim.stats()
+    assert stats["generations_created"] == 8 and stats["spend_limit_refusals"] >= 1
+    # Stopped submitting: not one 402 per remaining row.
+    assert stats["spend_limit_refusals"] <= 16
+
+    sim.configure({"api_keys": {"sim-key": {"spend_limit_usd": 1000}}})
+    again = run_batcher(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    records = export_records(manifest.with_suffix(".sqlite"))
+    assert statuses(records) == {"complete": 20}
+    stats = sim.stats()
+    assert stats["extra_charges"] == 0
+    assert stats["generations_created"] == 20 and stats["charges"] == 20
+
+
+@pytest.mark.parametrize(("spec", "code"), [({"active": False}, "apiKeyInactive"),
+                                            ({"write": False}, "permissionDenied")])
+def test_inactive_key_or_key_without_write_halts_with_exit_3(
+        tmp_path: Path, simulator: Any, spec: dict[str, Any], code: str) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
+    sim.configure({"api_keys": {"sim-key": spec}})
+    manifest = project_manifest(tmp_path / "m.csv", 30)
+    args = run_args(manifest, sim.base_url, "--rate", "50", "--poll-interval", "0.2")
+    start = time.monotonic()
+    done = run_batcher(*args)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert time.monotonic() - start < 10
+    no_traceback(done)
+    assert code in done.stdout + done.stderr
+    stats = sim.stats()
+    assert stats["charges"] == 0
+    # Halted at once, not one refusal per row.
+    assert stats["requests"] <= 20
+    assert statuses(export_records(manifest.with_suffix(".sqlite"))) == {"pending": 30}
+    # Resumable: once the key is fixed the same command finishes the job.
+    sim.configure({"api_keys": {"sim-key": {"active": True, "write": True}}})
+    again = run_batcher(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sim.stats()["generations_created"] == 30
+
+
+def test_project_of_another_key_fails_its_row_only(tmp_path: Path, simulator: Any) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "0.1,0.3", "--api-key", "sim-key",
+                    "--api-key", "other-key")
+    req = urllib.request.Request(
+        sim.root + "/_sim/projects", method="POST",
+        data=json.dumps({"apiKey": "other-key", "apiProjectId": "p-other"}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("apiProjectId,prompt\n" + "".join(
+        f"{'p-other' if i == 3 else f'p-mine-{i}'},clean\n" for i in range(8)))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "50",
+                                 "--poll-interval", "0.2"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    no_traceback(done)
+    records = {r["line"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
+    assert records[4]["status"] == "failed"
+    assert records[4]["error"]["httpStatus"] == 403
+    assert "own" in records[4]["error"]["message"]
+    assert all(r["status"] == "complete" for line, r in records.items() if line != 4)
+    stats = sim.stats()
+    assert stats["charges_by_key"] == {"sim-key": 7}
+    assert stats["extra_charges"] == 0
