@@ -29,7 +29,9 @@ __all__ = [
     "release",
 ]
 
-# Spelt as the partial index ledger_rows_leasable spells it, so SQLite uses it.
+# Spelt as the partial index ledger_rows_leasable spells it, so SQLite can use
+# it; INDEXED BY makes it (SQLite would rather take the stage index and sort
+# every active row on each call) and fails loudly should the two drift apart.
 _ACTIVE = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STAGES))
 _LEASABLE = f"NOT retired AND leader_row_id IS NULL\n  AND stage IN ({_ACTIVE})"
 _FREE = "(lease_owner IS NULL OR lease_expires < :now)"
@@ -46,7 +48,8 @@ _RENEW = "UPDATE ledger_rows SET lease_expires = :now + :ttl WHERE lease_owner =
 _LIVE_COUNT = "SELECT COUNT(*) FROM ledger_workers WHERE heartbeat_at + ttl >= :now"
 _KNOWN = "SELECT 1 FROM ledger_workers WHERE worker_id = :worker_id"
 _CANDIDATES = f"""
-SELECT row_id, stage, lease_owner, lease_expires FROM ledger_rows
+SELECT row_id, stage, lease_owner, lease_expires
+FROM ledger_rows INDEXED BY ledger_rows_leasable
 WHERE {_LEASABLE}
   AND {_FREE}
 ORDER BY line, row_id
@@ -75,7 +78,8 @@ WHERE w.heartbeat_at + w.ttl >= :now
 ORDER BY w.started_at, w.worker_id
 """
 _PENDING = f"""
-SELECT COALESCE(SUM({_FREE}), 0), COALESCE(SUM(NOT {_FREE}), 0) FROM ledger_rows
+SELECT COALESCE(SUM({_FREE}), 0), COALESCE(SUM(NOT {_FREE}), 0)
+FROM ledger_rows INDEXED BY ledger_rows_leasable
 WHERE {_LEASABLE}
 """
 _EVENT = """
