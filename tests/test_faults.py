@@ -116,11 +116,13 @@ class FakeDiffio:
 
     By default it accepts every generation (``queued``) and reports it
     ``complete`` on the first poll. Tests replace :meth:`answer` to misbehave.
-    ``hits`` holds (arrival time, endpoint, request number) of every API call.
+    ``hits`` holds (arrival time, endpoint, request number) of every API call,
+    ``bodies`` their JSON bodies.
     """
 
     def __init__(self) -> None:
         self.hits: list[tuple[float, str, int]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.base_url = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -162,14 +164,17 @@ class FakeDiffio:
             body = await request.json()
         except ValueError:
             body = {}
+        self.bodies.append(body)
         return self.answer(endpoint, body, number)
 
     def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
         """A well-behaved answer; override to misbehave."""
         if endpoint.endswith("-generation"):
             project = str(body.get("apiProjectId"))
-            gen = "gen-" + hashlib.sha256(
-                f"{project}|{body.get('idempotencyKey')}".encode()).hexdigest()[:16]
+            # The project is readable in the id, so misbehaving tests can
+            # pick their victims by project.
+            gen = f"gen-{project}-" + hashlib.sha256(
+                str(body.get("idempotencyKey")).encode()).hexdigest()[:12]
             return web.json_response({"generationId": gen, "apiProjectId": project,
                                       "modelKey": "diffio-3.5", "status": "queued"})
         if endpoint == "get_generation_progress":
@@ -498,3 +503,169 @@ def test_project_of_another_key_fails_its_row_only(tmp_path: Path, simulator: An
     stats = sim.stats()
     assert stats["charges_by_key"] == {"sim-key": 7}
     assert stats["extra_charges"] == 0
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_csv_mixing_good_rows_with_every_kind_of_bad_one(tmp_path: Path, simulator: Any
+                                                         ) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
+    write_wav(tmp_path / "audio" / "take.wav")
+    long_key = "k" * 256
+    lines = [
+        "apiProjectId,file,prompt,params,idempotencyKey,promt",  # promt: a typo
+        "p-good-1,,clean,,,",                      # row 1
+        "p-both,audio/take.wav,x,,,",              # row 2: both sources
+        ",,neither,,,",                            # row 3: neither
+        "p-json,,x,{bad json,,",                   # row 4: params not JSON
+        ",audio/missing.wav,x,,,",                 # row 5: no such file
+        f"p-longkey,,x,,{long_key},",              # row 6: key over 255
+        "",                                        # not a row
+        "p-typo,,,,,clean it",                     # row 7: value in the typo column
+        ",audio/take.wav,ok,,,",                   # row 8
+        'p-good-2,,clean,"{""x"": 1}",,',          # row 9
+    ]
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "50",
+                                 "--poll-interval", "0.1"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    no_traceback(done)
+    records = {r["line"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
+    assert sorted(records) == list(range(1, 10))
+    good = {1: "p-good-1", 8: None, 9: "p-good-2"}
+    for line, project in good.items():
+        assert records[line]["status"] == "complete", records[line]
+        if project:  # the BOM and the CR did not stick to any value
+            assert records[line]["apiProjectId"] == project
+    expected = {2: ("apiProjectId", "file"), 3: ("neither", "apiProjectId", "file"),
+                4: ("params", "JSON"),
+                5: ("file", "missing.wav"), 6: ("idempotencyKey", "255"),
+                7: ("promt", "prompt")}
+    for line, words in expected.items():
+        rec = records[line]
+        assert rec["status"] == "failed", rec
+        assert rec["error"]["code"] == "invalidRow"
+        message = rec["error"]["message"]
+        assert f"row {line}" in message and "m.csv" in message, message
+        for word in words:
+            assert word in message, (word, message)
+        # Reported as the run goes too, with the row number, not only in the ledger.
+        assert f"row {line}" in done.stderr, done.stderr
+    stats = sim.stats()
+    assert stats["generations_created"] == 3 and stats["extra_charges"] == 0
+
+
+def test_jsonl_with_a_non_json_line_and_a_non_object_line(tmp_path: Path, simulator: Any
+                                                         ) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
+    write_wav(tmp_path / "take.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"apiProjectId": "p-good-1", "prompt": "clean"}),   # row 1
+        "{this is not json",                                           # row 2
+        json.dumps([1, 2, 3]),                                         # row 3
+        "",                                                            # not a row
+        json.dumps("just a string"),                                   # row 4
+        json.dumps({"file": "take.wav", "params": {"prompt": "x"}}),   # row 5
+        json.dumps({"apiProjectId": 5}),                               # row 6
+        json.dumps({"apiProjectId": "p-good-2", "sampling": {"seed": 3}}),  # row 7
+    ]) + "\n")
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "50",
+                                 "--poll-interval", "0.1"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    no_traceback(done)
+    records = {r["line"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
+    assert {line: r["status"] for line, r in records.items()} == {
+        1: "complete", 2: "failed", 3: "failed", 4: "failed", 5: "complete", 6: "failed",
+        7: "complete"}
+    for line in (2, 3, 4, 6):
+        error = records[line]["error"]
+        assert error["code"] == "invalidRow"
+        assert f"row {line}" in error["message"] and "m.jsonl" in error["message"]
+    assert "JSON" in records[2]["error"]["message"]
+    assert "object" in records[3]["error"]["message"]
+    assert "object" in records[4]["error"]["message"]
+    assert "apiProjectId" in records[6]["error"]["message"]
+    assert sim.stats()["generations_created"] == 3
+
+
+# ---------------------------------------------------------------- bad answers
+
+
+def test_html_502_pages_and_truncated_json_are_retried_to_completion(
+        tmp_path: Path, simulator: Any) -> None:
+    sim = simulator("--duration", "0.1,0.3", "--html-rate", "0.2", "--truncated-rate", "0.2",
+                    "--auto-create-projects", "--seed", "21")
+    _, files = file_manifest(tmp_path, 8)
+    manifest = tmp_path / "mixed.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["apiProjectId", "file", "prompt"])
+        for path in files:
+            writer.writerow(["", str(path.relative_to(tmp_path)), "clean"])
+        for i in range(24):
+            writer.writerow([f"p-{i:02d}", "", "clean"])
+    # 36 % of answers are bad: ten attempts make a row's failure unlikely.
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "60", "--poll-interval",
+                                 "0.2", "--max-attempts", "10", "-v"))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    no_traceback(done)
+    records = export_records(manifest.with_suffix(".sqlite"))
+    assert statuses(records) == {"complete": 32}
+    for path, rec in zip(files, records[:8], strict=True):
+        assert Path(rec["output"]).read_bytes() == restored_audio(path.read_bytes())
+    stats = sim.stats()
+    assert stats["html_errors_injected"] >= 5 and stats["truncated_responses"] >= 5
+    assert stats["extra_charges"] == 0
+    assert stats["generations_created"] == 32 and stats["generations_without_upload"] == 0
+
+
+class BadAnswers(FakeDiffio):
+    """Answers that break the API's promises, each for one project."""
+
+    def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
+        project = str(body.get("apiProjectId"))
+        if endpoint.endswith("-generation") and project == "p-nogen":
+            # 200 without the generationId every caller needs.
+            return web.json_response({"apiProjectId": project, "status": "queued"})
+        if endpoint == "get_generation_progress" and project == "p-weird":
+            return web.json_response(self.progress(body, "weird"))
+        if endpoint == "get_generation_progress" and project == "p-nostatus":
+            answer = self.progress(body, "complete")
+            del answer["status"]
+            return web.json_response(answer)
+        return super().answer(endpoint, body, number)
+
+
+def test_200_without_required_fields_and_unknown_status_fail_their_rows_only(
+        tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    projects = ["p-ok-1", "p-nogen", "p-ok-2", "p-weird", "p-nostatus", "p-ok-3"]
+    manifest.write_text("apiProjectId\n" + "".join(f"{p}\n" for p in projects))
+    with BadAnswers() as fake:
+        done = run_batcher(*run_args(manifest, fake.base_url, "--rate", "50",
+                                     "--poll-interval", "0.05", "--max-attempts", "3"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    no_traceback(done)
+    records = {r["apiProjectId"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
+    for project in ("p-ok-1", "p-ok-2", "p-ok-3"):
+        assert records[project]["status"] == "complete"
+    nogen = records["p-nogen"]
+    assert nogen["status"] == "failed" and nogen["error"]["code"] == "badResponse"
+    assert "generationId" in nogen["error"]["message"]
+    # Retried a bounded number of times, always with the same key (a replay
+    # if the API had in fact created it).
+    posts = [b for (_, endpoint, _), b in zip(fake.hits, fake.bodies, strict=True)
+             if endpoint.endswith("-generation") and b.get("apiProjectId") == "p-nogen"]
+    assert len(posts) == 3 == nogen["attempts"]
+    assert {b["idempotencyKey"] for b in posts} == {nogen["idempotencyKey"]}
+    weird = records["p-weird"]
+    assert weird["status"] == "failed" and weird["error"]["code"] == "unknownStatus"
+    assert "weird" in weird["error"]["message"] and weird["apiStatus"] == "weird"
+    nostatus = records["p-nostatus"]
+    assert nostatus["status"] == "failed" and nostatus["error"]["code"] == "badResponse"
+    assert "'status'" in nostatus["error"]["message"]
+    # The summary names them too.
+    assert "unknownStatus" in done.stdout and "badResponse" in done.stdout
