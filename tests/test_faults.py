@@ -669,3 +669,111 @@ def test_200_without_required_fields_and_unknown_status_fail_their_rows_only(
     assert "'status'" in nostatus["error"]["message"]
     # The summary names them too.
     assert "unknownStatus" in done.stdout and "badResponse" in done.stdout
+
+
+# -------------------------------------------------------------------- secrets
+
+CANARY = "sk-SECRET-canary-1234"
+
+
+def files_containing(root: Path, secret: str) -> list[Path]:
+    needle = secret.encode()
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_the_api_key_appears_nowhere_after_a_faulty_run(tmp_path: Path, simulator: Any
+                                                        ) -> None:
+    sim = simulator("--api-key", CANARY, "--auto-create-projects", "--duration", "0.1,0.3",
+                    "--error-rate", "0.1", "--lost-rate", "0.1", "--html-rate", "0.1",
+                    "--truncated-rate", "0.1", "--seed", "8")
+    _, files = file_manifest(tmp_path, 6)
+    manifest = tmp_path / "mixed.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["apiProjectId", "file", "prompt"])
+        for path in files:
+            writer.writerow(["", str(path.relative_to(tmp_path)), "clean"])
+        for i in range(12):
+            writer.writerow([f"p-{i:02d}", "", "clean"])
+    report, metrics = tmp_path / "report.json", tmp_path / "metrics.prom"
+    env = batcher_env(CANARY)
+    args = run_args(manifest, sim.base_url, "--rate", "60", "--poll-interval", "0.2",
+                    "--max-attempts", "10", "--report", str(report), "--metrics", str(metrics),
+                    "-vv", "--log-json")
+    # First killed mid-run, so the SQLite write-ahead log is still on disk.
+    proc = start_run(args, env=env)
+    wait_for(lambda: sim.stats()["generations_created"] >= 4)
+    proc.kill()
+    out, err = proc.communicate(timeout=10)
+    ledger = manifest.with_suffix(".sqlite")
+    assert Path(f"{ledger}-wal").exists()
+    assert CANARY not in out + err
+    assert files_containing(tmp_path, CANARY) == []
+    done = run_batcher(*args, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    logged = [json.loads(line) for line in (err + done.stderr).splitlines()
+              if line.startswith("{")]
+    assert len(logged) > 10  # -vv --log-json really logged, retries included
+    export = run_batcher("export", str(ledger), "--format", "csv", "-o",
+                         str(tmp_path / "export.csv"), env=env)
+    status = run_batcher("status", str(ledger), "-vv", env=env)
+    assert export.returncode == 0 and status.returncode == 0
+    for text in (done.stdout, done.stderr, status.stdout, status.stderr,
+                 json.dumps(export_records(ledger))):
+        assert CANARY not in text
+    assert report.exists() and metrics.exists() and ledger.exists()
+    assert files_containing(tmp_path, CANARY) == []
+    stats = sim.stats()
+    assert stats["errors_injected"] + stats["lost_responses"] > 0
+    assert stats["uploads"] == 6 and stats["downloads"] >= 6
+    assert stats["signed_url_requests_with_key"] == 0
+
+
+class EchoesTheKey(FakeDiffio):
+    """A hostile server that puts the caller's Authorization header in its answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_seen = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.key_seen = request.headers.get("Authorization", "")
+        return await super()._handle(request)
+
+    def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
+        key = self.key_seen
+        project = str(body.get("apiProjectId"))
+        if project == "p-400":
+            return web.json_response({"error": f"bad request from {key}", "code": "x" + key},
+                                     status=400)
+        if project == "p-502":
+            return web.Response(status=502, text=f"<html>upstream saw {key}</html>",
+                                content_type="text/html")
+        if endpoint == "get_generation_progress" and project == "p-failed":
+            answer = self.progress(body, "failed")
+            answer["error"] = f"inference failed for {key}"
+            answer["errorDetails"] = f"details: {key}"
+            return web.json_response(answer)
+        return super().answer(endpoint, body, number)
+
+
+def test_a_server_echoing_the_key_cannot_make_batcher_write_it(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("apiProjectId\np-ok\np-400\np-502\np-failed\n")
+    env = batcher_env(CANARY)
+    with EchoesTheKey() as fake:
+        done = run_batcher(*run_args(manifest, fake.base_url, "--rate", "50",
+                                     "--poll-interval", "0.05", "--max-attempts", "2",
+                                     "--report", str(tmp_path / "r.json"), "-vv"), env=env)
+        assert fake.key_seen == f"Bearer {CANARY}"
+    assert done.returncode == 1, done.stdout + done.stderr
+    no_traceback(done)
+    records = {r["apiProjectId"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
+    assert records["p-ok"]["status"] == "complete"
+    assert {records[p]["status"] for p in ("p-400", "p-502", "p-failed")} == {"failed"}
+    assert CANARY not in done.stdout + done.stderr
+    assert CANARY not in json.dumps(records)
+    assert files_containing(tmp_path, CANARY) == []
+    # The rest of the server's words are kept: the redaction is surgical.
+    assert "bad request from" in records["p-400"]["error"]["message"]
+    assert "inference failed" in records["p-failed"]["error"]["message"]
