@@ -419,9 +419,7 @@ async def test_the_password_never_shows(schema: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_migrations_from_processes_starting_at_once_apply_once(
-    url: str, schema: str
-) -> None:
+async def test_migrations_from_processes_starting_at_once_apply_once(url: str, schema: str) -> None:
     children = [Child(url, "open", 0) for _ in range(3)]
     try:
         for child in children:
@@ -436,8 +434,7 @@ async def test_migrations_from_processes_starting_at_once_apply_once(
         versions = await conn.fetch("SELECT version, name FROM ledger_migrations ORDER BY 1")
         assert [tuple(v) for v in versions] == [(1, "initial"), (2, "leases")]
         tables = await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
-            "ORDER BY 1",
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
             schema,
         )
         assert [t[0] for t in tables] == [

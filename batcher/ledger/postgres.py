@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import anyio
 import asyncpg
@@ -56,6 +56,7 @@ from batcher.ledger.base import (
     stage_set,
 )
 from batcher.ledger.migrations import pending_migrations
+from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
     PgUrl,
     Query,
@@ -69,9 +70,6 @@ from batcher.ledger.postgres_sql import (
 # values (JSON as text, error code/message copies), so an export is the same.
 from batcher.ledger.sqlite import _dumps, _error_columns, _new_row_params, _to_row
 
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
 __all__ = ["PostgresLedger"]
 
 log = logging.getLogger(__name__)
@@ -80,22 +78,12 @@ _STAGES: dict[str, Stage] = {s.value: s for s in Stage}
 _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
 _DELTAS = frozenset({"attempts_delta", "polls_delta"})
 _SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
-_INVALID_ROW = "invalidRow"
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _IMPORT_TRIES = 5
-_INSERT_COLUMNS = (
-    "row_id", "line", "kind", "stage", "idempotency_key", "model_key", "api_project_id",
-    "sampling", "params", "source_path", "source_sha256", "source_size", "output_rel",
-    "error", "error_code", "error_message", "explicit_key", "request_digest", "group_key",
-    "leader_row_id",
-)  # fmt: skip
 # What a broken connection or statement can raise; all become LedgerError.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Lost races between hosts; the whole transaction is safe to run again.
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-
-Record = asyncpg.Record
-Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
 class PostgresLedger:
@@ -283,160 +271,17 @@ class PostgresLedger:
         pool = self._pool_for(write=True)
         if not prepared:
             return []
+        batch = BatchImport(self._q, self._run_id(), self._epoch)
         for attempt in range(1, _IMPORT_TRIES + 1):
             try:
                 with self._translate("import rows"):
                     async with pool.acquire() as conn, conn.transaction():
-                        return await self._import_batch(conn, prepared)
+                        return await batch.run(conn, prepared, self._clock())
             except LedgerError as exc:
                 if not isinstance(exc.__cause__, _RETRYABLE) or attempt == _IMPORT_TRIES:
                     raise
                 log.info("ledger.import_retry", extra={"attempt": attempt, "error": str(exc)})
         raise AssertionError("unreachable")
-
-    async def _import_batch(
-        self, conn: Conn, prepared: list[tuple[NewRow, dict[str, Any]]]
-    ) -> list[LedgerRow]:
-        q = self._q
-        now = self._clock()
-        base = {"run_id": self._run_id(), "epoch": self._epoch, "now": now, "at": now}
-        ids = list(dict.fromkeys(p["row_id"] for _, p in prepared))
-        lock = q["lock_rows"]
-        existing = {r["row_id"] for r in await conn.fetch(lock.text, *lock.args({"row_ids": ids}))}
-        leaders = await self._leaders(conn, prepared, ids)
-        inserted: dict[str, Record] = {}
-        fresh: dict[str, tuple[NewRow, dict[str, Any]]] = {}
-        for new, p in prepared:
-            if p["row_id"] not in existing and p["row_id"] not in fresh:
-                fresh[p["row_id"]] = (new, p)
-        if fresh:
-            columns: dict[str, list[Any]] = {c: [] for c in _INSERT_COLUMNS}
-            for new, p in fresh.values():
-                stage = Stage.FAILED if new.error is not None else Stage.PENDING
-                values = {**p, "stage": stage.value, "leader_row_id": leaders.get(new.row_id)}
-                for c in _INSERT_COLUMNS:
-                    columns[c].append(values[c])
-            ins = q["insert_rows"]
-            for r in await conn.fetch(ins.text, *ins.args({**base, **columns})):
-                inserted[r["row_id"]] = r
-            events: dict[str, list[Any]] = {"row_ids": [], "to_stages": [], "details": []}
-            for rid, r in inserted.items():
-                new = fresh[rid][0]
-                detail = {"line": new.line, **({"error": new.error} if new.error else {})}
-                events["row_ids"].append(rid)
-                events["to_stages"].append(r["stage"])
-                events["details"].append(orjson.dumps(detail).decode())
-            if inserted:
-                ev = q["insert_import_events"]
-                await conn.execute(ev.text, *ev.args({**base, **events}))
-        marked: dict[str, Record] = {}
-        others = [(p["row_id"], p["line"]) for _, p in prepared if p["row_id"] not in inserted]
-        if others:
-            ms = q["mark_seen_rows"]
-            params = {**base, "row_ids": [o[0] for o in others], "lines": [o[1] for o in others]}
-            for r in await conn.fetch(ms.text, *ms.args(params)):
-                marked[r["row_id"]] = r
-        out: list[LedgerRow] = []
-        for new, p in prepared:
-            rid = p["row_id"]
-            if rid in inserted:
-                out.append(_to_row(dict(inserted[rid])))
-            else:
-                out.append(await self._refresh(conn, new, p, marked[rid], leaders, now))
-        return out
-
-    async def _leaders(
-        self,
-        conn: Conn,
-        prepared: list[tuple[NewRow, dict[str, Any]]],
-        ids: list[str],
-    ) -> dict[str, str]:
-        """row_id -> the first earlier row of its group in the manifest imported now.
-
-        Candidates, as SQLite sees them importing row by row: rows outside the
-        batch seen since this run's epoch (every host imports in line order,
-        so earlier batches have been marked seen by this run already) and the
-        rows before this one in the batch. Rows without a leader are left out.
-        """
-        groups = sorted({p["group_key"] for _, p in prepared if p["group_key"] is not None})
-        if not groups:
-            return {}
-        gl = self._q["group_leaders"]
-        params = {"groups": groups, "epoch": self._epoch, "row_ids": ids}
-        seen: dict[str, list[tuple[int, str]]] = {g: [] for g in groups}
-        for r in await conn.fetch(gl.text, *gl.args(params)):
-            seen[r["group_key"]].append((r["line"], r["row_id"]))
-        leaders: dict[str, str] = {}
-        for _, p in prepared:
-            group = p["group_key"]
-            if group is None:
-                continue
-            earlier = [
-                (line, rid) for line, rid in seen[group] if line < p["line"] and rid != p["row_id"]
-            ]
-            if earlier:
-                leaders[p["row_id"]] = min(earlier)[1]
-            seen[group].append((p["line"], p["row_id"]))
-        return leaders
-
-    async def _refresh(
-        self,
-        conn: Conn,
-        new: NewRow,
-        params: dict[str, Any],
-        row: Record,
-        leaders: Mapping[str, str],
-        now: float,
-    ) -> LedgerRow:
-        """A known row: fail it if it turned invalid, restart it if it came valid."""
-        q = self._q
-        stage = _STAGES[row["stage"]]
-        full = {**params, "now": now}
-        if new.error is not None:
-            stored = orjson.loads(row["error"]) if row["error"] is not None else None
-            if stage is Stage.PENDING or (
-                stage is Stage.FAILED and stored != orjson.loads(params["error"])
-            ):
-                found = await conn.fetchrow(q["mark_invalid"].text, *q["mark_invalid"].args(full))
-                if found is not None:
-                    await self._event(
-                        conn, new.row_id, now, stage, Stage.FAILED, "invalid", params["error"]
-                    )
-                    row = found
-        elif (
-            stage is Stage.FAILED
-            and row["error_code"] == _INVALID_ROW
-            and row["generation_id"] is None
-        ):
-            full["leader_row_id"] = leaders.get(new.row_id)
-            rv = q["revalidate_row"]
-            found = await conn.fetchrow(rv.text, *rv.args(full))
-            if found is not None:
-                await self._event(conn, new.row_id, now, stage, Stage.PENDING, "revalidated", "{}")
-                row = found
-        return _to_row(dict(row))
-
-    async def _event(
-        self,
-        conn: Conn,
-        row_id: str,
-        at: float,
-        from_stage: Stage | None,
-        to_stage: Stage,
-        event: str,
-        detail: str,
-    ) -> None:
-        q = self._q["insert_event"]
-        params = {
-            "row_id": row_id,
-            "at": at,
-            "from_stage": from_stage.value if from_stage else None,
-            "to_stage": to_stage.value,
-            "event": event,
-            "detail": detail,
-            "run_id": self._run_id(),
-        }
-        await conn.execute(q.text, *q.args(params))
 
     async def finish_import(self) -> int:
         """Retire rows no import since this run opened has seen; return how many."""

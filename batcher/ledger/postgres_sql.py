@@ -99,9 +99,7 @@ class PgUrl:
             else:
                 kept.append((key, value))
         if schema is not None and not _SCHEMA.fullmatch(schema):
-            raise ConfigError(
-                f"schema must be a plain identifier (letters, digits, _): {schema!r}"
-            )
+            raise ConfigError(f"schema must be a plain identifier (letters, digits, _): {schema!r}")
         dsn = urlunsplit(parts._replace(query=urlencode(kept)))
         return cls(dsn=dsn, shown=redact_url(url), schema=schema, secrets=secrets)
 
