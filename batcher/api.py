@@ -53,7 +53,7 @@ async def run_manifest_async(source: str | Path | Settings, **kwargs: Any) -> Ru
     from .app import run_job
 
     settings = source if isinstance(source, Settings) else make_settings(source, **kwargs)
-    return await run_job(settings, progress=False)
+    return await run_job(settings, progress="off")
 
 
 def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:

@@ -55,7 +55,7 @@ async def run_job(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stats: RunStats | None = None,
-    progress: bool = True,
+    progress: str = "auto",
     cancel_scope: anyio.CancelScope | None = None,
     interrupted: list[int] | None = None,
 ) -> RunResult:
@@ -65,16 +65,15 @@ async def run_job(
     ManifestError before anything is sent. Cancellation (a signal) leaves the
     ledger closed and consistent, and propagates.
     """
-    ledger = ledger or open_ledger(settings.ledger)
     stats = stats or RunStats()
+    if settings.dry_run:
+        return await _dry_run(settings, ledger, stats)
+    ledger = ledger or open_ledger(settings.ledger)
     await ledger.open(_run_info(), lock=True)
     exit_code: int | None = None
+    result: RunResult | None = None
     try:
-        if settings.dry_run:
-            from .plan import make_plan
-
-            result = await make_plan(settings, ledger, stats)
-        else:
+        if True:
             result = await _run(settings, ledger, stats, sim_config=sim_config, clock=clock,
                                 rng=rng, progress=progress)
         exit_code = result.exit_code
@@ -84,11 +83,45 @@ async def run_job(
         raise
     finally:
         with anyio.CancelScope(shield=True):
+            counts = result.counts if result is not None else None
+            if counts is None and (settings.report is not None or settings.metrics is not None):
+                counts = await _counts(ledger)
             await ledger.close(exit_code)
             if settings.report is not None or settings.metrics is not None:
                 from .report import write_outputs
 
-                write_outputs(settings, stats, exit_code)
+                write_outputs(settings, stats, exit_code, counts)
+
+
+async def _counts(ledger: Ledger) -> dict[str, int] | None:
+    from .ledger.base import contract_status
+
+    try:
+        by_stage = await ledger.counts()
+    except Exception:  # the report must not hide the run's own error
+        log.exception("report.counts_failed")
+        return None
+    counts = {"pending": 0, "submitted": 0, "complete": 0, "failed": 0}
+    for stage, n in by_stage.items():
+        counts[contract_status(stage)] += n
+    return counts
+
+
+async def _dry_run(settings: Settings, ledger: Ledger | None, stats: RunStats) -> RunResult:
+    """The plan, compared with the ledger read-only; nothing is created or recorded."""
+    from .ledger.memory import MemoryLedger
+    from .plan import make_plan
+
+    url = settings.ledger
+    if ledger is None:
+        exists = "://" in url or await anyio.Path(url).exists()
+        ledger = open_ledger(url) if exists else MemoryLedger()
+    await ledger.open(_run_info(), lock=False)
+    try:
+        return await make_plan(settings, ledger, stats)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close(None)
 
 
 async def _run(
@@ -99,7 +132,7 @@ async def _run(
     sim_config: Any,
     clock: Clock | None,
     rng: random.Random | None,
-    progress: bool,
+    progress: str,
 ) -> RunResult:
     clock = clock or SystemClock()
     async with AsyncExitStack() as stack:
@@ -126,11 +159,12 @@ async def _run(
                               timeout=settings.timeout, on_request=stats.on_request)
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
                         stats=stats)
-        if not progress:
+        if progress == "off":
             return await runner.run()
         from .progress import ProgressReporter
 
-        reporter = ProgressReporter(stats, every=settings.progress_every)
+        reporter = ProgressReporter(stats, every=settings.progress_every,
+                                    json=progress == "json")
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:

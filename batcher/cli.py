@@ -152,7 +152,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _error(f"--sim-config {args.sim_config}: {exc}")
             return 2
     try:
-        result: int = anyio.run(_run_with_signals, settings, sim_config, backend="asyncio")
+        progress = "off" if args.quiet else "json" if args.log_json else "auto"
+        result: int = anyio.run(_run_with_signals, settings, sim_config, progress,
+                                backend="asyncio")
     except Exception as exc:
         found = _batcher_error(exc)
         if found is None:
@@ -177,7 +179,7 @@ def _batcher_error(exc: BaseException) -> BatcherError | None:
     return None
 
 
-async def _run_with_signals(settings: Settings, sim_config: Any) -> int:
+async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) -> int:
     from .app import run_job
     from .report import print_summary
 
@@ -194,12 +196,13 @@ async def _run_with_signals(settings: Settings, sim_config: Any) -> int:
     result = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        result = await run_job(settings, sim_config=sim_config,
+        result = await run_job(settings, sim_config=sim_config, progress=progress,
                                cancel_scope=tg.cancel_scope, interrupted=interrupted)
         tg.cancel_scope.cancel()
     if result is None:
         return 130
-    print_summary(result, settings, stream=sys.stdout)
+    if not settings.dry_run:
+        print_summary(result, settings, stream=sys.stdout)
     return 130 if interrupted else result.exit_code
 
 

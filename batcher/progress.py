@@ -7,13 +7,15 @@ terminal a plain line is printed every ``every`` seconds instead.
 from __future__ import annotations
 
 import sys
+import time
 from typing import TextIO
 
 import anyio
+import orjson
 
 from .runstats import RunStats
 
-__all__ = ["ProgressReporter", "progress_line"]
+__all__ = ["ProgressReporter", "progress_json", "progress_line"]
 
 
 def _eta(seconds: float | None) -> str:
@@ -37,15 +39,28 @@ def progress_line(stats: RunStats) -> str:
     )
 
 
+def progress_json(stats: RunStats) -> str:
+    """The progress line as one JSON object, for --log-json."""
+    todo = stats.rows_total - stats.rows_skipped - stats.rows_invalid
+    eta = stats.eta()
+    return orjson.dumps({
+        "ts": round(time.time(), 3), "level": "info", "logger": "batcher.progress",
+        "event": "progress", "done": stats.done, "todo": todo, "failed": stats.failed,
+        "inFlight": max(stats.in_flight, 0), "requestsPerSecond": round(stats.request_rate(), 2),
+        "rateLimited": stats.rate_limited, "etaSeconds": None if eta is None else round(eta, 1),
+    }).decode()
+
+
 class ProgressReporter:
     """Shows progress until stopped; chooses bar or lines by the stream."""
 
     def __init__(self, stats: RunStats, *, every: float = 10.0,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, json: bool = False) -> None:
         self.stats = stats
         self.every = max(every, 0.2)
         self.stream = stream or sys.stderr
-        self._live = self.stream.isatty()
+        self._json = json
+        self._live = self.stream.isatty() and not json
         self._progress: object | None = None
 
     async def run(self) -> None:
@@ -55,7 +70,8 @@ class ProgressReporter:
         else:
             while True:
                 await anyio.sleep(self.every)
-                print(progress_line(self.stats), file=self.stream, flush=True)
+                line = progress_json(self.stats) if self._json else progress_line(self.stats)
+                print(line, file=self.stream, flush=True)
 
     async def _run_bar(self) -> None:
         from rich.console import Console

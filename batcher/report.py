@@ -130,34 +130,44 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
     return 0
 
 
-def metrics_text(stats: RunStats, exit_code: int | None) -> str:
-    """Prometheus textfile format (for node_exporter's textfile collector)."""
+def metrics_text(stats: RunStats, exit_code: int | None,
+                 counts: dict[str, int] | None = None) -> str:
+    """Prometheus textfile format (for node_exporter's textfile collector).
+
+    Per-run counts are counters (they start from zero with each run, as a
+    restarted process's counters do); states are gauges.
+    """
     snap = stats.snapshot()
-    lines = [
-        "# HELP batcher_rows_finished_total Rows finished by the last run, by outcome.",
-        "# TYPE batcher_rows_finished_total gauge",
-        f'batcher_rows_finished_total{{outcome="complete"}} {snap["completedThisRun"]}',
-        f'batcher_rows_finished_total{{outcome="failed"}} {snap["failedThisRun"]}',
-        "# HELP batcher_requests_total API requests of the last run, by endpoint.",
-        "# TYPE batcher_requests_total gauge",
-    ]
-    for endpoint, n in sorted(stats.requests_by_endpoint().items()):
-        lines.append(f'batcher_requests_total{{endpoint="{endpoint}"}} {n}')
-    lines += [
-        "# TYPE batcher_rate_limited_total gauge",
-        f"batcher_rate_limited_total {snap['rateLimited']}",
-        "# TYPE batcher_polls_total gauge",
-        f"batcher_polls_total {snap['polls']}",
-        "# TYPE batcher_run_duration_seconds gauge",
-        f"batcher_run_duration_seconds {snap['durationSeconds']}",
-        "# TYPE batcher_estimated_spend_usd gauge",
-        f"batcher_estimated_spend_usd {snap['estimatedSpendUsd']}",
-        "# TYPE batcher_last_exit_code gauge",
-        f"batcher_last_exit_code {exit_code if exit_code is not None else -1}",
-        "# TYPE batcher_last_run_timestamp_seconds gauge",
-        f"batcher_last_run_timestamp_seconds {time.time():.0f}",
-    ]
-    return "\n".join(lines) + "\n"
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            out.append(f"{name}{labels} {value}")
+
+    metric("batcher_rows_finished_total", "counter", "Rows finished by the last run, by outcome.",
+           [('{outcome="complete"}', snap["completedThisRun"]),
+            ('{outcome="failed"}', snap["failedThisRun"])])
+    metric("batcher_requests_total", "counter", "API requests of the last run, by endpoint.",
+           [(f'{{endpoint="{e}"}}', n) for e, n in sorted(stats.requests_by_endpoint().items())])
+    metric("batcher_rate_limited_total", "counter", "429 answers in the last run.",
+           [("", snap["rateLimited"])])
+    metric("batcher_polls_total", "counter", "Progress polls in the last run.",
+           [("", snap["polls"])])
+    if counts is not None:
+        metric("batcher_rows", "gauge", "Rows of the job in the ledger, by status.",
+               [(f'{{status="{k}"}}', v) for k, v in sorted(counts.items())])
+    metric("batcher_run_duration_seconds", "gauge", "How long the last run took.",
+           [("", snap["durationSeconds"])])
+    metric("batcher_estimated_spend_usd", "gauge",
+           "Estimated spend of the last run (with --price-per-minute).",
+           [("", snap["estimatedSpendUsd"])])
+    metric("batcher_last_exit_code", "gauge", "Exit code of the last run (-1: none).",
+           [("", exit_code if exit_code is not None else -1)])
+    metric("batcher_last_run_timestamp_seconds", "gauge", "When the last run ended.",
+           [("", f"{time.time():.0f}")])
+    return "\n".join(out) + "\n"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -167,14 +177,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(settings: Settings, stats: RunStats, exit_code: int | None) -> None:
-    """--report (JSON) and --metrics (Prometheus textfile), written atomically."""
+def write_outputs(settings: Settings, stats: RunStats, exit_code: int | None,
+                  counts: dict[str, int] | None = None) -> None:
+    """--report (JSON) and --metrics (Prometheus textfile), written atomically.
+
+    ``counts`` are the ledger's rows by status at the end (the whole job, not
+    only what this run touched).
+    """
     if settings.report is not None:
-        report: dict[str, Any] = {"exitCode": exit_code, **stats.snapshot(),
+        report: dict[str, Any] = {"exitCode": exit_code, "counts": counts, **stats.snapshot(),
                                   "settings": settings.describe()}
         polls_per_row = stats.polls / max(stats.submitted, 1)
         report["pollsPerRow"] = round(polls_per_row, 3)
         _atomic_write(settings.report, orjson.dumps(report, default=str,
                                                     option=orjson.OPT_INDENT_2))
     if settings.metrics is not None:
-        _atomic_write(settings.metrics, metrics_text(stats, exit_code).encode())
+        _atomic_write(settings.metrics, metrics_text(stats, exit_code, counts).encode())

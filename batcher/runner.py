@@ -441,7 +441,10 @@ class Runner:
                 # No answer at all: the API may have charged; count it, to be safe.
                 self._settle_spend(row.row_id, charged=isinstance(err, TransportError))
                 raise
-            self._settle_spend(row.row_id, charged=not accepted.replay)
+            # A replay counts too: rows whose generation is already in the
+            # ledger are polled, never posted, so a replay answers a post whose
+            # answer was lost (in this run or a killed one) and was charged.
+            self._settle_spend(row.row_id, charged=True)
         except ApiError as err:
             await self._api_failure(row, err)
             return
