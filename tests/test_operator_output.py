@@ -179,8 +179,6 @@ def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -
     assert as_json["lastRun"]["exit_code"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: the --report JSON has no counts by "
-                   "status (the ledger's complete/failed/pending/submitted)")
 def test_report_has_counts_by_status(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 5)
@@ -195,8 +193,6 @@ def test_report_has_counts_by_status(tmp_path: Path, simulator: Any) -> None:
     assert r["counts"] == {"pending": 3, "submitted": 0, "complete": 2, "failed": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: gauges named *_total break the "
-                   "Prometheus naming rules (promtool check metrics)")
 def test_metric_names_follow_prometheus_conventions(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 2)
@@ -325,7 +321,6 @@ def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -
     assert SUMMARY.match(done.stdout)  # the summary stays plain text on stdout
 
 
-@pytest.mark.xfail(strict=True, reason="finding 6: -q still prints progress lines")
 def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
@@ -335,8 +330,6 @@ def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
     assert done.stderr == ""
 
 
-@pytest.mark.xfail(strict=True, reason="finding 7: with --log-json, progress lines are plain text "
-                   "among the JSON lines")
 def test_log_json_stderr_is_all_json(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
