@@ -32,8 +32,8 @@ class Sizes:
     rate: float = 1000.0
     concurrency: int = 64
     poll_rows: int = 300
-    poll_rate: float = 50.0
-    poll_intervals: tuple[float, ...] = (1.0, 5.0)
+    # (--rate, --poll-interval) pairs
+    poll_configs: tuple[tuple[float, float], ...] = ((50.0, 1.0), (50.0, 5.0), (200.0, 0.5))
     dry_rows: int = 1_000_000
     real_rows: int = 100_000
     real_rate: float = 2000.0
@@ -43,7 +43,7 @@ class Sizes:
     side_rate: float = 50.0
 
 
-QUICK = Sizes(rate_rows=500, poll_rows=60, poll_intervals=(1.0,), dry_rows=20_000,
+QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),), dry_rows=20_000,
               real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32)
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run("rate", lambda: rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)[1])
     run("polling", lambda: polling.bench_polling(
-        sizes.poll_rows, rate=sizes.poll_rate, intervals=sizes.poll_intervals)[1])
+        sizes.poll_rows, configs=sizes.poll_configs)[1])
     run("memory", lambda: memory.bench_memory(
         sizes.dry_rows, sizes.real_rows, rate=sizes.real_rate, concurrency=sizes.concurrency)[1])
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
