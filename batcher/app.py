@@ -23,7 +23,7 @@ import anyio
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
 from .ledger import open_ledger
-from .ledger.base import Ledger, RunInfo
+from .ledger.base import LeasingLedger, Ledger, RunInfo
 from .ratelimit import RateGate
 from .runner import Runner, RunResult
 from .runstats import RunStats
@@ -51,7 +51,7 @@ async def run_job(
     settings: Settings,
     *,
     sim_config: Any = None,
-    ledger: Ledger | None = None,
+    ledger: LeasingLedger | None = None,
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stats: RunStats | None = None,
@@ -69,13 +69,14 @@ async def run_job(
     if settings.dry_run:
         return await _dry_run(settings, ledger, stats)
     ledger = ledger or open_ledger(settings.ledger)
-    await ledger.open(_run_info(), lock=True)
+    info = _run_info()
+    await ledger.open(info, lock=True)
     exit_code: int | None = None
     result: RunResult | None = None
     try:
         if True:
             result = await _run(settings, ledger, stats, sim_config=sim_config, clock=clock,
-                                rng=rng, progress=progress)
+                                rng=rng, progress=progress, info=info)
         exit_code = result.exit_code
         return result
     except anyio.get_cancelled_exc_class():
@@ -126,13 +127,14 @@ async def _dry_run(settings: Settings, ledger: Ledger | None, stats: RunStats) -
 
 async def _run(
     settings: Settings,
-    ledger: Ledger,
+    ledger: LeasingLedger,
     stats: RunStats,
     *,
     sim_config: Any,
     clock: Clock | None,
     rng: random.Random | None,
     progress: str,
+    info: RunInfo,
 ) -> RunResult:
     clock = clock or SystemClock()
     async with AsyncExitStack() as stack:
@@ -158,7 +160,7 @@ async def _run(
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
                               timeout=settings.timeout, on_request=stats.on_request)
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
-                        stats=stats)
+                        stats=stats, run_info=info)
         if progress == "off":
             return await runner.run()
         from .progress import ProgressReporter

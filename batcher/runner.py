@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,9 +51,10 @@ from .keys import FileSource, ProjectSource, derive_key, sha256_file
 from .ledger.base import (
     ACTIVE_STAGES,
     Kind,
-    Ledger,
+    LeasingLedger,
     LedgerRow,
     NewRow,
+    RunInfo,
     Stage,
     Update,
     contract_status,
@@ -80,6 +82,13 @@ FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
 # instead of being polled forever.
 UNKNOWN_STATUS_LIMIT = 10
 FRESH_PROJECT_LIMIT = 3
+# Several hosts on one PostgreSQL ledger: a lease lasts --lease-ttl seconds and
+# is renewed by a heartbeat every HEARTBEAT_EVERY; a new worker waits a little
+# over one heartbeat before its first request, so the others have lowered
+# their share of --rate first and the sum never passes it.
+HEARTBEAT_EVERY = 1.0
+LEASE_IDLE = 0.5
+LEASE_HOLD_SECONDS = 4.0
 # --halt-after judges the failure share only after this many finished rows.
 HALT_AFTER_MIN_SAMPLE = 20
 DOWNLOAD_URL_LIMIT = 5
@@ -121,7 +130,7 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
-        ledger: Ledger,
+        ledger: LeasingLedger,
         client: DiffioClient,
         *,
         gate: RateGate,
@@ -130,8 +139,12 @@ class Runner:
         policy: RetryPolicy | None = None,
         stats: RunStats | None = None,
         wall: Callable[[], float] = time.time,
+        run_info: RunInfo | None = None,
     ) -> None:
         self.settings = settings
+        self._run_info = run_info or RunInfo(
+            run_id=uuid.uuid4().hex, pid=os.getpid(), host=socket.gethostname(),
+            started_at=time.time())
         self.ledger = ledger
         self.client = client
         self.gate = gate
@@ -150,6 +163,11 @@ class Runner:
         self._scope: CancelScope | None = None
         self._dl_send: MemoryObjectSendStream[LedgerRow] | None = None
         self._manifest_dir = settings.manifest.parent
+        # A shared (PostgreSQL) ledger may have other hosts on the same job:
+        # work is leased there. A SQLite ledger is locked to this run.
+        self._shared = settings.ledger.startswith(("postgresql://", "postgres://"))
+        self._worker_id = f"w-{uuid.uuid4().hex[:16]}"
+        self._leased: set[str] = set()
         self.poller = Poller(
             self._check,
             DelayModel(settings.poll_interval, rng=self.rng),
@@ -167,16 +185,50 @@ class Runner:
             namespace=self.settings.key_namespace,
             out=self.settings.out,
         )
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            if self.spend is not None and self.spend.cap is not None:
-                await self._count_earlier_spend(self.spend)
-            await self._pipeline(ctx)
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self.spend is not None and self.spend.cap is not None:
+                    await self._count_earlier_spend(self.spend)
+                if self._shared:
+                    await self._join()
+                await self._pipeline(ctx)
+        finally:
+            if self._shared:
+                with anyio.CancelScope(shield=True):
+                    await self._leave()
         if not self._hard_halt:
             await self._settle_followers()
         return await self._result()
 
+    async def _join(self) -> None:
+        """Register as a worker of the shared job and take a share of --rate."""
+        ttl = self.settings.lease_ttl
+        await self.ledger.register_worker(self._worker_id, self._run_info, ttl)
+        live = await self.ledger.heartbeat(self._worker_id, ttl)
+        self.gate.set_rate(self.settings.rate / max(1, live))
+        # Let the others see us and lower their share before we send anything.
+        await anyio.sleep(HEARTBEAT_EVERY * 1.5)
+        live = await self.ledger.heartbeat(self._worker_id, self.settings.lease_ttl)
+        self.gate.set_rate(self.settings.rate / max(1, live))
+        log.info("worker.joined %s (%d live workers)", self._worker_id, live)
+
+    async def _leave(self) -> None:
+        try:
+            await self.ledger.deregister_worker(self._worker_id)
+        except LedgerError as err:
+            log.warning("worker.leave_failed %s", err)
+
     async def _pipeline(self, ctx: PlanContext) -> None:
+        if not self._shared:
+            await self._stages(ctx)
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat)
+            await self._stages(ctx)
+            tg.cancel_scope.cancel()  # everything finished; stop the heartbeat
+
+    async def _stages(self, ctx: PlanContext) -> None:
         n = self.settings.concurrency
         async with anyio.create_task_group() as downloads:
             dl_send, dl_recv = anyio.create_memory_object_stream[LedgerRow](n * 4)
@@ -256,38 +308,68 @@ class Runner:
     # -------------------------------------------------------------- planning
 
     async def _plan(self, ctx: PlanContext, submit: MemoryObjectSendStream[LedgerRow]) -> None:
+        """Import the manifest; on a private ledger, send each row's work at once."""
         async for batch in plan_batches(ctx):
             self.stats.rows_total += len(batch)
             current = await self.ledger.import_rows(batch)
             for new, row in zip(batch, current, strict=True):
                 if self._hard_halt:
                     return
-                await self._dispatch(new, row, submit)
+                prepared = await self._prepare(new, row)
+                if prepared is not None and not self._shared:
+                    await self._send_work(prepared, submit)
         retired = await self.ledger.finish_import()
         if retired:
             log.info("ledger.retired", extra={"rows": retired})
+        if self._shared:
+            await self._lease_loop(submit)
 
-    async def _dispatch(
-        self, new: NewRow, row: LedgerRow, submit: MemoryObjectSendStream[LedgerRow]
-    ) -> None:
+    async def _prepare(self, new: NewRow, row: LedgerRow) -> LedgerRow | None:
+        """What the manifest row says about the ledger row, before any request.
+
+        Returns the row when it has work to do, None when not (invalid,
+        complete, failed, a follower). On a shared ledger another host may
+        have prepared the same row first: its compare-and-set wins.
+        """
+        try:
+            return await self._prepare_row(new, row)
+        except TransitionConflict:
+            if not self._shared:
+                raise
+            log.info("row.prepared_elsewhere", extra={"row": row.row_id})
+            return None
+
+    async def _prepare_row(self, new: NewRow, row: LedgerRow) -> LedgerRow | None:
         if new.error is not None:
             self.stats.rows_invalid += 1
             log.warning("row.invalid %s", new.error.get("message"), extra={"row": new.row_id})
-            return
+            return None
         if row.kind is Kind.FILE and row.source_sha256 != new.source_sha256:
             row = await self._source_changed(new, row)
         if row.leader_row_id is not None:
             await self._check_follower(new, row)
-            return
+            return None
         if row.stage is Stage.FAILED:
             if not self.settings.retry_failed:
-                return
+                return None
             retried = await self._prepare_retry(row)
             if retried is None:
-                return
+                return None
             row = retried
+        if row.stage is Stage.COMPLETE:
+            if row.kind is Kind.FILE and not await self._output_intact(row):
+                log.warning("output.missing: downloading again", extra={"row": row.row_id})
+                return await self._move(row, Stage.GENERATED, {}, "outputMissing")
+            self.stats.rows_skipped += 1
+            return None
+        return row
+
+    async def _send_work(self, row: LedgerRow, submit: MemoryObjectSendStream[LedgerRow]
+                         ) -> None:
+        """Hand an active row to the stage that goes on with it."""
         if row.stage in (Stage.PENDING, Stage.PROJECT, Stage.UPLOADED):
             if self._halt_error is not None:
+                self._leased.discard(row.row_id)
                 return
             self.stats.in_flight += 1
             await submit.send(row)
@@ -297,14 +379,57 @@ class Runner:
         elif row.stage is Stage.GENERATED:
             self.stats.in_flight += 1
             await self._send_download(row)
-        elif row.stage is Stage.COMPLETE:
-            if row.kind is Kind.FILE and not await self._output_intact(row):
-                log.warning("output.missing: downloading again", extra={"row": row.row_id})
-                row = await self._move(row, Stage.GENERATED, {}, "outputMissing")
-                self.stats.in_flight += 1
-                await self._send_download(row)
-            else:
-                self.stats.rows_skipped += 1
+        else:
+            self._leased.discard(row.row_id)
+
+    # ------------------------------------------------- several hosts, one job
+
+    async def _lease_loop(self, submit: MemoryObjectSendStream[LedgerRow]) -> None:
+        """Shared ledger: work only on leased rows, until no host has any left.
+
+        Rows are leased in batches; the heartbeat renews the leases. A dead
+        host's rows come back once its leases expire: ones with a generation
+        id are polled, the others posted again with their key (a replay).
+        """
+        ledger = self.ledger
+        while not self._hard_halt:
+            # Hold what this host can work through in a few seconds at its
+            # share of the rate: enough to keep busy, not so much that it
+            # starves the other hosts or leaves much to take over if it dies.
+            hold = max(2 * self.settings.concurrency, int(self.gate.rate * LEASE_HOLD_SECONDS))
+            if self._halt_error is None and len(self._leased) < hold:
+                rows = await ledger.lease(self._worker_id, hold - len(self._leased),
+                                          self.settings.lease_ttl)
+                for row in rows:
+                    self._leased.add(row.row_id)
+                    await self._send_work(row, submit)
+                if rows:
+                    continue
+            if not self._leased:
+                if self._halt_error is not None:
+                    return
+                free, held = await ledger.pending_work()
+                if free == 0 and held == 0:
+                    return
+            await anyio.sleep(LEASE_IDLE)
+
+    async def _heartbeat(self) -> None:
+        """Renew this worker's leases; take its share of the job's --rate."""
+        while True:
+            try:
+                live = await self.ledger.heartbeat(self._worker_id, self.settings.lease_ttl)
+                share = self.settings.rate / max(1, live)
+                if abs(share - self.gate.rate) > 1e-9:
+                    log.info("rate.share %.2f req/s (%d live workers)", share, live)
+                    self.gate.set_rate(share)
+            except LedgerError as err:
+                log.warning("heartbeat.failed %s", err)
+            await anyio.sleep(HEARTBEAT_EVERY)
+
+    def _drop(self, row_id: str) -> None:
+        """A row this run stops working on without finishing it (a halt)."""
+        self.stats.in_flight -= 1
+        self._leased.discard(row_id)
 
     async def _output_intact(self, row: LedgerRow) -> bool:
         path = row.output_path
@@ -410,7 +535,7 @@ class Runner:
         async with recv:
             async for row in recv:
                 if self._halt_error is not None:
-                    self.stats.in_flight -= 1
+                    self._drop(row.row_id)
                     continue
                 try:
                     await self._submit(row)
@@ -426,11 +551,11 @@ class Runner:
                     return
                 row = uploaded
             if self._halt_error is not None:
-                self.stats.in_flight -= 1
+                self._drop(row.row_id)
                 return
             assert row.api_project_id is not None and row.idempotency_key is not None
             if not await self._reserve(row):
-                self.stats.in_flight -= 1
+                self._drop(row.row_id)
                 return
             project, key = row.api_project_id, row.idempotency_key
             try:
@@ -710,6 +835,10 @@ class Runner:
                 continue
             try:
                 await self._settle(row, leader)
+            except TransitionConflict:
+                if not self._shared:
+                    raise
+                log.info("row.settled_elsewhere", extra={"row": row.row_id})
             except (OSError, OutputPathError) as err:
                 await self._fail(row, {"code": "outputWriteFailed", "httpStatus": None,
                                        "message": str(err)})
@@ -780,7 +909,7 @@ class Runner:
             current = await self.ledger.get(row.row_id)
             if current is not None and current.stage in ACTIVE_STAGES:
                 await self._move(current, current.stage, {"error": err.to_record()}, "halted")
-            self.stats.in_flight -= 1
+            self._drop(row.row_id)
             if hard:
                 raise _Halt() from err
             return
@@ -838,8 +967,11 @@ class Runner:
         if polls:
             full["polls_delta"] = polls
         try:
-            return await self.ledger.transition(row.row_id, row.stage, to, full,
-                                                event=event, detail=detail)
+            moved = await self.ledger.transition(row.row_id, row.stage, to, full,
+                                                 event=event, detail=detail)
+            if to not in ACTIVE_STAGES:
+                self._leased.discard(row.row_id)
+            return moved
         except LedgerError:
             # Put the counters back so they are not lost with the failed write.
             if attempts:

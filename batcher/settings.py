@@ -60,6 +60,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("report", str, None, "write a JSON report here at the end", path=True),
     OptionSpec("metrics", str, None, "write Prometheus textfile metrics here", path=True),
     OptionSpec("progress_every", float, 10.0, "seconds between plain progress lines off a tty"),
+    OptionSpec("lease_ttl", float, 15.0, "shared (PostgreSQL) ledger: seconds a host's leases "
+               "outlive its last heartbeat before other hosts take its rows over"),
 )
 ENV_NAMES: Mapping[str, str] = {spec.name: spec.env for spec in OPTION_SPECS}
 _SPECS = {spec.name: spec for spec in OPTION_SPECS}
@@ -90,6 +92,7 @@ class Settings:
     report: Path | None = None
     metrics: Path | None = None
     progress_every: float = 10.0
+    lease_ttl: float = 15.0
     job_file: Path | None = None
 
     def with_changes(self, **changes: Any) -> Settings:
@@ -240,6 +243,8 @@ def _validate(s: Settings) -> None:
                           "generation costs (the API publishes no prices)")
     if s.price_per_minute is not None and s.price_per_minute < 0:
         raise ConfigError(f"--price-per-minute must not be negative, got {s.price_per_minute}")
+    if s.lease_ttl < 3:
+        raise ConfigError(f"--lease-ttl must be at least 3 seconds, got {s.lease_ttl}")
     if s.halt_after is not None and not 0 <= s.halt_after <= 100:
         raise ConfigError(f"--halt-after must be a percentage 0-100, got {s.halt_after}")
     if not (s.dry_run or s.simulate) and not s.api_key:
