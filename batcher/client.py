@@ -120,6 +120,12 @@ class LocalFileError(ApiError):
         self.code = code
 
 
+class SubmissionsStopped(ApiError):
+    """A generation request was not sent: the run stopped submitting (a 402)."""
+
+    code = "submissionsStopped"
+
+
 class InvalidRequest(ApiError):
     """The request body could not be encoded as JSON; nothing was sent."""
 
@@ -220,12 +226,14 @@ class DiffioClient:
         "_base_url",
         "_cap",
         "_gate",
+        "_generations_stopped",
         "_headers",
         "_key",
         "_key_bytes",
         "_on_request",
         "_session",
         "_timeout",
+        "_waiting_generations",
     )
 
     def __init__(
@@ -244,6 +252,10 @@ class DiffioClient:
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
         self._session = session
+        # After a 402 no generation request may leave; those waiting for the
+        # rate gate are woken to give up (see stop_generations).
+        self._generations_stopped = False
+        self._waiting_generations: set[anyio.CancelScope] = set()
         self._base_url = normalize_base_url(base_url)
         self._key = api_key
         self._key_bytes = api_key.encode()
@@ -367,6 +379,29 @@ class DiffioClient:
             bucket=_optional_str(obj, "bucket"),
         )
 
+    def stop_generations(self) -> None:
+        """Send no more generation requests; those waiting for the rate gate give up.
+
+        Requests already on the wire are not touched: their answers still count.
+        """
+        self._generations_stopped = True
+        for scope in list(self._waiting_generations):
+            scope.cancel()
+
+    async def _wait_turn(self, endpoint: str) -> None:
+        if not endpoint.endswith("-generation"):
+            await self._gate.acquire()
+            return
+        with anyio.CancelScope() as waiting:
+            self._waiting_generations.add(waiting)
+            try:
+                if not self._generations_stopped:
+                    await self._gate.acquire()
+            finally:
+                self._waiting_generations.discard(waiting)
+        if self._generations_stopped:
+            raise SubmissionsStopped("not sent: the run stopped submitting", endpoint=endpoint)
+
     async def _call(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         try:
             data = orjson.dumps(payload)
@@ -376,7 +411,7 @@ class DiffioClient:
             ) from exc
         url = f"{self._base_url}/{endpoint}"
         async with self._cap:
-            await self._gate.acquire()
+            await self._wait_turn(endpoint)
             start = self._gate.clock.now()
             try:
                 async with self._session.post(

@@ -33,7 +33,7 @@ import anyio
 from anyio import CancelScope
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .client import DiffioClient, UrlExpired
+from .client import DiffioClient, SubmissionsStopped, UrlExpired
 from .clock import Clock, SystemClock
 from .errors import (
     ApiError,
@@ -570,6 +570,10 @@ class Runner:
             # ledger are polled, never posted, so a replay answers a post whose
             # answer was lost (in this run or a killed one) and was charged.
             self._settle_spend(row.row_id, charged=True)
+        except SubmissionsStopped:
+            # Never sent: the row stays where it is, for the next run.
+            self._drop(row.row_id)
+            return
         except ApiError as err:
             await self._api_failure(row, err)
             return
@@ -583,6 +587,8 @@ class Runner:
             "generation_id": accepted.generation_id,
             "api_project_id": accepted.api_project_id or row.api_project_id,
             "api_status": accepted.status,
+            # A 402/401 recorded by a halted run is history once accepted.
+            "error": None,
         }, "replayed" if accepted.replay else "submitted",
             {"generationId": accepted.generation_id, "replay": accepted.replay})
         await self._after_status(row, accepted.status, None, None, poll=None)
@@ -704,7 +710,10 @@ class Runner:
         """Act on an API status; True when the row needs no more polling."""
         status_l = (status or "").lower()
         if status_l in DONE_STATUSES:
-            if poll is not None and not poll.resumed:
+            # Only a generation seen unfinished before says how long one takes:
+            # one done at its first poll only bounds it by the wait we chose
+            # (plus queueing), and learning that bound ratchets the wait up.
+            if poll is not None and not poll.resumed and poll.polls > 1:
                 self.poller.delays.observe(self.clock.now() - poll.submitted_at)
             if row.kind is Kind.FILE:
                 row = await self._move(row, Stage.GENERATED, {"api_status": status}, "generated")
@@ -922,6 +931,9 @@ class Runner:
             self.stats.halted = f"{getattr(err, 'code', 'halted')}: {err}"
             log.error("run.halted %s", err)
         self._hard_halt = self._hard_halt or hard
+        # Posts already waiting for the rate gate give up instead of meeting
+        # the same refusal one by one (and delaying the polls behind them).
+        self.client.stop_generations()
 
     def _cancel(self) -> None:
         if self._scope is not None:

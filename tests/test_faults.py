@@ -783,8 +783,6 @@ def test_a_server_echoing_the_key_cannot_make_batcher_write_it(tmp_path: Path) -
 # ------------------------------------------------------------------ findings
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: after a 402, submissions already waiting "
-                   "for the rate gate are still sent (runner.py _submit / client.py _call)")
 def test_a_402_stops_submissions_still_waiting_for_the_rate_gate(tmp_path: Path,
                                                                  simulator: Any) -> None:
     # At 5 requests/s the 16 submit workers queue at the rate gate; after the
@@ -799,8 +797,6 @@ def test_a_402_stops_submissions_still_waiting_for_the_rate_gate(tmp_path: Path,
     assert stats["spend_limit_refusals"] <= 2
 
 
-@pytest.mark.xfail(strict=True, reason="finding 2: a row accepted on resume keeps the 402/401 "
-                   "error of the halted run (runner.py _submit, SUBMITTED update)")
 def test_rows_that_complete_after_a_halt_carry_no_stale_error(tmp_path: Path, simulator: Any
                                                               ) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.3", "--spend-limit", "0.2")
@@ -842,9 +838,6 @@ def row_latencies(ledger_path: Path) -> list[float]:
     return asyncio.run(read())
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: the poller learns its own wait plus "
-                   "queueing as generation time, so first polls drift later and later "
-                   "(runner.py _after_status -> DelayModel.observe)")
 def test_first_polls_do_not_drift_later_through_a_long_rate_bound_run(
         tmp_path: Path, simulator: Any) -> None:
     # Generations finish within 0.1 s; the rate gate is the bottleneck all
