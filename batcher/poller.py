@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .ledger.base import LedgerRow
+
 __all__ = ["DelayModel", "PollItem", "Poller"]
 
 
@@ -37,6 +39,9 @@ class PollItem:
     delay: float = 0.0  # the last wait used
     unknown_statuses: int = 0
     errors: int = 0  # consecutive failed polls
+    # The row as this run last wrote it: the next write is a compare-and-set
+    # from it, so no read is needed per poll.
+    row: LedgerRow | None = None
     resumed: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -160,7 +165,10 @@ class Poller:
                         continue
                     _, _, item = heapq.heappop(self._heap)
                     self._inflight += 1
-                    await send.send(item)
+                    try:  # no extra loop round when a worker is already waiting
+                        send.send_nowait(item)
+                    except anyio.WouldBlock:
+                        await send.send(item)
 
     async def _sleep(self, seconds: float | None) -> None:
         self._wake = anyio.Event()

@@ -372,7 +372,7 @@ class Runner:
                 self._leased.discard(row.row_id)
                 return
             self.stats.in_flight += 1
-            await submit.send(row)
+            await _put(submit, row)
         elif row.stage is Stage.SUBMITTED:
             self.stats.in_flight += 1
             self._poll(row, resumed=True)
@@ -664,7 +664,7 @@ class Runner:
     def _poll(self, row: LedgerRow, *, resumed: bool) -> None:
         assert row.generation_id is not None
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
-                        submitted_at=self.clock.now(), resumed=resumed)
+                        submitted_at=self.clock.now(), resumed=resumed, row=row)
         item.extra["status"] = row.api_status
         item.extra["kind"] = row.kind.value
         self.poller.add(item, due_in=0.0 if resumed else None)
@@ -678,11 +678,14 @@ class Runner:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             return await self._poll_failure(item, err)
-        row = await self.ledger.get(item.row_id)
-        if row is None or row.stage is not Stage.SUBMITTED:
+        assert item.row is not None
+        try:
+            return await self._after_status(item.row, progress.status, progress.error,
+                                            progress.error_details, poll=item)
+        except TransitionConflict:
+            # Another host (or a follower settle) moved the row on: not ours now.
+            log.info("poll.row_moved_elsewhere", extra={"row": item.row_id})
             return True
-        return await self._after_status(row, progress.status, progress.error,
-                                        progress.error_details, poll=item)
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
         if err.halts and not isinstance(err, SpendLimit):
@@ -745,14 +748,14 @@ class Runner:
             return True
         if status != poll.extra.get("status"):
             poll.extra["status"] = status
-            await self._move(row, Stage.SUBMITTED, {"api_status": status}, "progress")
+            poll.row = await self._move(row, Stage.SUBMITTED, {"api_status": status}, "progress")
         return False
 
     # ------------------------------------------------------------- downloads
 
     async def _send_download(self, row: LedgerRow) -> None:
         assert self._dl_send is not None
-        await self._dl_send.send(row)
+        await _put(self._dl_send, row)
 
     async def _download_worker(self, recv: MemoryObjectReceiveStream[LedgerRow]) -> None:
         async with recv:
@@ -991,6 +994,18 @@ class Runner:
             if polls:
                 self._polls[row.row_id] = self._polls.get(row.row_id, 0) + polls
             raise
+
+
+async def _put(send: MemoryObjectSendStream[T], item: T) -> None:
+    """Send without first yielding to the loop when the buffer has room.
+
+    ``send`` always checkpoints; on the hot path that is one extra event-loop
+    round per row. Cancellation still lands at the next real wait.
+    """
+    try:
+        send.send_nowait(item)
+    except anyio.WouldBlock:
+        await send.send(item)
 
 
 def _publish(tmp: Path, final: Path) -> None:
