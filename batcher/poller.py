@@ -90,14 +90,26 @@ class DelayModel:
         base = self.poll_interval if learned is None else max(self.poll_interval, learned)
         return min(base, self.cap)
 
-    def next(self, item: PollItem) -> float:
-        """Wait after a poll that found the generation still running."""
+    def next(self, item: PollItem, now: float | None = None) -> float:
+        """Wait after a poll that found the generation still running.
+
+        Once durations are learned, aim at the moment most generations are
+        done (``submitted_at + learned``); past it, poll at a short floor
+        that grows. Before anything is learned, double the wait each time, so
+        a run of long generations costs few polls while it learns.
+        """
         learned = self.learned()
-        floor = self.poll_interval if learned is None else max(
-            self.poll_interval * 0.5, 0.15 * learned, 0.05
-        )
-        grown = min(self.cap, max(floor, item.delay * self.growth))
-        wait = floor if item.polls <= 1 else grown
+        if learned is None:
+            wait = min(self.cap, max(self.poll_interval, item.delay * 2.0))
+        else:
+            floor = max(self.poll_interval * 0.5, 0.15 * learned, 0.05)
+            elapsed = 0.0 if now is None else now - item.submitted_at
+            remaining = learned - elapsed
+            if remaining > floor:
+                wait = remaining
+            else:
+                grown = min(self.cap, max(floor, item.delay * self.growth))
+                wait = floor if item.polls <= 1 else grown
         # Jitter keeps thousands of rows submitted together from polling in step.
         return wait * self._rng.uniform(0.9, 1.1)
 
@@ -185,7 +197,7 @@ class Poller:
                     item.polls += 1
                     finished = await self._check(item)
                     if not finished:
-                        wait = self.delays.next(item)
+                        wait = self.delays.next(item, self._now())
                         item.delay = wait
                         heapq.heappush(
                             self._heap, (self._now() + wait, next(self._seq), item)

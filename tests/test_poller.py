@@ -73,3 +73,23 @@ async def test_due_order_is_respected() -> None:
     with anyio.fail_after(5):
         await poller.run()
     assert seen == ["now", "early", "late"]
+
+
+def test_once_learned_the_next_poll_aims_at_the_learned_duration() -> None:
+    model = DelayModel(0.5, rng=random.Random(3))
+    for seconds in (3.0, 3.1, 3.2, 2.9, 3.0, 3.05):
+        model.observe(seconds)
+    item = PollItem("r", "g", "p", submitted_at=100.0, polls=1, delay=0.5)
+    # Polled 0.5 s after submission and not done: wait until ~3.1 s, not 0.5 s.
+    wait = model.next(item, now=100.5)
+    assert 2.3 <= wait <= 2.9
+    # Past the learned duration: a short floor, not another long wait.
+    late = model.next(PollItem("r", "g", "p", submitted_at=100.0, polls=2, delay=0.5),
+                      now=104.0)
+    assert late < 1.0
+
+
+def test_before_anything_is_learned_waits_double() -> None:
+    model = DelayModel(1.0, rng=random.Random(4))
+    item = PollItem("r", "g", "p", submitted_at=0.0, polls=1, delay=1.0)
+    assert 1.8 <= model.next(item, now=1.0) <= 2.2
