@@ -53,6 +53,8 @@ def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
 # ------------------------------------------------------------------ spend cap
 
 
+@pytest.mark.xfail(strict=True, reason="finding 11: a --max-spend halt also stops posts "
+                   "that reserved their cost within the cap (bc9d51b stop_generations)")
 def test_spend_cap_stops_resumes_and_covers_the_whole_job(tmp_path: Path, simulator: Any
                                                           ) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
@@ -89,6 +91,8 @@ def test_spend_cap_stops_resumes_and_covers_the_whole_job(tmp_path: Path, simula
     assert sim.stats()["charges"] == 10
 
 
+@pytest.mark.xfail(strict=True, reason="finding 11: a --max-spend halt also stops posts "
+                   "that reserved their cost within the cap (bc9d51b stop_generations)")
 def test_spend_cap_counts_the_job_file_and_env(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 0, 5)
