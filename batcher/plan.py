@@ -71,8 +71,12 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
             stage = row.stage if row is not None else Stage.PENDING
             changed = row is not None and new.kind is Kind.FILE and \
                 row.source_sha256 != new.source_sha256
-            if row is None or changed or (stage is Stage.FAILED and settings.retry_failed
-                                          and row.api_status == "failed"):
+            # Rows not yet posted (a halted run leaves them pending, or with a
+            # project and an upload) will be posted: new, priced by their audio.
+            unposted = stage in (Stage.PENDING, Stage.PROJECT, Stage.UPLOADED)
+            if row is None or changed or unposted or (
+                    stage is Stage.FAILED and settings.retry_failed
+                    and row.api_status == "failed"):
                 plan.new += 1
                 if new.kind is Kind.FILE and new.source_path:
                     secs = await anyio.to_thread.run_sync(audio_seconds, Path(new.source_path))
@@ -86,9 +90,6 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
                 plan.complete += 1
             elif stage is Stage.FAILED:
                 plan.failed += 1
-            elif stage is Stage.PENDING:
-                plan.new += 1
-                plan.unknown += 1
             else:
                 plan.in_flight += 1
     stats.rows_total = plan.total

@@ -50,8 +50,11 @@ def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys
         print(f"halted by the API's spend limit (402): {result.halt_error.figures()}. "
               "Raise the limit and re-run the same command to resume.", file=stream)
     elif result.halted:
-        print(f"halted: {result.halted}. Fix it and re-run the same command to resume.",
-              file=stream)
+        # Local halts (--max-spend) say how to go on; the others get the generic advice.
+        text = result.halted.rstrip(".") + "."
+        if "re-run" not in text.lower():
+            text += " Fix it and re-run the same command to resume."
+        print(f"halted: {text}", file=stream)
     if c.get("complete") and settings.out.exists():
         print(f"restored files: {settings.out}", file=stream)
     print(f"ledger: {result.ledger}", file=stream)

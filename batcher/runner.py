@@ -572,6 +572,7 @@ class Runner:
             self._settle_spend(row.row_id, charged=True)
         except SubmissionsStopped:
             # Never sent: the row stays where it is, for the next run.
+            self._settle_spend(row.row_id, charged=False)
             self._drop(row.row_id)
             return
         except ApiError as err:
@@ -936,7 +937,9 @@ class Runner:
         self._hard_halt = self._hard_halt or hard
         # Posts already waiting for the rate gate give up instead of meeting
         # the same refusal one by one (and delaying the polls behind them).
-        self.client.stop_generations()
+        # Not on --max-spend: those posts reserved their cost within the cap.
+        if getattr(err, "code", None) != "maxSpendReached":
+            self.client.stop_generations()
 
     def _cancel(self) -> None:
         if self._scope is not None:

@@ -191,6 +191,9 @@ def resolve(
             values[spec.name] = _coerce(spec, value, f"option {spec.flag}")
             continue
         raw = env.get(spec.env)
+        if raw in (None, "") and spec.name == "api_base":
+            # CONTRACT.md's own variable is environment too: it beats the job file.
+            raw = env.get("DIFFIO_API_BASE_URL")
         if raw not in (None, ""):
             values[spec.name] = _coerce(spec, raw, f"environment {spec.env}")
             continue

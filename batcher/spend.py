@@ -84,4 +84,5 @@ class SpendCap:
     def figures(self) -> str:
         """One line for the operator."""
         cap = "none" if self.cap is None else f"${self.cap:,.2f}"
-        return f"estimated spend ${self.committed:,.2f} of cap {cap}"
+        # Reservations count: they are what a refused submission was refused against.
+        return f"estimated spend ${self.total:,.2f} of cap {cap} (submitted or in flight)"

@@ -341,14 +341,17 @@ class MemoryLedger:
         """The most common (code, message, count) among failed, unretired rows."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        tally: dict[tuple[str, str], int] = {}
+        # By code, the smallest message as the example (as the SQL backends).
+        tally: dict[str, int] = {}
+        example: dict[str, str] = {}
         for row in self._rows.values():
             if row.stage is Stage.FAILED and not row.retired:
                 err = row.error or {}
-                key = (str(err.get("code") or ""), str(err.get("message") or ""))
-                tally[key] = tally.get(key, 0) + 1
-        ranked = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [(code, message, n) for (code, message), n in ranked[:limit]]
+                code, message = str(err.get("code") or ""), str(err.get("message") or "")
+                tally[code] = tally.get(code, 0) + 1
+                example[code] = min(example.get(code, message), message)
+        ranked = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0], example[kv[0]]))
+        return [(code, example[code], n) for code, n in ranked[:limit]]
 
     async def events(self, row_id: str) -> list[LedgerEvent]:
         """A row's history, oldest first."""

@@ -98,10 +98,12 @@ WHERE :include_retired OR NOT retired
 GROUP BY stage;
 
 -- name: error_summary
-SELECT COALESCE(error_code, ''), COALESCE(error_message, ''), COUNT(*) AS n
+-- By code, one message as the example: messages name their row or generation,
+-- so grouping by message would list every failure on its own.
+SELECT COALESCE(error_code, ''), MIN(COALESCE(error_message, '')), COUNT(*) AS n
 FROM ledger_rows
 WHERE stage = 'failed' AND NOT retired
-GROUP BY COALESCE(error_code, ''), COALESCE(error_message, '')
+GROUP BY COALESCE(error_code, '')
 ORDER BY n DESC, 1, 2
 LIMIT :limit;
 
