@@ -100,7 +100,10 @@ class DelayModel:
         """
         learned = self.learned()
         if learned is None:
-            wait = min(self.cap, max(self.poll_interval, item.delay * 2.0))
+            # Double for the first few polls (long generations cost few polls
+            # while the run learns), then grow gently.
+            factor = 2.0 if item.polls <= 3 else self.growth
+            wait = min(self.cap, max(self.poll_interval, item.delay * factor))
         else:
             floor = max(self.poll_interval * 0.5, 0.15 * learned, 0.05)
             elapsed = 0.0 if now is None else now - item.submitted_at

@@ -694,7 +694,7 @@ class Runner:
             self._cancel()
             return True
         item.errors += 1
-        if err.retryable and item.errors < self.settings.max_attempts * 3:
+        if err.retryable and item.errors < self.settings.max_attempts * 2:
             log.info("poll.retry %s", err, extra={"row": item.row_id})
             return False
         row = await self.ledger.get(item.row_id)
