@@ -231,6 +231,10 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
         live = json.loads(run_batcher("status", str(ledger), "--json").stdout)
         assert live["byStatus"]["submitted"] == 3 and live["lastRun"]["ended_at"] is None
         assert {r["status"] for r in export_records(ledger)} == {"submitted"}
+        # A dry run only reads: it plans alongside the run instead of exiting 4.
+        plan = run_batcher(*_args(manifest, sim, "--dry-run"), timeout=20)
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert re.search(r"^  in flight \(polled\)\s+3$", plan.stdout, re.MULTILINE)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
