@@ -347,9 +347,6 @@ def test_log_json_stderr_is_all_json(tmp_path: Path, simulator: Any) -> None:
         json.loads(line)  # ... as JSON
 
 
-@pytest.mark.xfail(strict=True, reason="finding 12: 'most common errors' groups by the whole "
-                   "message, which names the row or the generation, so every failure is "
-                   "its own '1 x'")
 def test_most_common_errors_are_counted_by_code(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--failure-rate", "1", "--duration", "0.1,0.2")
     manifest = tmp_path / "m.csv"

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import batcher_env, export_records, run_batcher, write_wav
 
 from batcher.settings import OPTION_SPECS, load_job_file
@@ -326,9 +325,6 @@ def test_status_after_a_dry_run_still_shows_the_real_last_run(tmp_path: Path,
     assert "exit 1" in status.stdout, status.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="finding 9: the dry run counts rows a halted run left "
-                   "pending (or uploaded, not posted) as unknown or in flight, not as new "
-                   "with their audio minutes")
 def test_dry_run_after_a_spend_cap_halt_prices_the_rest(tmp_path: Path, simulator: Any
                                                         ) -> None:
     sim = simulator("--duration", "0.1,0.2")
@@ -351,8 +347,6 @@ def test_dry_run_after_a_spend_cap_halt_prices_the_rest(tmp_path: Path, simulato
     assert plan["estimated cost expected"] == "$3.00"
 
 
-@pytest.mark.xfail(strict=True, reason="finding 10: api_base from the job file beats the "
-                   "DIFFIO_API_BASE_URL environment variable")
 def test_diffio_base_url_env_beats_the_job_file(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.1")
     (tmp_path / "m.csv").write_text("apiProjectId\np1\n")
