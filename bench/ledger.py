@@ -4,9 +4,11 @@
 its rows the way the runner does for an ``apiProjectId`` row: PENDING ->
 SUBMITTED (generation id, status, attempts), then SUBMITTED -> COMPLETE. The
 ledger file is on the temp folder's disk with ``synchronous=FULL``, so every
-group commit is a real fsync. Runs in its own process::
+group commit is a real fsync. Like the runner, each caller passes the row it
+moves (``current=``), so the ledger does not read the whole row back;
+``--no-current`` measures the full read-back. Runs in its own process::
 
-    python -m bench.ledger --rows 20000 --callers 256
+    python -m bench.ledger --rows 20000 --callers 256 [--no-current]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .common import PYTHON, Figure, run_child, section
 __all__ = ["bench_ledger", "main", "measure"]
 
 
-async def measure(path: Path, rows: int, callers: int) -> dict[str, Any]:
+async def measure(path: Path, rows: int, callers: int, current: bool = True) -> dict[str, Any]:
     """Import ``rows`` rows, then time 2 transitions per row from ``callers`` tasks."""
     import anyio
 
@@ -43,23 +45,25 @@ async def measure(path: Path, rows: int, callers: int) -> dict[str, Any]:
                    request_digest=f"{i:032x}", group=f"bk1-{i:064x}|project:proj-{i}")
             for i in range(rows)
         ]
+        imported = []
         t0 = time.perf_counter()
         for start in range(0, rows, 256):  # the planner's batch size
-            await led.import_rows(news[start:start + 256])
+            imported += await led.import_rows(news[start:start + 256])
         import_s = time.perf_counter() - t0
         commits0, jobs0 = led.commit_stats
 
         async def caller(k: int) -> None:
             for i in range(k, rows, callers):
                 rid = f"r{i}"
-                await led.transition(
+                row = await led.transition(
                     rid, Stage.PENDING, Stage.SUBMITTED,
                     {"generation_id": f"gen-{i}", "api_project_id": f"proj-{i}",
                      "api_status": "queued", "attempts_delta": 1},
-                    event="submitted", detail={"generationId": f"gen-{i}", "replay": False})
+                    event="submitted", detail={"generationId": f"gen-{i}", "replay": False},
+                    current=imported[i] if current else None)
                 await led.transition(rid, Stage.SUBMITTED, Stage.COMPLETE,
                                      {"api_status": "complete", "polls_delta": 1},
-                                     event="complete")
+                                     event="complete", current=row if current else None)
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t1 = time.perf_counter()
@@ -78,6 +82,7 @@ async def measure(path: Path, rows: int, callers: int) -> dict[str, Any]:
     return {
         "rows": rows,
         "callers": callers,
+        "current": current,
         "transitions": transitions,
         "seconds": round(seconds, 4),
         "per_second": round(transitions / seconds),
@@ -95,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--callers", type=int, default=256)
+    ap.add_argument("--no-current", dest="current", action="store_false",
+                    help="do not pass current=: the ledger reads every moved row back")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="batcher-bench-ledger-") as d:
         result = anyio.run(measure, Path(d) / "bench.ledger.sqlite", args.rows, args.callers,
-                           backend="asyncio")
+                           args.current, backend="asyncio")
     print(json.dumps(result))
     return 0
 

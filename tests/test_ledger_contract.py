@@ -531,6 +531,123 @@ async def test_racing_compare_and_sets_have_one_winner(ledger: Ledger) -> None:
     assert [e.event for e in await ledger.events("r1")] == ["imported", f"try{winner}"]
 
 
+# -- transition with the caller's row (current=) ------------------------------
+
+
+@pytest.mark.anyio
+async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows(
+        [new_row(1, kind=Kind.FILE, source_path="/a.wav", sampling={"seed": 1, "k": [1, 2]})]
+    )
+    # A tuple inside error: the stored value is its JSON copy (a list), and
+    # that is what the returned row must hold too.
+    error = {"code": "serverError", "message": "boom", "httpStatus": 503, "at": ("a", 1)}
+    steps: list[tuple[Stage | frozenset[Stage], Stage, Update]] = [
+        (Stage.PENDING, Stage.PENDING, {"error": error, "attempts_delta": 2, "polls_delta": 1}),
+        (Stage.PENDING, Stage.PROJECT, {"api_project_id": "p1", "error": None}),
+        (
+            frozenset({Stage.PENDING, Stage.PROJECT}),
+            Stage.UPLOADED,
+            {"upload_url": "https://u", "source_sha256": "aa", "source_size": 5},
+        ),
+        (Stage.UPLOADED, Stage.SUBMITTED, {"generation_id": "g1", "attempts_delta": 1}),
+        (Stage.SUBMITTED, Stage.SUBMITTED, {"api_status": "processing", "polls_delta": 3}),
+        (Stage.SUBMITTED, Stage.GENERATED, {}),
+        (
+            Stage.GENERATED,
+            Stage.COMPLETE,
+            {"output_path": "/o/a.wav", "output_sha256": "bb", "output_size": 7},
+        ),
+    ]
+    for expect, to, update in steps:
+        before = row
+        row = await ledger.transition(row.row_id, expect, to, update, event="x", current=row)
+        assert row == await ledger.get("r1"), (expect, to)
+        assert row.stage is to and row.updated_at > before.updated_at
+    assert row.error is None and row.output_size == 7 and row.source_sha256 == "aa"
+    assert (row.attempts, row.polls) == (3, 4)
+    events = await ledger.events("r1")
+    assert [e.to_stage for e in events[1:]] == [to for _, to, _ in steps]
+    assert events[3].from_stage is Stage.PROJECT  # the set's stage the row really left
+
+
+@pytest.mark.anyio
+async def test_transition_with_current_keeps_the_error_as_stored(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    error = {"code": "serverError", "message": "boom", "retry": ("a", 1)}
+    moved = await ledger.transition(
+        "r1", Stage.PENDING, Stage.FAILED, {"error": error}, event="failed", current=row
+    )
+    assert moved.error == {"code": "serverError", "message": "boom", "retry": ["a", 1]}
+    assert moved == await ledger.get("r1")
+    assert await ledger.error_summary() == [("serverError", "boom", 1)]
+
+
+@pytest.mark.anyio
+async def test_transition_with_current_counts_come_from_the_ledger(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    # Both callers hold the same copy (attempts 0); the second must see 2.
+    first = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1}, event="a", current=row
+    )
+    second = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1, "polls_delta": 5},
+        event="b", current=row,
+    )
+    assert (first.attempts, second.attempts, second.polls) == (1, 2, 5)
+    assert second == await ledger.get("r1")
+
+
+@pytest.mark.anyio
+async def test_a_stale_current_still_conflicts_and_changes_nothing(ledger: Ledger) -> None:
+    (stale,) = await ledger.import_rows([new_row(1)])
+    await ledger.transition(
+        "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="submitted"
+    )
+    before = await ledger.get("r1")
+    with pytest.raises(TransitionConflict) as info:
+        await ledger.transition(
+            "r1", stale.stage, Stage.PROJECT, {"api_project_id": "p"}, event="late", current=stale
+        )
+    assert info.value.actual == "submitted" and info.value.expected == "pending"
+    with pytest.raises(TransitionConflict):
+        await ledger.transition(
+            "r1", frozenset({Stage.PENDING, Stage.FAILED}), Stage.SUBMITTED, event="late",
+            current=stale,
+        )
+    assert await ledger.get("r1") == before
+    assert [e.event for e in await ledger.events("r1")] == ["imported", "submitted"]
+
+
+@pytest.mark.anyio
+async def test_racing_moves_with_current_have_one_winner(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    results = await asyncio.gather(
+        *(
+            ledger.transition(
+                "r1", Stage.PENDING, Stage.PROJECT, {"api_project_id": f"p{i}"},
+                event=f"try{i}", current=row,
+            )
+            for i in range(30)
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, LedgerRow)]
+    assert len(wins) == 1
+    assert all(isinstance(r, TransitionConflict) for r in results if r not in wins)
+    assert await ledger.get("r1") == wins[0]
+
+
+@pytest.mark.anyio
+async def test_current_of_another_row_is_refused_before_writing(ledger: Ledger) -> None:
+    one, two = await ledger.import_rows([new_row(1), new_row(2)])
+    with pytest.raises(LedgerError, match="current") as info:
+        await ledger.transition("r1", Stage.PENDING, Stage.PROJECT, event="x", current=two)
+    assert not isinstance(info.value, TransitionConflict)
+    assert await ledger.get("r1") == one and await ledger.get("r2") == two
+    assert [e.event for e in await ledger.events("r1")] == ["imported"]
+
+
 @pytest.mark.anyio
 async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1)])

@@ -390,6 +390,37 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
     assert [e.from_stage for e in moves] == [Stage.PENDING] + [Stage.PROJECT] * 29
 
 
+@pytest.mark.anyio
+async def test_a_transition_with_current_reads_back_only_the_computed_columns(
+    hosts: list[PostgresLedger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batcher.ledger.postgres as postgres_module
+
+    a, b = hosts[0], hosts[1]
+    (row,) = await a.import_rows(manifest(5)[:1])
+    decoded: list[str] = []
+    real = postgres_module._to_row
+
+    def counting(r: Any) -> Any:
+        decoded.append(r["row_id"])
+        return real(r)
+
+    monkeypatch.setattr(postgres_module, "_to_row", counting)
+    moved = await a.transition(
+        row.row_id, Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s",
+        current=row,
+    )
+    assert decoded == []  # nothing decoded: the row was built from current
+    assert moved == await b.get(row.row_id)
+    decoded.clear()  # get decoded one
+    # A host whose copy is stale still loses the compare-and-set.
+    with pytest.raises(TransitionConflict) as info:
+        await b.transition(row.row_id, Stage.PENDING, Stage.PROJECT, event="late", current=row)
+    assert info.value.actual == "submitted"
+    full = await a.transition(row.row_id, Stage.SUBMITTED, Stage.COMPLETE, event="c")
+    assert decoded == [row.row_id] and full.generation_id == "g"
+
+
 # -- URLs, opening, migrations ----------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -320,6 +321,39 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
     assert jobs - jobs_before == 401
     assert commits - commits_before < 100  # 401 callers, far fewer transactions
     assert (await led.counts())[Stage.PROJECT] == 400
+    await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_a_transition_with_current_reads_back_only_the_computed_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batcher.ledger.sqlite as sqlite_module
+
+    led = SqliteLedger(tmp_path / "l.sqlite")
+    await led.open(run_info())
+    (row,) = await led.import_rows([new_row(1)])
+    decoded: list[str] = []
+    real = sqlite_module._to_row
+
+    def counting(r: Any) -> Any:
+        decoded.append(r["row_id"])
+        return real(r)
+
+    monkeypatch.setattr(sqlite_module, "_to_row", counting)
+    moved = await led.transition(
+        "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s", current=row
+    )
+    assert decoded == []  # nothing decoded: the row was built from current
+    (sql,) = led._transition_cache.values()
+    assert "RETURNING updated_at, attempts, polls" in sql
+    full = await led.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="c")
+    assert decoded == ["r1"]  # without current the whole row is read back
+    assert (moved.stage, full.stage, full.generation_id) == (
+        Stage.SUBMITTED,
+        Stage.COMPLETE,
+        "g",
+    )
     await led.close(0)
 
 

@@ -317,11 +317,21 @@ class Ledger(Protocol):
         *,
         event: str,
         detail: Mapping[str, Any] | None = None,
+        current: LedgerRow | None = None,
     ) -> LedgerRow:
         """Compare-and-set a row from ``expect`` to ``to`` and append an event.
 
         Raises TransitionConflict when the row is missing or not in
         ``expect``, and LedgerError when ``to`` is not a legal move.
+
+        ``current`` is the caller's copy of the row (the row it is moving).
+        With it the ledger does not read the whole row back: it returns
+        ``current`` with ``stage``, the update's columns and what the database
+        computed (``attempts``, ``polls``, ``updated_at``) replaced. The
+        compare-and-set still checks the stored stage, so a stale ``current``
+        conflicts exactly as without it; fields that another writer changed
+        without changing the stage are not seen. Its ``row_id`` must be
+        ``row_id``.
         """
         ...
 

@@ -262,8 +262,14 @@ class MemoryLedger:
         *,
         event: str,
         detail: Mapping[str, Any] | None = None,
+        current: LedgerRow | None = None,
     ) -> LedgerRow:
-        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol."""
+        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
+
+        With ``current`` the result is built from it as the SQL backends build
+        it (see :meth:`Ledger.transition`), so tests on this ledger see what
+        the runner sees on a real one.
+        """
         await anyio.lowlevel.checkpoint()
         self._writer()
         changes: dict[str, Any] = dict(update or {})
@@ -274,6 +280,8 @@ class MemoryLedger:
         allowed = legal_sources(expected, to)
         if not allowed:
             raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
+        if current is not None and current.row_id != row_id:
+            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
         detail_copy = _json_copy(detail or {}, "event detail") or {}
         if "error" in changes:
             changes["error"] = _json_copy(changes["error"], "error")
@@ -290,7 +298,9 @@ class MemoryLedger:
         row = replace(cur, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
         self._rows[row_id] = row
         self._event(row_id, now, cur.stage, to, event, detail_copy)
-        return row
+        if current is None:
+            return row
+        return replace(current, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
 
     # -- reads -------------------------------------------------------------
 

@@ -68,7 +68,14 @@ from batcher.ledger.postgres_sql import (
 
 # The row codec is SQLite's on purpose: both backends store the same column
 # values (JSON as text, error code/message copies), so an export is the same.
-from batcher.ledger.sqlite import _dumps, _error_columns, _new_row_params, _to_row
+from batcher.ledger.sqlite import (
+    _changes,
+    _dumps,
+    _error_columns,
+    _moved,
+    _new_row_params,
+    _to_row,
+)
 
 __all__ = ["PostgresLedger"]
 
@@ -80,6 +87,8 @@ _STAGES: dict[str, Stage] = {s.value: s for s in Stage}
 _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
 _DELTAS = frozenset({"attempts_delta", "polls_delta"})
 _SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
+# The columns a transition returns when the caller passed ``current``.
+_COMPUTED = "updated_at, attempts, polls"
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
@@ -115,7 +124,7 @@ class PostgresLedger:
         self._connect_timeout = connect_timeout
         self._sql = load_pg_queries()
         self._q = {name: positional(sql) for name, sql in self._sql.items()}
-        self._transition_cache: dict[tuple[str, ...], Query] = {}
+        self._transition_cache: dict[tuple[bool, tuple[str, ...]], Query] = {}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._run: RunInfo | None = None
         self._writable = False
@@ -319,13 +328,20 @@ class PostgresLedger:
         *,
         event: str,
         detail: Mapping[str, Any] | None = None,
+        current: LedgerRow | None = None,
     ) -> LedgerRow:
-        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol."""
+        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
+
+        With ``current`` only the computed columns are read back (see
+        :meth:`Ledger.transition`).
+        """
         pool = self._pool_for(write=True)
         expected = stage_set(expect)
         allowed = legal_sources(expected, to)
         if not allowed:
             raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
+        if current is not None and current.row_id != row_id:
+            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
         params = self._transition_params(row_id, to, update or {})
         params.update(
             allowed=sorted(s.value for s in allowed),
@@ -334,11 +350,14 @@ class PostgresLedger:
             run_id=self._run_id(),
             now=self._clock(),
         )
-        query = self._transition_query(params)
+        query = self._transition_query(params, full=current is None)
         with self._translate(f"update row {row_id}"):
             found = await pool.fetchrow(query.text, *query.args(params))
             if found is not None:
-                return _to_row(dict(found))
+                if current is None:
+                    return _to_row(dict(found))
+                changes = _changes(update or {}, params.get("error"))
+                return _moved(current, to, changes, tuple(found))
             got = await pool.fetchval(self._q["get_stage"].text, row_id)
         if got is None:
             raise TransitionConflict(row_id, describe_stages(expected), None)
@@ -365,15 +384,21 @@ class PostgresLedger:
         params.update(fields)
         return params
 
-    def _transition_query(self, params: Mapping[str, Any]) -> Query:
+    def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,
-        so asyncpg's per-connection statement cache keeps each prepared)."""
-        columns = tuple(sorted(k for k in params if k in _SET_COLUMNS))
-        query = self._transition_cache.get(columns)
+        so asyncpg's per-connection statement cache keeps each prepared).
+        ``full`` returns the whole row, otherwise only the computed columns."""
+        key = (full, tuple(sorted(k for k in params if k in _SET_COLUMNS)))
+        query = self._transition_cache.get(key)
         if query is None:
-            assignments = "".join(f", {col} = :{col}" for col in columns)
-            query = positional(self._sql["transition"].replace("{assignments}", assignments))
-            self._transition_cache[columns] = query
+            assignments = "".join(f", {col} = :{col}" for col in key[1])
+            text = (
+                self._sql["transition"]
+                .replace("{assignments}", assignments)
+                .replace("{returning}", "*" if full else _COMPUTED)
+            )
+            query = positional(text)
+            self._transition_cache[key] = query
         return query
 
     # -- reads -------------------------------------------------------------

@@ -24,6 +24,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +65,9 @@ _DELTAS = frozenset({"attempts_delta", "polls_delta"})
 _INVALID_ROW = "invalidRow"
 _FIRST_KEY = (-(2**62), "")  # sorts before every (line, row_id)
 _BUSY_TIMEOUT_S = 10.0
+# What a transition returns when the caller passed ``current``: the columns
+# the database computes; every other field of the new row is known already.
+_COMPUTED = "updated_at, attempts, polls"
 
 
 # -- conversions -----------------------------------------------------------
@@ -168,6 +172,28 @@ def _new_row_params(new: NewRow) -> dict[str, Any]:
     return params
 
 
+def _changes(update: Update, error_json: str | None) -> dict[str, Any]:
+    """The update's columns as :class:`LedgerRow` fields, as :meth:`get` reads them.
+
+    ``error_json`` is the error column as written: decoding it gives the
+    stored value (a JSON copy), not the caller's mapping.
+    """
+    changes: dict[str, Any] = {k: v for k, v in update.items() if k not in _DELTAS}
+    if "error" in changes:
+        changes["error"] = orjson.loads(error_json) if error_json is not None else None
+    return changes
+
+
+def _moved(
+    current: LedgerRow, to: Stage, changes: Mapping[str, Any], computed: Sequence[Any]
+) -> LedgerRow:
+    """``current`` after a transition to ``to``; ``computed`` is (updated_at, attempts, polls)."""
+    updated_at, attempts, polls = computed
+    return replace(
+        current, stage=to, updated_at=updated_at, attempts=attempts, polls=polls, **changes
+    )
+
+
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
     # Autocommit mode (isolation_level=None): transactions are explicit, so
     # the writer decides where a group commit begins and ends.
@@ -208,7 +234,7 @@ class SqliteLedger:
         self._batch_size = batch_size
         self._page_size = page_size
         self._q = load_queries()
-        self._transition_cache: dict[tuple[str, ...], str] = {}
+        self._transition_cache: dict[tuple[bool, tuple[str, ...]], str] = {}
         self._lock = RunLock(self.path)
         self._writer: GroupCommitWriter | None = None
         self._reader: sqlite3.Connection | None = None
@@ -504,16 +530,25 @@ class SqliteLedger:
         *,
         event: str,
         detail: Mapping[str, Any] | None = None,
+        current: LedgerRow | None = None,
     ) -> LedgerRow:
-        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol."""
+        """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
+
+        With ``current`` only the computed columns are read back (see
+        :meth:`Ledger.transition`).
+        """
         expected = stage_set(expect)
         allowed = legal_sources(expected, to)
         if not allowed:
             raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
+        if current is not None and current.row_id != row_id:
+            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
         params = self._transition_params(row_id, to, update or {})
         detail_json = _dumps(detail or {}, "event detail") or "{}"
         ordered = sorted(allowed)
-        sql = self._transition_sql(params)
+        sql = self._transition_sql(params, full=current is None)
+        # The caller's row and the update's columns, when the row is not read back.
+        known = None if current is None else (current, _changes(update or {}, params.get("error")))
 
         def job(conn: sqlite3.Connection) -> LedgerRow:
             if len(ordered) == 1:
@@ -524,13 +559,19 @@ class SqliteLedger:
             now = self._clock()
             params["now"] = now
             params.update(_stage_params((from_stage,)))
-            found = _records(conn.execute(sql, params))
-            if not found:
+            cursor = conn.execute(sql, params)
+            # fetchall, not fetchone: it steps the statement to its end, so
+            # it is reset and no statement is left running at RELEASE.
+            found = next(iter(cursor.fetchall()), None)
+            if found is None:
                 got = conn.execute(self._q["get_stage"], params).fetchone()
                 _check_stage(row_id, expected, allowed, to, got)
                 raise LedgerError(f"row {row_id}: compare-and-set failed in stage {got[0]}")
             self._insert_event(conn, row_id, now, from_stage, to, event, detail_json)
-            return _to_row(found[0])
+            if known is not None:
+                return _moved(known[0], to, known[1], found)
+            names = [d[0] for d in cursor.description]
+            return _to_row(dict(zip(names, found, strict=True)))
 
         return await self._write(job)
 
@@ -550,19 +591,24 @@ class SqliteLedger:
         params.update(fields)
         return params
 
-    def _transition_sql(self, params: Mapping[str, Any]) -> str:
+    def _transition_sql(self, params: Mapping[str, Any], *, full: bool) -> str:
         """The transition statement for the columns ``params`` sets.
 
         One text per set of columns, so sqlite3's statement cache keeps each;
         naming only the columns that change is twice as fast as one fixed
-        statement with a CASE per column.
+        statement with a CASE per column. ``full`` returns the whole row,
+        otherwise only the computed columns.
         """
-        columns = tuple(sorted(k for k in params if k in _SET_COLUMNS))
-        sql = self._transition_cache.get(columns)
+        key = (full, tuple(sorted(k for k in params if k in _SET_COLUMNS)))
+        sql = self._transition_cache.get(key)
         if sql is None:
-            assignments = "".join(f", {col} = :{col}" for col in columns)
-            sql = self._q["transition"].replace("{assignments}", assignments)
-            self._transition_cache[columns] = sql
+            assignments = "".join(f", {col} = :{col}" for col in key[1])
+            sql = (
+                self._q["transition"]
+                .replace("{assignments}", assignments)
+                .replace("{returning}", "*" if full else _COMPUTED)
+            )
+            self._transition_cache[key] = sql
         return sql
 
     # -- reads -------------------------------------------------------------

@@ -82,7 +82,8 @@ SELECT nextval('ledger_import_epoch');
 -- reads its stage as of the lock (a concurrent move has committed or not),
 -- so the event names the stage this move really left. {assignments} becomes
 -- ", <column> = :<column>" for each column the update names; the names come
--- from base.UPDATE_COLUMNS only.
+-- from base.UPDATE_COLUMNS only. {returning} is * or, when the caller holds
+-- the row, only the columns the database computes.
 WITH cur AS (
     SELECT row_id, stage FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
 ), moved AS (
@@ -100,7 +101,7 @@ WITH cur AS (
            :detail::text, :run_id::text
     FROM moved
 )
-SELECT * FROM moved;
+SELECT {returning} FROM moved;
 
 -- name: rows_page
 SELECT * FROM ledger_rows

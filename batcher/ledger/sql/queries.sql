@@ -64,13 +64,15 @@ RETURNING *;
 -- name: transition
 -- The compare-and-set. {assignments} becomes ", <column> = :<column>" for each
 -- column the update names; the names come from base.UPDATE_COLUMNS only.
+-- {returning} is * or, when the caller holds the row, only the columns the
+-- database computes (decoding the whole row was most of a transition's CPU).
 UPDATE ledger_rows SET
     stage = :to_stage,
     updated_at = :now,
     attempts = attempts + :attempts_delta,
     polls = polls + :polls_delta{assignments}
 WHERE row_id = :row_id AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
-RETURNING *;
+RETURNING {returning};
 
 -- name: insert_event
 INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
