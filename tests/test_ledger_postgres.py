@@ -394,18 +394,17 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     hosts: list[PostgresLedger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import batcher.ledger.postgres as postgres_module
+    from batcher.ledger.sqlite import _to_row as real  # the codec postgres.py uses
 
     a, b = hosts[0], hosts[1]
     (row,) = await a.import_rows(manifest(5)[:1])
     decoded: list[str] = []
-    real = postgres_module._to_row
 
     def counting(r: Any) -> Any:
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr(postgres_module, "_to_row", counting)
+    monkeypatch.setattr("batcher.ledger.postgres._to_row", counting)
     moved = await a.transition(
         row.row_id, Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s",
         current=row,

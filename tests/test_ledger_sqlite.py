@@ -467,6 +467,36 @@ def test_open_ledger_picks_the_backend(tmp_path: Path) -> None:
         open_ledger("")
 
 
+LAZY_CHILD = r"""
+import sys
+import batcher.cli
+from batcher.ledger import SqliteLedger, open_ledger
+open_ledger(sys.argv[1])
+assert "asyncpg" not in sys.modules, "asyncpg imported without a postgresql:// URL"
+import batcher.ledger
+from batcher.ledger import PostgresLedger
+assert "asyncpg" in sys.modules and PostgresLedger.__module__ == "batcher.ledger.postgres"
+assert batcher.ledger.PostgresLedger is PostgresLedger
+assert isinstance(open_ledger("postgresql://u@h/db"), PostgresLedger)
+try:
+    batcher.ledger.NoSuchThing
+except AttributeError:
+    print("ok")
+"""
+
+
+def test_asyncpg_is_imported_only_for_postgresql(tmp_path: Path) -> None:
+    # A fresh interpreter: this one has imported asyncpg for other tests.
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_CHILD, str(tmp_path / "l.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok"]
+
+
 @pytest.mark.anyio
 async def test_an_unwritable_place_is_a_ledger_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"

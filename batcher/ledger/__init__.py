@@ -2,6 +2,10 @@
 
 :func:`open_ledger` picks a backend from ``--ledger``'s value; the runner only
 ever sees the :class:`~batcher.ledger.base.LeasingLedger` Protocol.
+
+:class:`PostgresLedger` is imported on first use (``open_ledger`` with a
+``postgresql://`` URL, or the attribute itself): asyncpg takes about 55 ms to
+import, which every SQLite run and every ``batcher status`` would pay.
 """
 
 from __future__ import annotations
@@ -9,16 +13,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batcher.errors import ConfigError
 from batcher.ledger.base import LeasingLedger
 from batcher.ledger.memory import MemoryLedger
-from batcher.ledger.postgres import PostgresLedger
 from batcher.ledger.sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    from batcher.ledger.postgres import PostgresLedger
 
 __all__ = ["MemoryLedger", "PostgresLedger", "SqliteLedger", "open_ledger"]
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def __getattr__(name: str) -> object:
+    """The lazy re-export of :class:`PostgresLedger` (PEP 562)."""
+    if name == "PostgresLedger":
+        from batcher.ledger.postgres import PostgresLedger
+
+        return PostgresLedger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> LeasingLedger:
@@ -33,6 +49,8 @@ def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> 
     if path_or_url == ":memory:":
         return MemoryLedger(clock=clock)
     if path_or_url.startswith(_POSTGRES_SCHEMES):
+        from batcher.ledger.postgres import PostgresLedger
+
         return PostgresLedger(path_or_url, clock=clock)
     if path_or_url.startswith("sqlite://"):
         path_or_url = path_or_url.removeprefix("sqlite://")
