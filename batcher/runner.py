@@ -986,7 +986,7 @@ class Runner:
             full["polls_delta"] = polls
         try:
             moved = await self.ledger.transition(row.row_id, row.stage, to, full,
-                                                 event=event, detail=detail)
+                                                 event=event, detail=detail, current=row)
             if to not in ACTIVE_STAGES:
                 self._leased.discard(row.row_id)
             return moved
