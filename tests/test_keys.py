@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from batcher.keys import (
     FileSource,
+    HashSet64,
     ProjectSource,
     RowIdAssigner,
     Source,
@@ -440,6 +441,82 @@ def test_row_id_assigner_numbers_repeats_2_3_4(bases: list[str]) -> None:
     for i, base in enumerate(bases):
         n = bases[: i + 1].count(base)
         assert got[i] == (base if n == 1 else f"{base}~{n}")
+
+
+def test_row_id_assigner_suffixes_many_repeats_among_many_rows() -> None:
+    ids = RowIdAssigner()
+    bases = [f"r-{i % 3000:020x}" for i in range(9000)]  # the table grows 3 times
+    got = [ids.assign(b) for b in bases]
+    assert len(set(got)) == 9000
+    assert got[:3000] == bases[:3000]
+    assert got[3000:6000] == [f"{b}~2" for b in bases[:3000]]
+    assert got[6000:] == [f"{b}~3" for b in bases[:3000]]
+    assert repr(ids) == "<RowIdAssigner ids=9000 repeated=3000>"
+
+
+def test_row_id_assigner_memory_is_a_few_bytes_per_id() -> None:
+    n = 200_000
+    tracemalloc.start()
+    try:
+        ids = RowIdAssigner()
+        for i in range(n):
+            ids.assign(f"r-{i:020x}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(ids._seen) == n
+    # The table is 2^19 slots (4 MiB) with the 2 MiB one it grew from; a
+    # set[int] of the same hashes takes about 14 MB (70 bytes per id).
+    assert peak < 10_000_000, f"{peak / n:.0f} bytes per id"
+
+
+# --- HashSet64 ----------------------------------------------------------------------
+
+
+def test_hash_set_colliding_hashes_probe_on_and_wrap_around() -> None:
+    table = HashSet64(16)
+    assert table.capacity == 16
+    # All in the last slot's bucket (low 4 bits 1111): the chain wraps to slot 0.
+    same = [(k << 32) | 0xF for k in range(1, 8)]
+    assert all(table.add(h) for h in same)
+    assert not any(table.add(h) for h in same)
+    assert all(h in table for h in same)
+    assert (8 << 32) | 0xF not in table and 0xF not in table
+    assert len(table) == 7 and table.capacity == 16
+
+
+def test_hash_set_grows_when_half_full_and_keeps_every_member() -> None:
+    table = HashSet64(8)
+    rng = random.Random(7)
+    members = [rng.getrandbits(64) for _ in range(1000)] + [2**64 - 1, 5, 5 + (1 << 63)]
+    seen: set[int] = set()
+    for h in members:
+        assert table.add(h) is (h not in seen)
+        seen.add(h)
+        assert 2 * len(table) <= table.capacity  # at most half full
+    assert len(table) == len(seen) and table.capacity == 2048  # 1003 members
+    assert all(h in table for h in members)
+    assert not any(table.add(h) for h in members)
+    assert sum(rng.getrandbits(64) in table for _ in range(1000)) == 0
+
+
+def test_hash_set_stores_zero_as_one() -> None:
+    table = HashSet64()
+    assert table.add(0) and not table.add(1) and 1 in table and 0 in table
+    assert "1" not in table and len(table) == 1
+    assert repr(table) == "<HashSet64 members=1 capacity=1024>"
+
+
+@given(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 40), max_size=300))
+def test_hash_set_agrees_with_a_set(hashes: list[int]) -> None:
+    table = HashSet64(8)
+    model: set[int] = set()
+    for h in hashes:
+        key = h or 1
+        assert table.add(h) is (key not in model)
+        model.add(key)
+    assert len(table) == len(model)
+    assert all(h in table for h in model)
 
 
 # --- sha256_file ---------------------------------------------------------------------
