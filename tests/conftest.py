@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,3 +132,13 @@ def export_records(ledger: Path) -> list[dict[str, Any]]:
     done = run_batcher("export", str(ledger), "--format", "jsonl")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
+             interval: float = 0.05) -> None:
+    """Call ``predicate`` every ``interval`` seconds until it is true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met in {timeout} s")
+        time.sleep(interval)

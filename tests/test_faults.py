@@ -23,13 +23,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import batcher_env, export_records, run_batcher, write_wav
+from conftest import batcher_env, export_records, run_batcher, wait_for, write_wav
 
 from batcher.simulator import restored_audio
 
@@ -259,13 +258,6 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     assert stats["generations_created"] == 36 and stats["charges"] == 36
     assert stats["generations_without_upload"] == 0
     assert stats["signed_url_requests_with_key"] == 0
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def test_sigterm_exits_130_with_a_consistent_ledger_and_the_rerun_completes(

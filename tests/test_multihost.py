@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, run_batcher
+from conftest import batcher_env, run_batcher, wait_for
 
 PG = os.environ.get("BATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -80,9 +79,7 @@ def test_three_hosts_one_killed_every_row_once_within_the_global_rate(
     procs = [subprocess.Popen(args, env=batcher_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sim.stats()["generations_created"] < 40:
-            time.sleep(0.1)
+        wait_for(lambda: sim.stats()["generations_created"] >= 40, timeout=30, interval=0.1)
         assert sim.stats()["generations_created"] >= 40
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import batcher_env, export_records, run_batcher
+from conftest import batcher_env, export_records, run_batcher, wait_for
 
 
 def _manifest(path: Path, first: int, count: int) -> Path:
@@ -38,15 +38,6 @@ def _by_status(records: list[dict[str, Any]]) -> dict[str, int]:
     for rec in records:
         out[rec["status"]] = out.get(rec["status"], 0) + 1
     return out
-
-
-def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # ------------------------------------------------------------------ spend cap
@@ -177,7 +168,7 @@ def test_retry_failed_killed_mid_flight_still_pays_once(tmp_path: Path, simulato
     proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: sim.stats()["charges"] >= 2 * n)
+        wait_for(lambda: sim.stats()["charges"] >= 2 * n)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -205,7 +196,7 @@ def test_a_sigkilled_runs_lock_is_taken_over(tmp_path: Path, simulator: Any) -> 
     proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: sim.stats()["generations_created"] >= 4)
+        wait_for(lambda: sim.stats()["generations_created"] >= 4)
         # Still running: a second run is refused, naming the holder.
         second = run_batcher(*args, timeout=30)
         assert second.returncode == 4, second.stdout + second.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, export_records, run_batcher
+from conftest import batcher_env, export_records, run_batcher, wait_for
 
 SUMMARY = re.compile(r"^batcher: (\d+) rows: (\d+) complete, (\d+) failed, (\d+) pending, "
                      r"(\d+) submitted ")
@@ -40,15 +40,6 @@ def _manifest(path: Path, good: int, *, bad: bool = False) -> Path:
 def _args(manifest: Path, sim: Any, *extra: str) -> list[str]:
     return ["run", str(manifest), "--api-base", sim.base_url,
             "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
-
-
-def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # ------------------------------------------------------------ Prometheus text
@@ -221,7 +212,7 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
          *_args(manifest, sim, "--poll-interval", "0.3", "--progress-every", "0.3")],
         env=batcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: sim.stats()["generations_created"] == 3)
+        wait_for(lambda: sim.stats()["generations_created"] == 3)
         # The run holds the lock; status and export read alongside it.
         status = run_batcher("status", str(ledger), timeout=20)
         assert status.returncode == 0, status.stderr

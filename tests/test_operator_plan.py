@@ -12,11 +12,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from conftest import batcher_env, export_records, run_batcher, write_wav
+from conftest import batcher_env, export_records, run_batcher, wait_for, write_wav
 
 from batcher.settings import OPTION_SPECS, load_job_file
 
@@ -190,15 +189,6 @@ def _ledger_counts(path: Path) -> tuple[int, ...]:
         conn.close()
 
 
-def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def test_dry_run_plan_numbers_on_known_wav_files(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--duration", "0.2,0.3")  # no auto-create: an unknown project is a 404
     write_wav(tmp_path / "audio" / "a.wav", seconds=30, freq=200, rate=2000)
@@ -245,8 +235,8 @@ def test_dry_run_plan_numbers_on_known_wav_files(tmp_path: Path, simulator: Any)
                             env=batcher_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: any(r["line"] == 6 and r["status"] == "submitted"
-                              for r in export_records(ledger)))
+        wait_for(lambda: any(r["line"] == 6 and r["status"] == "submitted"
+                             for r in export_records(ledger)), interval=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
