@@ -33,6 +33,7 @@ __all__ = [
     "batcher_run",
     "child_env",
     "endpoint_counts",
+    "measured_batcher_run",
     "run_child",
     "stats_delta",
     "write_project_manifest",
@@ -148,6 +149,14 @@ def batcher_run(
     if report.exists():
         run.report = json.loads(report.read_text())
     return run
+
+
+def measured_batcher_run(sim: SimProcess, manifest: Path, *extra: str,
+                         timeout: float = 1800.0) -> tuple[ChildRun, dict[str, int]]:
+    """A checked ``batcher_run`` against ``sim`` and the requests it made there, per endpoint."""
+    before = sim.counts()
+    run = batcher_run(manifest, sim.base_url, *extra, timeout=timeout).check()
+    return run, stats_delta(before, sim.counts())
 
 
 def write_project_manifest(path: Path, rows: int, *, prefix: str = "proj") -> Path:

@@ -14,8 +14,8 @@ from .common import (
     SimProcess,
     api_requests,
     batcher_run,
+    measured_batcher_run,
     section,
-    stats_delta,
     workdir,
     write_project_manifest,
 )
@@ -49,11 +49,9 @@ def bench_memory(dry_rows: int = 1_000_000, real_rows: int = 100_000, *, rate: f
         big.unlink()
     with workdir() as d, SimProcess("--duration", "0,0") as sim:
         manifest = write_project_manifest(d / "real.csv", real_rows, prefix="real")
-        before = sim.counts()
-        real = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}",
-                           "--concurrency", str(concurrency), "--poll-interval", "0",
-                           timeout=3600).check()
-        delta = stats_delta(before, sim.counts())
+        real, delta = measured_batcher_run(sim, manifest, "--rate", f"{rate:g}",
+                                           "--concurrency", str(concurrency),
+                                           "--poll-interval", "0", timeout=3600)
     requests = api_requests(delta)
     ideal = requests / rate
     print(f"real run: {real_rows:,} rows: peak RSS {real.maxrss_mb:.0f} MB, wall {real.wall:.1f} s "

@@ -17,9 +17,8 @@ from .common import (
     Figure,
     SimProcess,
     api_requests,
-    batcher_run,
+    measured_batcher_run,
     section,
-    stats_delta,
     workdir,
     write_project_manifest,
 )
@@ -53,10 +52,8 @@ def bench_polling(rows: int = 300, *,
     for rate, interval in configs:
         with workdir() as d, SimProcess("--duration", duration, "--seed", "3") as sim:
             manifest = write_project_manifest(d / "poll.csv", rows, prefix="poll")
-            before = sim.counts()
-            run = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}",
-                              "--poll-interval", f"{interval:g}").check()
-            delta = stats_delta(before, sim.counts())
+            run, delta = measured_batcher_run(sim, manifest, "--rate", f"{rate:g}",
+                                              "--poll-interval", f"{interval:g}")
         polls = delta.get("get_generation_progress", 0)
         res = PollResult(rate, interval, rows, polls, delta, run)
         results.append(res)
