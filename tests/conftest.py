@@ -142,3 +142,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met in {timeout} s")
         time.sleep(interval)
+
+
+def run_args(manifest: Path, api_base: str, *extra: str) -> list[str]:
+    """``run MANIFEST --api-base API_BASE --ledger MANIFEST.sqlite EXTRA``."""
+    return ["run", str(manifest), "--api-base", api_base,
+            "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
+
+
+def count_statuses(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many export records stand in each status."""
+    out: dict[str, int] = {}
+    for rec in records:
+        out[rec["status"]] = out.get(rec["status"], 0) + 1
+    return out

@@ -28,7 +28,15 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import batcher_env, export_records, run_batcher, wait_for, write_wav
+from conftest import (
+    batcher_env,
+    count_statuses,
+    export_records,
+    run_args,
+    run_batcher,
+    wait_for,
+    write_wav,
+)
 
 from batcher.simulator import restored_audio
 
@@ -65,11 +73,6 @@ def file_manifest(folder: Path, n: int) -> tuple[Path, list[Path]]:
     return manifest, files
 
 
-def run_args(manifest: Path, base_url: str, *extra: str) -> list[str]:
-    return ["run", str(manifest), "--api-base", base_url,
-            "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
-
-
 def start_run(args: list[str], env: dict[str, str] | None = None,
               ) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "batcher", *args],
@@ -79,13 +82,6 @@ def start_run(args: list[str], env: dict[str, str] | None = None,
 
 def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
     assert TRACEBACK not in done.stderr + done.stdout, done.stderr[-3000:]
-
-
-def statuses(records: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for rec in records:
-        out[rec["status"]] = out.get(rec["status"], 0) + 1
-    return out
 
 
 def kill_campaign(args: list[str], sim: Any, *, seed: int, kills: int,
@@ -222,7 +218,7 @@ def test_crash_campaign_sigkill_20_times_pays_each_request_once(
     done = run_batcher(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
-    assert len(records) == 200 and statuses(records) == {"complete": 200}
+    assert len(records) == 200 and count_statuses(records) == {"complete": 200}
     stats = sim.stats()
     assert stats["extra_charges"] == 0
     assert stats["generations_created"] == 200 and stats["charges"] == 200
@@ -244,7 +240,7 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     done = run_batcher(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
-    assert statuses(records) == {"complete": 36}
+    assert count_statuses(records) == {"complete": 36}
     out = tmp_path / "m.out"
     for path, rec in zip(files, records, strict=True):
         expected = out / path.relative_to(tmp_path).with_suffix(".restored.mp3")
@@ -287,7 +283,7 @@ def test_sigterm_exits_130_with_a_consistent_ledger_and_the_rerun_completes(
     assert info["lastRun"]["exit_code"] == 130
     done = run_batcher(*args)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert statuses(export_records(ledger)) == {"complete": 40}
+    assert count_statuses(export_records(ledger)) == {"complete": 40}
     stats = sim.stats()
     assert stats["extra_charges"] == 0 and stats["generations_created"] == 40
 
@@ -343,7 +339,7 @@ def test_429_storm_pauses_every_worker_and_slows_the_whole_run(tmp_path: Path, s
                                      "--poll-interval", "0.3", "--report", str(report)))
     wall = time.monotonic() - start
     assert done.returncode == 0, done.stdout + done.stderr
-    assert statuses(export_records(manifest.with_suffix(".sqlite"))) == {"complete": 60}
+    assert count_statuses(export_records(manifest.with_suffix(".sqlite"))) == {"complete": 60}
     stats = sim.stats()
     assert stats["extra_charges"] == 0 and stats["generations_created"] == 60
     # The storm happened, and the 429s stayed a small share of the traffic.
@@ -427,7 +423,7 @@ def test_spend_limit_halts_finishes_in_flight_and_resumes_after_raise(
         assert figure in output, figure
     records = export_records(manifest.with_suffix(".sqlite"))
     # What the API accepted was polled to its end; the rest waits, resumable.
-    assert statuses(records) == {"complete": 8, "pending": 12}
+    assert count_statuses(records) == {"complete": 8, "pending": 12}
     assert {r["error"]["httpStatus"] for r in records if r["status"] == "pending"
             and r["error"] is not None} <= {402}
     stats = sim.stats()
@@ -440,7 +436,7 @@ def test_spend_limit_halts_finishes_in_flight_and_resumes_after_raise(
     again = run_batcher(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
-    assert statuses(records) == {"complete": 20}
+    assert count_statuses(records) == {"complete": 20}
     stats = sim.stats()
     assert stats["extra_charges"] == 0
     assert stats["generations_created"] == 20 and stats["charges"] == 20
@@ -464,7 +460,7 @@ def test_inactive_key_or_key_without_write_halts_with_exit_3(
     assert stats["charges"] == 0
     # Halted at once, not one refusal per row.
     assert stats["requests"] <= 20
-    assert statuses(export_records(manifest.with_suffix(".sqlite"))) == {"pending": 30}
+    assert count_statuses(export_records(manifest.with_suffix(".sqlite"))) == {"pending": 30}
     # Resumable: once the key is fixed the same command finishes the job.
     sim.configure({"api_keys": {"sim-key": {"active": True, "write": True}}})
     again = run_batcher(*args)
@@ -606,7 +602,7 @@ def test_html_502_pages_and_truncated_json_are_retried_to_completion(
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     no_traceback(done)
     records = export_records(manifest.with_suffix(".sqlite"))
-    assert statuses(records) == {"complete": 32}
+    assert count_statuses(records) == {"complete": 32}
     for path, rec in zip(files, records[:8], strict=True):
         assert Path(rec["output"]).read_bytes() == restored_audio(path.read_bytes())
     stats = sim.stats()
@@ -801,7 +797,7 @@ def test_rows_that_complete_after_a_halt_carry_no_stale_error(tmp_path: Path, si
     sim.configure({"api_keys": {"sim-key": {"spend_limit_usd": 1000}}})
     assert run_batcher(*args).returncode == 0
     records = export_records(manifest.with_suffix(".sqlite"))
-    assert statuses(records) == {"complete": 8}
+    assert count_statuses(records) == {"complete": 8}
     # A complete row says error: null; the 402 of an earlier run is history.
     assert [r["line"] for r in records if r["error"] is not None] == []
     status = run_batcher("status", str(manifest.with_suffix(".sqlite")), "--json")

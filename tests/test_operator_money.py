@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import batcher_env, export_records, run_batcher, wait_for
+from conftest import batcher_env, count_statuses, export_records, run_args, run_batcher, wait_for
 
 
 def _manifest(path: Path, first: int, count: int) -> Path:
@@ -28,18 +28,6 @@ def _manifest(path: Path, first: int, count: int) -> Path:
     return path
 
 
-def _args(manifest: Path, sim: Any, *extra: str) -> list[str]:
-    return ["run", str(manifest), "--api-base", sim.base_url,
-            "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
-
-
-def _by_status(records: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for rec in records:
-        out[rec["status"]] = out.get(rec["status"], 0) + 1
-    return out
-
-
 # ------------------------------------------------------------------ spend cap
 
 
@@ -50,19 +38,19 @@ def test_spend_cap_stops_resumes_and_covers_the_whole_job(tmp_path: Path, simula
     ledger = manifest.with_suffix(".sqlite")
     # apiProjectId rows have no readable audio: each is estimated at the 60 s
     # minimum, so $1 at $1 per minute.
-    capped = _args(manifest, sim, "--poll-interval", "0.1", "--price-per-minute", "1")
+    capped = run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--price-per-minute", "1")
 
     first = run_batcher(*capped, "--max-spend", "3")
     assert first.returncode == 3, first.stdout + first.stderr
     assert "--max-spend" in first.stdout
     assert sim.stats()["generations_created"] == 3
-    counts = _by_status(export_records(ledger))
+    counts = count_statuses(export_records(ledger))
     assert counts == {"complete": 3, "pending": 5}  # what was in flight finished
 
     # Resumable with a higher cap: only the rest is posted.
     second = run_batcher(*capped, "--max-spend", "100")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert _by_status(export_records(ledger)) == {"complete": 8}
+    assert count_statuses(export_records(ledger)) == {"complete": 8}
     stats = sim.stats()
     assert stats["charges"] == 8 and stats["extra_charges"] == 0
 
@@ -72,7 +60,7 @@ def test_spend_cap_stops_resumes_and_covers_the_whole_job(tmp_path: Path, simula
     third = run_batcher(*capped, "--max-spend", "10")
     assert third.returncode == 3, third.stdout + third.stderr
     assert sim.stats()["charges"] == 10
-    assert _by_status(export_records(ledger)) == {"complete": 10, "pending": 2}
+    assert count_statuses(export_records(ledger)) == {"complete": 10, "pending": 2}
     # And the same cap again spends nothing more.
     again = run_batcher(*capped, "--max-spend", "10")
     assert again.returncode == 3
@@ -90,7 +78,7 @@ def test_spend_cap_counts_the_job_file_and_env(tmp_path: Path, simulator: Any) -
     done = run_batcher("run", str(job), env=batcher_env(BATCHER_MAX_SPEND="2"))
     assert done.returncode == 3, done.stdout + done.stderr
     assert sim.stats()["charges"] == 2
-    counts = _by_status(export_records(manifest.with_suffix(".sqlite")))
+    counts = count_statuses(export_records(manifest.with_suffix(".sqlite")))
     assert counts == {"complete": 2, "pending": 3}
 
 
@@ -100,13 +88,13 @@ def test_spend_cap_counts_the_job_file_and_env(tmp_path: Path, simulator: Any) -
 def test_halt_after_stops_a_failing_run_early(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--failure-rate", "1", "--duration", "0,0.05")
     manifest = _manifest(tmp_path / "m.csv", 0, 40)
-    done = run_batcher(*_args(manifest, sim, "--halt-after", "50", "--rate", "20",
-                              "--concurrency", "2", "--poll-interval", "0.05"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--halt-after", "50", "--rate", "20",
+                                 "--concurrency", "2", "--poll-interval", "0.05"))
     assert done.returncode == 3, done.stdout + done.stderr
     assert "--halt-after 50" in done.stdout
     created = sim.stats()["generations_created"]
     assert 20 <= created < 34, created  # judged after 20 finished rows
-    counts = _by_status(export_records(manifest.with_suffix(".sqlite")))
+    counts = count_statuses(export_records(manifest.with_suffix(".sqlite")))
     assert counts["pending"] == 40 - created
     assert counts["failed"] >= 20
 
@@ -116,7 +104,7 @@ def test_halt_after_stops_a_failing_run_early(tmp_path: Path, simulator: Any) ->
 
 def _all_failed_at_the_api(tmp_path: Path, sim: Any, n: int) -> tuple[Path, list[str]]:
     manifest = _manifest(tmp_path / "m.csv", 0, n)
-    first = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "--rate", "50"))
+    first = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--rate", "50"))
     assert first.returncode == 1, first.stdout + first.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
     assert {(r["status"], r["apiStatus"]) for r in records} == {("failed", "failed")}
@@ -131,12 +119,12 @@ def test_retry_failed_pays_once_more_under_a_new_key(tmp_path: Path, simulator: 
     sim = simulator("--auto-create-projects", "--failure-rate", "1", "--duration", "0.1,0.2")
     manifest, old_keys = _all_failed_at_the_api(tmp_path, sim, n)
     ledger = manifest.with_suffix(".sqlite")
-    args = _args(manifest, sim, "--poll-interval", "0.1", "--rate", "50")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--rate", "50")
 
     # Without --retry-failed a failed row stays failed, and nothing is paid.
     plain = run_batcher(*args)
     assert plain.returncode == 1
-    assert _by_status(export_records(ledger)) == {"failed": n}
+    assert count_statuses(export_records(ledger)) == {"failed": n}
     assert sim.stats()["charges"] == n
 
     retried = run_batcher(*args, "--retry-failed")
@@ -164,7 +152,8 @@ def test_retry_failed_killed_mid_flight_still_pays_once(tmp_path: Path, simulato
     ledger = manifest.with_suffix(".sqlite")
     # Slow generations, so the kill lands while the retried ones are running.
     sim.configure({"duration": [3, 3]})
-    args = _args(manifest, sim, "--poll-interval", "0.2", "--rate", "50", "--retry-failed")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "0.2", "--rate", "50",
+                    "--retry-failed")
     proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -192,7 +181,7 @@ def test_a_sigkilled_runs_lock_is_taken_over(tmp_path: Path, simulator: Any) -> 
     sim = simulator("--auto-create-projects", "--duration", "2,2")
     manifest = _manifest(tmp_path / "m.csv", 0, 4)
     ledger = manifest.with_suffix(".sqlite")
-    args = _args(manifest, sim, "--poll-interval", "0.3")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "0.3")
     proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -210,7 +199,7 @@ def test_a_sigkilled_runs_lock_is_taken_over(tmp_path: Path, simulator: Any) -> 
     done = run_batcher(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert time.monotonic() - start < 15
-    assert _by_status(export_records(ledger)) == {"complete": 4}
+    assert count_statuses(export_records(ledger)) == {"complete": 4}
     stats = sim.stats()
     assert stats["generations_created"] == 4 and stats["extra_charges"] == 0
 
@@ -221,7 +210,7 @@ def test_retry_failed_reposts_a_transport_failure_with_its_own_key(tmp_path: Pat
     sim = simulator("--auto-create-projects", "--error-rate", "1", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 0, n)
     ledger = manifest.with_suffix(".sqlite")
-    args = _args(manifest, sim, "--poll-interval", "0.1", "--max-attempts", "1")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--max-attempts", "1")
     first = run_batcher(*args)
     assert first.returncode == 1, first.stdout + first.stderr
     failed = {r["rowId"]: r for r in export_records(ledger)}
@@ -244,9 +233,10 @@ def test_spend_cap_holds_when_answers_are_lost(tmp_path: Path, simulator: Any) -
     sim = simulator("--auto-create-projects", "--lost-rate", "0.4", "--seed", "3",
                     "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 0, 10)
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "--concurrency", "1",
-                              "--max-attempts", "10", "--price-per-minute", "1",
-                              "--max-spend", "3", "--report", str(tmp_path / "r.json")))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1",
+                                 "--concurrency", "1", "--max-attempts", "10",
+                                 "--price-per-minute", "1", "--max-spend", "3",
+                                 "--report", str(tmp_path / "r.json")))
     assert done.returncode == 3, done.stdout + done.stderr
     stats = sim.stats()
     assert stats["lost_responses"] > 0
@@ -256,8 +246,8 @@ def test_spend_cap_holds_when_answers_are_lost(tmp_path: Path, simulator: Any) -
 def test_spend_cap_halt_message_reads_right(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.5,0.5")
     manifest = _manifest(tmp_path / "m.csv", 0, 4)
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "--price-per-minute",
-                              "1", "--max-spend", "2"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1",
+                                 "--price-per-minute", "1", "--max-spend", "2"))
     assert done.returncode == 3
     halted = [line for line in done.stdout.splitlines() if line.startswith("halted")]
     assert len(halted) == 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, export_records, run_batcher, wait_for
+from conftest import batcher_env, export_records, run_args, run_batcher, wait_for
 
 SUMMARY = re.compile(r"^batcher: (\d+) rows: (\d+) complete, (\d+) failed, (\d+) pending, "
                      r"(\d+) submitted ")
@@ -35,11 +35,6 @@ def _manifest(path: Path, good: int, *, bad: bool = False) -> Path:
         lines += ["proj-x,clean x,no-such-model", ",neither source,"]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _args(manifest: Path, sim: Any, *extra: str) -> list[str]:
-    return ["run", str(manifest), "--api-base", sim.base_url,
-            "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
 
 
 # ------------------------------------------------------------ Prometheus text
@@ -105,9 +100,9 @@ def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -
     ledger = manifest.with_suffix(".sqlite")
     report, metrics = tmp_path / "out" / "r.json", tmp_path / "out" / "m.prom"
     start = time.monotonic()
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.2", "--rate", "40",
-                              "--price-per-minute", "0.5", "--report", str(report),
-                              "--metrics", str(metrics)))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.2", "--rate", "40",
+                                 "--price-per-minute", "0.5", "--report", str(report),
+                                 "--metrics", str(metrics)))
     wall = time.monotonic() - start
     assert done.returncode == 1, done.stdout + done.stderr
     records = export_records(ledger)
@@ -177,8 +172,9 @@ def test_report_has_counts_by_status(tmp_path: Path, simulator: Any) -> None:
     report = tmp_path / "r.json"
     # A cap of $2 at $1 a row: 2 complete, 3 left pending; only the ledger's
     # counts say so (this run's counters know nothing of the pending rows).
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "--price-per-minute",
-                              "1", "--max-spend", "2", "--report", str(report)))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1",
+                                 "--price-per-minute", "1", "--max-spend", "2",
+                                 "--report", str(report)))
     assert done.returncode == 3
     r = json.loads(report.read_text())
     assert r["exitCode"] == 3 and "maxSpendReached" in r["halted"]
@@ -189,8 +185,8 @@ def test_metric_names_follow_prometheus_conventions(tmp_path: Path, simulator: A
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 2)
     metrics = tmp_path / "m.prom"
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "--metrics",
-                              str(metrics)))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--metrics",
+                                 str(metrics)))
     assert done.returncode == 0
     parsed = parse_prometheus(metrics.read_text())
     for name, kind in parsed["types"].items():
@@ -209,7 +205,7 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
     ledger = manifest.with_suffix(".sqlite")
     proc = subprocess.Popen(
         [sys.executable, "-m", "batcher",
-         *_args(manifest, sim, "--poll-interval", "0.3", "--progress-every", "0.3")],
+         *run_args(manifest, sim.base_url, "--poll-interval", "0.3", "--progress-every", "0.3")],
         env=batcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: sim.stats()["generations_created"] == 3)
@@ -223,7 +219,7 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
         assert live["byStatus"]["submitted"] == 3 and live["lastRun"]["ended_at"] is None
         assert {r["status"] for r in export_records(ledger)} == {"submitted"}
         # A dry run only reads: it plans alongside the run instead of exiting 4.
-        plan = run_batcher(*_args(manifest, sim, "--dry-run"), timeout=20)
+        plan = run_batcher(*run_args(manifest, sim.base_url, "--dry-run"), timeout=20)
         assert plan.returncode == 0, plan.stdout + plan.stderr
         assert re.search(r"^  in flight \(polled\)\s+3$", plan.stdout, re.MULTILINE)
         out, err = proc.communicate(timeout=30)
@@ -269,7 +265,8 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, simulator: Any) -> None:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "batcher",
-             *_args(manifest, sim, "--poll-interval", "0.3", "--progress-every", "0.3")],
+             *run_args(manifest, sim.base_url, "--poll-interval", "0.3",
+                       "--progress-every", "0.3")],
             env=env, stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60)
     finally:
         os.close(follower)
@@ -289,7 +286,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, simulator: Any) -> None:
 def test_quiet_prints_only_the_summary(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 2, bad=True)
-    args = _args(manifest, sim, "--poll-interval", "0.1")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "0.1")
     loud = run_batcher(*args)
     assert loud.returncode == 1
     assert "row.failed" in loud.stderr  # warnings are shown by default
@@ -305,7 +302,8 @@ def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -
     key = "sekrit-key-0123456789"
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2", "--api-key", key)
     manifest = _manifest(tmp_path / "m.csv", 2, bad=True)
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1", "-v", "--log-json"),
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1", "-v",
+                                 "--log-json"),
                        env=batcher_env(key))
     assert done.returncode == 1, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines()]
@@ -320,8 +318,8 @@ def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -
 def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.3", "--progress-every",
-                              "0.3", "-q"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.3",
+                                 "--progress-every", "0.3", "-q"))
     assert done.returncode == 0
     assert done.stderr == ""
 
@@ -329,8 +327,8 @@ def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
 def test_log_json_stderr_is_all_json(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.3", "--progress-every",
-                              "0.3", "--log-json"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.3",
+                                 "--progress-every", "0.3", "--log-json"))
     assert done.returncode == 0
     lines = done.stderr.splitlines()
     assert lines  # progress is reported ...
@@ -343,7 +341,7 @@ def test_most_common_errors_are_counted_by_code(tmp_path: Path, simulator: Any) 
     manifest = tmp_path / "m.csv"
     manifest.write_text("apiProjectId,prompt\n" + "".join(f"p{i},x\n" for i in range(4))
                         + ",no source\n,no source either\n")
-    done = run_batcher(*_args(manifest, sim, "--poll-interval", "0.1"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1"))
     assert done.returncode == 1
     for out in (done.stdout, run_batcher("status", str(manifest.with_suffix(".sqlite"))).stdout):
         assert re.search(r"^  4 x generationFailed: ", out, re.MULTILINE), out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, export_records, run_batcher
+from conftest import batcher_env, export_records, run_args, run_batcher
 
 from batcher.ledger.base import Stage
 from batcher.ledger.sqlite import SqliteLedger
@@ -38,11 +38,6 @@ def project_manifest(path: Path, n: int, *, extra: list[dict[str, Any]] | None =
     return path
 
 
-def run_args(manifest: Path, sim: Any, *extra: str) -> list[str]:
-    return ["run", str(manifest), "--api-base", sim.base_url,
-            "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
-
-
 def test_project_rows_complete_and_are_charged_once(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.2,0.6")
     # Two rows repeat the request of row 1 (7 and 7.0 are the same seed): one
@@ -50,7 +45,7 @@ def test_project_rows_complete_and_are_charged_once(tmp_path: Path, simulator: A
     extra = [{"apiProjectId": "proj-0001", "prompt": "clean 1", "seed": "1.0"},
              {"apiProjectId": "proj-0001", "prompt": "clean 1", "seed": "1"}]
     manifest = project_manifest(tmp_path / "m.csv", 20, extra=extra)
-    done = run_batcher(*run_args(manifest, sim, "--rate", "40", "--poll-interval", "0.2"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "40", "--poll-interval", "0.2"))
     assert done.returncode == 0, done.stdout + done.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
     assert len(records) == 22
@@ -71,7 +66,7 @@ def test_project_rows_complete_and_are_charged_once(tmp_path: Path, simulator: A
     assert len({r["idempotencyKey"] for r in records}) == 20
 
     # Re-running the same command does nothing and pays nothing.
-    again = run_batcher(*run_args(manifest, sim, "--rate", "40", "--poll-interval", "0.2"))
+    again = run_batcher(*run_args(manifest, sim.base_url, "--rate", "40", "--poll-interval", "0.2"))
     assert again.returncode == 0
     assert "20 already complete" in again.stdout or "22 already complete" in again.stdout
     assert sim.stats()["charges"] == 20
@@ -90,7 +85,7 @@ def test_bad_rows_fail_with_line_and_field_others_complete(tmp_path: Path, simul
         "p-badjson,,e,{not json\n"
         "p-ok-3,,f,\n"
     )
-    done = run_batcher(*run_args(manifest, sim, "--poll-interval", "0.1", "--rate", "50"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1", "--rate", "50"))
     assert done.returncode == 1, done.stdout + done.stderr
     records = {r["line"]: r for r in export_records(manifest.with_suffix(".sqlite"))}
     assert {line: r["status"] for line, r in records.items()} == {
@@ -116,7 +111,7 @@ def test_unknown_key_halts_with_exit_3_and_nothing_charged(tmp_path: Path, simul
     sim = simulator("--auto-create-projects")
     manifest = project_manifest(tmp_path / "m.csv", 10)
     start = time.monotonic()
-    done = run_batcher(*run_args(manifest, sim), env=batcher_env("wrong-key"))
+    done = run_batcher(*run_args(manifest, sim.base_url), env=batcher_env("wrong-key"))
     assert done.returncode == 3, done.stdout + done.stderr
     assert time.monotonic() - start < 20
     assert "wrong-key" not in done.stdout + done.stderr
@@ -124,7 +119,7 @@ def test_unknown_key_halts_with_exit_3_and_nothing_charged(tmp_path: Path, simul
     records = export_records(manifest.with_suffix(".sqlite"))
     assert {r["status"] for r in records} == {"pending"}
     # Resumable: the right key finishes the job.
-    ok = run_batcher(*run_args(manifest, sim, "--poll-interval", "0.5", "--rate", "50"))
+    ok = run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.5", "--rate", "50"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
@@ -149,7 +144,7 @@ def test_sigkill_at_random_moments_then_resume_pays_once(tmp_path: Path, simulat
     sim = simulator("--auto-create-projects", "--duration", "0.5,1.5", "--latency",
                     "0.005,0.02")
     manifest = project_manifest(tmp_path / "m.csv", 60)
-    args = run_args(manifest, sim, "--rate", "40", "--poll-interval", "0.3")
+    args = run_args(manifest, sim.base_url, "--rate", "40", "--poll-interval", "0.3")
     killed = _kill_and_resume(manifest, args, seed=7, kills=6, window=(0.4, 1.6))
     assert killed >= 3
     done = run_batcher(*args)
@@ -165,7 +160,7 @@ def test_lost_responses_and_500s_still_pay_once(tmp_path: Path, simulator: Any) 
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.3", "--lost-rate", "0.2",
                     "--error-rate", "0.1", "--seed", "3")
     manifest = project_manifest(tmp_path / "m.csv", 40)
-    done = run_batcher(*run_args(manifest, sim, "--rate", "60", "--poll-interval", "0.2"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "60", "--poll-interval", "0.2"))
     assert done.returncode == 0, done.stdout + done.stderr
     records = export_records(manifest.with_suffix(".sqlite"))
     assert {r["status"] for r in records} == {"complete"}
@@ -181,8 +176,8 @@ def test_largest_one_second_window_stays_within_rate(tmp_path: Path, simulator: 
                                                      rate: int) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0,0.05")
     manifest = project_manifest(tmp_path / "m.csv", rate * 2)
-    done = run_batcher(*run_args(manifest, sim, "--rate", str(rate), "--poll-interval", "0.05",
-                                 "--concurrency", "32"))
+    done = run_batcher(*run_args(manifest, sim.base_url, "--rate", str(rate),
+                                 "--poll-interval", "0.05", "--concurrency", "32"))
     assert done.returncode == 0, done.stdout + done.stderr
     stats = sim.stats()
     assert stats["requests"] >= rate * 3  # enough traffic to fill several windows
@@ -192,7 +187,7 @@ def test_largest_one_second_window_stays_within_rate(tmp_path: Path, simulator: 
 def test_second_run_on_the_same_ledger_exits_4(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "5,6")
     manifest = project_manifest(tmp_path / "m.csv", 3)
-    args = run_args(manifest, sim, "--poll-interval", "1")
+    args = run_args(manifest, sim.base_url, "--poll-interval", "1")
     first = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -213,7 +208,7 @@ def test_second_run_on_the_same_ledger_exits_4(tmp_path: Path, simulator: Any) -
 def test_sigint_saves_state_and_the_rerun_completes(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,2")
     manifest = project_manifest(tmp_path / "m.csv", 30)
-    args = run_args(manifest, sim, "--rate", "20", "--poll-interval", "0.5")
+    args = run_args(manifest, sim.base_url, "--rate", "20", "--poll-interval", "0.5")
     proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
@@ -247,7 +242,7 @@ def test_sigint_saves_state_and_the_rerun_completes(tmp_path: Path, simulator: A
 def test_export_csv_has_the_contract_columns(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0,0.1")
     manifest = project_manifest(tmp_path / "m.csv", 3)
-    assert run_batcher(*run_args(manifest, sim, "--poll-interval", "0.1")).returncode == 0
+    assert run_batcher(*run_args(manifest, sim.base_url, "--poll-interval", "0.1")).returncode == 0
     out = tmp_path / "e.csv"
     done = run_batcher("export", str(manifest.with_suffix(".sqlite")), "--format", "csv",
                        "-o", str(out))
