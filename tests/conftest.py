@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
 import struct
@@ -156,3 +157,23 @@ def count_statuses(records: list[dict[str, Any]]) -> dict[str, int]:
     for rec in records:
         out[rec["status"]] = out.get(rec["status"], 0) + 1
     return out
+
+
+def kill_repeatedly(args: list[str], *, seed: int, kills: int,
+                    window: tuple[float, float]) -> Iterator[None]:
+    """Start ``batcher ARGS`` again and again, SIGKILLing it at seeded random moments.
+
+    Each run is killed after a pause drawn from ``window`` seconds; the
+    generator yields once per kill of a live process, and stops early when a
+    run ends on its own before its kill.
+    """
+    rng = random.Random(seed)
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*window))
+        if proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        yield

@@ -15,7 +15,6 @@ import asyncio
 import csv
 import hashlib
 import json
-import random
 import signal
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from conftest import (
     batcher_env,
     count_statuses,
     export_records,
+    kill_repeatedly,
     run_args,
     run_batcher,
     wait_for,
@@ -82,27 +82,6 @@ def start_run(args: list[str], env: dict[str, str] | None = None,
 
 def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
     assert TRACEBACK not in done.stderr + done.stdout, done.stderr[-3000:]
-
-
-def kill_campaign(args: list[str], sim: Any, *, seed: int, kills: int,
-                  interval: tuple[float, float]) -> list[dict[str, Any]]:
-    """Start the same command again and again, killing it at seeded random moments.
-
-    Returns the simulator's stats at each kill (only kills of a live process
-    count: a run that ended on its own stops the campaign).
-    """
-    rng = random.Random(seed)
-    seen: list[dict[str, Any]] = []
-    for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(*interval))
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        seen.append(sim.stats())
-    return seen
 
 
 class FakeDiffio:
@@ -209,7 +188,8 @@ def test_crash_campaign_sigkill_20_times_pays_each_request_once(
     manifest = project_manifest(tmp_path / "m.csv", 200)
     args = run_args(manifest, sim.base_url, "--rate", "40", "--poll-interval", "0.3",
                     "--concurrency", "16")
-    at_kills = kill_campaign(args, sim, seed=5, kills=22, interval=(0.3, 1.1))
+    # The simulator's stats at each kill of a live process.
+    at_kills = [sim.stats() for _ in kill_repeatedly(args, seed=5, kills=22, window=(0.3, 1.1))]
     created = [s["generations_created"] for s in at_kills]
     assert len(at_kills) >= 20, f"the job ended after {len(at_kills)} kills: {created}"
     # The kills fell across the job's life, most of them while it was still
@@ -230,7 +210,8 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     manifest, files = file_manifest(tmp_path, 36)
     args = run_args(manifest, sim.base_url, "--rate", "25", "--poll-interval", "0.2",
                     "--concurrency", "8")
-    at_kills = kill_campaign(args, sim, seed=6, kills=16, interval=(0.3, 1.0))
+    # The simulator's stats at each kill of a live process.
+    at_kills = [sim.stats() for _ in kill_repeatedly(args, seed=6, kills=16, window=(0.3, 1.0))]
     phases = [(s["uploads"], s["downloads"]) for s in at_kills]
     assert len(at_kills) >= 10, phases
     # Kills landed while files were still being uploaded, and while results

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, export_records, run_args, run_batcher
+from conftest import batcher_env, export_records, kill_repeatedly, run_args, run_batcher
 
 from batcher.ledger.base import Stage
 from batcher.ledger.sqlite import SqliteLedger
@@ -123,29 +122,13 @@ def test_unknown_key_halts_with_exit_3_and_nothing_charged(tmp_path: Path, simul
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-def _kill_and_resume(manifest: Path, args: list[str], seed: int, kills: int,
-                     window: tuple[float, float]) -> int:
-    rng = random.Random(seed)
-    killed = 0
-    for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(*window))
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed += 1
-    return killed
-
-
 def test_sigkill_at_random_moments_then_resume_pays_once(tmp_path: Path, simulator: Any
                                                          ) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.5,1.5", "--latency",
                     "0.005,0.02")
     manifest = project_manifest(tmp_path / "m.csv", 60)
     args = run_args(manifest, sim.base_url, "--rate", "40", "--poll-interval", "0.3")
-    killed = _kill_and_resume(manifest, args, seed=7, kills=6, window=(0.4, 1.6))
+    killed = sum(1 for _ in kill_repeatedly(args, seed=7, kills=6, window=(0.4, 1.6)))
     assert killed >= 3
     done = run_batcher(*args)
     assert done.returncode == 0, done.stdout + done.stderr
