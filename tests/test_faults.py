@@ -73,6 +73,20 @@ def file_manifest(folder: Path, n: int) -> tuple[Path, list[Path]]:
     return manifest, files
 
 
+def mixed_manifest(folder: Path, files: int, projects: int) -> tuple[Path, list[Path]]:
+    """``file_manifest``'s WAVs, then ``projects`` apiProjectId rows, in one manifest."""
+    _, paths = file_manifest(folder, files)
+    manifest = folder / "mixed.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["apiProjectId", "file", "prompt"])
+        for path in paths:
+            writer.writerow(["", str(path.relative_to(folder)), "clean"])
+        for i in range(projects):
+            writer.writerow([f"p-{i:02d}", "", "clean"])
+    return manifest, paths
+
+
 def start_run(args: list[str], env: dict[str, str] | None = None,
               ) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "batcher", *args],
@@ -568,15 +582,7 @@ def test_html_502_pages_and_truncated_json_are_retried_to_completion(
         tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--duration", "0.1,0.3", "--html-rate", "0.2", "--truncated-rate", "0.2",
                     "--auto-create-projects", "--seed", "21")
-    _, files = file_manifest(tmp_path, 8)
-    manifest = tmp_path / "mixed.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["apiProjectId", "file", "prompt"])
-        for path in files:
-            writer.writerow(["", str(path.relative_to(tmp_path)), "clean"])
-        for i in range(24):
-            writer.writerow([f"p-{i:02d}", "", "clean"])
+    manifest, files = mixed_manifest(tmp_path, 8, 24)
     # 36 % of answers are bad: ten attempts make a row's failure unlikely.
     done = run_batcher(*run_args(manifest, sim.base_url, "--rate", "60", "--poll-interval",
                                  "0.2", "--max-attempts", "10", "-v"))
@@ -656,15 +662,7 @@ def test_the_api_key_appears_nowhere_after_a_faulty_run(tmp_path: Path, simulato
     sim = simulator("--api-key", CANARY, "--auto-create-projects", "--duration", "0.1,0.3",
                     "--error-rate", "0.1", "--lost-rate", "0.1", "--html-rate", "0.1",
                     "--truncated-rate", "0.1", "--seed", "8")
-    _, files = file_manifest(tmp_path, 6)
-    manifest = tmp_path / "mixed.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["apiProjectId", "file", "prompt"])
-        for path in files:
-            writer.writerow(["", str(path.relative_to(tmp_path)), "clean"])
-        for i in range(12):
-            writer.writerow([f"p-{i:02d}", "", "clean"])
+    manifest, _ = mixed_manifest(tmp_path, 6, 12)
     report, metrics = tmp_path / "report.json", tmp_path / "metrics.prom"
     env = batcher_env(CANARY)
     args = run_args(manifest, sim.base_url, "--rate", "60", "--poll-interval", "0.2",
