@@ -87,6 +87,13 @@ def count_between(times: list[float], lo: float, hi: float) -> int:
     return sum(1 for t in times if lo <= t < hi)
 
 
+async def acquire_forever(gate: RateGate, clock: Clock, times: list[float]) -> None:
+    """A caller that takes every grant it gets and notes when; ends only when cancelled."""
+    while True:
+        await gate.acquire()
+        times.append(clock.now())
+
+
 async def hammer(gate: RateGate, clock: Clock, total: int, tasks: int) -> list[float]:
     """``tasks`` concurrent callers acquire until ``total`` grants; their times."""
     times: list[float] = []
@@ -156,11 +163,6 @@ async def test_429_on_a_real_clock_pauses_every_caller() -> None:
     stop = clock.now() + 1.2
     hit: list[float] = []
 
-    async def worker() -> None:
-        while True:
-            await gate.acquire()
-            times.append(clock.now())
-
     async def rate_limited() -> None:
         await anyio.sleep(0.3)
         hit.append(clock.now())
@@ -168,7 +170,7 @@ async def test_429_on_a_real_clock_pauses_every_caller() -> None:
 
     async with anyio.create_task_group() as tg:
         for _ in range(20):
-            tg.start_soon(worker)
+            tg.start_soon(acquire_forever, gate, clock, times)
         tg.start_soon(rate_limited)
         await anyio.sleep(stop - clock.now())
         tg.cancel_scope.cancel()
@@ -189,14 +191,9 @@ async def test_aimd_pause_cut_and_gradual_recovery() -> None:
     gate = RateGate(10, clock=clock)  # recovery 0.5 req/s per s, floor 1
     times: list[float] = []
 
-    async def worker() -> None:
-        while True:
-            await gate.acquire()
-            times.append(clock.now())
-
     async with anyio.create_task_group() as tg:
         for _ in range(30):
-            tg.start_soon(worker)
+            tg.start_soon(acquire_forever, gate, clock, times)
         await clock.advance_to(2.0)
         before = count_between(times, 1.0, 2.0)
         assert before in (9, 10)
@@ -287,14 +284,9 @@ async def test_lower_set_rate_holds_at_once_and_higher_takes_effect() -> None:
     gate = RateGate(20, clock=clock, margin=0.0)
     times: list[float] = []
 
-    async def worker() -> None:
-        while True:
-            await gate.acquire()
-            times.append(clock.now())
-
     async with anyio.create_task_group() as tg:
         for _ in range(10):
-            tg.start_soon(worker)
+            tg.start_soon(acquire_forever, gate, clock, times)
         await clock.advance_to(3.0)
         gate.set_rate(4)
         assert gate.rate == 4 and gate.current_rate == 4
@@ -364,13 +356,8 @@ async def test_sub_one_rate_is_paced() -> None:
     gate = RateGate(0.5, clock=clock, margin=0.0)
     times = []
 
-    async def worker() -> None:
-        while True:
-            await gate.acquire()
-            times.append(clock.now())
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker)
+        tg.start_soon(acquire_forever, gate, clock, times)
         await clock.advance_to(10.0)
         tg.cancel_scope.cancel()
     assert times == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
