@@ -36,7 +36,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
                    "max_spend": "USD", "report": "FILE", "metrics": "FILE"}.get(
                        spec.name, spec.name.upper())
-        default = "" if spec.default is None else f" [default: {spec.default}]"
+        default = "" if spec.default in (None, "") else f" [default: {spec.default}]"
         p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,
                        help=f"{spec.help}{default} (env {spec.env})")
     p.add_argument("--retry-failed", action="store_true",
