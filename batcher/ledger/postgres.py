@@ -71,10 +71,10 @@ from batcher.ledger.postgres_sql import (
 from batcher.ledger.sqlite import (
     _changes,
     _dumps,
-    _error_columns,
     _moved,
     _new_row_params,
     _to_row,
+    _transition_params,
 )
 
 __all__ = ["PostgresLedger"]
@@ -342,7 +342,7 @@ class PostgresLedger:
             raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
         if current is not None and current.row_id != row_id:
             raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        params = self._transition_params(row_id, to, update or {})
+        params = _transition_params(row_id, to, update or {})
         params.update(
             allowed=sorted(s.value for s in allowed),
             event=event,
@@ -367,22 +367,6 @@ class PostgresLedger:
         # Not in expect; or it was when we looked again, after another host
         # moved it away and back: either way this move lost the race.
         raise TransitionConflict(row_id, describe_stages(expected), actual.value)
-
-    def _transition_params(self, row_id: str, to: Stage, update: Update) -> dict[str, Any]:
-        fields: dict[str, Any] = dict(update)
-        unknown = set(fields) - UPDATE_COLUMNS - _DELTAS
-        if unknown:
-            raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-        params: dict[str, Any] = {
-            "row_id": row_id,
-            "to_stage": to.value,
-            "attempts_delta": int(fields.pop("attempts_delta", 0)),
-            "polls_delta": int(fields.pop("polls_delta", 0)),
-        }
-        if "error" in fields:
-            params.update(_error_columns(fields.pop("error"), "error"))
-        params.update(fields)
-        return params
 
     def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,

@@ -85,6 +85,24 @@ def _dumps(value: Mapping[str, Any] | None, what: str) -> str | None:
         raise LedgerError(f"{what} is not JSON-serializable: {exc}") from exc
 
 
+def _transition_params(row_id: str, to: Stage, update: Update) -> dict[str, Any]:
+    """The named parameters of a transition statement (shared with PostgreSQL)."""
+    fields: dict[str, Any] = dict(update)
+    unknown = set(fields) - UPDATE_COLUMNS - _DELTAS
+    if unknown:
+        raise LedgerError(f"unknown update fields: {sorted(unknown)}")
+    params: dict[str, Any] = {
+        "row_id": row_id,
+        "to_stage": to.value,
+        "attempts_delta": int(fields.pop("attempts_delta", 0)),
+        "polls_delta": int(fields.pop("polls_delta", 0)),
+    }
+    if "error" in fields:
+        params.update(_error_columns(fields.pop("error"), "error"))
+    params.update(fields)
+    return params
+
+
 def _error_columns(error: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     """The error column and its code/message copies (for error_summary)."""
     if error is None:
@@ -561,7 +579,7 @@ class SqliteLedger:
             raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
         if current is not None and current.row_id != row_id:
             raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        params = self._transition_params(row_id, to, update or {})
+        params = _transition_params(row_id, to, update or {})
         detail_json = _dumps(detail or {}, "event detail") or "{}"
         ordered = sorted(allowed)
         sql = self._transition_sql(params, full=current is None)
@@ -592,22 +610,6 @@ class SqliteLedger:
             return _to_row(dict(zip(names, found, strict=True)))
 
         return await self._write(job)
-
-    def _transition_params(self, row_id: str, to: Stage, update: Update) -> dict[str, Any]:
-        fields: dict[str, Any] = dict(update)
-        unknown = set(fields) - UPDATE_COLUMNS - _DELTAS
-        if unknown:
-            raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-        params: dict[str, Any] = {
-            "row_id": row_id,
-            "to_stage": to.value,
-            "attempts_delta": int(fields.pop("attempts_delta", 0)),
-            "polls_delta": int(fields.pop("polls_delta", 0)),
-        }
-        if "error" in fields:
-            params.update(_error_columns(fields.pop("error"), "error"))
-        params.update(fields)
-        return params
 
     def _transition_sql(self, params: Mapping[str, Any], *, full: bool) -> str:
         """The transition statement for the columns ``params`` sets.
