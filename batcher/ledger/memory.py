@@ -142,24 +142,11 @@ class MemoryLedger:
             row = LedgerRow(
                 row_id=new.row_id,
                 line=new.line,
-                kind=new.kind,
                 stage=stage,
-                idempotency_key=new.idempotency_key,
-                model_key=new.model_key,
-                api_project_id=new.api_project_id,
-                sampling=_json_copy(new.sampling, "sampling") or {},
-                params=_json_copy(new.params, "params") or {},
-                source_path=new.source_path,
-                source_sha256=new.source_sha256,
-                source_size=new.source_size,
-                output_rel=new.output_rel,
                 error=error,
-                explicit_key=new.explicit_key,
-                request_digest=new.request_digest,
-                group=new.group,
-                leader_row_id=self._leader(new, run_id),
                 created_at=now,
                 updated_at=now,
+                **self._request_fields(new, run_id),
             )
             self._store(row)
             detail: dict[str, Any] = {"line": new.line}
@@ -178,29 +165,30 @@ class MemoryLedger:
             and row.error.get("code") == _INVALID_ROW
             and row.generation_id is None
         ):
-            row = replace(
-                row,
-                kind=new.kind,
-                stage=Stage.PENDING,
-                idempotency_key=new.idempotency_key,
-                model_key=new.model_key,
-                api_project_id=new.api_project_id,
-                sampling=_json_copy(new.sampling, "sampling") or {},
-                params=_json_copy(new.params, "params") or {},
-                source_path=new.source_path,
-                source_sha256=new.source_sha256,
-                source_size=new.source_size,
-                output_rel=new.output_rel,
-                error=None,
-                explicit_key=new.explicit_key,
-                request_digest=new.request_digest,
-                group=new.group,
-                leader_row_id=self._leader(new, run_id),
-                updated_at=now,
-            )
+            row = replace(row, stage=Stage.PENDING, error=None, updated_at=now,
+                          **self._request_fields(new, run_id))
             self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, "revalidated", {})
         self._store(row, previous=cur)
         return row
+
+    def _request_fields(self, new: NewRow, run_id: str) -> dict[str, Any]:
+        """What a manifest row says about its request, as LedgerRow fields."""
+        return {
+            "kind": new.kind,
+            "idempotency_key": new.idempotency_key,
+            "model_key": new.model_key,
+            "api_project_id": new.api_project_id,
+            "sampling": _json_copy(new.sampling, "sampling") or {},
+            "params": _json_copy(new.params, "params") or {},
+            "source_path": new.source_path,
+            "source_sha256": new.source_sha256,
+            "source_size": new.source_size,
+            "output_rel": new.output_rel,
+            "explicit_key": new.explicit_key,
+            "request_digest": new.request_digest,
+            "group": new.group,
+            "leader_row_id": self._leader(new, run_id),
+        }
 
     def _leader(self, new: NewRow, run_id: str) -> str | None:
         if new.group is None:
