@@ -1,4 +1,4 @@
-"""cProfile of the throughput run, written to files for bench-findings.md.
+"""cProfile of the throughput run, written to files for bench/FINDINGS.md.
 
 cProfile sees the event-loop thread only; the ledger's writer thread and the
 ``to_thread`` workers are not in the profile (their share shows as the gap
