@@ -440,30 +440,34 @@ async def test_missing_row_is_a_conflict(ledger: Ledger) -> None:
     assert info.value.actual is None
 
 
+# Every column a transition can set, with a value unlike the row's own.
+FULL_UPDATE: Update = {
+    "idempotency_key": "k2",
+    "base_key": "k1",
+    "retry_count": 2,
+    "api_project_id": "p9",
+    "generation_id": "g9",
+    "api_status": "processing",
+    "source_sha256": "aa",
+    "source_size": 5,
+    "output_path": "/out/x.wav",
+    "output_sha256": "bb",
+    "output_size": 7,
+    "upload_url": "https://u",
+    "upload_method": "PUT",
+    "upload_expires_at": "2030-01-01T00:00:00Z",
+    "content_type": "audio/wav",
+    "leader_row_id": "r0",
+    "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
+    "attempts_delta": 3,
+    "polls_delta": 2,
+}
+
+
 @pytest.mark.anyio
 async def test_update_sets_columns_and_deltas_add(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1, kind=Kind.FILE)])
-    full: Update = {
-        "idempotency_key": "k2",
-        "base_key": "k1",
-        "retry_count": 2,
-        "api_project_id": "p9",
-        "generation_id": "g9",
-        "api_status": "processing",
-        "source_sha256": "aa",
-        "source_size": 5,
-        "output_path": "/out/x.wav",
-        "output_sha256": "bb",
-        "output_size": 7,
-        "upload_url": "https://u",
-        "upload_method": "PUT",
-        "upload_expires_at": "2030-01-01T00:00:00Z",
-        "content_type": "audio/wav",
-        "leader_row_id": "r0",
-        "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
-        "attempts_delta": 3,
-        "polls_delta": 2,
-    }
+    full = Update(**FULL_UPDATE)  # a copy: the test may change it
     row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry")
     stored = await ledger.get("r1")
     assert stored == row
@@ -575,27 +579,7 @@ async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) ->
 @pytest.mark.anyio
 async def test_transition_with_current_sets_every_update_column(ledger: Ledger) -> None:
     (row,) = await ledger.import_rows([new_row(1, kind=Kind.FILE)])
-    full: Update = {
-        "idempotency_key": "k2",
-        "base_key": "k1",
-        "retry_count": 2,
-        "api_project_id": "p9",
-        "generation_id": "g9",
-        "api_status": "processing",
-        "source_sha256": "aa",
-        "source_size": 5,
-        "output_path": "/out/x.wav",
-        "output_sha256": "bb",
-        "output_size": 7,
-        "upload_url": "https://u",
-        "upload_method": "PUT",
-        "upload_expires_at": "2030-01-01T00:00:00Z",
-        "content_type": "audio/wav",
-        "leader_row_id": "r0",
-        "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
-        "attempts_delta": 3,
-        "polls_delta": 2,
-    }
+    full = Update(**FULL_UPDATE)  # a copy: the test may change it
     assert set(full) == UPDATE_COLUMNS | {"attempts_delta", "polls_delta"}
     moved = await ledger.transition(
         "r1", Stage.PENDING, Stage.PROJECT, full, event="p", current=row
