@@ -23,7 +23,8 @@ import anyio
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
 from .ledger import open_ledger
-from .ledger.base import LeasingLedger, Ledger, RunInfo
+from .ledger.base import LeasingLedger, Ledger
+from .model import RunInfo
 from .ratelimit import RateGate
 from .runner import Runner, RunResult
 from .runstats import RunStats
@@ -95,7 +96,7 @@ async def run_job(
 
 
 async def _counts(ledger: Ledger) -> dict[str, int] | None:
-    from .ledger.base import contract_status
+    from .model import contract_status
 
     try:
         by_stage = await ledger.counts()

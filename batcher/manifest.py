@@ -52,7 +52,7 @@ import orjson
 
 from batcher.errors import ManifestError, RowError
 from batcher.keys import canonical_json
-from batcher.ledger.base import Kind
+from batcher.model import Kind
 
 __all__ = ["KNOWN_COLUMNS", "Manifest", "ManifestRow", "open_manifest"]
 
@@ -116,7 +116,7 @@ class ManifestRow:
     @property
     def source_identity(self) -> str:
         """The apiProjectId, or the file path as written (for derive_row_id)."""
-        if self.kind is Kind.PROJECT:
+        if self.kind is Kind.API_PROJECT:
             assert self.api_project_id is not None
             return self.api_project_id
         assert self.file_rel is not None
@@ -431,7 +431,7 @@ class Manifest:
             return ManifestRow(
                 line=line,
                 physical_line=physical,
-                kind=Kind.PROJECT,
+                kind=Kind.API_PROJECT,
                 api_project_id=_text(project, "apiProjectId"),
                 file=None,
                 file_rel=None,

@@ -16,7 +16,8 @@ from typing import TextIO
 
 import anyio
 
-from .ledger.base import Kind, Ledger, Stage
+from .ledger.base import Ledger
+from .model import Kind, Stage
 from .planner import PlanContext, plan_batches
 from .runner import RunResult
 from .runstats import RunStats
@@ -73,7 +74,7 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
                 row.source_sha256 != new.source_sha256
             # Rows not yet posted (a halted run leaves them pending, or with a
             # project and an upload) will be posted: new, priced by their audio.
-            unposted = stage in (Stage.PENDING, Stage.PROJECT, Stage.UPLOADED)
+            unposted = stage in (Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED)
             if row is None or changed or unposted or (
                     stage is Stage.FAILED and settings.retry_failed
                     and row.api_status == "failed"):

@@ -26,8 +26,8 @@ from .keys import (
     normalize_model,
     sha256_file,
 )
-from .ledger.base import Kind, NewRow
 from .manifest import ManifestRow, open_manifest
+from .model import Kind, NewRow
 from .paths import resolve_output
 
 __all__ = ["PlanContext", "plan_batches", "plan_row", "retry_key"]
@@ -102,7 +102,7 @@ def plan_row(row: ManifestRow, ctx: PlanContext, assigner: RowIdAssigner) -> New
     return NewRow(
         row_id=row_id,
         line=row.line,
-        kind=Kind.FILE if row.kind == "file" else Kind.PROJECT,
+        kind=Kind.FILE if row.kind == "file" else Kind.API_PROJECT,
         idempotency_key=key,
         model_key=model,
         api_project_id=row.api_project_id,
@@ -127,7 +127,7 @@ def invalid_row(err: RowError, model: str) -> NewRow:
     return NewRow(
         row_id=f"invalid~{err.line}",
         line=err.line,
-        kind=Kind.FILE if err.field in ("file", "output") else Kind.PROJECT,
+        kind=Kind.FILE if err.field in ("file", "output") else Kind.API_PROJECT,
         idempotency_key=None,
         model_key=model,
         error={"code": RowError.code, "message": str(err), "httpStatus": None,

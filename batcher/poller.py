@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .ledger.base import LedgerRow
+from .model import LedgerRow
 
 __all__ = ["DelayModel", "PollItem", "Poller"]
 

@@ -15,7 +15,7 @@ import orjson
 
 from .errors import SpendLimit
 from .ledger import open_ledger
-from .ledger.base import RunInfo, Stage, contract_status
+from .model import RunInfo, Stage, contract_status
 from .runner import RunResult
 from .runstats import RunStats
 from .settings import Settings

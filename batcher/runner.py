@@ -48,17 +48,8 @@ from .errors import (
     TransportError,
 )
 from .keys import FileSource, ProjectSource, derive_key, sha256_file
-from .ledger.base import (
-    ACTIVE_STAGES,
-    Kind,
-    LeasingLedger,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    contract_status,
-)
+from .ledger.base import LeasingLedger
+from .model import ACTIVE_STAGES, Kind, LedgerRow, NewRow, RunInfo, Stage, Update, contract_status
 from .paths import default_output_rel, resolve_output, write_atomically_target
 from .planner import PlanContext, plan_batches
 from .poller import DelayModel, Poller, PollItem
@@ -367,7 +358,7 @@ class Runner:
     async def _send_work(self, row: LedgerRow, submit: MemoryObjectSendStream[LedgerRow]
                          ) -> None:
         """Hand an active row to the stage that goes on with it."""
-        if row.stage in (Stage.PENDING, Stage.PROJECT, Stage.UPLOADED):
+        if row.stage in (Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED):
             if self._halt_error is not None:
                 self._leased.discard(row.row_id)
                 return
@@ -601,7 +592,7 @@ class Runner:
         fresh = 0
         while True:
             if row.stage is Stage.PENDING or (
-                row.stage is Stage.PROJECT and self._upload_expired(row)
+                row.stage is Stage.PROJECT_CREATED and self._upload_expired(row)
             ):
                 if fresh >= FRESH_PROJECT_LIMIT:
                     await self._fail(row, {"code": "uploadExpired", "httpStatus": None,
@@ -610,7 +601,7 @@ class Runner:
                     return None
                 fresh += 1
                 row = await self._create_project(row, path)
-            if row.stage is not Stage.PROJECT:
+            if row.stage is not Stage.PROJECT_CREATED:
                 return row
             assert row.upload_url is not None
             url, method = row.upload_url, row.upload_method or "PUT"
@@ -624,7 +615,7 @@ class Runner:
                 # No generation exists on this project (we only post after
                 # UPLOADED is committed), so a fresh project costs nothing.
                 log.info("upload.expired: fresh project", extra={"row": row.row_id})
-                row = await self._move(row, Stage.PROJECT, {"upload_expires_at": "expired"},
+                row = await self._move(row, Stage.PROJECT_CREATED, {"upload_expires_at": "expired"},
                                        "uploadExpired")
                 continue
             return await self._move(row, Stage.UPLOADED, {"upload_url": None}, "uploaded")
@@ -637,7 +628,7 @@ class Runner:
         created = await self._call(row.row_id, lambda: self.client.create_project(
             file_name=path.name, content_type=ctype, content_length=size))
         # Invariant 2: the project id is durable before anything else happens.
-        return await self._move(row, Stage.PROJECT, {
+        return await self._move(row, Stage.PROJECT_CREATED, {
             "api_project_id": created.api_project_id,
             "upload_url": created.upload_url,
             "upload_method": created.upload_method,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger.base import Kind, LedgerRow
+from .model import Kind, LedgerRow
 
 __all__ = ["MIN_BILLED_SECONDS", "SpendCap", "audio_seconds", "billed_seconds"]
 

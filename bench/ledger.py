@@ -34,13 +34,14 @@ async def measure(path: Path, rows: int, callers: int, current: bool = True) -> 
     import anyio
 
     from batcher.ledger import SqliteLedger
-    from batcher.ledger.base import Kind, NewRow, RunInfo, Stage
+    from batcher.model import Kind, NewRow, RunInfo, Stage
 
     led = SqliteLedger(path)
     await led.open(RunInfo("bench", os.getpid(), socket.gethostname(), time.time(), "bench"))
     try:
         news = [
-            NewRow(row_id=f"r{i}", line=i + 1, kind=Kind.PROJECT, idempotency_key=f"bk1-{i:064x}",
+            NewRow(row_id=f"r{i}", line=i + 1, kind=Kind.API_PROJECT,
+                   idempotency_key=f"bk1-{i:064x}",
                    model_key="diffio-3.5", api_project_id=f"proj-{i}", sampling={"seed": i},
                    request_digest=f"{i:032x}", group=f"bk1-{i:064x}|project:proj-{i}")
             for i in range(rows)

@@ -27,13 +27,11 @@ import pytest
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
-from batcher.ledger.base import (
-    LEASE_TAKEN_OVER,
+from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger
+from batcher.model import (
     LEGAL_MOVES,
     UPDATE_COLUMNS,
     Kind,
-    LeasingLedger,
-    Ledger,
     LedgerRow,
     NewRow,
     RunInfo,
@@ -155,7 +153,7 @@ def new_row(i: int, **kw: Any) -> NewRow:
     fields: dict[str, Any] = {
         "row_id": f"r{i}",
         "line": i,
-        "kind": Kind.PROJECT,
+        "kind": Kind.API_PROJECT,
         "idempotency_key": f"key-{i}",
         "model_key": "diffio-3.5",
         "api_project_id": f"proj-{i}",
@@ -219,7 +217,7 @@ async def test_import_inserts_pending_rows_with_their_content(ledger: Ledger) ->
     )
     assert [r.row_id for r in rows] == ["r1", "r2"]
     r1, r2 = rows
-    assert r1.stage is Stage.PENDING and r1.kind is Kind.PROJECT
+    assert r1.stage is Stage.PENDING and r1.kind is Kind.API_PROJECT
     assert (r1.idempotency_key, r1.model_key, r1.api_project_id) == (
         "key-1",
         "diffio-3.5",
@@ -402,15 +400,15 @@ async def test_illegal_moves_are_refused_and_change_nothing(ledger: Ledger) -> N
 @pytest.mark.anyio
 async def test_expect_set_is_checked_against_the_actual_stage(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1), new_row(2)])
-    await drive(ledger, "r2", Stage.PROJECT)
+    await drive(ledger, "r2", Stage.PROJECT_CREATED)
     # UPLOADED is legal from PROJECT but not from PENDING
-    either = frozenset({Stage.PENDING, Stage.PROJECT})
+    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
     with pytest.raises(LedgerError, match="illegal") as info:
         await ledger.transition("r1", either, Stage.UPLOADED, event="x")
     assert not isinstance(info.value, TransitionConflict)
     row = await ledger.transition("r2", either, Stage.UPLOADED, event="x")
     assert row.stage is Stage.UPLOADED
-    assert (await ledger.events("r2"))[-1].from_stage is Stage.PROJECT
+    assert (await ledger.events("r2"))[-1].from_stage is Stage.PROJECT_CREATED
 
 
 @pytest.mark.anyio
@@ -436,7 +434,7 @@ async def test_stale_expect_is_a_conflict_naming_the_actual_stage(ledger: Ledger
 @pytest.mark.anyio
 async def test_missing_row_is_a_conflict(ledger: Ledger) -> None:
     with pytest.raises(TransitionConflict) as info:
-        await ledger.transition("ghost", Stage.PENDING, Stage.PROJECT, event="x")
+        await ledger.transition("ghost", Stage.PENDING, Stage.PROJECT_CREATED, event="x")
     assert info.value.actual is None
 
 
@@ -478,7 +476,8 @@ async def test_update_sets_columns_and_deltas_add(ledger: Ledger) -> None:
     assert row.updated_at > row.created_at
     # absent keys stay, None clears, deltas add again
     row2 = await ledger.transition(
-        "r1", Stage.PENDING, Stage.PROJECT, {"error": None, "attempts_delta": 1}, event="project"
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"error": None, "attempts_delta": 1},
+        event="project",
     )
     assert row2.error is None and row2.generation_id == "g9" and row2.attempts == 4
     assert row2.polls == 2
@@ -522,7 +521,8 @@ async def test_racing_compare_and_sets_have_one_winner(ledger: Ledger) -> None:
     results = await asyncio.gather(
         *(
             ledger.transition(
-                "r1", Stage.PENDING, Stage.PROJECT, {"api_project_id": f"p{i}"}, event=f"try{i}"
+                "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": f"p{i}"},
+                event=f"try{i}",
             )
             for i in range(30)
         ),
@@ -549,9 +549,9 @@ async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) ->
     error = {"code": "serverError", "message": "boom", "httpStatus": 503, "at": ("a", 1)}
     steps: list[tuple[Stage | frozenset[Stage], Stage, Update]] = [
         (Stage.PENDING, Stage.PENDING, {"error": error, "attempts_delta": 2, "polls_delta": 1}),
-        (Stage.PENDING, Stage.PROJECT, {"api_project_id": "p1", "error": None}),
+        (Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p1", "error": None}),
         (
-            frozenset({Stage.PENDING, Stage.PROJECT}),
+            frozenset({Stage.PENDING, Stage.PROJECT_CREATED}),
             Stage.UPLOADED,
             {"upload_url": "https://u", "source_sha256": "aa", "source_size": 5},
         ),
@@ -573,7 +573,7 @@ async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) ->
     assert (row.attempts, row.polls) == (3, 4)
     events = await ledger.events("r1")
     assert [e.to_stage for e in events[1:]] == [to for _, to, _ in steps]
-    assert events[3].from_stage is Stage.PROJECT  # the set's stage the row really left
+    assert events[3].from_stage is Stage.PROJECT_CREATED  # the set's stage the row really left
 
 
 @pytest.mark.anyio
@@ -582,13 +582,13 @@ async def test_transition_with_current_sets_every_update_column(ledger: Ledger) 
     full = Update(**FULL_UPDATE)  # a copy: the test may change it
     assert set(full) == UPDATE_COLUMNS | {"attempts_delta", "polls_delta"}
     moved = await ledger.transition(
-        "r1", Stage.PENDING, Stage.PROJECT, full, event="p", current=row
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, full, event="p", current=row
     )
     assert moved == await ledger.get("r1")
     for key, value in full.items():
         if not key.endswith("_delta"):
             assert getattr(moved, key) == value, key
-    assert (moved.attempts, moved.polls, moved.stage) == (3, 2, Stage.PROJECT)
+    assert (moved.attempts, moved.polls, moved.stage) == (3, 2, Stage.PROJECT_CREATED)
     # the fields no update names are the caller's copy's
     assert (moved.sampling, moved.params, moved.line, moved.created_at) == (
         row.sampling,
@@ -634,7 +634,8 @@ async def test_a_stale_current_still_conflicts_and_changes_nothing(ledger: Ledge
     before = await ledger.get("r1")
     with pytest.raises(TransitionConflict) as info:
         await ledger.transition(
-            "r1", stale.stage, Stage.PROJECT, {"api_project_id": "p"}, event="late", current=stale
+            "r1", stale.stage, Stage.PROJECT_CREATED, {"api_project_id": "p"}, event="late",
+            current=stale,
         )
     assert info.value.actual == "submitted" and info.value.expected == "pending"
     with pytest.raises(TransitionConflict):
@@ -652,7 +653,7 @@ async def test_racing_moves_with_current_have_one_winner(ledger: Ledger) -> None
     results = await asyncio.gather(
         *(
             ledger.transition(
-                "r1", Stage.PENDING, Stage.PROJECT, {"api_project_id": f"p{i}"},
+                "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": f"p{i}"},
                 event=f"try{i}", current=row,
             )
             for i in range(30)
@@ -669,7 +670,7 @@ async def test_racing_moves_with_current_have_one_winner(ledger: Ledger) -> None
 async def test_current_of_another_row_is_refused_before_writing(ledger: Ledger) -> None:
     one, two = await ledger.import_rows([new_row(1), new_row(2)])
     with pytest.raises(LedgerError, match="current") as info:
-        await ledger.transition("r1", Stage.PENDING, Stage.PROJECT, event="x", current=two)
+        await ledger.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="x", current=two)
     assert not isinstance(info.value, TransitionConflict)
     assert await ledger.get("r1") == one and await ledger.get("r2") == two
     assert [e.event for e in await ledger.events("r1")] == ["imported"]
@@ -815,9 +816,9 @@ async def test_export_record_has_the_contract_fields(ledger: Ledger) -> None:
         event="submitted",
     )
     await ledger.transition(
-        "r2", Stage.PENDING, Stage.PROJECT, {"api_project_id": "p2"}, event="project"
+        "r2", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p2"}, event="project"
     )
-    await ledger.transition("r2", Stage.PROJECT, Stage.UPLOADED, event="uploaded")
+    await ledger.transition("r2", Stage.PROJECT_CREATED, Stage.UPLOADED, event="uploaded")
     await ledger.transition(
         "r2", Stage.UPLOADED, Stage.SUBMITTED, {"generation_id": "gen-2"}, event="submitted"
     )
@@ -891,7 +892,7 @@ async def test_read_only_open_reads_but_never_writes(backend: Backend) -> None:
     with pytest.raises(LedgerError):
         await ro.import_rows([new_row(2)])
     with pytest.raises(LedgerError):
-        await ro.transition("r1", Stage.PENDING, Stage.PROJECT, event="x")
+        await ro.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="x")
     with pytest.raises(LedgerError):
         await ro.finish_import()
     assert [r["run_id"] for r in await ro.runs()] == ["run-1"]  # a reader is not a run
@@ -903,7 +904,7 @@ async def test_a_closed_ledger_refuses_work(backend: Backend) -> None:
     led = await backend.open()
     await led.close(0)
     with pytest.raises(LedgerError):
-        await led.transition("r1", Stage.PENDING, Stage.PROJECT, event="x")
+        await led.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="x")
     with pytest.raises(LedgerError):
         await led.get("r1")
 
@@ -913,7 +914,7 @@ async def test_bad_json_is_refused_before_anything_is_written(ledger: Ledger) ->
     await ledger.import_rows([new_row(1)])
     with pytest.raises(LedgerError, match="JSON"):
         await ledger.transition(
-            "r1", Stage.PENDING, Stage.PROJECT, event="x", detail={"when": object()}
+            "r1", Stage.PENDING, Stage.PROJECT_CREATED, event="x", detail={"when": object()}
         )
     assert (await ledger.get("r1")).stage is Stage.PENDING  # type: ignore[union-attr]
 

@@ -27,7 +27,8 @@ import pytest
 
 from batcher.errors import ConfigError, LedgerError, TransitionConflict
 from batcher.ledger import PostgresLedger, open_ledger
-from batcher.ledger.base import LEASE_TAKEN_OVER, Kind, LedgerRow, NewRow, RunInfo, Stage
+from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.model import Kind, LedgerRow, NewRow, RunInfo, Stage
 
 pytestmark = pytest.mark.postgres
 
@@ -37,11 +38,11 @@ TTL = 0.5  # real seconds: short, so a dead host's leases expire within the test
 # The manifest every host imports, as source so that child processes build
 # exactly the same rows. Groups of 5 rows share a key (one logical request).
 MANIFEST_SRC = """
-from batcher.ledger.base import Kind, NewRow
+from batcher.model import Kind, NewRow
 
 def manifest(n):
     return [
-        NewRow(f"r{i:04d}", i, Kind.PROJECT, f"key-{i % (n // 5)}", "diffio-3.5",
+        NewRow(f"r{i:04d}", i, Kind.API_PROJECT, f"key-{i % (n // 5)}", "diffio-3.5",
                api_project_id=f"p{i % (n // 5)}", sampling={"seed": i % (n // 5)},
                group=f"g{i % (n // 5)}")
         for i in range(1, n + 1)
@@ -56,7 +57,7 @@ CHILD = (
     + r"""
 import asyncio, os, socket, sys, time
 from batcher.ledger import PostgresLedger
-from batcher.ledger.base import RunInfo
+from batcher.model import RunInfo
 
 async def main(url, mode, n):
     n = int(n)
@@ -132,7 +133,7 @@ def url(schema: str) -> str:
 
 
 def plain_row(row_id: str, line: int) -> NewRow:
-    return NewRow(row_id, line, Kind.PROJECT, f"key-{row_id}", "diffio-3.5", api_project_id="p")
+    return NewRow(row_id, line, Kind.API_PROJECT, f"key-{row_id}", "diffio-3.5", api_project_id="p")
 
 
 def run_info(run_id: str) -> RunInfo:
@@ -375,19 +376,19 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
 ) -> None:
     a, b = hosts[0], hosts[1]
     await a.import_rows(manifest(5)[:1])
-    either = frozenset({Stage.PENDING, Stage.PROJECT})
+    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
 
     async def bump(led: PostgresLedger, i: int) -> LedgerRow:
         return await led.transition(
-            "r0001", either, Stage.PROJECT, {"attempts_delta": 1}, event=f"m{i}"
+            "r0001", either, Stage.PROJECT_CREATED, {"attempts_delta": 1}, event=f"m{i}"
         )
 
     await asyncio.gather(*(bump(a if i % 2 else b, i) for i in range(30)))
     row = await hosts[2].get("r0001")
-    assert row is not None and row.stage is Stage.PROJECT and row.attempts == 30
+    assert row is not None and row.stage is Stage.PROJECT_CREATED and row.attempts == 30
     moves = [e for e in await hosts[2].events("r0001") if e.event != "imported"]
     assert len(moves) == 30
-    assert [e.from_stage for e in moves] == [Stage.PENDING] + [Stage.PROJECT] * 29
+    assert [e.from_stage for e in moves] == [Stage.PENDING] + [Stage.PROJECT_CREATED] * 29
 
 
 @pytest.mark.anyio
@@ -414,7 +415,8 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     decoded.clear()  # get decoded one
     # A host whose copy is stale still loses the compare-and-set.
     with pytest.raises(TransitionConflict) as info:
-        await b.transition(row.row_id, Stage.PENDING, Stage.PROJECT, event="late", current=row)
+        await b.transition(row.row_id, Stage.PENDING, Stage.PROJECT_CREATED, event="late",
+                           current=row)
     assert info.value.actual == "submitted"
     full = await a.transition(row.row_id, Stage.SUBMITTED, Stage.COMPLETE, event="c")
     assert decoded == [row.row_id] and full.generation_id == "g"
@@ -506,10 +508,10 @@ async def test_a_reader_sees_a_running_hosts_writes_and_cannot_write(url: str) -
     await writer.import_rows(manifest(10))
     reader = PostgresLedger(url)
     await reader.open(run_info("status"), lock=False)
-    await writer.transition("r0001", Stage.PENDING, Stage.PROJECT, event="project")
-    assert (await reader.counts())[Stage.PROJECT] == 1
+    await writer.transition("r0001", Stage.PENDING, Stage.PROJECT_CREATED, event="project")
+    assert (await reader.counts())[Stage.PROJECT_CREATED] == 1
     with pytest.raises(LedgerError, match="read-only"):
-        await reader.transition("r0002", Stage.PENDING, Stage.PROJECT, event="project")
+        await reader.transition("r0002", Stage.PENDING, Stage.PROJECT_CREATED, event="project")
     assert [r["run_id"] for r in await reader.runs()] == ["run"]
     await reader.close()
     await writer.close(0)

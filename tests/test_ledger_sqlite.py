@@ -25,8 +25,8 @@ import pytest
 
 from batcher.errors import ConfigError, LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import MemoryLedger, SqliteLedger, open_ledger
-from batcher.ledger.base import Kind, NewRow, RunInfo, Stage
 from batcher.ledger.lock import RunLock, lock_path_for
+from batcher.model import Kind, NewRow, RunInfo, Stage
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def run_info(run_id: str = "parent") -> RunInfo:
 
 
 def new_row(i: int) -> NewRow:
-    return NewRow(f"r{i}", i, Kind.PROJECT, f"key-{i}", "diffio-3.5", api_project_id=f"p{i}")
+    return NewRow(f"r{i}", i, Kind.API_PROJECT, f"key-{i}", "diffio-3.5", api_project_id=f"p{i}")
 
 
 def tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -65,7 +65,7 @@ import asyncio, os, signal, socket, sys, time
 from pathlib import Path
 from batcher.errors import LedgerLocked
 from batcher.ledger import SqliteLedger
-from batcher.ledger.base import Kind, NewRow, RunInfo, Stage
+from batcher.model import Kind, NewRow, RunInfo, Stage
 
 async def main(path: str, mode: str) -> None:
     led = SqliteLedger(Path(path))
@@ -76,7 +76,7 @@ async def main(path: str, mode: str) -> None:
         print(f"locked: {exc}", flush=True)
         sys.exit(4)
     if mode == "crash":
-        await led.import_rows([NewRow("a", 1, Kind.PROJECT, "k", "m", api_project_id="p")])
+        await led.import_rows([NewRow("a", 1, Kind.API_PROJECT, "k", "m", api_project_id="p")])
         await led.transition("a", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "gen-a"},
                              event="submitted")
         # Awaited means committed: nothing may be lost from here on.
@@ -86,8 +86,9 @@ async def main(path: str, mode: str) -> None:
     for line in iter(sys.stdin.readline, ""):
         if line.strip() == "write":
             n += 1
-            await led.import_rows([NewRow(f"w{n}", n, Kind.PROJECT, "k", "m", api_project_id="p")])
-            await led.transition(f"w{n}", Stage.PENDING, Stage.PROJECT, event="child")
+            await led.import_rows(
+                [NewRow(f"w{n}", n, Kind.API_PROJECT, "k", "m", api_project_id="p")])
+            await led.transition(f"w{n}", Stage.PENDING, Stage.PROJECT_CREATED, event="child")
             print("wrote", flush=True)
         elif line.strip() == "quit":
             break
@@ -197,7 +198,7 @@ async def test_lock_of_a_killed_run_is_taken_over(tmp_path: Path, children: list
     info = orjson.loads(lock_path_for(path).read_bytes())
     assert (info["pid"], info["run_id"]) == (os.getpid(), "after-kill")
     row = await led.get("w1")
-    assert row is not None and row.stage is Stage.PROJECT
+    assert row is not None and row.stage is Stage.PROJECT_CREATED
     runs = await led.runs()
     assert [r["run_id"] for r in runs] == [f"child-{holder.proc.pid}", "after-kill"]
     assert runs[0]["ended_at"] is None  # it never ended cleanly
@@ -219,7 +220,7 @@ async def test_reader_works_while_another_process_holds_and_writes(
         assert holder.line() == "wrote"
         assert [r.row_id async for r in reader.rows()] == [f"w{i}" for i in range(1, n + 1)]
     counts = await reader.counts()
-    assert counts[Stage.PROJECT] == 3
+    assert counts[Stage.PROJECT_CREATED] == 3
     await reader.close()
     holder.send("quit")
     assert holder.line() == "closed"
@@ -282,17 +283,18 @@ async def test_close_flushes_writes_already_queued(tmp_path: Path) -> None:
     await led.open(run_info("one"))
     await led.import_rows([new_row(i) for i in range(100)])
     tasks = [
-        asyncio.ensure_future(led.transition(f"r{i}", Stage.PENDING, Stage.PROJECT, event="p"))
+        asyncio.ensure_future(
+            led.transition(f"r{i}", Stage.PENDING, Stage.PROJECT_CREATED, event="p"))
         for i in range(100)
     ]
     await asyncio.sleep(0)  # every task has queued its write
     await led.close(3)
-    assert all(t.result().stage is Stage.PROJECT for t in tasks)
+    assert all(t.result().stage is Stage.PROJECT_CREATED for t in tasks)
     with pytest.raises(LedgerError, match="not open"):
-        await led.transition("r1", Stage.PROJECT, Stage.UPLOADED, event="late")
+        await led.transition("r1", Stage.PROJECT_CREATED, Stage.UPLOADED, event="late")
     again = SqliteLedger(path)
     await again.open(run_info("two"), lock=False)
-    assert (await again.counts())[Stage.PROJECT] == 100
+    assert (await again.counts())[Stage.PROJECT_CREATED] == 100
     assert (await again.runs())[0]["exit_code"] == 3
     await again.close()
 
@@ -309,7 +311,8 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
     await led.import_rows([new_row(i) for i in range(400)])
     commits_before, jobs_before = led.commit_stats
     moves = [
-        led.transition(f"r{i}", Stage.PENDING, Stage.PROJECT, {"api_project_id": "x"}, event="p")
+        led.transition(f"r{i}", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "x"},
+                       event="p")
         for i in range(400)
     ]
     stale = led.transition("r7", Stage.COMPLETE, Stage.GENERATED, event="stale")
@@ -320,7 +323,7 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
     commits, jobs = led.commit_stats
     assert jobs - jobs_before == 401
     assert commits - commits_before < 100  # 401 callers, far fewer transactions
-    assert (await led.counts())[Stage.PROJECT] == 400
+    assert (await led.counts())[Stage.PROJECT_CREATED] == 400
     await led.close(0)
 
 

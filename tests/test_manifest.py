@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batcher.errors import ManifestError, RowError
-from batcher.ledger.base import Kind
 from batcher.manifest import KNOWN_COLUMNS, ManifestRow, open_manifest
+from batcher.model import Kind
 
 
 def write(folder: Path, name: str, content: str | bytes) -> Path:
@@ -263,7 +263,7 @@ def test_fewer_cells_than_columns_are_absent(tmp_path: Path) -> None:
 
 def test_project_row(tmp_path: Path) -> None:
     row = good(tmp_path, "m.csv", csv1("apiProjectId", "proj-1"))
-    assert row.kind is Kind.PROJECT and row.kind == "project"
+    assert row.kind is Kind.API_PROJECT and row.kind == "project"
     assert (row.api_project_id, row.file, row.file_rel) == ("proj-1", None, None)
     assert row.source_identity == "proj-1"
     assert (row.id, row.idempotency_key, row.model, row.output) == (None, None, None, None)
@@ -565,7 +565,7 @@ def test_jsonl_null_values_are_absent(tmp_path: Path) -> None:
         "m.jsonl",
         jsonl1({"apiProjectId": "p1", "file": None, "seed": None, "model": None, "id": ""}),
     )
-    assert (row.kind, row.sampling, row.model, row.id) == (Kind.PROJECT, {}, None, None)
+    assert (row.kind, row.sampling, row.model, row.id) == (Kind.API_PROJECT, {}, None, None)
 
 
 def test_same_row_in_csv_and_jsonl_reads_the_same(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from conftest import batcher_env, export_records, kill_repeatedly, run_args, run_batcher
 
-from batcher.ledger.base import Stage
 from batcher.ledger.sqlite import SqliteLedger
+from batcher.model import Stage
 
 CONTRACT_FIELDS = ["rowId", "line", "idempotencyKey", "apiProjectId", "generationId",
                    "modelKey", "status", "apiStatus", "error", "output", "attempts"]

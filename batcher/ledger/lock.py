@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from batcher.errors import LedgerError, LedgerLocked
-from batcher.ledger.base import RunInfo
+from batcher.model import RunInfo
 
 __all__ = ["RunLock", "describe_holder", "lock_path_for"]
 

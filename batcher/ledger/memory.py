@@ -19,9 +19,9 @@ import anyio.lowlevel
 import orjson
 
 from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger.base import (
+from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.model import (
     ACTIVE_STAGES,
-    LEASE_TAKEN_OVER,
     UPDATE_COLUMNS,
     LedgerRow,
     NewRow,
@@ -32,7 +32,7 @@ from batcher.ledger.base import (
     legal_sources,
     stage_set,
 )
-from batcher.ledger.base import Event as LedgerEvent
+from batcher.model import Event as LedgerEvent
 
 __all__ = ["MemoryLedger"]
 

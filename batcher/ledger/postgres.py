@@ -42,19 +42,7 @@ import asyncpg
 import orjson
 
 from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger.base import (
-    LEASE_TAKEN_OVER,
-    UPDATE_COLUMNS,
-    Event,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
-)
+from batcher.ledger.base import LEASE_TAKEN_OVER
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
@@ -75,6 +63,18 @@ from batcher.ledger.sqlite import (
     _new_row_params,
     _to_row,
     _transition_params,
+)
+from batcher.model import (
+    UPDATE_COLUMNS,
+    Event,
+    LedgerRow,
+    NewRow,
+    RunInfo,
+    Stage,
+    Update,
+    describe_stages,
+    legal_sources,
+    stage_set,
 )
 
 __all__ = ["PostgresLedger"]

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 import orjson
 
-from batcher.ledger.base import LedgerRow, NewRow, Stage
 from batcher.ledger.postgres_sql import Query
 from batcher.ledger.sqlite import _to_row
+from batcher.model import LedgerRow, NewRow, Stage
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

@@ -26,7 +26,6 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from batcher.errors import ConfigError, LedgerError
-from batcher.ledger.base import ACTIVE_STAGES
 from batcher.ledger.migrations import (
     APPLIED_SQL,
     BOOTSTRAP_SQL,
@@ -34,6 +33,7 @@ from batcher.ledger.migrations import (
     load_queries,
     pending_migrations,
 )
+from batcher.model import ACTIVE_STAGES
 
 __all__ = [
     "ACTIVE_SQL",

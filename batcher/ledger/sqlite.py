@@ -36,7 +36,10 @@ import orjson
 
 from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import sqlite_leases
-from batcher.ledger.base import (
+from batcher.ledger.lock import RunLock
+from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
+from batcher.ledger.writer import GroupCommitWriter, Job
+from batcher.model import (
     UPDATE_COLUMNS,
     Event,
     Kind,
@@ -49,9 +52,6 @@ from batcher.ledger.base import (
     legal_sources,
     stage_set,
 )
-from batcher.ledger.lock import RunLock
-from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
-from batcher.ledger.writer import GroupCommitWriter, Job
 
 __all__ = ["SqliteLedger"]
 

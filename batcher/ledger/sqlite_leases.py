@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 
 from batcher.errors import LedgerError
-from batcher.ledger.base import ACTIVE_STAGES, LEASE_TAKEN_OVER, LedgerRow, RunInfo
+from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.model import ACTIVE_STAGES, LedgerRow, RunInfo
 
 __all__ = [
     "deregister_worker",
