@@ -13,7 +13,7 @@ from .errors import (
     LedgerLocked,
     ManifestError,
 )
-from .runner import RunResult
+from .run import RunResult
 from .settings import Settings
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from .runner import RunResult
+from .run import RunResult
 from .settings import OPTION_SPECS, Settings, resolve
 
 __all__ = ["make_settings", "run_manifest", "run_manifest_async"]

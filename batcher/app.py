@@ -26,7 +26,7 @@ from .ledger import open_ledger
 from .ledger.base import LeasingLedger, Ledger
 from .model import RunInfo
 from .ratelimit import RateGate
-from .runner import Runner, RunResult
+from .run import Runner, RunResult
 from .runstats import RunStats
 from .settings import Settings
 

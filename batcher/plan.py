@@ -19,7 +19,7 @@ import anyio
 from .ledger.base import Ledger
 from .model import Kind, Stage
 from .planner import PlanContext, plan_batches
-from .runner import RunResult
+from .run import RunResult
 from .runstats import RunStats
 from .settings import Settings
 from .spend import MIN_BILLED_SECONDS, audio_seconds

@@ -16,7 +16,7 @@ import orjson
 from .errors import SpendLimit
 from .ledger import open_ledger
 from .model import RunInfo, Stage, contract_status
-from .runner import RunResult
+from .run import RunResult
 from .runstats import RunStats
 from .settings import Settings
 

@@ -8,7 +8,8 @@ import time
 import anyio
 import pytest
 
-from batcher.poller import DelayModel, Poller, PollItem
+from batcher.clock import SystemClock
+from batcher.run.poll import DelayModel, Poller, PollItem
 
 
 def test_first_poll_waits_the_interval_until_durations_are_learned() -> None:
@@ -47,7 +48,7 @@ async def test_poller_polls_each_item_until_done_then_returns() -> None:
         calls[item.row_id] = calls.get(item.row_id, 0) + 1
         return calls[item.row_id] >= 3
 
-    poller = Poller(check, DelayModel(0.01, cap=0.02), now=time.monotonic, workers=4)
+    poller = Poller(check, DelayModel(0.01, cap=0.02), clock=SystemClock(), workers=4)
     async with anyio.create_task_group() as tg:
         tg.start_soon(poller.run)
         for i in range(50):
@@ -65,7 +66,7 @@ async def test_due_order_is_respected() -> None:
         seen.append(item.row_id)
         return True
 
-    poller = Poller(check, DelayModel(0.0), now=time.monotonic, workers=1)
+    poller = Poller(check, DelayModel(0.0), clock=SystemClock(), workers=1)
     poller.add(PollItem("late", "g1", None, 0.0), due_in=0.2)
     poller.add(PollItem("early", "g2", None, 0.0), due_in=0.05)
     poller.add(PollItem("now", "g3", None, 0.0), due_in=0.0)

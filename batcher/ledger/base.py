@@ -30,6 +30,9 @@ class Ledger(Protocol):
     """
 
     description: str
+    # True when several hosts may work on this ledger at once (leases decide
+    # who works on which row); False when one run holds it alone.
+    shared: bool
 
     async def open(self, run: RunInfo, *, lock: bool = True) -> None:
         """Create or migrate the schema, take the run lock, record the run.

@@ -54,15 +54,21 @@ def _json_copy(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | N
 
 
 class MemoryLedger:
-    """A :class:`~batcher.ledger.base.Ledger` held in dicts."""
+    """A :class:`~batcher.ledger.base.Ledger` held in dicts.
+
+    ``shared=True`` makes it a ledger several runners share, as several hosts
+    share a PostgreSQL one: they lease its rows (in-process tests of hosts).
+    """
 
     def __init__(
         self,
         *,
         clock: Callable[[], float] = time.time,
         page_size: int = 500,
+        shared: bool = False,
     ) -> None:
         self.description = "memory"
+        self.shared = shared
         self._clock = clock
         self._page_size = page_size
         self._rows: dict[str, LedgerRow] = {}

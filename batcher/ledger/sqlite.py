@@ -266,6 +266,7 @@ class SqliteLedger:
     ) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
+        self.shared = False
         self._clock = clock
         self._batch_size = batch_size
         self._page_size = page_size

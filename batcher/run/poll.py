@@ -1,4 +1,5 @@
-"""One poller for every submitted generation: a heap of due times.
+"""Polling: one heap of due times for every submitted generation, and what
+each answer means for its row.
 
 Never a sleeping task per generation (10^5 rows in flight would mean 10^5
 tasks): one scheduler task pops what is due and hands it to a few poll
@@ -13,18 +14,33 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .model import LedgerRow
+from ..clock import Clock
+from ..errors import ApiError, SpendLimit, TransitionConflict
+from ..model import Kind, LedgerRow, Stage
+from .context import RunContext
 
-__all__ = ["DelayModel", "PollItem", "Poller"]
+__all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
+
+log = logging.getLogger(__name__)
+
+# API statuses that mean "not finished yet" (queued and pending both mean
+# not started).
+RUNNING_STATUSES = frozenset({"queued", "pending", "processing", "running", "uploading"})
+DONE_STATUSES = frozenset({"complete", "completed", "succeeded"})
+FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
+# After this many polls answering a status we do not know, the row fails
+# instead of being polled forever.
+UNKNOWN_STATUS_LIMIT = 10
 
 
 @dataclass(slots=True)
@@ -43,7 +59,9 @@ class PollItem:
     # from it, so no read is needed per poll.
     row: LedgerRow | None = None
     resumed: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
+    # The API status last written to the ledger: a change is written, a
+    # repeat is not.
+    status: str | None = None
 
 
 class DelayModel:
@@ -129,16 +147,16 @@ class Poller:
         check: Callable[[PollItem], Awaitable[bool]],
         delays: DelayModel,
         *,
-        now: Callable[[], float],
+        clock: Clock,
         workers: int = 8,
     ) -> None:
         self._check = check
         self.delays = delays
-        self._now = now
+        self._clock = clock
         self._workers = max(1, workers)
         self._heap: list[tuple[float, int, PollItem]] = []
         self._seq = itertools.count()
-        self._wake = anyio.Event()
+        self._nap: anyio.CancelScope | None = None
         self._closed = False
         self._inflight = 0
 
@@ -149,15 +167,15 @@ class Poller:
         """Schedule ``item``; by default after the first-poll wait."""
         wait = self.delays.first() if due_in is None else due_in
         item.delay = wait
-        due = self._now() + wait
+        due = self._clock.now() + wait
         heapq.heappush(self._heap, (due, next(self._seq), item))
         if self._heap[0][2] is item:
-            self._wake.set()
+            self._wake()
 
     def close(self) -> None:
         """No more items will be added; ``run`` returns once the heap drains."""
         self._closed = True
-        self._wake.set()
+        self._wake()
 
     async def run(self) -> None:
         """Poll until closed and nothing is left."""
@@ -174,7 +192,7 @@ class Poller:
                         await self._sleep(None)
                         continue
                     due = self._heap[0][0]
-                    wait = due - self._now()
+                    wait = due - self._clock.now()
                     if wait > 0:
                         await self._sleep(wait)
                         continue
@@ -185,13 +203,19 @@ class Poller:
                     except anyio.WouldBlock:
                         await send.send(item)
 
+    def _wake(self) -> None:
+        if self._nap is not None:
+            self._nap.cancel()
+
     async def _sleep(self, seconds: float | None) -> None:
-        self._wake = anyio.Event()
-        if seconds is None:
-            await self._wake.wait()
-        else:
-            with anyio.move_on_after(seconds):
-                await self._wake.wait()
+        """Sleep until ``seconds`` pass (None: forever) or :meth:`_wake`."""
+        with anyio.CancelScope() as nap:
+            self._nap = nap
+            if seconds is None:
+                await anyio.sleep_forever()
+            else:
+                await self._clock.sleep(seconds)
+        self._nap = None
 
     async def _worker(self, recv: MemoryObjectReceiveStream[PollItem]) -> None:
         async with recv:
@@ -200,11 +224,122 @@ class Poller:
                     item.polls += 1
                     finished = await self._check(item)
                     if not finished:
-                        wait = self.delays.next(item, self._now())
+                        now = self._clock.now()
+                        wait = self.delays.next(item, now)
                         item.delay = wait
-                        heapq.heappush(
-                            self._heap, (self._now() + wait, next(self._seq), item)
-                        )
+                        heapq.heappush(self._heap, (now + wait, next(self._seq), item))
                 finally:
                     self._inflight -= 1
-                    self._wake.set()
+                    self._wake()
+
+
+class Polling:
+    """The poll stage: watches submitted generations and acts on their status.
+
+    ``to_download`` takes a file row whose generation is complete.
+    """
+
+    def __init__(self, ctx: RunContext, to_download: Callable[[LedgerRow], Awaitable[None]]
+                 ) -> None:
+        self.ctx = ctx
+        self._to_download = to_download
+        settings = ctx.settings
+        self.poller = Poller(
+            self._check,
+            DelayModel(settings.poll_interval, rng=ctx.rng),
+            clock=ctx.clock,
+            workers=max(2, settings.concurrency),
+        )
+
+    def watch(self, row: LedgerRow, *, resumed: bool) -> None:
+        """Poll the row's generation (at once when resumed from the ledger)."""
+        assert row.generation_id is not None
+        item = PollItem(row.row_id, row.generation_id, row.api_project_id,
+                        submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
+                        status=row.api_status)
+        self.poller.add(item, due_in=0.0 if resumed else None)
+
+    async def _check(self, item: PollItem) -> bool:
+        ctx = self.ctx
+        ctx.stats.polls += 1
+        ctx.count_poll(item.row_id)
+        ctx.count_attempt(item.row_id)
+        try:
+            progress = await ctx.client.get_progress(
+                generation_id=item.generation_id, api_project_id=item.api_project_id)
+        except ApiError as err:
+            return await self._poll_failure(item, err)
+        assert item.row is not None
+        try:
+            return await self.after_status(item.row, progress.status, progress.error,
+                                           progress.error_details, poll=item)
+        except TransitionConflict:
+            # Another host (or a follower settle) moved the row on: not ours now.
+            log.info("poll.row_moved_elsewhere", extra={"row": item.row_id})
+            return True
+
+    async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
+        ctx = self.ctx
+        if err.halts and not isinstance(err, SpendLimit):
+            ctx.halt(err, hard=True)
+            ctx.cancel()
+            return True
+        item.errors += 1
+        if err.retryable and item.errors < ctx.settings.max_attempts * 2:
+            log.info("poll.retry %s", err, extra={"row": item.row_id})
+            return False
+        row = await ctx.ledger.get(item.row_id)
+        if row is not None and row.stage is Stage.SUBMITTED:
+            await ctx.fail(row, err.to_record())
+        return True
+
+    async def after_status(
+        self,
+        row: LedgerRow,
+        status: str,
+        error: str | None,
+        details: str | None,
+        *,
+        poll: PollItem | None,
+    ) -> bool:
+        """Act on an API status; True when the row needs no more polling."""
+        ctx = self.ctx
+        status_l = (status or "").lower()
+        if status_l in DONE_STATUSES:
+            # Only a generation seen unfinished before says how long one takes:
+            # one done at its first poll only bounds it by the wait we chose
+            # (plus queueing), and learning that bound ratchets the wait up.
+            if poll is not None and not poll.resumed and poll.polls > 1:
+                self.poller.delays.observe(ctx.clock.now() - poll.submitted_at)
+            if row.kind is Kind.FILE:
+                row = await ctx.move(row, Stage.GENERATED, {"api_status": status}, "generated")
+                await self._to_download(row)
+            else:
+                await ctx.move(row, Stage.COMPLETE, {"api_status": status}, "complete")
+                ctx.stats.done += 1
+                ctx.stats.in_flight -= 1
+            return True
+        if status_l in FAILED_STATUSES:
+            message = error or details or "the generation failed at the API"
+            if details and error and details != error:
+                message = f"{error}: {details}"
+            await ctx.fail(row, {"code": "generationFailed", "message": message,
+                                 "httpStatus": None}, api_status=status)
+            return True
+        if status_l not in RUNNING_STATUSES:
+            count = 1 if poll is None else poll.unknown_statuses + 1
+            if poll is not None:
+                poll.unknown_statuses = count
+            log.warning("poll.unknown_status %r", status, extra={"row": row.row_id})
+            if count >= UNKNOWN_STATUS_LIMIT:
+                await ctx.fail(row, {"code": "unknownStatus", "httpStatus": None,
+                                     "message": f"the API kept answering status {status!r}, "
+                                     "which batcher does not know"}, api_status=status)
+                return True
+        if poll is None:
+            self.watch(row, resumed=False)
+            return True
+        if status != poll.status:
+            poll.status = status
+            poll.row = await ctx.move(row, Stage.SUBMITTED, {"api_status": status}, "progress")
+        return False

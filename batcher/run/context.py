@@ -1,0 +1,233 @@
+"""What the stages of one run share: moving rows, failing them, halting.
+
+Every write to a row goes through :meth:`RunContext.move`: a compare-and-set
+from the stage the caller saw, carrying the HTTP attempts and polls counted
+since the row's last write. A halt is recorded here, once; the stages only
+ask whether one happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from anyio import CancelScope
+
+from ..client import DiffioClient, UrlExpired
+from ..clock import Clock
+from ..errors import ApiError, BatcherError, LedgerError, RunHalted, SpendLimit, TransitionConflict
+from ..ledger.base import Ledger
+from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
+from ..ratelimit import RateGate
+from ..retry import RetryPolicy
+from ..runstats import RunStats
+from ..settings import Settings
+from .hosts import Membership
+
+__all__ = ["HaltState", "RunContext", "StopRun"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# --halt-after judges the failure share only after this many finished rows.
+HALT_AFTER_MIN_SAMPLE = 20
+
+
+class StopRun(Exception):
+    """Internal: a halt that stops the whole run now (a bad key, a request bug).
+
+    The stage that meets the halting error records it, then raises this; the
+    worker that catches it cancels the run.
+    """
+
+
+@dataclass(slots=True)
+class HaltState:
+    """Why the run stopped submitting, if it did; ``hard`` when it stops everything."""
+
+    error: BatcherError | None = None
+    hard: bool = False
+
+
+class RunContext:
+    """The parts of one run every stage uses, and the row mover."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        client: DiffioClient,
+        *,
+        gate: RateGate,
+        clock: Clock,
+        rng: random.Random,
+        policy: RetryPolicy,
+        stats: RunStats,
+        membership: Membership,
+        halts: HaltState,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.client = client
+        self.gate = gate
+        self.clock = clock
+        self.rng = rng
+        self.policy = policy
+        self.stats = stats
+        self.membership = membership
+        self.halts = halts
+        self.wall = wall
+        self.scope: CancelScope | None = None
+        # Counted since the row's last write; the next write adds them.
+        self._attempts: dict[str, int] = {}
+        self._polls: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- counters
+
+    def count_attempt(self, row_id: str) -> None:
+        """One HTTP attempt spent on the row (written with its next move)."""
+        self._attempts[row_id] = self._attempts.get(row_id, 0) + 1
+
+    def count_poll(self, row_id: str) -> None:
+        """One progress poll of the row (written with its next move)."""
+        self._polls[row_id] = self._polls.get(row_id, 0) + 1
+
+    # ------------------------------------------------------------------ halts
+
+    @property
+    def halted(self) -> bool:
+        """True once the run stopped submitting (any halt)."""
+        return self.halts.error is not None
+
+    def halt(self, err: BatcherError, *, hard: bool) -> None:
+        """Stop submitting (``hard``: stop everything); the first reason is kept."""
+        if self.halts.error is None:
+            self.halts.error = err
+            self.stats.halted = f"{getattr(err, 'code', 'halted')}: {err}"
+            log.error("run.halted %s", err)
+        self.halts.hard = self.halts.hard or hard
+        # Posts already waiting for the rate gate give up instead of meeting
+        # the same refusal one by one (and delaying the polls behind them).
+        # Not on --max-spend: those posts reserved their cost within the cap.
+        if getattr(err, "code", None) != "maxSpendReached":
+            self.client.stop_generations()
+
+    def cancel(self) -> None:
+        """Cancel the whole run (after a hard halt)."""
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def drop(self, row_id: str) -> None:
+        """A row this run stops working on without finishing it (a halt)."""
+        self.stats.in_flight -= 1
+        self.membership.release(row_id)
+
+    def check_failure_share(self) -> None:
+        """--halt-after PCT: stop submitting when too many rows fail."""
+        limit = self.settings.halt_after
+        finished = self.stats.done + self.stats.failed
+        if limit is None or finished < HALT_AFTER_MIN_SAMPLE or self.halted:
+            return
+        share = 100.0 * self.stats.failed / finished
+        if share > limit:
+            self.halt(RunHalted(
+                f"--halt-after {limit:g}: {self.stats.failed} of {finished} finished rows "
+                f"failed ({share:.1f}%)", code="haltAfter"), hard=False)
+
+    # --------------------------------------------------------------- requests
+
+    async def call(self, row_id: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """One API operation with the retry policy; counts attempts per row."""
+        attempt = 0
+        while True:
+            attempt += 1
+            self.count_attempt(row_id)
+            try:
+                return await fn()
+            except ApiError as err:
+                err.row_id = err.row_id or row_id
+                # (A 429 has already slowed the shared gate inside the client.)
+                if isinstance(err, UrlExpired):
+                    raise
+                wait = self.policy.decide(err, attempt, self.rng)
+                if wait is None:
+                    raise
+                log.info("request.retry attempt=%d wait=%.2fs %s", attempt, wait, err,
+                         extra={"row": row_id})
+                self.stats.errors[f"retried:{err.code}"] += 1
+                await self.clock.sleep(wait)
+
+    async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
+        """An API error ended the row's step: halt (row kept) or fail the row."""
+        if err.halts:
+            hard = not isinstance(err, SpendLimit)
+            self.halt(err, hard=hard)
+            # The row keeps its stage (resumable); the error is recorded.
+            current = await self.ledger.get(row.row_id)
+            if current is not None and current.stage in ACTIVE_STAGES:
+                await self.move(current, current.stage, {"error": err.to_record()}, "halted")
+            self.drop(row.row_id)
+            if hard:
+                raise StopRun() from err
+            return
+        current = await self.ledger.get(row.row_id)
+        await self.fail(current or row, err.to_record())
+
+    # ------------------------------------------------------------------- rows
+
+    async def fail(self, row: LedgerRow, error: Mapping[str, Any], *,
+                   api_status: str | None = None) -> None:
+        """Move the row to FAILED with ``error`` (a no-op when it already is)."""
+        update: Update = {"error": error}
+        if api_status is not None:
+            update["api_status"] = api_status
+        if row.stage is Stage.FAILED:
+            return
+        try:
+            await self.move(row, Stage.FAILED, update, "failed", {"code": error.get("code")})
+        except TransitionConflict:
+            fresh = await self.ledger.get(row.row_id)
+            if fresh is None or fresh.stage is Stage.FAILED:
+                return
+            await self.move(fresh, Stage.FAILED, update, "failed", {"code": error.get("code")})
+        self.stats.failed += 1
+        self.stats.in_flight -= 1
+        self.stats.errors[str(error.get("code"))] += 1
+        self.check_failure_share()
+        log.warning("row.failed %s: %s", error.get("code"), error.get("message"),
+                    extra={"row": row.row_id})
+
+    async def move(
+        self,
+        row: LedgerRow,
+        to: Stage,
+        update: Update,
+        event: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> LedgerRow:
+        """A compare-and-set from the row's stage, carrying pending counters."""
+        full: Update = dict(update)  # type: ignore[assignment]
+        attempts = self._attempts.pop(row.row_id, 0)
+        polls = self._polls.pop(row.row_id, 0)
+        if attempts:
+            full["attempts_delta"] = attempts
+        if polls:
+            full["polls_delta"] = polls
+        try:
+            moved = await self.ledger.transition(row.row_id, row.stage, to, full,
+                                                 event=event, detail=detail, current=row)
+            if to not in ACTIVE_STAGES:
+                self.membership.release(row.row_id)
+            return moved
+        except LedgerError:
+            # Put the counters back so they are not lost with the failed write.
+            if attempts:
+                self._attempts[row.row_id] = self._attempts.get(row.row_id, 0) + attempts
+            if polls:
+                self._polls[row.row_id] = self._polls.get(row.row_id, 0) + polls
+            raise
