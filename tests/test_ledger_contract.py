@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import random
-import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from fakeclock import FakeClock
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
@@ -47,23 +47,6 @@ PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class FakeClock:
-    """Strictly increasing time, safe to call from the writer thread."""
-
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self._now += 0.5
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
 
 
 class PgSchemas:
@@ -112,7 +95,8 @@ class Backend:
 
     def __init__(self, name: str, tmp_path: Path, pg_url: str = "") -> None:
         self.name = name
-        self.clock = FakeClock()
+        # Strictly increasing timestamps, read from the writer thread too.
+        self.clock = FakeClock(1_000_000.0, tick=0.5)
         self.path = tmp_path / "ledger.sqlite"
         self.pg_url = pg_url
         self._memory = MemoryLedger(clock=self.clock, page_size=PAGE)

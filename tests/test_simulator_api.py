@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from fakeclock import FakeClock
 
 from batcher.simulator import (
     KeySpec,
@@ -33,19 +34,6 @@ pytestmark = pytest.mark.anyio
 
 KEY = "sim-key"
 WALL0 = 1_790_000_000.0  # 2026-09-21T...Z, inside one monthly period
-
-
-class FakeClock:
-    """A settable time source for ``clock`` or ``wall``."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
