@@ -200,7 +200,9 @@ def test_metric_names_follow_prometheus_conventions(tmp_path: Path, simulator: A
 
 def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simulator: Any
                                                           ) -> None:
-    sim = simulator("--auto-create-projects", "--duration", "2,2.5")
+    # Generations long enough that four status, export and plan processes
+    # started one after another still find them running on a loaded machine.
+    sim = simulator("--auto-create-projects", "--duration", "6,6.5")
     manifest = _manifest(tmp_path / "m.csv", 3)
     ledger = manifest.with_suffix(".sqlite")
     proc = subprocess.Popen(
@@ -230,7 +232,7 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
     assert proc.returncode == 0, out + err
 
     lines = [line for line in err.splitlines() if line.startswith("progress:")]
-    assert len(lines) >= 4, err  # about 2.5 s of work, a line every 0.3 s
+    assert len(lines) >= 4, err  # about 6 s of work, a line every 0.3 s
     parsed = [PROGRESS.match(line) for line in lines]
     assert all(parsed), lines
     done = [int(p.group(1)) for p in parsed if p]
