@@ -2,7 +2,7 @@
 
 :func:`classify` is pure: no network, no clock unless an HTTP-date
 ``Retry-After`` has to be turned into seconds (``now`` can be passed in).
-It implements DESIGN.md's error taxonomy:
+It implements batcher's error taxonomy (see ``errors.py`` for the tree):
 
 ======================  ===================================================
 answer                  result
@@ -56,11 +56,12 @@ from batcher.errors import (
     Conflict,
     DecodeError,
     RateLimited,
+    RequestBug,
     ServerError,
     SpendLimit,
 )
 
-__all__ = ["RequestBug", "classify", "parse_retry_after"]
+__all__ = ["classify", "parse_retry_after"]
 
 _SNIPPET = 200
 
@@ -68,18 +69,6 @@ _SNIPPET = 200
 _OWNERSHIP_CODES = frozenset({"notowner", "projectnotowned", "notprojectowner"})
 # Lower-cased phrases of the ownership 403 (seed: "does not own the project").
 _OWNERSHIP_WORDING = ("does not own", "not the owner")
-
-
-class RequestBug(ClientError):
-    """405 or a 3xx from the API: the request itself is malformed.
-
-    Every later request would fail the same way (wrong method, wrong base
-    URL, a redirect that would turn our POST into a GET), so the run halts
-    loudly instead of failing row after row.
-    """
-
-    halts = True
-    code = "methodNotAllowed"
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -19,16 +19,8 @@ API key and do not pass the rate gate, but they do hold the concurrency cap.
 The API key lives in one headers mapping; it is never put in a message, and
 answers are scrubbed of it before they are classified.
 
-Errors added here (subclasses of the tree in ``errors.py``)::
-
-    ApiError
-    ├── LocalFileError     the source file is unreadable or changed, or the
-    │                      download destination cannot be written (row fails)
-    ├── InvalidRequest     the request body cannot be encoded (row fails)
-    └── StatusError
-        └── ClientError
-            └── UrlExpired 401/403/410 (or an "expired" 400) from a signed
-                           storage URL: get a fresh URL, do not retry this one
+The API's status words for a generation become one :class:`GenerationStatus`
+here; the word as sent is kept beside it for the ledger.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
@@ -53,10 +46,14 @@ from batcher.errors import (
     ClientError,
     ConfigError,
     DecodeError,
+    InvalidRequest,
+    LocalFileError,
     RateLimited,
     ServerError,
     StatusError,
+    SubmissionsStopped,
     TransportError,
+    UrlExpired,
     redact,
 )
 from batcher.ratelimit import RateGate
@@ -65,12 +62,10 @@ __all__ = [
     "DiffioClient",
     "DownloadInfo",
     "GenerationAccepted",
-    "InvalidRequest",
-    "LocalFileError",
+    "GenerationStatus",
     "Progress",
     "ProjectCreated",
     "RequestCallback",
-    "UrlExpired",
     "normalize_base_url",
 ]
 
@@ -99,37 +94,30 @@ _TRANSPORT_EXCEPTIONS: tuple[type[BaseException], ...] = (
 )
 
 
-class UrlExpired(ClientError):
-    """A signed storage URL was refused (401/403/410, or a 400 saying expired).
+class GenerationStatus(Enum):
+    """What the API's status word for a generation means to the runner."""
 
-    Retrying the same URL is pointless: get a fresh one (a new project for an
-    upload, a new ``get_generation_download`` for a download).
-    """
+    # queued, pending, processing, running, uploading: not finished yet.
+    RUNNING = "running"
+    # complete, completed, succeeded: the output can be downloaded.
+    COMPLETE = "complete"
+    # failed, error, cancelled, canceled: it replays as failed forever.
+    FAILED = "failed"
+    # A word batcher does not know: polled again, a bounded number of times.
+    UNKNOWN = "unknown"
 
-    code = "urlExpired"
-
-
-class LocalFileError(ApiError):
-    """A local file problem around a transfer; the row fails, no retry.
-
-    ``code`` is ``fileUnreadable``, ``fileChanged`` or ``outputUnwritable``.
-    """
-
-    def __init__(self, message: str, *, code: str, endpoint: str = "") -> None:
-        super().__init__(message, endpoint=endpoint)
-        self.code = code
+    @classmethod
+    def of(cls, word: str | None) -> GenerationStatus:
+        """The status a word (any case; None counts as unknown) stands for."""
+        return _STATUS_WORDS.get((word or "").lower(), cls.UNKNOWN)
 
 
-class SubmissionsStopped(ApiError):
-    """A generation request was not sent: the run stopped submitting (a 402)."""
-
-    code = "submissionsStopped"
-
-
-class InvalidRequest(ApiError):
-    """The request body could not be encoded as JSON; nothing was sent."""
-
-    code = "badRequest"
+_STATUS_WORDS: Mapping[str, GenerationStatus] = {
+    **dict.fromkeys(("queued", "pending", "processing", "running", "uploading"),
+                    GenerationStatus.RUNNING),
+    **dict.fromkeys(("complete", "completed", "succeeded"), GenerationStatus.COMPLETE),
+    **dict.fromkeys(("failed", "error", "cancelled", "canceled"), GenerationStatus.FAILED),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +134,16 @@ class ProjectCreated:
 
 @dataclass(frozen=True, slots=True)
 class GenerationAccepted:
-    """Answer of ``{model}-generation``; ``replay`` is ``idempotentReplay``."""
+    """Answer of ``{model}-generation``; ``replay`` is ``idempotentReplay``.
+
+    ``api_status`` is the status word as sent, ``status`` what it means.
+    """
 
     generation_id: str
     api_project_id: str
     model_key: str | None
-    status: str
+    status: GenerationStatus
+    api_status: str
     replay: bool
 
 
@@ -159,13 +151,14 @@ class GenerationAccepted:
 class Progress:
     """Answer of ``get_generation_progress``.
 
-    ``status`` is the overall status as sent (unknown values are kept; the
-    runner decides); ``progress`` is the inference stage's percentage.
+    ``api_status`` is the overall status word as sent, ``status`` what it
+    means; ``progress`` is the inference stage's percentage.
     """
 
     generation_id: str
     api_project_id: str | None
-    status: str
+    status: GenerationStatus
+    api_status: str
     progress: int | None
     error: str | None
     error_details: str | None
@@ -326,11 +319,13 @@ class DiffioClient:
                 "idempotencyKey": idempotency_key,
             },
         )
+        status = _required_str(obj, "status", endpoint)
         return GenerationAccepted(
             generation_id=_required_str(obj, "generationId", endpoint),
             api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
             model_key=_optional_str(obj, "modelKey"),
-            status=_required_str(obj, "status", endpoint),
+            status=GenerationStatus.of(status),
+            api_status=status,
             replay=obj.get("idempotentReplay") is True,
         )
 
@@ -345,10 +340,12 @@ class DiffioClient:
         progress = inference.get("progress") if isinstance(inference, dict) else None
         if isinstance(progress, bool) or not isinstance(progress, int | float):
             progress = None
+        status = _required_str(obj, "status", endpoint)
         return Progress(
             generation_id=_optional_str(obj, "generationId") or generation_id,
             api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
-            status=_required_str(obj, "status", endpoint),
+            status=GenerationStatus.of(status),
+            api_status=status,
             progress=None if progress is None else int(progress),
             error=_optional_str(obj, "error"),
             error_details=_optional_str(obj, "errorDetails"),
@@ -465,13 +462,11 @@ class DiffioClient:
             raise LocalFileError(
                 f"cannot read {path}: {exc.strerror or exc}",
                 code="fileUnreadable",
-                endpoint=endpoint,
             ) from exc
         if actual != size:
             raise LocalFileError(
                 f"{path} is {actual} bytes, not the {size} it had when keyed",
                 code="fileChanged",
-                endpoint=endpoint,
             )
         timeout = aiohttp.ClientTimeout(
             total=self._timeout + size / _MIN_UPLOAD_BYTES_PER_S,
@@ -532,7 +527,7 @@ class DiffioClient:
                             await _local(out.write(chunk), dest)
                         await _local(out.flush(), dest)
                         await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), dest)
-            except ApiError:
+            except (ApiError, LocalFileError):
                 await _remove(dest)
                 self._report(endpoint, status, start)
                 raise
@@ -589,7 +584,6 @@ async def _local(awaitable: Awaitable[T], path: Path) -> T:
         raise LocalFileError(
             f"cannot write {path}: {exc.strerror or exc}",
             code="outputUnwritable",
-            endpoint="download",
         ) from exc
 
 

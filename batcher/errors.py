@@ -1,7 +1,8 @@
 """batcher's one error tree.
 
 Every failure that crosses a module boundary is one of these; aiohttp and
-orjson exceptions are translated into them inside ``client.py`` only::
+orjson exceptions are translated into them inside ``client.py`` only, local
+OS errors around outputs inside ``outputs.py``::
 
     BatcherError
     ├── ConfigError              bad flags, job file or environment (exit 2)
@@ -10,22 +11,35 @@ orjson exceptions are translated into them inside ``client.py`` only::
     ├── LedgerError              the ledger cannot be opened or written
     │   ├── LedgerLocked         another run holds this ledger (exit 4)
     │   └── TransitionConflict   a compare-and-set matched no row
-    ├── OutputPathError          an output path would leave --out
-    ├── RunHalted                a local stop: --max-spend reached, --halt-after passed
+    ├── LocalFileError           a local file: source unreadable or changed,
+    │   │                        output unwritable (row fails; not the API's doing)
+    │   └── OutputPathError      an output path would leave --out
+    ├── RunHalted                a local stop: --max-spend reached, --halt-after
+    │                            passed (halts submissions)
     └── ApiError                 anything the Diffio API or the network did
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
+        ├── InvalidRequest       the request body cannot be encoded; nothing sent
+        ├── SubmissionsStopped   a generation request not sent: the run stopped
+        │                        submitting
         └── StatusError          an HTTP error status, with code and body
             ├── RateLimited      429; carries retry_after (retryable)
-            ├── ServerError      500, 502-504 (retryable)
+            ├── ServerError      500, 502-504, 408 (retryable)
             ├── AuthError        401, and 403 on the key itself (halts the run)
             ├── SpendLimit       402 (halts submissions; body figures kept)
             ├── Conflict         409 (idempotencyKeyConflict, not ready yet, …)
             └── ClientError      other 4xx: the row is wrong (not retried)
+                ├── UrlExpired   a signed storage URL refused: ask for a new one
+                └── RequestBug   405 or a redirect: our request is malformed
+                                 (halts the run)
 
-Each ``ApiError`` knows whether it is ``retryable`` and whether it ``halts``
-the run. Messages never contain the API key: the client never puts it in
-one, and ``redact`` scrubs anything that came back from outside.
+Every error says what it means for the run, as class attributes:
+``retryable`` (the same request may succeed later), ``halts_submissions``
+(post nothing more; what is in flight finishes; exit 3, resumable) and
+``halts_run`` (stop everything now; exit 3, resumable). The runner reads
+these and never tests an error's class to decide. Messages never contain the
+API key: the client never puts it in one, and ``redact`` scrubs anything
+that came back from outside.
 """
 
 from __future__ import annotations
@@ -41,18 +55,23 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "DecodeError",
+    "InvalidRequest",
     "LedgerError",
     "LedgerLocked",
+    "LocalFileError",
     "ManifestError",
     "OutputPathError",
     "RateLimited",
+    "RequestBug",
     "RowError",
     "RunHalted",
     "ServerError",
     "SpendLimit",
     "StatusError",
+    "SubmissionsStopped",
     "TransitionConflict",
     "TransportError",
+    "UrlExpired",
     "redact",
 ]
 
@@ -66,6 +85,13 @@ def redact(text: str, secret: str | None) -> str:
 
 class BatcherError(Exception):
     """Root of every error batcher raises on purpose."""
+
+    # The same request may succeed if made again later.
+    retryable: bool = False
+    # Post no more generations; what is in flight finishes (exit 3, resumable).
+    halts_submissions: bool = False
+    # Stop everything now (exit 3, resumable); implies halts_submissions.
+    halts_run: bool = False
 
 
 class ConfigError(BatcherError):
@@ -125,7 +151,27 @@ class TransitionConflict(LedgerError):
         )
 
 
-class OutputPathError(BatcherError):
+class LocalFileError(BatcherError):
+    """A local file problem: the row fails, nothing is retried.
+
+    ``code`` is ``fileUnreadable`` or ``fileChanged`` (the source),
+    ``outputUnwritable`` or ``outputWriteFailed`` (the output).
+    """
+
+    code: str = "localFileError"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.message = message
+        if code:
+            self.code = code
+        super().__init__(message)
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``error`` object written to the ledger and the export."""
+        return {"code": self.code, "message": self.message, "httpStatus": None}
+
+
+class OutputPathError(LocalFileError):
     """An output path from the manifest would be written outside ``--out``."""
 
     code = "unsafeOutputPath"
@@ -138,7 +184,7 @@ class RunHalted(BatcherError):
     the run exits 3, resumable.
     """
 
-    halts = True
+    halts_submissions = True
 
     def __init__(self, message: str, *, code: str) -> None:
         self.code = code
@@ -154,8 +200,6 @@ class ApiError(BatcherError):
     known.
     """
 
-    retryable: bool = False
-    halts: bool = False
     code: str = "apiError"
 
     def __init__(
@@ -220,6 +264,18 @@ class DecodeError(ApiError):
         return self.status
 
 
+class InvalidRequest(ApiError):
+    """The request body could not be encoded as JSON; nothing was sent (row fails)."""
+
+    code = "badRequest"
+
+
+class SubmissionsStopped(ApiError):
+    """A generation request was not sent: the run stopped submitting (a halt)."""
+
+    code = "submissionsStopped"
+
+
 class StatusError(ApiError):
     """An HTTP error status with the API's ``error`` text and ``code``."""
 
@@ -268,7 +324,8 @@ class ServerError(StatusError):
 class AuthError(StatusError):
     """401, or 403 on the key itself (inactive, lacks permission): halt the run."""
 
-    halts = True
+    halts_submissions = True
+    halts_run = True
     code = "unauthorized"
 
 
@@ -279,7 +336,7 @@ class SpendLimit(StatusError):
     are kept in ``body`` so the CLI can show them.
     """
 
-    halts = True
+    halts_submissions = True
     code = "spendLimitExceeded"
 
     def figures(self) -> str:
@@ -299,3 +356,26 @@ class ClientError(StatusError):
     """Other 4xx: the request is wrong for this row; not retried."""
 
     code = "badRequest"
+
+
+class UrlExpired(ClientError):
+    """A signed storage URL was refused (401/403/410, or a 400 saying expired).
+
+    Retrying the same URL is pointless: get a fresh one (a new project for an
+    upload, a new ``get_generation_download`` for a download).
+    """
+
+    code = "urlExpired"
+
+
+class RequestBug(ClientError):
+    """405 or a 3xx from the API: the request itself is malformed.
+
+    Every later request would fail the same way (wrong method, wrong base
+    URL, a redirect that would turn our POST into a GET), so the run halts
+    loudly instead of failing row after row.
+    """
+
+    halts_submissions = True
+    halts_run = True
+    code = "methodNotAllowed"

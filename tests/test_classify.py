@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.classify import RequestBug, classify, parse_retry_after
+from batcher.classify import classify, parse_retry_after
 from batcher.errors import (
     ApiError,
     AuthError,
@@ -18,6 +18,7 @@ from batcher.errors import (
     Conflict,
     DecodeError,
     RateLimited,
+    RequestBug,
     ServerError,
     SpendLimit,
     StatusError,
@@ -75,7 +76,7 @@ def test_200_without_json_content_type_still_parses_a_json_object() -> None:
 def test_200_that_is_not_a_json_object_is_a_decode_error(raw: bytes, what: str) -> None:
     e = err(200, raw=raw)
     assert type(e) is DecodeError
-    assert e.retryable and not e.halts
+    assert e.retryable and not e.halts_submissions
     assert e.http_status == 200
     assert what in e.message
     assert e.body == raw[:200].decode("utf-8", errors="replace")
@@ -103,34 +104,36 @@ def test_html_is_recognised_by_its_bytes_when_the_type_lies() -> None:
 @pytest.mark.parametrize(
     ("status", "body", "cls", "code", "retryable", "halts"),
     [
-        (400, {"error": "Invalid JSON body."}, ClientError, "badRequest", False, False),
+        (400, {"error": "Invalid JSON body."}, ClientError, "badRequest", False, None),
         (400, {"error": "bad key", "code": "invalidIdempotencyKey"}, ClientError,
-         "invalidIdempotencyKey", False, False),
-        (401, {"error": "Invalid API key."}, AuthError, "unauthorized", False, True),
+         "invalidIdempotencyKey", False, None),
+        (401, {"error": "Invalid API key."}, AuthError, "unauthorized", False, "run"),
         (402, {"error": "Spend limit exceeded for this API key.", "code": "spendLimitExceeded",
-               "spendLimitUsd": 10, "usedUsd": 9.2}, SpendLimit, "spendLimitExceeded", False, True),
+               "spendLimitUsd": 10, "usedUsd": 9.2}, SpendLimit, "spendLimitExceeded", False,
+         "submissions"),
         (402, {"error": "Payment failed.", "code": "paymentFailed"}, SpendLimit,
-         "paymentFailed", False, True),
-        (403, {"error": "API key is not active."}, AuthError, "forbidden", False, True),
-        (403, {"error": "API key lacks write permission."}, AuthError, "forbidden", False, True),
+         "paymentFailed", False, "submissions"),
+        (403, {"error": "API key is not active."}, AuthError, "forbidden", False, "run"),
+        (403, {"error": "API key lacks write permission."}, AuthError, "forbidden", False, "run"),
         (403, {"error": "API key does not own the project."}, ClientError, "notOwner",
-         False, False),
-        (403, {"error": "Forbidden", "code": "notOwner"}, ClientError, "notOwner", False, False),
-        (404, {"error": "API project not found."}, ClientError, "notFound", False, False),
-        (405, {"error": "Method not allowed"}, RequestBug, "methodNotAllowed", False, True),
+         False, None),
+        (403, {"error": "Forbidden", "code": "notOwner"}, ClientError, "notOwner", False, None),
+        (404, {"error": "API project not found."}, ClientError, "notFound", False, None),
+        (405, {"error": "Method not allowed"}, RequestBug, "methodNotAllowed", False, "run"),
         (409, {"error": "Idempotency key reused with another model.",
-               "code": "idempotencyKeyConflict"}, Conflict, "idempotencyKeyConflict", False, False),
-        (409, {"code": "generationNotComplete"}, Conflict, "generationNotComplete", False, False),
+               "code": "idempotencyKeyConflict"}, Conflict, "idempotencyKeyConflict", False, None),
+        (409, {"code": "generationNotComplete"}, Conflict, "generationNotComplete", False, None),
         (429, {"error": "Rate limit exceeded.", "code": "rateLimited"}, RateLimited,
-         "rateLimited", True, False),
-        (500, {"error": "Pricing is not configured."}, ServerError, "serverError", True, False),
-        (502, {"error": "Bad gateway"}, ServerError, "serverError", True, False),
-        (503, None, ServerError, "serverError", True, False),
-        (504, None, ServerError, "serverError", True, False),
+         "rateLimited", True, None),
+        (500, {"error": "Pricing is not configured."}, ServerError, "serverError", True, None),
+        (502, {"error": "Bad gateway"}, ServerError, "serverError", True, None),
+        (503, None, ServerError, "serverError", True, None),
+        (504, None, ServerError, "serverError", True, None),
     ],
 )
 def test_design_table_row(
-    status: int, body: Any, cls: type[StatusError], code: str, retryable: bool, halts: bool
+    status: int, body: Any, cls: type[StatusError], code: str, retryable: bool,
+    halts: str | None,
 ) -> None:
     e = err(status, body)
     assert type(e) is cls
@@ -138,7 +141,9 @@ def test_design_table_row(
     assert e.status == status and e.http_status == status
     assert e.code == code
     assert e.retryable is retryable
-    assert e.halts is halts
+    # None: the row's business; "submissions": post no more; "run": stop now.
+    assert e.halts_submissions is (halts is not None)
+    assert e.halts_run is (halts == "run")
     if isinstance(body, dict) and body.get("error"):
         assert e.message == body["error"]
         assert e.body == body
@@ -163,7 +168,7 @@ def test_403_ownership_wording_is_case_insensitive_and_unknown_403_halts() -> No
     assert err(403, {"error": "This key DOES NOT OWN the project proj-1"}).code == "notOwner"
     assert err(403, {"error": "Key is not the owner of this project"}).code == "notOwner"
     unknown = err(403, {"error": "Something else entirely"})
-    assert type(unknown) is AuthError and unknown.halts
+    assert type(unknown) is AuthError and unknown.halts_run
     assert type(err(403, None)) is AuthError
     # the key-level body code wins when it is not about ownership
     assert err(403, {"error": "revoked", "code": "keyRevoked"}).code == "keyRevoked"
@@ -215,7 +220,7 @@ def test_408_is_retryable() -> None:
 def test_unknown_4xx_is_a_client_error(status: int) -> None:
     e = err(status, {"error": "nope"})
     assert type(e) is ClientError
-    assert not e.retryable and not e.halts
+    assert not e.retryable and not e.halts_submissions
     assert e.code == f"http{status}"
 
 
@@ -228,7 +233,7 @@ def test_unknown_5xx_is_a_server_error(status: int) -> None:
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_redirect_halts_and_names_the_location(status: int) -> None:
     e = err(status, None, headers={"Location": "https://elsewhere/v1/x"})
-    assert type(e) is RequestBug and e.halts
+    assert type(e) is RequestBug and e.halts_run
     assert e.code == "unexpectedRedirect"
     assert "https://elsewhere/v1/x" in e.message
 

@@ -19,16 +19,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batcher.classify import RequestBug
 from batcher.client import (
     DiffioClient,
     DownloadInfo,
     GenerationAccepted,
-    InvalidRequest,
-    LocalFileError,
+    GenerationStatus,
     Progress,
     ProjectCreated,
-    UrlExpired,
     normalize_base_url,
 )
 from batcher.clock import SystemClock
@@ -39,10 +36,14 @@ from batcher.errors import (
     ConfigError,
     Conflict,
     DecodeError,
+    InvalidRequest,
+    LocalFileError,
     RateLimited,
+    RequestBug,
     ServerError,
     SpendLimit,
     TransportError,
+    UrlExpired,
 )
 from batcher.ratelimit import RateGate
 
@@ -287,7 +288,7 @@ async def test_create_generation_posts_to_the_model_path_with_the_key(
     )
     assert accepted == GenerationAccepted(
         generation_id="gen-1", api_project_id="proj-1", model_key="diffio-3.5",
-        status="processing", replay=True,
+        status=GenerationStatus.RUNNING, api_status="processing", replay=True,
     )
     (seen,) = server.seen
     assert seen.path == "/v1/diffio-3.5-generation"
@@ -355,8 +356,8 @@ async def test_get_progress_keeps_unknown_status_and_reads_inference(
     h = make()
     progress = await h.client.get_progress(generation_id="gen-1", api_project_id=None)
     assert progress == Progress(
-        generation_id="gen-1", api_project_id="proj-1", status="settling", progress=40,
-        error=None, error_details=None,
+        generation_id="gen-1", api_project_id="proj-1", status=GenerationStatus.UNKNOWN,
+        api_status="settling", progress=40, error=None, error_details=None,
     )
     assert orjson.loads(server.seen[0].body) == {"generationId": "gen-1"}
 
@@ -372,8 +373,9 @@ async def test_get_progress_failed_and_missing_status(
     )
     h = make()
     progress = await h.client.get_progress(generation_id="g", api_project_id="p")
-    assert (progress.status, progress.error, progress.error_details, progress.progress) == (
-        "failed", "Inference failed", "CUDA out of memory", None
+    assert (progress.status, progress.api_status, progress.error, progress.error_details,
+            progress.progress) == (
+        GenerationStatus.FAILED, "failed", "Inference failed", "CUDA out of memory", None
     )
     assert orjson.loads(server.seen[0].body) == {"generationId": "g", "apiProjectId": "p"}
     server.json("/v1/get_generation_progress", {"generationId": "g", "hasVideo": False})
@@ -415,7 +417,8 @@ async def test_402_comes_out_as_spend_limit_with_figures(
         await h.client.create_generation(
             model="diffio-3.5", api_project_id="p", sampling={}, params={}, idempotency_key="k"
         )
-    assert info.value.halts and info.value.body == body
+    assert info.value.halts_submissions and not info.value.halts_run
+    assert info.value.body == body
     assert "usedUsd=9.2" in info.value.figures()
     assert h.calls[0][:2] == ("diffio-3.5-generation", 402)
 
@@ -465,7 +468,7 @@ async def test_redirect_is_not_followed_and_halts(
         await make().client.create_project(
             file_name="a", content_type="audio/wav", content_length=1
         )
-    assert info.value.halts
+    assert info.value.halts_run
     assert [s.path for s in server.seen] == ["/v1/create_project"]
 
 

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.classify import RequestBug
 from batcher.errors import (
     ApiError,
     AuthError,
@@ -17,6 +16,7 @@ from batcher.errors import (
     Conflict,
     DecodeError,
     RateLimited,
+    RequestBug,
     ServerError,
     SpendLimit,
     TransportError,

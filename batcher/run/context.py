@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from anyio import CancelScope
 
-from ..client import DiffioClient, UrlExpired
+from ..client import DiffioClient
 from ..clock import Clock
-from ..errors import ApiError, BatcherError, LedgerError, RunHalted, SpendLimit, TransitionConflict
+from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
 from ..ratelimit import RateGate
@@ -49,7 +49,7 @@ class StopRun(Exception):
 class HaltState:
     """Why the run stopped submitting, if it did; ``hard`` when it stops everything."""
 
-    error: BatcherError | None = None
+    error: ApiError | RunHalted | None = None
     hard: bool = False
 
 
@@ -104,17 +104,17 @@ class RunContext:
         """True once the run stopped submitting (any halt)."""
         return self.halts.error is not None
 
-    def halt(self, err: BatcherError, *, hard: bool) -> None:
-        """Stop submitting (``hard``: stop everything); the first reason is kept."""
+    def halt(self, err: ApiError | RunHalted) -> None:
+        """Stop submitting; stop everything when ``err.halts_run``. The first reason is kept."""
         if self.halts.error is None:
             self.halts.error = err
-            self.stats.halted = f"{getattr(err, 'code', 'halted')}: {err}"
+            self.stats.halted = f"{err.code}: {err}"
             log.error("run.halted %s", err)
-        self.halts.hard = self.halts.hard or hard
+        self.halts.hard = self.halts.hard or err.halts_run
         # Posts already waiting for the rate gate give up instead of meeting
         # the same refusal one by one (and delaying the polls behind them).
         # Not on --max-spend: those posts reserved their cost within the cap.
-        if getattr(err, "code", None) != "maxSpendReached":
+        if err.code != "maxSpendReached":
             self.client.stop_generations()
 
     def cancel(self) -> None:
@@ -137,7 +137,7 @@ class RunContext:
         if share > limit:
             self.halt(RunHalted(
                 f"--halt-after {limit:g}: {self.stats.failed} of {finished} finished rows "
-                f"failed ({share:.1f}%)", code="haltAfter"), hard=False)
+                f"failed ({share:.1f}%)", code="haltAfter"))
 
     # --------------------------------------------------------------- requests
 
@@ -152,8 +152,6 @@ class RunContext:
             except ApiError as err:
                 err.row_id = err.row_id or row_id
                 # (A 429 has already slowed the shared gate inside the client.)
-                if isinstance(err, UrlExpired):
-                    raise
                 wait = self.policy.decide(err, attempt, self.rng)
                 if wait is None:
                     raise
@@ -164,15 +162,14 @@ class RunContext:
 
     async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
         """An API error ended the row's step: halt (row kept) or fail the row."""
-        if err.halts:
-            hard = not isinstance(err, SpendLimit)
-            self.halt(err, hard=hard)
+        if err.halts_submissions:
+            self.halt(err)
             # The row keeps its stage (resumable); the error is recorded.
             current = await self.ledger.get(row.row_id)
             if current is not None and current.stage in ACTIVE_STAGES:
                 await self.move(current, current.stage, {"error": err.to_record()}, "halted")
             self.drop(row.row_id)
-            if hard:
+            if err.halts_run:
                 raise StopRun() from err
             return
         current = await self.ledger.get(row.row_id)

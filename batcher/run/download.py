@@ -14,8 +14,7 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import UrlExpired
-from ..errors import ApiError, ClientError, Conflict, OutputPathError, SpendLimit
+from ..errors import ApiError, ClientError, Conflict, LocalFileError, UrlExpired
 from ..model import LedgerRow, Stage
 from ..outputs import default_output_for, publish
 from ..paths import resolve_output, write_atomically_target
@@ -55,8 +54,8 @@ class Downloader:
         try:
             if rel:
                 final = resolve_output(out, rel)
-        except OutputPathError as err:
-            await ctx.fail(row, {"code": err.code, "message": str(err), "httpStatus": None})
+        except LocalFileError as err:
+            await ctx.fail(row, err.to_record())
             return
         attempt = 0
         while True:
@@ -77,14 +76,14 @@ class Downloader:
                 except BaseException:
                     tmp.unlink(missing_ok=True)
                     raise
-            except OutputPathError as err:
-                await ctx.fail(row, {"code": err.code, "message": str(err), "httpStatus": None})
+            except LocalFileError as err:
+                await ctx.fail(row, err.to_record())
                 return
             except ApiError as err:
                 wait = self._wait(err, attempt)
                 if wait is None:
-                    if err.halts and not isinstance(err, SpendLimit):
-                        ctx.halt(err, hard=True)
+                    if err.halts_run:
+                        ctx.halt(err)
                         raise StopRun() from err
                     await ctx.fail(row, err.to_record())
                     return

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ..client import GenerationStatus
 from ..clock import Clock
-from ..errors import ApiError, SpendLimit, TransitionConflict
+from ..errors import ApiError, TransitionConflict
 from ..model import Kind, LedgerRow, Stage
 from .context import RunContext
 
@@ -33,11 +34,6 @@ __all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
 
 log = logging.getLogger(__name__)
 
-# API statuses that mean "not finished yet" (queued and pending both mean
-# not started).
-RUNNING_STATUSES = frozenset({"queued", "pending", "processing", "running", "uploading"})
-DONE_STATUSES = frozenset({"complete", "completed", "succeeded"})
-FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
 # After this many polls answering a status we do not know, the row fails
 # instead of being polled forever.
 UNKNOWN_STATUS_LIMIT = 10
@@ -271,8 +267,9 @@ class Polling:
             return await self._poll_failure(item, err)
         assert item.row is not None
         try:
-            return await self.after_status(item.row, progress.status, progress.error,
-                                           progress.error_details, poll=item)
+            return await self.after_status(item.row, progress.status, progress.api_status,
+                                           error=progress.error,
+                                           details=progress.error_details, poll=item)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
             log.info("poll.row_moved_elsewhere", extra={"row": item.row_id})
@@ -280,8 +277,8 @@ class Polling:
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
         ctx = self.ctx
-        if err.halts and not isinstance(err, SpendLimit):
-            ctx.halt(err, hard=True)
+        if err.halts_run:
+            ctx.halt(err)
             ctx.cancel()
             return True
         item.errors += 1
@@ -296,50 +293,56 @@ class Polling:
     async def after_status(
         self,
         row: LedgerRow,
-        status: str,
-        error: str | None,
-        details: str | None,
+        status: GenerationStatus,
+        api_status: str,
         *,
+        error: str | None = None,
+        details: str | None = None,
         poll: PollItem | None,
     ) -> bool:
-        """Act on an API status; True when the row needs no more polling."""
+        """Act on a generation's status; True when the row needs no more polling.
+
+        ``api_status`` is the word the API sent, written to the ledger.
+        """
         ctx = self.ctx
-        status_l = (status or "").lower()
-        if status_l in DONE_STATUSES:
+        if status is GenerationStatus.COMPLETE:
             # Only a generation seen unfinished before says how long one takes:
             # one done at its first poll only bounds it by the wait we chose
             # (plus queueing), and learning that bound ratchets the wait up.
             if poll is not None and not poll.resumed and poll.polls > 1:
                 self.poller.delays.observe(ctx.clock.now() - poll.submitted_at)
             if row.kind is Kind.FILE:
-                row = await ctx.move(row, Stage.GENERATED, {"api_status": status}, "generated")
+                row = await ctx.move(row, Stage.GENERATED, {"api_status": api_status},
+                                     "generated")
                 await self._to_download(row)
             else:
-                await ctx.move(row, Stage.COMPLETE, {"api_status": status}, "complete")
+                await ctx.move(row, Stage.COMPLETE, {"api_status": api_status}, "complete")
                 ctx.stats.done += 1
                 ctx.stats.in_flight -= 1
             return True
-        if status_l in FAILED_STATUSES:
+        if status is GenerationStatus.FAILED:
             message = error or details or "the generation failed at the API"
             if details and error and details != error:
                 message = f"{error}: {details}"
             await ctx.fail(row, {"code": "generationFailed", "message": message,
-                                 "httpStatus": None}, api_status=status)
+                                 "httpStatus": None}, api_status=api_status)
             return True
-        if status_l not in RUNNING_STATUSES:
+        if status is GenerationStatus.UNKNOWN:
             count = 1 if poll is None else poll.unknown_statuses + 1
             if poll is not None:
                 poll.unknown_statuses = count
-            log.warning("poll.unknown_status %r", status, extra={"row": row.row_id})
+            log.warning("poll.unknown_status %r", api_status, extra={"row": row.row_id})
             if count >= UNKNOWN_STATUS_LIMIT:
                 await ctx.fail(row, {"code": "unknownStatus", "httpStatus": None,
-                                     "message": f"the API kept answering status {status!r}, "
-                                     "which batcher does not know"}, api_status=status)
+                                     "message": f"the API kept answering status "
+                                     f"{api_status!r}, which batcher does not know"},
+                               api_status=api_status)
                 return True
         if poll is None:
             self.watch(row, resumed=False)
             return True
-        if status != poll.status:
-            poll.status = status
-            poll.row = await ctx.move(row, Stage.SUBMITTED, {"api_status": status}, "progress")
+        if api_status != poll.status:
+            poll.status = api_status
+            poll.row = await ctx.move(row, Stage.SUBMITTED, {"api_status": api_status},
+                                      "progress")
         return False

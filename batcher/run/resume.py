@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 
+from ..client import GenerationStatus
 from ..errors import TransitionConflict
 from ..keys import FileSource, ProjectSource, derive_key
 from ..model import Kind, LedgerRow, NewRow, Stage, Update
 from ..outputs import output_intact
 from .context import RunContext
-from .poll import DONE_STATUSES, FAILED_STATUSES
 
 __all__ = ["Resume"]
 
@@ -123,7 +123,8 @@ class Resume:
         code = error.get("code")
         if code == "invalidRow":
             return None
-        if row.api_status in FAILED_STATUSES and row.generation_id:
+        last = GenerationStatus.of(row.api_status)
+        if last is GenerationStatus.FAILED and row.generation_id:
             # The generation failed at the API and replays as failed forever:
             # a deliberate new charge under a key derived from the old request
             # and a counter kept here, so a crash mid-retry replays, not re-pays.
@@ -148,7 +149,7 @@ class Resume:
                                        {"oldKey": row.idempotency_key, "retry": retry})
         if row.generation_id:
             to = Stage.SUBMITTED
-            if row.api_status in DONE_STATUSES and row.kind is Kind.FILE:
+            if last is GenerationStatus.COMPLETE and row.kind is Kind.FILE:
                 to = Stage.GENERATED
         elif row.kind is Kind.FILE and row.api_project_id and row.upload_url is None:
             to = Stage.UPLOADED

@@ -16,8 +16,14 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import SubmissionsStopped, UrlExpired
-from ..errors import ApiError, OutputPathError, RunHalted, TransportError
+from ..errors import (
+    ApiError,
+    LocalFileError,
+    RunHalted,
+    SubmissionsStopped,
+    TransportError,
+    UrlExpired,
+)
 from ..model import Kind, LedgerRow, Stage
 from ..spend import SpendCap
 from .context import RunContext, StopRun
@@ -77,7 +83,7 @@ class Submitter:
         self.ctx.halt(RunHalted(
             f"--max-spend reached: the next submission (${usd:,.2f}) would pass the cap; "
             f"{self.spend.figures()}. Re-run with a higher --max-spend to go on.",
-            code="maxSpendReached"), hard=False)
+            code="maxSpendReached"))
         return False
 
     def _settle_spend(self, row_id: str, *, charged: bool) -> None:
@@ -123,8 +129,8 @@ class Submitter:
         except ApiError as err:
             await ctx.api_failure(row, err)
             return
-        except OutputPathError as err:
-            await ctx.fail(row, {"code": err.code, "message": str(err), "httpStatus": None})
+        except LocalFileError as err:
+            await ctx.fail(row, err.to_record())
             return
         ctx.stats.submitted += 1
         if accepted.replay:
@@ -132,12 +138,12 @@ class Submitter:
         row = await ctx.move(row, Stage.SUBMITTED, {
             "generation_id": accepted.generation_id,
             "api_project_id": accepted.api_project_id or row.api_project_id,
-            "api_status": accepted.status,
+            "api_status": accepted.api_status,
             # A 402/401 recorded by a halted run is history once accepted.
             "error": None,
         }, "replayed" if accepted.replay else "submitted",
             {"generationId": accepted.generation_id, "replay": accepted.replay})
-        await self.polling.after_status(row, accepted.status, None, None, poll=None)
+        await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None)
 
     async def _ensure_uploaded(self, row: LedgerRow) -> LedgerRow | None:
         """Create the project (durably) and upload the file; None when failed."""
