@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
-import socket
 import sys
-import time
-import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -38,16 +34,6 @@ log = logging.getLogger(__name__)
 SIM_KEY = "sim-key"
 
 
-def _run_info() -> RunInfo:
-    return RunInfo(
-        run_id=uuid.uuid4().hex,
-        pid=os.getpid(),
-        host=socket.gethostname(),
-        started_at=time.time(),
-        command=" ".join(sys.argv[1:])[:500],
-    )
-
-
 async def run_job(
     settings: Settings,
     *,
@@ -70,7 +56,7 @@ async def run_job(
     if settings.dry_run:
         return await _dry_run(settings, ledger, stats)
     ledger = ledger or open_ledger(settings.ledger)
-    info = _run_info()
+    info = RunInfo.start(" ".join(sys.argv[1:]))
     await ledger.open(info, lock=True)
     exit_code: int | None = None
     result: RunResult | None = None
@@ -118,7 +104,7 @@ async def _dry_run(settings: Settings, ledger: Ledger | None, stats: RunStats) -
     if ledger is None:
         exists = "://" in url or await anyio.Path(url).exists()
         ledger = open_ledger(url) if exists else MemoryLedger()
-    await ledger.open(_run_info(), lock=False)
+    await ledger.open(RunInfo.start(" ".join(sys.argv[1:])), lock=False)
     try:
         return await make_plan(settings, ledger, stats)
     finally:

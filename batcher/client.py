@@ -25,14 +25,11 @@ here; the word as sent is kept beside it for the ledger.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -43,6 +40,7 @@ from aiohttp import http_exceptions
 from batcher.classify import classify, parse_retry_after
 from batcher.errors import (
     ApiError,
+    BatcherError,
     ClientError,
     ConfigError,
     DecodeError,
@@ -69,9 +67,6 @@ __all__ = [
     "normalize_base_url",
 ]
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 RequestCallback = Callable[[str, int | None, float], None]
 """``on_request(endpoint, status or None on transport failure, seconds)``."""
@@ -497,20 +492,18 @@ class DiffioClient:
         if not 200 <= status < 300:
             raise _storage_error(status, resp_headers, body, endpoint)
 
-    async def download(self, *, url: str, dest: Path) -> tuple[str, int]:
-        """GET a signed URL into ``dest``, streamed; return ``(sha256 hex, size)``.
+    async def download(self, *, url: str, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """GET a signed URL and hand its body to ``write``, chunk by chunk.
 
-        ``dest`` should be a temporary path beside the final one: it is
-        written, flushed and fsynced but not renamed (the caller renames after
-        recording the hash). On any failure ``dest`` is removed. No API key
-        is sent and the rate gate is not used.
+        No API key is sent and the rate gate is not used; the concurrency cap
+        is held until the body is read. A refused URL or a failed transfer
+        raises an ``ApiError``. ``write`` raises batcher errors only (see
+        :func:`batcher.outputs.fetch_to_file`); they pass through untouched.
         """
         endpoint = "download"
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeout, sock_read=self._timeout
         )
-        digest = hashlib.sha256()
-        size = 0
         async with self._cap:
             start = self._gate.clock.now()
             status: int | None = None
@@ -520,26 +513,15 @@ class DiffioClient:
                     if not 200 <= status < 300:
                         body = await resp.content.read(_ERROR_BODY_LIMIT)
                         raise _storage_error(status, resp.headers, body, endpoint)
-                    async with await _local(anyio.open_file(dest, "wb"), dest) as out:
-                        async for chunk in resp.content.iter_chunked(_CHUNK):
-                            digest.update(chunk)
-                            size += len(chunk)
-                            await _local(out.write(chunk), dest)
-                        await _local(out.flush(), dest)
-                        await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), dest)
-            except (ApiError, LocalFileError):
-                await _remove(dest)
-                self._report(endpoint, status, start)
-                raise
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        await write(chunk)
             except _TRANSPORT_EXCEPTIONS as exc:
-                await _remove(dest)
                 self._report(endpoint, None, start)
                 raise self._transport_error(exc, endpoint) from exc
-            except BaseException:
-                await _remove(dest)
+            except BatcherError:
+                self._report(endpoint, status, start)
                 raise
             self._report(endpoint, status, start)
-        return digest.hexdigest(), size
 
     # -- one place for translations --------------------------------------------
 
@@ -574,26 +556,6 @@ async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
                 return
             left -= len(data)
             yield data
-
-
-async def _local(awaitable: Awaitable[T], path: Path) -> T:
-    """Await a local file operation; its OSError becomes ``outputUnwritable``."""
-    try:
-        return await awaitable
-    except OSError as exc:
-        raise LocalFileError(
-            f"cannot write {path}: {exc.strerror or exc}",
-            code="outputUnwritable",
-        ) from exc
-
-
-async def _remove(path: Path) -> None:
-    """Delete a partial download, even while being cancelled."""
-    try:
-        with anyio.CancelScope(shield=True):
-            await anyio.Path(path).unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("download_cleanup_failed", extra={"path": str(path), "error": str(exc)})
 
 
 def _storage_error(

@@ -1,18 +1,27 @@
-"""The one seam through which batcher reads time and waits.
+"""The one seam through which batcher measures time and waits.
 
-The rate gate, the retry loop and the poller take a :class:`Clock` instead of
-calling :func:`time.monotonic` and :func:`anyio.sleep` directly, so tests can
-drive them with a fake clock and no real waiting.
+The rate gate, the retry loop, the poller and the runner's stages take a
+:class:`Clock` instead of calling :func:`time.monotonic` and
+:func:`anyio.sleep` directly, so tests can drive them with a fake clock and
+no real waiting.
+
+Wall time (seconds since the epoch, for timestamps and the expiry dates the
+API sends) is another thing, passed as a :data:`WallTime` callable named
+``wall``: a clock measures durations and never says what day it is.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import anyio
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "SystemClock", "WallTime"]
+
+WallTime = Callable[[], float]
+"""Seconds since the epoch, as :func:`time.time` gives them; never used to wait."""
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ import orjson
 
 from .ledger import open_ledger
 from .ledger.base import Ledger
+from .model import RunInfo
 
 __all__ = ["CSV_FIELDS", "export_main", "export_rows"]
 
@@ -48,10 +49,8 @@ async def export_rows(ledger: Ledger, fmt: str, out: TextIO, *,
 
 async def export_main(url: str, fmt: str, output: Path | None, include_retired: bool) -> int:
     """The ``export`` subcommand; works while a run is writing the ledger."""
-    from .report import read_info
-
     ledger = open_ledger(url)
-    await ledger.open(read_info(), lock=False)
+    await ledger.open(RunInfo.reader(), lock=False)
     try:
         if output is None:
             await export_rows(ledger, fmt, sys.stdout, include_retired=include_retired)

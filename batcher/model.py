@@ -8,6 +8,10 @@ as :class:`NewRow`; the ledger hands back :class:`LedgerRow`.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,6 +20,7 @@ from typing import Any, TypedDict
 __all__ = [
     "ACTIVE_STAGES",
     "LEGAL_MOVES",
+    "READER_COMMAND",
     "UPDATE_COLUMNS",
     "Event",
     "Kind",
@@ -259,12 +264,31 @@ class Event:
     run_id: str = ""
 
 
+# The command of a RunInfo that only reads the ledger (status, export).
+READER_COMMAND = "read"
+
+
 @dataclass(frozen=True, slots=True)
 class RunInfo:
-    """Who is running: recorded in the ledger's runs table and in its lock."""
+    """Who is running: recorded in the ledger's runs table and in its lock.
+
+    :meth:`start` and :meth:`reader` are the one place a run's identity is made.
+    """
 
     run_id: str
     pid: int
     host: str
     started_at: float
     command: str = ""
+
+    @classmethod
+    def start(cls, command: str = "") -> RunInfo:
+        """This process as a new run: a fresh id, its pid, host and start time."""
+        return cls(run_id=uuid.uuid4().hex, pid=os.getpid(), host=socket.gethostname(),
+                   started_at=time.time(), command=command[:500])
+
+    @classmethod
+    def reader(cls) -> RunInfo:
+        """This process as a reader of the ledger (``status``, ``export``)."""
+        return cls(run_id=f"read-{uuid.uuid4().hex[:8]}", pid=os.getpid(),
+                   host=socket.gethostname(), started_at=time.time(), command=READER_COMMAND)

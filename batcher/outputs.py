@@ -1,21 +1,109 @@
-"""Restored files: their default names and the atomic publish.
+"""Restored files: where they go, and how they appear there.
 
-An output appears under its final name only when complete: written to a
-temporary file beside it, fsynced, renamed, and the rename made durable.
+Where: an output path is relative to ``--out`` and never leaves it
+(:func:`resolve_output`, checked again at write time); a file row that names
+none gets ``<source stem>.restored<ext>`` (:func:`default_output_for`).
+
+How: an output appears under its final name only when complete — written to
+a temporary file beside it, fsynced, renamed, and the rename made durable
+(:func:`fetch_to_file`, :func:`copy_to_file`, :func:`write_bytes_atomically`).
+A local OS error on the way becomes a
+:class:`~batcher.errors.LocalFileError` here, so the row fails with a code,
+and the temporary file is removed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import mimetypes
 import os
-from pathlib import Path
+from collections.abc import Awaitable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
+from .errors import LocalFileError, OutputPathError
 from .keys import sha256_file
 from .model import LedgerRow
-from .paths import default_output_rel
 
-__all__ = ["copy_publish", "default_output_for", "output_intact", "publish"]
+if TYPE_CHECKING:
+    from .client import DiffioClient
+
+__all__ = [
+    "copy_to_file",
+    "default_output_for",
+    "default_output_rel",
+    "extension_for",
+    "fetch_to_file",
+    "output_intact",
+    "resolve_output",
+    "temp_path",
+    "write_bytes_atomically",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CHUNK = 1 << 20
+
+# mimetypes maps audio/mpeg to ".mp2" on some systems; the API's audio is MP3.
+_PREFERRED = {"audio/mpeg": ".mp3", "audio/mp3": ".mp3", "audio/wav": ".wav",
+              "audio/x-wav": ".wav", "audio/flac": ".flac", "audio/ogg": ".ogg",
+              "audio/mp4": ".m4a", "application/json": ".json"}
+
+
+def extension_for(mime_type: str | None) -> str:
+    """The file extension for a returned mimeType ('.bin' when unknown)."""
+    if not mime_type:
+        return ".bin"
+    base = mime_type.split(";", 1)[0].strip().lower()
+    return _PREFERRED.get(base) or mimetypes.guess_extension(base) or ".bin"
+
+
+def default_output_rel(file_rel: str, mime_type: str | None) -> str:
+    """``sub/take.wav`` -> ``sub/take.restored.mp3``.
+
+    A source outside the manifest's folder (``../x.wav``, absolute) keeps only
+    its name, so the default never points outside ``--out``.
+    """
+    rel = PurePosixPath(file_rel.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts:
+        rel = PurePosixPath(rel.name)
+    stem = rel.name.rsplit(".", 1)[0] if "." in rel.name[1:] else rel.name
+    return str(rel.with_name(f"{stem}.restored{extension_for(mime_type)}"))
+
+
+def resolve_output(out: Path, rel: str) -> Path:
+    """The absolute path for ``rel`` under ``out``; raise if it would escape.
+
+    Rejects absolute paths, drive letters, ``..`` that climbs out, and
+    symlinked folders that lead outside ``out`` (checked on the real path of
+    the deepest existing parent, so a link planted later is caught at write
+    time by calling this again).
+    """
+    if not rel or not rel.strip():
+        raise OutputPathError("output path is empty")
+    if "\x00" in rel:
+        raise OutputPathError(f"output path {rel!r} contains a NUL byte")
+    posix = PurePosixPath(rel.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(rel).drive:
+        raise OutputPathError(f"output path {rel!r} is absolute; it must be relative to --out")
+    root = out.resolve()
+    target = (root / Path(*posix.parts)).absolute()
+    normal = Path(os.path.normpath(target))
+    if normal != root and root not in normal.parents:
+        raise OutputPathError(f"output path {rel!r} leaves the output folder {root}")
+    if normal == root:
+        raise OutputPathError(f"output path {rel!r} names the output folder itself")
+    # A symlink anywhere on the way may point elsewhere: check the real path.
+    real = normal.resolve()
+    if real != root and root not in real.parents:
+        raise OutputPathError(
+            f"output path {rel!r} leads outside the output folder {root} through a symlink"
+        )
+    return normal
 
 
 def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None) -> str:
@@ -25,24 +113,67 @@ def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None
     return default_output_rel(rel, mime_type)
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` into place and make the rename durable."""
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+def temp_path(final: Path, row_id: str) -> Path:
+    """The temporary path, beside ``final``, that an output is written to first."""
+    safe = "".join(c if c.isalnum() or c in "-_~" else "_" for c in row_id)
+    return final.with_name(f".{final.name}.{safe}.part")
+
+
+async def fetch_to_file(client: DiffioClient, url: str, final: Path, row_id: str
+                        ) -> tuple[str, int]:
+    """Download a signed URL to ``final``; return its ``(sha256 hex, size)``.
+
+    The body goes to a temporary file beside ``final``, which is flushed,
+    fsynced and renamed into place. On any failure the temporary file is
+    removed and ``final`` is untouched. Transfer failures are the client's
+    ``ApiError``s; local ones are ``LocalFileError``s (``outputUnwritable``
+    while writing, ``outputWriteFailed`` for the folder or the rename).
+    """
+    await _local(anyio.Path(final.parent).mkdir(parents=True, exist_ok=True), final,
+                 code="outputWriteFailed")
+    tmp = temp_path(final, row_id)
+    digest = hashlib.sha256()
+    size = 0
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        async with await _local(anyio.open_file(tmp, "wb"), tmp) as out:
+
+            async def write(chunk: bytes) -> None:
+                nonlocal size
+                digest.update(chunk)
+                size += len(chunk)
+                await _local(out.write(chunk), tmp)
+
+            await client.download(url=url, write=write)
+            await _local(out.flush(), tmp)
+            await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), tmp)
+        await _local(anyio.to_thread.run_sync(_publish, tmp, final), final,
+                     code="outputWriteFailed")
+    except BaseException:
+        await _remove(tmp)
+        raise
+    return digest.hexdigest(), size
 
 
-def copy_publish(src: Path, tmp: Path, final: Path) -> None:
-    """Publish a copy of ``src`` at ``final`` (through ``tmp``)."""
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        while chunk := fin.read(1 << 20):
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    publish(tmp, final)
+async def copy_to_file(src: Path, final: Path, row_id: str) -> None:
+    """Publish a copy of ``src`` at ``final`` (through a temporary file beside it)."""
+    tmp = temp_path(final, row_id)
+    try:
+        await _local(anyio.to_thread.run_sync(_copy_publish, src, tmp, final), final,
+                     code="outputWriteFailed")
+    except BaseException:
+        await _remove(tmp)
+        raise
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _publish(tmp, path)
 
 
 async def output_intact(row: LedgerRow) -> bool:
@@ -55,3 +186,43 @@ async def output_intact(row: LedgerRow) -> bool:
     except OSError:
         return False
     return sha == row.output_sha256 and (row.output_size is None or size == row.output_size)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename into place and make the rename durable (fsync the folder)."""
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_publish(src: Path, tmp: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    _publish(tmp, final)
+
+
+async def _local(awaitable: Awaitable[T], path: Path, *, code: str = "outputUnwritable"
+                 ) -> T:
+    """Await a local file operation; its OSError becomes a LocalFileError with ``code``."""
+    try:
+        return await awaitable
+    except OSError as exc:
+        # A write that fails says why in a word; a folder or rename, in full.
+        reason = exc.strerror or exc if code == "outputUnwritable" else exc
+        raise LocalFileError(f"cannot write {path}: {reason}", code=code) from exc
+
+
+async def _remove(path: Path) -> None:
+    """Delete a temporary file, even while being cancelled."""
+    try:
+        with anyio.CancelScope(shield=True):
+            await anyio.Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("output.cleanup_failed", extra={"path": str(path), "error": str(exc)})

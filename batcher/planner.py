@@ -28,7 +28,7 @@ from .keys import (
 )
 from .manifest import ManifestRow, open_manifest
 from .model import Kind, NewRow
-from .paths import resolve_output
+from .outputs import resolve_output
 
 __all__ = ["PlanContext", "plan_batches", "plan_row", "retry_key"]
 

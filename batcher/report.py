@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 
 from .errors import SpendLimit
 from .ledger import open_ledger
-from .model import RunInfo, Stage, contract_status
+from .model import READER_COMMAND, RunInfo, Stage, contract_status
+from .outputs import write_bytes_atomically
 from .run import RunResult
 from .runstats import RunStats
 from .settings import Settings
 
-__all__ = ["metrics_text", "print_summary", "read_info", "status_main", "write_outputs"]
-
-
-def read_info() -> RunInfo:
-    """A RunInfo for read-only opens (status, export)."""
-    return RunInfo(run_id=f"read-{uuid.uuid4().hex[:8]}", pid=os.getpid(),
-                   host=socket.gethostname(), started_at=time.time(), command="read")
+__all__ = ["metrics_text", "print_summary", "status_main", "write_outputs"]
 
 
 def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys.stdout) -> None:
@@ -82,7 +73,7 @@ def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: Te
 async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> int:
     """``batcher status LEDGER``: counts, errors, runs; works while a run writes."""
     ledger = open_ledger(url)
-    await ledger.open(read_info(), lock=False)
+    await ledger.open(RunInfo.reader(), lock=False)
     try:
         by_stage = await ledger.counts()
         errors = await ledger.error_summary(5)
@@ -93,7 +84,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
     for stage, n in by_stage.items():
         by_status[contract_status(stage)] += n
     total = sum(by_status.values())
-    runs = [r for r in runs if str(r.get("command", "")) != "read"]
+    runs = [r for r in runs if str(r.get("command", "")) != READER_COMMAND]
     last = runs[-1] if runs else None
     if as_json:
         stream.write(orjson.dumps({
@@ -173,13 +164,6 @@ def metrics_text(stats: RunStats, exit_code: int | None,
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(settings: Settings, stats: RunStats, exit_code: int | None,
                   counts: dict[str, int] | None = None) -> None:
     """--report (JSON) and --metrics (Prometheus textfile), written atomically.
@@ -192,7 +176,7 @@ def write_outputs(settings: Settings, stats: RunStats, exit_code: int | None,
                                   "settings": settings.describe()}
         polls_per_row = stats.polls / max(stats.submitted, 1)
         report["pollsPerRow"] = round(polls_per_row, 3)
-        _atomic_write(settings.report, orjson.dumps(report, default=str,
-                                                    option=orjson.OPT_INDENT_2))
+        write_bytes_atomically(settings.report, orjson.dumps(report, default=str,
+                                                             option=orjson.OPT_INDENT_2))
     if settings.metrics is not None:
-        _atomic_write(settings.metrics, metrics_text(stats, exit_code, counts).encode())
+        write_bytes_atomically(settings.metrics, metrics_text(stats, exit_code, counts).encode())

@@ -1,24 +1,33 @@
-"""When to try an API request again, and after how long.
+"""When to try an API request again, after how long, and the one loop that does.
 
 :meth:`RetryPolicy.decide` is a pure function of the error, the number of
-attempts already made and a random source: the runner owns the loop, the
-client makes one attempt per call. Only errors whose ``retryable`` flag is
-set are retried (DESIGN.md invariant 4), always with the same request, hence
-the same idempotency key.
+attempts already made and a random source. :func:`retrying` is the one retry
+loop: every stage that retries passes it an attempt and a decision (the
+policy's, or the policy's with a rule of the stage's own); the client makes
+one attempt per call. Only errors that are classified as retryable are
+retried, never blindly, and always with the same request, hence the same
+idempotency key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
+from batcher.clock import Clock
 from batcher.errors import ApiError, RateLimited
 
-__all__ = ["Jitter", "RetryPolicy"]
+__all__ = ["Decide", "Jitter", "RetryPolicy", "retrying"]
+
+T = TypeVar("T")
 
 Jitter = Literal["full", "none"]
+
+Decide = Callable[[ApiError, int], float | None]
+"""``decide(error, attempts_made)``: seconds to wait before the next attempt, or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +102,41 @@ class RetryPolicy:
             limit = max(limit, self.rate_limited_attempts)
         if attempt >= limit:
             return None
+        if not self.waits:
+            return 0.0
         wait = self.backoff(attempt, rng)
         if isinstance(error, RateLimited) and error.retry_after is not None:
             wait = max(wait, min(error.retry_after, self.max_retry_after))
-        return wait if self.waits else 0.0
+        return wait
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T]],
+    decide: Decide,
+    *,
+    clock: Clock,
+    before: Callable[[], None] | None = None,
+    on_retry: Callable[[ApiError, int, float], None] | None = None,
+) -> T:
+    """Await ``attempt()`` until it returns; after an ``ApiError``, ask ``decide``.
+
+    ``decide(error, n)`` gets the error and the number of attempts made so
+    far, and returns the seconds to wait before the next one, or None to
+    re-raise the error. ``before()`` runs before every attempt (to count it),
+    ``on_retry(error, n, wait)`` before every wait (to log it). Errors that
+    are not ``ApiError``s pass through at once.
+    """
+    made = 0
+    while True:
+        made += 1
+        if before is not None:
+            before()
+        try:
+            return await attempt()
+        except ApiError as err:
+            wait = decide(err, made)
+            if wait is None:
+                raise
+            if on_retry is not None:
+                on_retry(err, made, wait)
+            await clock.sleep(wait)

@@ -23,7 +23,7 @@ from batcher import (
     run_manifest_async,
 )
 from batcher.ledger.sqlite import SqliteLedger
-from batcher.report import read_info
+from batcher.model import RunInfo
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ async def test_run_manifest_async_on_the_callers_loop(tmp_path: Path) -> None:
 async def test_a_held_ledger_raises_ledger_locked(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
     holder = SqliteLedger(tmp_path / "m.ledger.sqlite")
-    info: Any = read_info()
+    info: Any = RunInfo.reader()
     await holder.open(info, lock=True)
     try:
         with pytest.raises(LedgerLocked, match=f"pid {info.pid}"):

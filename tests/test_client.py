@@ -45,6 +45,7 @@ from batcher.errors import (
     TransportError,
     UrlExpired,
 )
+from batcher.outputs import fetch_to_file, temp_path
 from batcher.ratelimit import RateGate
 
 KEY = "diffio_live_TOPSECRET_k3y_0123456789"
@@ -720,16 +721,17 @@ def _download_handler(server: Server, payload: bytes, status: int = 200,
 
 
 @pytest.mark.anyio
-async def test_download_streams_to_dest_and_returns_sha256(
+async def test_download_streams_to_the_final_file_and_returns_sha256(
     server: Server, make: Callable[..., Harness], tmp_path: Path
 ) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 7)
     server.routes["/out.mp3"] = _download_handler(server, payload)
     h = make()
-    dest = tmp_path / ".out.mp3.part"
-    sha, size = await h.client.download(url=server.url + "/out.mp3?sig=1", dest=dest)
+    final = tmp_path / "sub" / "out.mp3"
+    sha, size = await fetch_to_file(h.client, server.url + "/out.mp3?sig=1", final, "row/1")
     assert (sha, size) == (hashlib.sha256(payload).hexdigest(), len(payload))
-    assert dest.read_bytes() == payload
+    assert final.read_bytes() == payload
+    assert os.listdir(final.parent) == ["out.mp3"]  # no temporary left
     (seen,) = server.seen
     assert seen.method == "GET"
     assert "Authorization" not in seen.headers
@@ -746,11 +748,11 @@ async def test_download_refused_leaves_no_file(
     cls: type[ApiError],
 ) -> None:
     server.routes["/out.mp3"] = _download_handler(server, b"", status=status)
-    dest = tmp_path / "out.part"
+    final = tmp_path / "out.mp3"
     with pytest.raises(cls) as info:
-        await make().client.download(url=server.url + "/out.mp3", dest=dest)
+        await fetch_to_file(make().client, server.url + "/out.mp3", final, "r")
     assert type(info.value) is cls and info.value.endpoint == "download"
-    assert not dest.exists()
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.anyio
@@ -758,28 +760,52 @@ async def test_download_cut_short_is_a_transport_error_and_removes_the_part(
     server: Server, make: Callable[..., Harness], tmp_path: Path
 ) -> None:
     server.routes["/out.mp3"] = _download_handler(server, os.urandom(600_000), cut=True)
-    dest = tmp_path / "out.part"
     h = make()
     with pytest.raises(TransportError) as info:
-        await h.client.download(url=server.url + "/out.mp3", dest=dest)
+        await fetch_to_file(h.client, server.url + "/out.mp3", tmp_path / "out.mp3", "r")
     assert info.value.endpoint == "download"
-    assert not dest.exists()
+    assert os.listdir(tmp_path) == []
     assert h.calls[0][:2] == ("download", None)
 
 
 @pytest.mark.anyio
-async def test_download_into_a_missing_folder_is_a_local_error(
+async def test_a_local_write_failure_is_a_local_error_not_the_apis(
     server: Server, make: Callable[..., Harness], tmp_path: Path
 ) -> None:
     server.routes["/out.mp3"] = _download_handler(server, b"abc")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(LocalFileError) as info:
-        await make().client.download(url=server.url + "/out.mp3", dest=tmp_path / "no" / "x")
+        await fetch_to_file(make().client, server.url + "/out.mp3",
+                            tmp_path / "blocker" / "x.mp3", "r")
+    assert info.value.code == "outputWriteFailed" and "blocker" in info.value.message
+    assert server.seen == []  # nothing asked of the storage
+    # The temporary file cannot be created: the row's output is unwritable.
+    final = tmp_path / "y.mp3"
+    temp_path(final, "r").mkdir()
+    with pytest.raises(LocalFileError) as info:
+        await fetch_to_file(make().client, server.url + "/out.mp3", final, "r")
     assert info.value.code == "outputUnwritable"
+    assert not final.exists()
+
+
+@pytest.mark.anyio
+async def test_a_writers_own_error_passes_through_the_client(
+    server: Server, make: Callable[..., Harness]
+) -> None:
+    server.routes["/out.mp3"] = _download_handler(server, os.urandom(600_000))
+    h = make()
+
+    async def full_disk(chunk: bytes) -> None:
+        raise LocalFileError("disk full", code="outputUnwritable")
+
+    with pytest.raises(LocalFileError):
+        await h.client.download(url=server.url + "/out.mp3", write=full_disk)
+    assert h.calls[0][:2] == ("download", 200)
 
 
 @pytest.mark.anyio
 async def test_download_refused_port(make: Callable[..., Harness], tmp_path: Path) -> None:
-    dest = tmp_path / "x.part"
     with pytest.raises(TransportError):
-        await make().client.download(url=f"http://127.0.0.1:{refused_port()}/x", dest=dest)
-    assert not dest.exists()
+        await fetch_to_file(make().client, f"http://127.0.0.1:{refused_port()}/x",
+                            tmp_path / "x.mp3", "r")
+    assert os.listdir(tmp_path) == []

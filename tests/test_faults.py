@@ -786,11 +786,11 @@ def test_rows_that_complete_after_a_halt_carry_no_stale_error(tmp_path: Path, si
 def row_latencies(ledger_path: Path) -> list[float]:
     """Seconds from accepted to complete, per row in manifest order (ledger events)."""
     from batcher.ledger.sqlite import SqliteLedger
-    from batcher.report import read_info
+    from batcher.model import RunInfo
 
     async def read() -> list[float]:
         ledger = SqliteLedger(ledger_path)
-        await ledger.open(read_info(), lock=False)
+        await ledger.open(RunInfo.reader(), lock=False)
         try:
             out = []
             for row in sorted([r async for r in ledger.rows()], key=lambda r: r.line):

@@ -1,4 +1,5 @@
-"""RetryPolicy.decide: which errors are retried, how long to wait, and when to stop."""
+"""RetryPolicy.decide: which errors are retried, how long to wait, and when to stop;
+retrying: the one loop that acts on it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import random
 
 import pytest
+from fakeclock import FakeClock
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +23,7 @@ from batcher.errors import (
     SpendLimit,
     TransportError,
 )
-from batcher.retry import RetryPolicy
+from batcher.retry import RetryPolicy, retrying
 
 
 def retryable_errors(retry_after: float | None = None) -> list[ApiError]:
@@ -178,3 +180,54 @@ def test_waits_are_bounded_and_final_errors_never_retried(
         ceiling = max(cap, min(error.retry_after, policy.max_retry_after))
         assert wait >= min(error.retry_after, policy.max_retry_after)
     assert 0.0 <= wait <= ceiling
+
+
+# -- the loop ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_retrying_waits_what_the_decision_says_then_returns() -> None:
+    clock = FakeClock()
+    outcomes: list[Exception | str] = [TransportError("reset"), ServerError("boom", status=500),
+                                       "ok"]
+    counted: list[float] = []
+    retried: list[tuple[str, int, float]] = []
+
+    async def attempt() -> str:
+        counted.append(clock.now())
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async with clock.autojump():
+        result = await retrying(attempt, lambda err, made: 2.0 * made, clock=clock,
+                                before=lambda: None,
+                                on_retry=lambda err, made, wait: retried.append(
+                                    (err.code, made, wait)))
+    assert result == "ok"
+    assert counted == [0.0, 2.0, 6.0]  # waited 2 s after the first failure, 4 s after the second
+    assert retried == [("transportError", 1, 2.0), ("serverError", 2, 4.0)]
+
+
+@pytest.mark.anyio
+async def test_retrying_gives_up_when_told_and_never_retries_other_errors() -> None:
+    clock = FakeClock()
+    calls: list[int] = []
+
+    async def failing() -> None:
+        calls.append(1)
+        raise ServerError("boom", status=500)
+
+    with pytest.raises(ServerError):
+        await retrying(failing, lambda err, made: 0.0 if made < 3 else None, clock=clock,
+                       before=lambda: None)
+    assert len(calls) == 3
+
+    async def broken() -> None:
+        calls.append(1)
+        raise ValueError("not an API error")
+
+    with pytest.raises(ValueError):
+        await retrying(broken, lambda err, made: 0.0, clock=clock)
+    assert len(calls) == 4

@@ -203,9 +203,9 @@ def test_sigint_saves_state_and_the_rerun_completes(tmp_path: Path, simulator: A
 
     async def check() -> None:
         ledger = SqliteLedger(manifest.with_suffix(".sqlite"))
-        from batcher.report import read_info
+        from batcher.model import RunInfo
 
-        await ledger.open(read_info(), lock=False)
+        await ledger.open(RunInfo.reader(), lock=False)
         try:
             counts = await ledger.counts()
         finally:

@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from anyio import CancelScope
 
 from ..client import DiffioClient
-from ..clock import Clock
+from ..clock import Clock, WallTime
 from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
 from ..ratelimit import RateGate
-from ..retry import RetryPolicy
+from ..retry import RetryPolicy, retrying
 from ..runstats import RunStats
 from ..settings import Settings
 from .hosts import Membership
@@ -69,7 +69,7 @@ class RunContext:
         stats: RunStats,
         membership: Membership,
         halts: HaltState,
-        wall: Callable[[], float] = time.time,
+        wall: WallTime = time.time,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -142,23 +142,29 @@ class RunContext:
     # --------------------------------------------------------------- requests
 
     async def call(self, row_id: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """One API operation with the retry policy; counts attempts per row."""
-        attempt = 0
-        while True:
-            attempt += 1
-            self.count_attempt(row_id)
+        """One API operation under the retry policy; counts attempts per row.
+
+        (A 429 has already slowed the shared rate gate inside the client.)
+        """
+
+        async def attempt() -> T:
             try:
                 return await fn()
             except ApiError as err:
                 err.row_id = err.row_id or row_id
-                # (A 429 has already slowed the shared gate inside the client.)
-                wait = self.policy.decide(err, attempt, self.rng)
-                if wait is None:
-                    raise
-                log.info("request.retry attempt=%d wait=%.2fs %s", attempt, wait, err,
-                         extra={"row": row_id})
-                self.stats.errors[f"retried:{err.code}"] += 1
-                await self.clock.sleep(wait)
+                raise
+
+        def retried(err: ApiError, made: int, wait: float) -> None:
+            log.info("request.retry attempt=%d wait=%.2fs %s", made, wait, err,
+                     extra={"row": row_id})
+            self.stats.errors[f"retried:{err.code}"] += 1
+
+        return await retrying(attempt, self.decide, clock=self.clock,
+                              before=lambda: self.count_attempt(row_id), on_retry=retried)
+
+    def decide(self, err: ApiError, made: int) -> float | None:
+        """The retry policy's decision, with this run's random source."""
+        return self.policy.decide(err, made, self.rng)
 
     async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
         """An API error ended the row's step: halt (row kept) or fail the row."""

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import ApiError, ClientError, Conflict, LocalFileError, UrlExpired
 from ..model import LedgerRow, Stage
-from ..outputs import default_output_for, publish
-from ..paths import resolve_output, write_atomically_target
+from ..outputs import default_output_for, fetch_to_file, resolve_output
+from ..retry import retrying
 from .context import RunContext, StopRun
 
 __all__ = ["Downloader"]
@@ -47,67 +46,54 @@ class Downloader:
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""
         ctx = self.ctx
+        generation, project = row.generation_id, row.api_project_id
+        assert generation is not None and project is not None
         out = ctx.settings.out
-        assert row.generation_id is not None and row.api_project_id is not None
-        rel = row.output_rel
-        final: Path | None = None
+
+        async def attempt() -> tuple[Path, str, int]:
+            # A fresh signed URL on every attempt: the last one may have expired.
+            info = await ctx.client.get_download(generation_id=generation,
+                                                 api_project_id=project)
+            # Resolved again on every attempt: a symlink planted since the
+            # last check must not lead the write outside --out.
+            final = resolve_output(out, row.output_rel or default_output_for(
+                row, ctx.settings.manifest.parent, info.mime_type))
+            sha, size = await fetch_to_file(ctx.client, info.download_url, final, row.row_id)
+            return final, sha, size
+
+        def retried(err: ApiError, made: int, wait: float) -> None:
+            log.info("download.retry %s", err, extra={"row": row.row_id})
+
         try:
-            if rel:
-                final = resolve_output(out, rel)
+            if row.output_rel:
+                resolve_output(out, row.output_rel)
+            final, sha, size = await retrying(
+                attempt, self._decide, clock=ctx.clock,
+                before=lambda: ctx.count_attempt(row.row_id), on_retry=retried)
         except LocalFileError as err:
             await ctx.fail(row, err.to_record())
             return
-        attempt = 0
-        while True:
-            attempt += 1
-            ctx.count_attempt(row.row_id)
-            try:
-                info = await ctx.client.get_download(
-                    generation_id=row.generation_id, api_project_id=row.api_project_id)
-                # Resolved again on every attempt: a symlink planted since the
-                # last check must not lead the write outside --out.
-                final = resolve_output(out, rel or default_output_for(
-                    row, ctx.settings.manifest.parent, info.mime_type))
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = write_atomically_target(final, row.row_id)
-                try:
-                    sha, size = await ctx.client.download(url=info.download_url, dest=tmp)
-                    await anyio.to_thread.run_sync(publish, tmp, final)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-            except LocalFileError as err:
-                await ctx.fail(row, err.to_record())
-                return
-            except ApiError as err:
-                wait = self._wait(err, attempt)
-                if wait is None:
-                    if err.halts_run:
-                        ctx.halt(err)
-                        raise StopRun() from err
-                    await ctx.fail(row, err.to_record())
-                    return
-                log.info("download.retry %s", err, extra={"row": row.row_id})
-                await ctx.clock.sleep(wait)
-                continue
-            except OSError as err:
-                await ctx.fail(row, {"code": "outputWriteFailed", "httpStatus": None,
-                                     "message": f"cannot write {final}: {err}"})
-                return
-            await ctx.move(row, Stage.COMPLETE, {
-                "output_path": str(final), "output_sha256": sha, "output_size": size,
-            }, "downloaded", {"output": str(final), "sha256": sha, "size": size})
-            ctx.stats.done += 1
-            ctx.stats.in_flight -= 1
+        except ApiError as err:
+            if err.halts_run:
+                ctx.halt(err)
+                raise StopRun() from err
+            await ctx.fail(row, err.to_record())
             return
+        await ctx.move(row, Stage.COMPLETE, {
+            "output_path": str(final), "output_sha256": sha, "output_size": size,
+        }, "downloaded", {"output": str(final), "sha256": sha, "size": size})
+        ctx.stats.done += 1
+        ctx.stats.in_flight -= 1
 
-    def _wait(self, err: ApiError, attempt: int) -> float | None:
+    def _decide(self, err: ApiError, made: int) -> float | None:
+        """The retry policy, and two rules of downloads: a refused signed URL
+        is asked for again at once, and a result not ready yet is waited for."""
         settings = self.ctx.settings
-        if isinstance(err, UrlExpired) and attempt < DOWNLOAD_URL_LIMIT:
+        if isinstance(err, UrlExpired) and made < DOWNLOAD_URL_LIMIT:
             return 0.0
         # Before the audio is ready the API may answer 404 or 409: retry later.
         not_ready = isinstance(err, Conflict) or (
             isinstance(err, ClientError) and err.status == 404)
-        if not_ready and attempt < settings.max_attempts * 2:
-            return min(30.0, settings.poll_interval * attempt + 0.5)
-        return self.ctx.policy.decide(err, attempt, self.ctx.rng)
+        if not_ready and made < settings.max_attempts * 2:
+            return min(30.0, settings.poll_interval * made + 0.5)
+        return self.ctx.decide(err, made)

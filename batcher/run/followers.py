@@ -12,12 +12,9 @@ import logging
 import mimetypes
 from pathlib import Path
 
-import anyio
-
-from ..errors import OutputPathError, TransitionConflict
+from ..errors import LocalFileError, TransitionConflict
 from ..model import ACTIVE_STAGES, Kind, LedgerRow, Stage
-from ..outputs import copy_publish, default_output_for
-from ..paths import resolve_output, write_atomically_target
+from ..outputs import copy_to_file, default_output_for, resolve_output
 from .context import RunContext
 
 __all__ = ["settle_followers"]
@@ -39,7 +36,7 @@ async def settle_followers(ctx: RunContext) -> None:
             if not ctx.membership.shared:
                 raise
             log.info("row.settled_elsewhere", extra={"row": row.row_id})
-        except (OSError, OutputPathError) as err:
+        except LocalFileError as err:
             await ctx.fail(row, {"code": "outputWriteFailed", "httpStatus": None,
                                  "message": str(err)})
 
@@ -70,9 +67,7 @@ async def _settle(ctx: RunContext, row: LedgerRow, leader: LedgerRow) -> None:
         row, ctx.settings.manifest.parent, mimetypes.guess_type(leader.output_path)[0])
     final = resolve_output(ctx.settings.out, rel)
     if final != Path(leader.output_path):
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write_atomically_target(final, row.row_id)
-        await anyio.to_thread.run_sync(copy_publish, Path(leader.output_path), tmp, final)
+        await copy_to_file(Path(leader.output_path), final, row.row_id)
     await ctx.move(row, Stage.COMPLETE, {
         "output_path": str(final), "output_sha256": leader.output_sha256,
         "output_size": leader.output_size}, "copiedFromLeader", note)

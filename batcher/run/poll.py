@@ -28,6 +28,7 @@ from ..client import GenerationStatus
 from ..clock import Clock
 from ..errors import ApiError, TransitionConflict
 from ..model import Kind, LedgerRow, Stage
+from ..retry import RetryPolicy
 from .context import RunContext
 
 __all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
@@ -240,6 +241,10 @@ class Polling:
         self.ctx = ctx
         self._to_download = to_download
         settings = ctx.settings
+        # A generation is polled again after a retryable failure, twice as
+        # often as other requests are retried; the poller decides when.
+        self._retry = RetryPolicy(max_attempts=2 * settings.max_attempts,
+                                  rate_limited_attempts=2 * settings.max_attempts, waits=False)
         self.poller = Poller(
             self._check,
             DelayModel(settings.poll_interval, rng=ctx.rng),
@@ -276,13 +281,14 @@ class Polling:
             return True
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
+        """A poll failed: halt, poll again later (the poller's wait), or fail the row."""
         ctx = self.ctx
         if err.halts_run:
             ctx.halt(err)
             ctx.cancel()
             return True
         item.errors += 1
-        if err.retryable and item.errors < ctx.settings.max_attempts * 2:
+        if self._retry.decide(err, item.errors, ctx.rng) is not None:
             log.info("poll.retry %s", err, extra={"row": item.row_id})
             return False
         row = await ctx.ledger.get(item.row_id)

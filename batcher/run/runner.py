@@ -28,12 +28,8 @@ concurrency cap. The invariants the stages keep together:
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -41,7 +37,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..client import DiffioClient
-from ..clock import Clock, SystemClock
+from ..clock import Clock, SystemClock, WallTime
 from ..errors import BatcherError
 from ..ledger.base import Ledger
 from ..model import LedgerRow, RunInfo, Stage, contract_status
@@ -107,16 +103,14 @@ class Runner:
         rng: random.Random | None = None,
         policy: RetryPolicy | None = None,
         stats: RunStats | None = None,
-        wall: Callable[[], float] = time.time,
+        wall: WallTime = time.time,
         run_info: RunInfo | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         clock = clock or SystemClock()
         halts = HaltState()
-        run_info = run_info or RunInfo(
-            run_id=uuid.uuid4().hex, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time())
+        run_info = run_info or RunInfo.start()
         membership = membership_for(
             ledger, settings=settings, gate=gate, clock=clock, run_info=run_info,
             stopping=lambda: halts.error is not None, stopped=lambda: halts.hard)

@@ -25,6 +25,7 @@ from ..errors import (
     UrlExpired,
 )
 from ..model import Kind, LedgerRow, Stage
+from ..retry import retrying
 from ..spend import SpendCap
 from .context import RunContext, StopRun
 from .poll import Polling
@@ -146,40 +147,52 @@ class Submitter:
         await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None)
 
     async def _ensure_uploaded(self, row: LedgerRow) -> LedgerRow | None:
-        """Create the project (durably) and upload the file; None when failed."""
+        """Create the project (durably) and upload the file; None when failed.
+
+        An upload URL refused as expired gets a fresh project: no generation
+        exists on the old one (one is posted only after UPLOADED is
+        committed), so a fresh project costs nothing. At most
+        FRESH_PROJECT_LIMIT of them.
+        """
         ctx = self.ctx
         assert row.source_path is not None
         path = Path(row.source_path)
+        current = row
         fresh = 0
-        while True:
-            if row.stage is Stage.PENDING or (
-                row.stage is Stage.PROJECT_CREATED and self._upload_expired(row)
+
+        async def attempt() -> LedgerRow:
+            nonlocal current, fresh
+            if current.stage is Stage.PENDING or (
+                current.stage is Stage.PROJECT_CREATED and self._upload_expired(current)
             ):
-                if fresh >= FRESH_PROJECT_LIMIT:
-                    await ctx.fail(row, {"code": "uploadExpired", "httpStatus": None,
-                                         "message": "upload URL expired on "
-                                         f"{FRESH_PROJECT_LIMIT} fresh projects"})
-                    return None
                 fresh += 1
-                row = await self._create_project(row, path)
-            if row.stage is not Stage.PROJECT_CREATED:
-                return row
-            assert row.upload_url is not None
-            url, method = row.upload_url, row.upload_method or "PUT"
-            ctype = row.content_type or "application/octet-stream"
-            size = row.source_size or 0
+                current = await self._create_project(current, path)
+            if current.stage is not Stage.PROJECT_CREATED:
+                return current
+            assert current.upload_url is not None
             try:
-                await ctx.call(row.row_id, functools.partial(
-                    ctx.client.upload, url=url, method=method, path=path,
-                    content_type=ctype, size=size))
+                await ctx.call(current.row_id, functools.partial(
+                    ctx.client.upload, url=current.upload_url,
+                    method=current.upload_method or "PUT", path=path,
+                    content_type=current.content_type or "application/octet-stream",
+                    size=current.source_size or 0))
             except UrlExpired:
-                # No generation exists on this project (we only post after
-                # UPLOADED is committed), so a fresh project costs nothing.
-                log.info("upload.expired: fresh project", extra={"row": row.row_id})
-                row = await ctx.move(row, Stage.PROJECT_CREATED,
-                                     {"upload_expires_at": "expired"}, "uploadExpired")
-                continue
-            return await ctx.move(row, Stage.UPLOADED, {"upload_url": None}, "uploaded")
+                log.info("upload.expired: fresh project", extra={"row": current.row_id})
+                current = await ctx.move(current, Stage.PROJECT_CREATED,
+                                         {"upload_expires_at": "expired"}, "uploadExpired")
+                raise
+            return await ctx.move(current, Stage.UPLOADED, {"upload_url": None}, "uploaded")
+
+        def decide(err: ApiError, made: int) -> float | None:
+            return 0.0 if isinstance(err, UrlExpired) and fresh < FRESH_PROJECT_LIMIT else None
+
+        try:
+            return await retrying(attempt, decide, clock=ctx.clock)
+        except UrlExpired:
+            await ctx.fail(current, {"code": "uploadExpired", "httpStatus": None,
+                                     "message": "upload URL expired on "
+                                     f"{FRESH_PROJECT_LIMIT} fresh projects"})
+            return None
 
     async def _create_project(self, row: LedgerRow, path: Path) -> LedgerRow:
         ctx = self.ctx

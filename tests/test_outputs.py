@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.errors import OutputPathError
-from batcher.paths import default_output_rel, extension_for, resolve_output
+from batcher.outputs import default_output_rel, extension_for, resolve_output
 
 
 def test_relative_path_lands_under_out(tmp_path: Path) -> None:
