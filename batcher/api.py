@@ -1,25 +1,52 @@
-"""The Python API for orchestrators (Airflow, Prefect, Dagster, plain scripts).
+"""The Python API for orchestrators (Airflow, Prefect, Dagster, plain scripts),
+and the wiring of one run that the command line shares with it.
 
     from batcher import run_manifest
     result = run_manifest("catalog.csv", rate=20, simulate=True)
     assert result.exit_code == 0, result.summary()
+
+:func:`run_job` wires one run: the ledger, the embedded simulator (with
+``simulate``), the HTTP session, the rate gate, the client and the runner.
+``batcher run`` and the functions here all come through it; tests can pass
+their own ledger, clock or random source.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import random
+import sys
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 
-from .run import RunResult
+from .client import DiffioClient, normalize_base_url
+from .clock import Clock, SystemClock
+from .ledger import open_ledger
+from .ledger.base import Ledger
+from .model import RunInfo, status_counts
+from .ratelimit import RateGate
+from .run import Runner, RunResult
+from .run.stats import RunStats
 from .settings import OPTION_SPECS, Settings, resolve
 
-__all__ = ["make_settings", "run_manifest", "run_manifest_async"]
+__all__ = ["SIM_KEY", "make_settings", "run_job", "run_manifest", "run_manifest_async"]
+
+log = logging.getLogger(__name__)
+
+# The key the in-process simulator accepts when the user gave none.
+SIM_KEY = "sim-key"
 
 _NAMES = {spec.name for spec in OPTION_SPECS if spec.name != "manifest"}
+
+
+# ---------------------------------------------------------------- the Python API
 
 
 def make_settings(
@@ -50,8 +77,6 @@ def make_settings(
 
 async def run_manifest_async(source: str | Path | Settings, **kwargs: Any) -> RunResult:
     """Run a job on the current event loop (asyncio); see :func:`run_manifest`."""
-    from .app import run_job
-
     settings = source if isinstance(source, Settings) else make_settings(source, **kwargs)
     return await run_job(settings, progress="off")
 
@@ -65,3 +90,129 @@ def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:
     ManifestError before anything is sent.
     """
     return anyio.run(lambda: run_manifest_async(source, **kwargs), backend="asyncio")
+
+
+# ---------------------------------------------------------------- the wiring
+
+
+async def run_job(
+    settings: Settings,
+    *,
+    sim_config: Any = None,
+    ledger: Ledger | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    stats: RunStats | None = None,
+    progress: str = "auto",
+) -> RunResult:
+    """Run (or dry-run) one job and return its result.
+
+    ``progress`` is ``auto`` (a bar on a terminal, lines off it), ``json``
+    or ``off``. Raises LedgerLocked when another run holds the ledger,
+    ConfigError or ManifestError before anything is sent. Cancellation (a
+    signal) leaves the ledger closed and consistent, and propagates.
+    """
+    stats = stats or RunStats()
+    info = RunInfo.start(" ".join(sys.argv[1:]))
+    if settings.dry_run:
+        return await _dry_run(settings, ledger, stats, info)
+    ledger = ledger or open_ledger(settings.ledger)
+    await ledger.open(info, lock=True)
+    exit_code: int | None = None
+    result: RunResult | None = None
+    try:
+        result = await _run(settings, ledger, stats, sim_config=sim_config, clock=clock,
+                            rng=rng, progress=progress, info=info)
+        exit_code = result.exit_code
+        return result
+    except anyio.get_cancelled_exc_class():
+        exit_code = 130
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            counts = result.counts if result is not None else None
+            if counts is None and (settings.report is not None or settings.metrics is not None):
+                counts = await _counts(ledger)
+            await ledger.close(exit_code)
+            if settings.report is not None or settings.metrics is not None:
+                from .ops.report import write_outputs
+
+                write_outputs(settings, stats, exit_code, counts)
+
+
+async def _counts(ledger: Ledger) -> dict[str, int] | None:
+    try:
+        return status_counts(await ledger.counts())
+    except Exception:  # the report must not hide the run's own error
+        log.exception("report.counts_failed")
+        return None
+
+
+async def _dry_run(settings: Settings, ledger: Ledger | None, stats: RunStats,
+                   info: RunInfo) -> RunResult:
+    """The plan, compared with the ledger read-only; nothing is created or recorded."""
+    from .ledger.memory import MemoryLedger
+    from .ops.dryrun import make_plan
+
+    url = settings.ledger
+    if ledger is None:
+        exists = "://" in url or await anyio.Path(url).exists()
+        ledger = open_ledger(url) if exists else MemoryLedger()
+    await ledger.open(info, lock=False)
+    try:
+        return await make_plan(settings, ledger, stats)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close(None)
+
+
+async def _run(
+    settings: Settings,
+    ledger: Ledger,
+    stats: RunStats,
+    *,
+    sim_config: Any,
+    clock: Clock | None,
+    rng: random.Random | None,
+    progress: str,
+    info: RunInfo,
+) -> RunResult:
+    clock = clock or SystemClock()
+    async with AsyncExitStack() as stack:
+        base: str = settings.api_base
+        key: str = settings.api_key
+        if settings.simulate:
+            from .simulator import KeySpec, SimConfig, run_simulator
+
+            cfg = sim_config if sim_config is not None else SimConfig()
+            key = key or SIM_KEY
+            keys = dict(cfg.api_keys)
+            keys.setdefault(key, KeySpec())
+            cfg = dataclasses.replace(cfg, auto_create_projects=True, api_keys=keys)
+            sim = await stack.enter_async_context(run_simulator(cfg))
+            base = str(sim.base_url)
+            print(f"batcher: running against the embedded simulator at {base}",
+                  file=sys.stderr, flush=True)
+        connector = aiohttp.TCPConnector(limit=settings.concurrency + 8,
+                                         limit_per_host=settings.concurrency + 8)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        gate = RateGate(settings.rate, clock=clock)
+        cap = anyio.CapacityLimiter(settings.concurrency)
+        client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
+                              timeout=settings.timeout, on_request=stats.on_request)
+        runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
+                        stats=stats, run_info=info)
+        if progress == "off":
+            return await runner.run()
+        from .ops.progress import ProgressReporter
+
+        reporter = ProgressReporter(stats, every=settings.progress_every,
+                                    json=progress == "json")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reporter.run)
+            try:
+                result = await runner.run()
+            finally:
+                tg.cancel_scope.cancel()
+                reporter.stop()
+        return result

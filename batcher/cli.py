@@ -1,7 +1,7 @@
 """The ``batcher`` command line: a thin edge over the library.
 
-Library errors become one clear line here (exit 2, 3 or 4 per CONTRACT.md);
-signal handling lives here and nowhere else.
+Library errors become one clear line here (exit 2, 3 or 4, as documented for
+``batcher run``); signal handling lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _configure_logging(args: argparse.Namespace, secret: str = "") -> None:
-    from .logs import configure
+    from .ops.logs import configure
 
     level = logging.WARNING
     if getattr(args, "quiet", False):
@@ -180,8 +180,8 @@ def _batcher_error(exc: BaseException) -> BatcherError | None:
 
 
 async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) -> int:
-    from .app import run_job
-    from .report import print_summary
+    from .api import run_job
+    from .ops.report import print_summary
 
     interrupted: list[int] = []
 
@@ -196,8 +196,7 @@ async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) 
     result = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        result = await run_job(settings, sim_config=sim_config, progress=progress,
-                               cancel_scope=tg.cancel_scope, interrupted=interrupted)
+        result = await run_job(settings, sim_config=sim_config, progress=progress)
         tg.cancel_scope.cancel()
     if result is None:
         return 130
@@ -217,7 +216,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _configure_logging(args)
     if _missing_ledger(args.ledger):
         return 2
-    from .report import status_main
+    from .ops.status import status_main
 
     try:
         return anyio.run(status_main, args.ledger, args.json, backend="asyncio")
@@ -230,7 +229,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _configure_logging(args)
     if _missing_ledger(args.ledger):
         return 2
-    from .export import export_main
+    from .ops.export import export_main
 
     try:
         return anyio.run(export_main, args.ledger, args.format, args.output, args.all,

@@ -33,6 +33,7 @@ __all__ = [
     "describe_stages",
     "legal_sources",
     "stage_set",
+    "status_counts",
 ]
 
 
@@ -114,12 +115,20 @@ def legal_sources(expect: Stage | frozenset[Stage], to: Stage) -> frozenset[Stag
 
 
 def contract_status(stage: Stage) -> str:
-    """The export's `status` (CONTRACT.md): pending, submitted, complete or failed."""
+    """The export's ``status``: pending, submitted, complete or failed."""
     if stage in (Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED):
         return "pending"
     if stage in (Stage.SUBMITTED, Stage.GENERATED):
         return "submitted"
     return stage.value
+
+
+def status_counts(by_stage: Mapping[Stage, int]) -> dict[str, int]:
+    """Rows by export ``status`` (every status present, zero or not), from rows by stage."""
+    counts = {"pending": 0, "submitted": 0, "complete": 0, "failed": 0}
+    for stage, n in by_stage.items():
+        counts[contract_status(stage)] += n
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +205,7 @@ class LedgerRow:
         return contract_status(self.stage)
 
     def export_record(self) -> dict[str, Any]:
-        """One export record with every field CONTRACT.md names, and more."""
+        """One export record: the fields users and scripts rely on, and more."""
         return {
             "rowId": self.row_id,
             "line": self.line,

@@ -32,7 +32,7 @@ from batcher.ledger.base import LEASE_TAKEN_OVER
 from batcher.model import RunInfo, Stage
 from batcher.ratelimit import RateGate
 from batcher.run import Runner, RunResult
-from batcher.runstats import RunStats
+from batcher.run.stats import RunStats
 from batcher.settings import Settings
 from batcher.simulator import KeySpec, SimConfig, Simulator, run_simulator
 

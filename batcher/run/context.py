@@ -24,9 +24,9 @@ from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy, retrying
-from ..runstats import RunStats
 from ..settings import Settings
 from .hosts import Membership
+from .stats import RunStats
 
 __all__ = ["HaltState", "RunContext", "StopRun"]
 

@@ -2,7 +2,7 @@
 
 This module only wires the stages, each in a module of its own:
 
-* :mod:`batcher.planner` reads the manifest and keys its rows, in batches;
+* :mod:`batcher.intake` reads the manifest and keys its rows, in batches;
   the ledger imports them;
 * :mod:`.resume` decides what each ledger row needs next to its manifest row;
 * :mod:`.hosts` says who works on which row (this run alone, or leases on a
@@ -39,12 +39,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ..client import DiffioClient
 from ..clock import Clock, SystemClock, WallTime
 from ..errors import BatcherError
+from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
-from ..model import LedgerRow, RunInfo, Stage, contract_status
-from ..planner import PlanContext, plan_batches
+from ..model import LedgerRow, RunInfo, Stage, status_counts
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy
-from ..runstats import RunStats
 from ..settings import Settings
 from .context import HaltState, RunContext
 from .download import Downloader
@@ -52,6 +51,7 @@ from .followers import settle_followers
 from .hosts import membership_for
 from .poll import Polling
 from .resume import Resume
+from .stats import RunStats
 from .submit import Submitter
 
 __all__ = ["RunResult", "Runner"]
@@ -160,10 +160,7 @@ class Runner:
 
     async def _import(self) -> None:
         """Import the manifest into the ledger; the membership decides what goes to work."""
-        settings = self.settings
-        ctx = PlanContext(manifest=settings.manifest, model=settings.model,
-                          namespace=settings.key_namespace, out=settings.out)
-        async for batch in plan_batches(ctx):
+        async for batch in intake_batches(Intake.of(self.settings)):
             self.stats.rows_total += len(batch)
             current = await self.ledger.import_rows(batch)
             for new, row in zip(batch, current, strict=True):
@@ -200,10 +197,7 @@ class Runner:
         await _put(self._download_send, row)
 
     async def _result(self) -> RunResult:
-        by_stage = await self.ledger.counts()
-        counts: dict[str, int] = {"pending": 0, "submitted": 0, "complete": 0, "failed": 0}
-        for stage, n in by_stage.items():
-            counts[contract_status(stage)] += n
+        counts = status_counts(await self.ledger.counts())
         errors = await self.ledger.error_summary(5)
         halt_error = self.ctx.halts.error
         if halt_error is not None:

@@ -1,23 +1,20 @@
-"""What a person reads: the run summary, ``batcher status``, report files."""
+"""What a run leaves for people and monitors: its summary, ``--report`` and ``--metrics``."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any, TextIO
 
 import orjson
 
-from .errors import SpendLimit
-from .ledger import open_ledger
-from .model import READER_COMMAND, RunInfo, Stage, contract_status
-from .outputs import write_bytes_atomically
-from .run import RunResult
-from .runstats import RunStats
-from .settings import Settings
+from ..errors import SpendLimit
+from ..outputs import write_bytes_atomically
+from ..run import RunResult
+from ..run.stats import RunStats
+from ..settings import Settings
 
-__all__ = ["metrics_text", "print_summary", "status_main", "write_outputs"]
+__all__ = ["metrics_text", "print_summary", "write_outputs"]
 
 
 def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys.stdout) -> None:
@@ -49,79 +46,6 @@ def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys
     if c.get("complete") and settings.out.exists():
         print(f"restored files: {settings.out}", file=stream)
     print(f"ledger: {result.ledger}", file=stream)
-
-
-def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
-    if stream.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*headers)
-        for row in rows:
-            table.add_row(*row)
-        Console(file=stream).print(table)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-          file=stream)
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(),
-              file=stream)
-
-
-async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> int:
-    """``batcher status LEDGER``: counts, errors, runs; works while a run writes."""
-    ledger = open_ledger(url)
-    await ledger.open(RunInfo.reader(), lock=False)
-    try:
-        by_stage = await ledger.counts()
-        errors = await ledger.error_summary(5)
-        runs = await ledger.runs()
-    finally:
-        await ledger.close(None)
-    by_status: dict[str, int] = {"pending": 0, "submitted": 0, "complete": 0, "failed": 0}
-    for stage, n in by_stage.items():
-        by_status[contract_status(stage)] += n
-    total = sum(by_status.values())
-    runs = [r for r in runs if str(r.get("command", "")) != READER_COMMAND]
-    last = runs[-1] if runs else None
-    if as_json:
-        stream.write(orjson.dumps({
-            "ledger": url, "total": total, "byStatus": by_status,
-            "byStage": {s.value: n for s, n in by_stage.items()},
-            "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],
-            "lastRun": last,
-        }, default=str).decode() + "\n")
-        return 0
-    rows = [(status, str(by_status[status]), f"{100 * by_status[status] / total:.1f}%"
-             if total else "-") for status in ("complete", "failed", "submitted", "pending")]
-    rows.append(("total", str(total), ""))
-    _table(rows, ("status", "rows", "share"), stream)
-    detail = [(s.value, str(by_stage.get(s, 0))) for s in Stage if by_stage.get(s)]
-    if detail:
-        print("stages: " + ", ".join(f"{k} {v}" for k, v in detail), file=stream)
-    if errors:
-        print("most common errors:", file=stream)
-        for code, message, n in errors:
-            print(f"  {n} x {code}: {message}", file=stream)
-    if last:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last["started_at"])))
-        ended = last.get("ended_at")
-        if ended:
-            took = float(ended) - float(last["started_at"])
-            print(f"last run: started {started} on {last.get('host')} (pid {last.get('pid')}), "
-                  f"took {took:.1f} s, exit {last.get('exit_code')}", file=stream)
-        else:
-            elapsed = time.time() - float(last["started_at"])
-            done = by_status["complete"] + by_status["failed"]
-            left = by_status["pending"] + by_status["submitted"]
-            line = (f"running: started {started} on {last.get('host')} "
-                    f"(pid {last.get('pid')}), {elapsed:.0f} s ago")
-            if done and left:
-                line += f"; {done / elapsed:.1f} rows/s, ETA {left / (done / elapsed):.0f} s"
-            print(line, file=stream)
-    return 0
 
 
 def metrics_text(stats: RunStats, exit_code: int | None,

@@ -1,8 +1,8 @@
-"""From manifest rows to ledger rows: validation, keys, identities, in batches.
+"""Intake: manifest rows become ledger rows (validated, keyed, identified), in batches.
 
 The manifest is read on a worker thread in batches, so a huge CSV neither
 blocks the event loop nor sits in memory: the runner pulls one batch at a
-time through a bounded stream (back-pressure from the workers).
+time, as its bounded streams make room (back-pressure from the workers).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from .keys import (
 from .manifest import ManifestRow, open_manifest
 from .model import Kind, NewRow
 from .outputs import resolve_output
+from .settings import Settings
 
-__all__ = ["PlanContext", "plan_batches", "plan_row", "retry_key"]
+__all__ = ["Intake", "intake_batches", "intake_row", "invalid_row"]
 
 
 @dataclass(frozen=True, slots=True)
-class PlanContext:
+class Intake:
     """What turning a manifest row into a ledger row depends on."""
 
     manifest: Path
@@ -42,19 +43,18 @@ class PlanContext:
     namespace: str
     out: Path
 
+    @classmethod
+    def of(cls, settings: Settings) -> Intake:
+        """The intake of a run with these settings."""
+        return cls(manifest=settings.manifest, model=settings.model,
+                   namespace=settings.key_namespace, out=settings.out)
+
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()[:32]
 
 
-def retry_key(row_model: str, source: ProjectSource | FileSource, sampling: Any,
-              params: Any, namespace: str, retry: int) -> str:
-    """The key of the ``retry``-th deliberate re-run of a failed generation."""
-    return derive_key(model=row_model, source=source, sampling=sampling, params=params,
-                      namespace=namespace, retry=retry)
-
-
-def plan_row(row: ManifestRow, ctx: PlanContext, assigner: RowIdAssigner) -> NewRow:
+def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner) -> NewRow:
     """A valid manifest row as a NewRow (hashing its file if it has one).
 
     Raises RowError for problems only visible now (unreadable file, unsafe
@@ -135,7 +135,7 @@ def invalid_row(err: RowError, model: str) -> NewRow:
     )
 
 
-def _iterate(ctx: PlanContext) -> Iterator[NewRow]:
+def _iterate(ctx: Intake) -> Iterator[NewRow]:
     manifest = open_manifest(ctx.manifest)
     assigner = RowIdAssigner()
     for item in manifest:
@@ -143,13 +143,13 @@ def _iterate(ctx: PlanContext) -> Iterator[NewRow]:
             yield invalid_row(item, ctx.model)
             continue
         try:
-            yield plan_row(item, ctx, assigner)
+            yield intake_row(item, ctx, assigner)
         except RowError as err:
             yield invalid_row(err, item.model or ctx.model)
 
 
-async def plan_batches(ctx: PlanContext, batch_size: int = 256) -> AsyncIterator[list[NewRow]]:
-    """Planned rows in manifest order, a batch at a time, read on a thread.
+async def intake_batches(ctx: Intake, batch_size: int = 256) -> AsyncIterator[list[NewRow]]:
+    """The manifest's rows as NewRows in manifest order, a batch at a time, read on a thread.
 
     ``open_manifest`` errors (ManifestError) surface from the first batch.
     """

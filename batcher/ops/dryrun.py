@@ -16,13 +16,13 @@ from typing import TextIO
 
 import anyio
 
-from .ledger.base import Ledger
-from .model import Kind, Stage
-from .planner import PlanContext, plan_batches
-from .run import RunResult
-from .runstats import RunStats
-from .settings import Settings
-from .spend import MIN_BILLED_SECONDS, audio_seconds
+from ..intake import Intake, intake_batches
+from ..ledger.base import Ledger
+from ..model import Kind, Stage
+from ..run import RunResult
+from ..run.stats import RunStats
+from ..settings import Settings
+from ..spend import MIN_BILLED_SECONDS, audio_seconds
 
 __all__ = ["Plan", "make_plan", "print_plan"]
 
@@ -59,10 +59,8 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
                     stream: TextIO | None = None) -> RunResult:
     """Compare the manifest with the ledger and print the plan table."""
     stream = stream or sys.stdout
-    ctx = PlanContext(manifest=settings.manifest, model=settings.model,
-                      namespace=settings.key_namespace, out=settings.out)
     plan = Plan()
-    async for batch in plan_batches(ctx):
+    async for batch in intake_batches(Intake.of(settings)):
         for new in batch:
             plan.total += 1
             if new.error is not None:

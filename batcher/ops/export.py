@@ -9,13 +9,13 @@ from typing import Any, TextIO
 
 import orjson
 
-from .ledger import open_ledger
-from .ledger.base import Ledger
-from .model import RunInfo
+from ..ledger import open_ledger
+from ..ledger.base import Ledger
+from ..model import RunInfo
 
 __all__ = ["CSV_FIELDS", "export_main", "export_rows"]
 
-# CONTRACT.md's fields first, in its order; then batcher's additions.
+# The fields users and scripts rely on first, in their documented order; then the rest.
 CSV_FIELDS = ["rowId", "line", "idempotencyKey", "apiProjectId", "generationId", "modelKey",
               "status", "apiStatus", "error", "output", "attempts", "kind", "stage",
               "outputSha256", "source", "sourceSha256", "polls", "retryCount", "leaderRowId"]

@@ -13,7 +13,7 @@ from typing import TextIO
 import anyio
 import orjson
 
-from .runstats import RunStats
+from ..run.stats import RunStats
 
 __all__ = ["ProgressReporter", "progress_json", "progress_line"]
 
