@@ -31,6 +31,7 @@ from .clock import Clock, SystemClock
 from .ledger import open_ledger
 from .ledger.base import Ledger
 from .model import RunInfo, status_counts
+from .ops.logs import REPORT_COUNTS_FAILED, event
 from .ratelimit import RateGate
 from .run import Runner, RunResult
 from .run.stats import RunStats
@@ -144,7 +145,8 @@ async def _counts(ledger: Ledger) -> dict[str, int] | None:
     try:
         return status_counts(await ledger.counts())
     except Exception:  # the report must not hide the run's own error
-        log.exception("report.counts_failed")
+        log.exception("could not count the ledger's rows for the report",
+                      extra=event(REPORT_COUNTS_FAILED))
         return None
 
 

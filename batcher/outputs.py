@@ -27,6 +27,7 @@ import anyio
 from .errors import LocalFileError, OutputPathError
 from .keys import sha256_file
 from .model import LedgerRow
+from .ops.logs import OUTPUT_CLEANUP_FAILED, event
 
 if TYPE_CHECKING:
     from .client import DiffioClient
@@ -225,4 +226,5 @@ async def _remove(path: Path) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.Path(path).unlink(missing_ok=True)
     except OSError as exc:
-        log.warning("output.cleanup_failed", extra={"path": str(path), "error": str(exc)})
+        log.warning("could not remove the temporary file %s: %s", path, exc,
+                    extra=event(OUTPUT_CLEANUP_FAILED, path=str(path), error=str(exc)))

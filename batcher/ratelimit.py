@@ -1,4 +1,4 @@
-"""One rate budget for every API request (DESIGN.md invariant 6).
+"""One rate budget for every API request: submissions and polls share it.
 
 :class:`RateGate` is acquired before each API request, whatever the
 endpoint. Its guarantee, on the grant times it hands out:
@@ -52,6 +52,7 @@ from collections import deque
 import anyio
 
 from batcher.clock import Clock
+from batcher.ops.logs import RATE_LIMITED, event
 
 __all__ = ["RateGate"]
 
@@ -246,8 +247,10 @@ class RateGate:
             self._cut_rate = max(self._min_rate, current / 2)
             self._last_cut = now
             log.warning(
-                "rate_limited",
-                extra={"retry_after": retry_after, "pause": pause, "new_rate": self._cut_rate},
+                "429 from the API: every request waits %.1f s, then the rate is %.2f req/s",
+                pause, self._cut_rate,
+                extra=event(RATE_LIMITED, retry_after=retry_after, pause=pause,
+                            rate=self._cut_rate),
             )
         else:
             self._cut_rate = self._rate_at(now)

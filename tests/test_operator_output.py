@@ -311,8 +311,9 @@ def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -
     events = [json.loads(line) for line in done.stderr.splitlines()]
     assert events and all({"ts", "level", "logger", "event"} <= set(e) for e in events)
     assert "info" in {e["level"] for e in events}  # -v: info events too
-    failed = [e for e in events if e["event"].startswith("row.failed")]
+    failed = [e for e in events if e["event"] == "row.failed"]
     assert len(failed) == 1 and failed[0]["level"] == "warning" and failed[0]["row"]
+    assert failed[0]["code"] == "notFound" and failed[0]["row"] in failed[0]["message"]
     assert key not in done.stdout + done.stderr
     assert SUMMARY.match(done.stdout)  # the summary stays plain text on stdout
 

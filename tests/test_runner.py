@@ -12,6 +12,7 @@ attempts recorded.
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from batcher.errors import LedgerError, SpendLimit
 from batcher.ledger import MemoryLedger
 from batcher.ledger.base import LEASE_TAKEN_OVER
 from batcher.model import RunInfo, Stage
+from batcher.ops.logs import RATE_LIMITED, REQUEST_RETRY_SCHEDULED, RUN_HALTED
 from batcher.ratelimit import RateGate
 from batcher.run import Runner, RunResult
 from batcher.run.stats import RunStats
@@ -199,9 +201,12 @@ async def test_a_run_cancelled_mid_flight_resumes_without_paying_twice(make_job:
 # ------------------------------------------------------------------ halts
 
 
-async def test_a_bad_key_halts_at_once_and_nothing_is_charged(make_job: Any) -> None:
+async def test_a_bad_key_halts_at_once_and_nothing_is_charged(
+        make_job: Any, caplog: pytest.LogCaptureFixture) -> None:
     job = await make_job(project_rows(6), SimConfig(auto_create_projects=True))
     result = await job.run(key="not-a-key")
+    halted = [r for r in caplog.records if getattr(r, "event", None) == RUN_HALTED]
+    assert len(halted) == 1 and halted[0].code == "invalidApiKey"  # type: ignore[attr-defined]
     assert result is not None and result.exit_code == 3
     assert result.counts["pending"] == 6
     assert job.sim.stats.charges == 0
@@ -289,7 +294,8 @@ async def test_retry_failed_pays_once_more_under_a_new_key(make_job: Any) -> Non
 
 
 async def test_a_429_storm_slows_everyone_and_every_row_still_completes_once(
-        make_job: Any) -> None:
+        make_job: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="batcher")
     job = await make_job(project_rows(10), SimConfig(rate_limit=2.0, duration=(1.0, 2.0),
                                                      auto_create_projects=True))
     result = await job.run(rate=20.0, concurrency=8)
@@ -300,6 +306,8 @@ async def test_a_429_storm_slows_everyone_and_every_row_still_completes_once(
     rows = await job.rows()
     # The 429s are attempts of the rows that met them.
     assert sum(row.attempts for row in rows) >= 10 * 2 + stats.rate_limited
+    events = {getattr(r, "event", None) for r in caplog.records}
+    assert {RATE_LIMITED, REQUEST_RETRY_SCHEDULED} <= events
 
 
 # ------------------------------------------------------------------ several hosts

@@ -1,8 +1,17 @@
-"""Logging setup for the CLI: plain or JSON lines on stderr, key redacted.
+"""Logging: stable event names, and the handlers the CLI installs.
 
-Modules log through ``logging.getLogger(__name__)`` with stable event names
-and ``extra`` fields (row, key, generation, attempt); only the CLI calls
-:func:`configure`.
+Every log call names its event with one of the constants below and carries
+its data as fields; the message is a sentence for people, not the name::
+
+    log.warning("row %s failed: %s", row_id, text, extra=event(ROW_FAILED, row=row_id))
+
+With ``--log-json`` each record is one JSON object: ``event`` (the constant:
+group, count and alert on it), ``message`` (the sentence), ``level``,
+``logger``, ``ts`` and the fields. The plain output shows the sentence, then
+the event and the fields in brackets. Modules log through
+``logging.getLogger(__name__)``; only the CLI calls :func:`configure`.
+
+Event names are ``subject.what_happened``, lower case, words joined by ``_``.
 """
 
 from __future__ import annotations
@@ -13,7 +22,72 @@ from typing import Any
 
 import orjson
 
-__all__ = ["RedactFilter", "configure"]
+__all__ = [
+    "DOWNLOAD_RETRY_SCHEDULED",
+    "EVENTS",
+    "LEDGER_ROWS_RETIRED",
+    "OUTPUT_CLEANUP_FAILED",
+    "POLL_RETRY_SCHEDULED",
+    "POLL_UNKNOWN_STATUS",
+    "RATE_LIMITED",
+    "RATE_SHARE_CHANGED",
+    "REPORT_COUNTS_FAILED",
+    "REQUEST_RETRY_SCHEDULED",
+    "ROW_FAILED",
+    "ROW_INVALID",
+    "ROW_MOVED_ELSEWHERE",
+    "ROW_OUTPUT_MISSING",
+    "ROW_SOURCE_CHANGED",
+    "RUN_HALTED",
+    "RUN_PROGRESS",
+    "UPLOAD_URL_EXPIRED",
+    "WORKER_HEARTBEAT_FAILED",
+    "WORKER_JOINED",
+    "WORKER_LEAVE_FAILED",
+    "RedactFilter",
+    "configure",
+    "event",
+]
+
+# -- the run --------------------------------------------------------------------
+RUN_HALTED = "run.halted"  # code: why; the run stops submitting (exit 3)
+RUN_PROGRESS = "run.progress"  # done, todo, failed, inFlight, ... (--log-json progress lines)
+# -- rows -------------------------------------------------------------------------
+ROW_FAILED = "row.failed"  # row, code: the row is failed in the ledger
+ROW_INVALID = "row.invalid"  # row: a manifest row that cannot be sent (file, line, field)
+ROW_SOURCE_CHANGED = "row.source_changed"  # row: its file changed; it is a new request now
+ROW_OUTPUT_MISSING = "row.output_missing"  # row: a complete row's output is downloaded again
+ROW_MOVED_ELSEWHERE = "row.moved_elsewhere"  # row, step: another host moved it first
+# -- requests -------------------------------------------------------------------
+REQUEST_RETRY_SCHEDULED = "request.retry_scheduled"  # row, code, attempt, wait
+POLL_RETRY_SCHEDULED = "poll.retry_scheduled"  # row, code: polled again later
+POLL_UNKNOWN_STATUS = "poll.unknown_status"  # row, status: a status word batcher does not know
+DOWNLOAD_RETRY_SCHEDULED = "download.retry_scheduled"  # row, code, attempt, wait
+UPLOAD_URL_EXPIRED = "upload.url_expired"  # row: a fresh project is created
+RATE_LIMITED = "rate.limited"  # retry_after, pause, rate: a 429 paused and slowed everyone
+# -- several hosts ------------------------------------------------------------------
+WORKER_JOINED = "worker.joined"  # worker, live
+WORKER_LEAVE_FAILED = "worker.leave_failed"  # worker, error
+WORKER_HEARTBEAT_FAILED = "worker.heartbeat_failed"  # worker, error
+RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --rate
+# -- the ledger and files -----------------------------------------------------------
+LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
+OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
+REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
+
+EVENTS: frozenset[str] = frozenset({
+    RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
+    ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
+    DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, RATE_LIMITED, WORKER_JOINED,
+    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, LEDGER_ROWS_RETIRED,
+    OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED,
+})
+"""Every event batcher logs."""
+
+
+def event(name: str, **fields: Any) -> dict[str, Any]:
+    """The ``extra`` of a log call: its event name and its fields."""
+    return {"event": name, **fields}
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -41,17 +115,23 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items()
+            if k not in _STANDARD and k != "event" and not k.startswith("_")}
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
         data: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            # A record from outside batcher's modules may have no event name.
+            "event": getattr(record, "event", None) or message,
+            "message": message,
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value
+        data.update(_fields(record))
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(data, default=str).decode()
@@ -60,8 +140,10 @@ class _JsonFormatter(logging.Formatter):
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"batcher: {record.levelname.lower()}: {record.getMessage()}"
-        extras = [f"{k}={v}" for k, v in record.__dict__.items()
-                  if k not in _STANDARD and not k.startswith("_")]
+        extras = [f"{k}={v}" for k, v in _fields(record).items()]
+        name = getattr(record, "event", None)
+        if name:
+            extras.insert(0, str(name))
         if extras:
             line += " [" + " ".join(extras) + "]"
         if record.exc_info:

@@ -14,6 +14,7 @@ import anyio
 import orjson
 
 from ..run.stats import RunStats
+from .logs import RUN_PROGRESS
 
 __all__ = ["ProgressReporter", "progress_json", "progress_line"]
 
@@ -40,12 +41,13 @@ def progress_line(stats: RunStats) -> str:
 
 
 def progress_json(stats: RunStats) -> str:
-    """The progress line as one JSON object, for --log-json."""
+    """The progress line as one JSON object, shaped as --log-json's records are."""
     todo = stats.rows_total - stats.rows_skipped - stats.rows_invalid
     eta = stats.eta()
     return orjson.dumps({
-        "ts": round(time.time(), 3), "level": "info", "logger": "batcher.progress",
-        "event": "progress", "done": stats.done, "todo": todo, "failed": stats.failed,
+        "ts": round(time.time(), 3), "level": "info", "logger": __name__,
+        "event": RUN_PROGRESS, "message": progress_line(stats),
+        "done": stats.done, "todo": todo, "failed": stats.failed,
         "inFlight": max(stats.in_flight, 0), "requestsPerSecond": round(stats.request_rate(), 2),
         "rateLimited": stats.rate_limited, "etaSeconds": None if eta is None else round(eta, 1),
     }).decode()

@@ -22,6 +22,7 @@ from ..clock import Clock, WallTime
 from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
+from ..ops.logs import REQUEST_RETRY_SCHEDULED, ROW_FAILED, RUN_HALTED, event
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy, retrying
 from ..settings import Settings
@@ -109,7 +110,7 @@ class RunContext:
         if self.halts.error is None:
             self.halts.error = err
             self.stats.halted = f"{err.code}: {err}"
-            log.error("run.halted %s", err)
+            log.error("run halted: %s", err, extra=event(RUN_HALTED, code=err.code))
         self.halts.hard = self.halts.hard or err.halts_run
         # Posts already waiting for the rate gate give up instead of meeting
         # the same refusal one by one (and delaying the polls behind them).
@@ -155,8 +156,9 @@ class RunContext:
                 raise
 
         def retried(err: ApiError, made: int, wait: float) -> None:
-            log.info("request.retry attempt=%d wait=%.2fs %s", made, wait, err,
-                     extra={"row": row_id})
+            log.info("attempt %d failed, retrying in %.2f s: %s", made, wait, err,
+                     extra=event(REQUEST_RETRY_SCHEDULED, row=row_id, code=err.code,
+                                 attempt=made, wait=round(wait, 3)))
             self.stats.errors[f"retried:{err.code}"] += 1
 
         return await retrying(attempt, self.decide, clock=self.clock,
@@ -202,8 +204,9 @@ class RunContext:
         self.stats.in_flight -= 1
         self.stats.errors[str(error.get("code"))] += 1
         self.check_failure_share()
-        log.warning("row.failed %s: %s", error.get("code"), error.get("message"),
-                    extra={"row": row.row_id})
+        log.warning("row %s failed: %s: %s", row.row_id, error.get("code"),
+                    error.get("message"),
+                    extra=event(ROW_FAILED, row=row.row_id, code=error.get("code")))
 
     async def move(
         self,

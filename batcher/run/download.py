@@ -15,6 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import ApiError, ClientError, Conflict, LocalFileError, UrlExpired
 from ..model import LedgerRow, Stage
+from ..ops.logs import DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
 from ..retry import retrying
 from .context import RunContext, StopRun
@@ -62,7 +63,9 @@ class Downloader:
             return final, sha, size
 
         def retried(err: ApiError, made: int, wait: float) -> None:
-            log.info("download.retry %s", err, extra={"row": row.row_id})
+            log.info("download of row %s failed, retrying in %.2f s: %s", row.row_id, wait, err,
+                     extra=event(DOWNLOAD_RETRY_SCHEDULED, row=row.row_id, code=err.code,
+                                 attempt=made, wait=round(wait, 3)))
 
         try:
             if row.output_rel:

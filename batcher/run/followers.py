@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import LocalFileError, TransitionConflict
 from ..model import ACTIVE_STAGES, Kind, LedgerRow, Stage
+from ..ops.logs import ROW_MOVED_ELSEWHERE, event
 from ..outputs import copy_to_file, default_output_for, resolve_output
 from .context import RunContext
 
@@ -35,7 +36,8 @@ async def settle_followers(ctx: RunContext) -> None:
         except TransitionConflict:
             if not ctx.membership.shared:
                 raise
-            log.info("row.settled_elsewhere", extra={"row": row.row_id})
+            log.info("row %s was settled by another host first", row.row_id,
+                     extra=event(ROW_MOVED_ELSEWHERE, row=row.row_id, step="settle"))
         except LocalFileError as err:
             await ctx.fail(row, {"code": "outputWriteFailed", "httpStatus": None,
                                  "message": str(err)})

@@ -26,6 +26,13 @@ from ..clock import Clock
 from ..errors import LedgerError
 from ..ledger.base import LeasingLedger, Ledger
 from ..model import LedgerRow, RunInfo
+from ..ops.logs import (
+    RATE_SHARE_CHANGED,
+    WORKER_HEARTBEAT_FAILED,
+    WORKER_JOINED,
+    WORKER_LEAVE_FAILED,
+    event,
+)
 from ..ratelimit import RateGate
 from ..settings import Settings
 
@@ -180,13 +187,16 @@ class Shared:
         await self.clock.sleep(HEARTBEAT_EVERY * 1.5)
         live = await self.ledger.heartbeat(self.worker_id, ttl)
         self.gate.set_rate(self.settings.rate / max(1, live))
-        log.info("worker.joined %s (%d live workers)", self.worker_id, live)
+        log.info("joined the job as worker %s (%d live workers)", self.worker_id, live,
+                 extra=event(WORKER_JOINED, worker=self.worker_id, live=live))
 
     async def _leave(self) -> None:
         try:
             await self.ledger.deregister_worker(self.worker_id)
         except LedgerError as err:
-            log.warning("worker.leave_failed %s", err)
+            log.warning("could not leave the job cleanly (its leases expire): %s", err,
+                        extra=event(WORKER_LEAVE_FAILED, worker=self.worker_id,
+                                    error=str(err)))
 
     async def _heartbeat(self) -> None:
         """Renew this worker's leases; take its share of the job's --rate."""
@@ -195,10 +205,14 @@ class Shared:
                 live = await self.ledger.heartbeat(self.worker_id, self.settings.lease_ttl)
                 share = self.settings.rate / max(1, live)
                 if abs(share - self.gate.rate) > 1e-9:
-                    log.info("rate.share %.2f req/s (%d live workers)", share, live)
+                    log.info("this host's share of --rate is now %.2f req/s (%d live workers)",
+                             share, live,
+                             extra=event(RATE_SHARE_CHANGED, rate=round(share, 3), live=live))
                     self.gate.set_rate(share)
             except LedgerError as err:
-                log.warning("heartbeat.failed %s", err)
+                log.warning("heartbeat failed: %s", err,
+                            extra=event(WORKER_HEARTBEAT_FAILED, worker=self.worker_id,
+                                        error=str(err)))
             await self.clock.sleep(HEARTBEAT_EVERY)
 
 

@@ -28,6 +28,12 @@ from ..client import GenerationStatus
 from ..clock import Clock
 from ..errors import ApiError, TransitionConflict
 from ..model import Kind, LedgerRow, Stage
+from ..ops.logs import (
+    POLL_RETRY_SCHEDULED,
+    POLL_UNKNOWN_STATUS,
+    ROW_MOVED_ELSEWHERE,
+    event,
+)
 from ..retry import RetryPolicy
 from .context import RunContext
 
@@ -277,7 +283,8 @@ class Polling:
                                            details=progress.error_details, poll=item)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
-            log.info("poll.row_moved_elsewhere", extra={"row": item.row_id})
+            log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
+                     extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
             return True
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
@@ -289,7 +296,8 @@ class Polling:
             return True
         item.errors += 1
         if self._retry.decide(err, item.errors, ctx.rng) is not None:
-            log.info("poll.retry %s", err, extra={"row": item.row_id})
+            log.info("poll of row %s failed, polling again later: %s", item.row_id, err,
+                     extra=event(POLL_RETRY_SCHEDULED, row=item.row_id, code=err.code))
             return False
         row = await ctx.ledger.get(item.row_id)
         if row is not None and row.stage is Stage.SUBMITTED:
@@ -337,7 +345,9 @@ class Polling:
             count = 1 if poll is None else poll.unknown_statuses + 1
             if poll is not None:
                 poll.unknown_statuses = count
-            log.warning("poll.unknown_status %r", api_status, extra={"row": row.row_id})
+            log.warning("row %s: the API answered status %r, which batcher does not know",
+                        row.row_id, api_status,
+                        extra=event(POLL_UNKNOWN_STATUS, row=row.row_id, status=api_status))
             if count >= UNKNOWN_STATUS_LIMIT:
                 await ctx.fail(row, {"code": "unknownStatus", "httpStatus": None,
                                      "message": f"the API kept answering status "

@@ -16,6 +16,13 @@ from ..client import GenerationStatus
 from ..errors import TransitionConflict
 from ..keys import FileSource, ProjectSource, derive_key
 from ..model import Kind, LedgerRow, NewRow, Stage, Update
+from ..ops.logs import (
+    ROW_INVALID,
+    ROW_MOVED_ELSEWHERE,
+    ROW_OUTPUT_MISSING,
+    ROW_SOURCE_CHANGED,
+    event,
+)
 from ..outputs import output_intact
 from .context import RunContext
 
@@ -42,14 +49,16 @@ class Resume:
         except TransitionConflict:
             if not self.ctx.membership.shared:
                 raise
-            log.info("row.prepared_elsewhere", extra={"row": row.row_id})
+            log.info("row %s was prepared by another host first", row.row_id,
+                     extra=event(ROW_MOVED_ELSEWHERE, row=row.row_id, step="prepare"))
             return None
 
     async def _prepare(self, new: NewRow, row: LedgerRow) -> LedgerRow | None:
         ctx = self.ctx
         if new.error is not None:
             ctx.stats.rows_invalid += 1
-            log.warning("row.invalid %s", new.error.get("message"), extra={"row": new.row_id})
+            log.warning("%s", new.error.get("message"),
+                        extra=event(ROW_INVALID, row=new.row_id))
             return None
         if row.kind is Kind.FILE and row.source_sha256 != new.source_sha256:
             row = await self._source_changed(new, row)
@@ -65,7 +74,8 @@ class Resume:
             row = retried
         if row.stage is Stage.COMPLETE:
             if row.kind is Kind.FILE and not await output_intact(row):
-                log.warning("output.missing: downloading again", extra={"row": row.row_id})
+                log.warning("output of row %s is missing or changed: downloading it again",
+                            row.row_id, extra=event(ROW_OUTPUT_MISSING, row=row.row_id))
                 return await ctx.move(row, Stage.GENERATED, {}, "outputMissing")
             ctx.stats.rows_skipped += 1
             return None
@@ -85,12 +95,12 @@ class Resume:
                   "oldGenerationId": row.generation_id, "oldStage": row.stage.value}
         in_flight = row.stage in (Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED)
         log.warning(
-            "source.changed: %s changed on disk since its row was keyed (%s -> %s)%s; "
+            "%s changed on disk since its row was keyed (%s -> %s)%s; "
             "restoring the new audio as a new request",
             new.source_path, (row.source_sha256 or "")[:12], (new.source_sha256 or "")[:12],
             f"; generation {row.generation_id or '(maybe posted)'} of the old audio is "
             "abandoned" if in_flight else "",
-            extra={"row": row.row_id},
+            extra=event(ROW_SOURCE_CHANGED, row=row.row_id),
         )
         reset: Update = {
             "idempotency_key": new.idempotency_key, "base_key": None, "retry_count": 0,

@@ -42,6 +42,7 @@ from ..errors import BatcherError
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
 from ..model import LedgerRow, RunInfo, Stage, status_counts
+from ..ops.logs import LEDGER_ROWS_RETIRED, event
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy
 from ..settings import Settings
@@ -171,7 +172,8 @@ class Runner:
                     await self.membership.imported(prepared, self._dispatch)
         retired = await self.ledger.finish_import()
         if retired:
-            log.info("ledger.retired", extra={"rows": retired})
+            log.info("%d rows of the ledger are no longer in the manifest (retired)", retired,
+                     extra=event(LEDGER_ROWS_RETIRED, rows=retired))
         await self.membership.work(self._dispatch)
 
     async def _dispatch(self, row: LedgerRow) -> None:

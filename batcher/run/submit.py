@@ -25,6 +25,7 @@ from ..errors import (
     UrlExpired,
 )
 from ..model import Kind, LedgerRow, Stage
+from ..ops.logs import UPLOAD_URL_EXPIRED, event
 from ..retry import retrying
 from ..spend import SpendCap
 from .context import RunContext, StopRun
@@ -177,7 +178,8 @@ class Submitter:
                     content_type=current.content_type or "application/octet-stream",
                     size=current.source_size or 0))
             except UrlExpired:
-                log.info("upload.expired: fresh project", extra={"row": current.row_id})
+                log.info("upload URL of row %s expired: a fresh project", current.row_id,
+                         extra=event(UPLOAD_URL_EXPIRED, row=current.row_id))
                 current = await ctx.move(current, Stage.PROJECT_CREATED,
                                          {"upload_expires_at": "expired"}, "uploadExpired")
                 raise
