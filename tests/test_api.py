@@ -1,11 +1,12 @@
-"""The Python API (issue 6): ``from batcher import run_manifest`` for orchestrators.
+"""The Python API: ``from batcher import run_manifest`` for orchestrators.
 
 Runs go against the embedded simulator (``simulate=True``) on real SQLite
-ledgers in tmp_path.
+ledgers in tmp_path, in this process.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import write_wav
 
 import batcher
+import batcher.simulator
 from batcher import (
     ConfigError,
     LedgerLocked,
@@ -24,12 +26,15 @@ from batcher import (
 )
 from batcher.ledger.sqlite import SqliteLedger
 from batcher.model import RunInfo
+from batcher.simulator import SimConfig
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    # aiohttp and aiolimiter are asyncio-only.
-    return "asyncio"
+@pytest.fixture(autouse=True)
+def quick_generations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded simulator's generations take 0.05-0.2 s here, not its demo 1-3 s:
+    what these tests check does not depend on how long the API works."""
+    monkeypatch.setattr(batcher.simulator, "SimConfig",
+                        functools.partial(SimConfig, duration=(0.05, 0.2)))
 
 
 def test_public_names_are_pinned_and_sorted() -> None:

@@ -1,4 +1,4 @@
-"""File rows end to end (issue 4): project, upload, generate, download.
+"""File rows end to end: project, upload, generate, download.
 
 Real `batcher run` processes against a real simulator process. Outputs are
 checked against the simulator's deterministic restoration of each input, so
@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import export_records, run_batcher, write_wav
 
 from batcher.simulator import restored_audio
+
+# Every test here runs real `batcher` processes.
+pytestmark = pytest.mark.slow
 
 
 def file_manifest(folder: Path, files: list[tuple[str, float]],

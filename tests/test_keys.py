@@ -1,4 +1,4 @@
-"""Derived idempotency keys and row ids (DESIGN.md invariant 1)."""
+"""Derived idempotency keys and row ids: a key is a function of the row's request, nothing else."""
 
 from __future__ import annotations
 
@@ -356,6 +356,7 @@ json.dump(_keys_of(json.load(sys.stdin)), sys.stdout)
 """
 
 
+@pytest.mark.slow
 def test_keys_are_stable_across_processes() -> None:
     cases = _cases()
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

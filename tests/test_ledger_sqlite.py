@@ -488,6 +488,7 @@ except AttributeError:
 """
 
 
+@pytest.mark.slow
 def test_asyncpg_is_imported_only_for_postgresql(tmp_path: Path) -> None:
     # A fresh interpreter: this one has imported asyncpg for other tests.
     done = subprocess.run(

@@ -736,6 +736,7 @@ print(count, (after - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_reading_200000_rows_keeps_memory_flat(tmp_path: Path) -> None:
     path = tmp_path / "big.csv"
     with open(path, "w") as f:

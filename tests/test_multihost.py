@@ -39,7 +39,8 @@ def _reachable() -> bool:
     return True
 
 
-pytestmark = pytest.mark.skipif(not _reachable(), reason=f"no PostgreSQL at {PG}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _reachable(), reason=f"no PostgreSQL at {PG}")]
 
 
 @pytest.fixture

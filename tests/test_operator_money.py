@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 2: what a run may spend and when it stops.
+"""Operator experience, part 2: what a run may spend and when it stops.
 
 The spend cap, --halt-after, --retry-failed (with a SIGKILL in the middle) and
 the stale-lock takeover, each through real ``batcher run`` processes against a
@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import batcher_env, count_statuses, export_records, run_args, run_batcher, wait_for
+
+# Every test here runs real `batcher` processes.
+pytestmark = pytest.mark.slow
 
 
 def _manifest(path: Path, first: int, count: int) -> Path:

@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 3: what a run shows and leaves behind.
+"""Operator experience, part 3: what a run shows and leaves behind.
 
 The --report JSON, the --metrics Prometheus textfile, progress off and on a
 terminal, ``batcher status`` (also while a run holds the ledger), -q and
@@ -94,6 +94,7 @@ def test_parse_prometheus_rejects_malformed_text() -> None:
 # ------------------------------------------------------------ report, metrics, status
 
 
+@pytest.mark.slow
 def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.3,0.6")
     manifest = _manifest(tmp_path / "m.csv", 4, bad=True)
@@ -166,6 +167,7 @@ def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -
     assert as_json["lastRun"]["exit_code"] == 1
 
 
+@pytest.mark.slow
 def test_report_has_counts_by_status(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 5)
@@ -181,6 +183,7 @@ def test_report_has_counts_by_status(tmp_path: Path, simulator: Any) -> None:
     assert r["counts"] == {"pending": 3, "submitted": 0, "complete": 2, "failed": 0}
 
 
+@pytest.mark.slow
 def test_metric_names_follow_prometheus_conventions(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 2)
@@ -198,6 +201,7 @@ def test_metric_names_follow_prometheus_conventions(tmp_path: Path, simulator: A
 # ------------------------------------------------------------ progress and status mid-run
 
 
+@pytest.mark.slow
 def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simulator: Any
                                                           ) -> None:
     # Generations long enough that four status, export and plan processes
@@ -245,6 +249,7 @@ def test_progress_lines_off_a_terminal_and_status_mid_run(tmp_path: Path, simula
     assert SUMMARY.match(out).groups()[:3] == ("3", "3", "0")  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1.5,1.5")
     manifest = _manifest(tmp_path / "m.csv", 3)
@@ -285,6 +290,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, simulator: Any) -> None:
 # ------------------------------------------------------------ -q, -v, --log-json
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_summary(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2")
     manifest = _manifest(tmp_path / "m.csv", 2, bad=True)
@@ -300,6 +306,7 @@ def test_quiet_prints_only_the_summary(tmp_path: Path, simulator: Any) -> None:
     assert "most common errors:" in quiet.stdout  # the summary keeps the errors
 
 
+@pytest.mark.slow
 def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -> None:
     key = "sekrit-key-0123456789"
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.2", "--api-key", key)
@@ -318,6 +325,7 @@ def test_log_json_lines_parse_and_carry_fields(tmp_path: Path, simulator: Any) -
     assert SUMMARY.match(done.stdout)  # the summary stays plain text on stdout
 
 
+@pytest.mark.slow
 def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
@@ -327,6 +335,7 @@ def test_quiet_has_no_progress_lines(tmp_path: Path, simulator: Any) -> None:
     assert done.stderr == ""
 
 
+@pytest.mark.slow
 def test_log_json_stderr_is_all_json(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,1")
     manifest = _manifest(tmp_path / "m.csv", 2)
@@ -339,6 +348,7 @@ def test_log_json_stderr_is_all_json(tmp_path: Path, simulator: Any) -> None:
         json.loads(line)  # ... as JSON
 
 
+@pytest.mark.slow
 def test_most_common_errors_are_counted_by_code(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--failure-rate", "1", "--duration", "0.1,0.2")
     manifest = tmp_path / "m.csv"

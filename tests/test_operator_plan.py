@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 1: settings through the real CLI, the dry run.
+"""Operator experience, part 1: settings through the real CLI, the dry run.
 
 Every test runs real ``batcher`` processes; the dry-run tests also run a real
 simulator process, so "no API request" is counted by the API itself.
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import batcher_env, export_records, run_batcher, wait_for, write_wav
 
 from batcher.settings import OPTION_SPECS, load_job_file
@@ -55,6 +56,7 @@ def _write_job(folder: Path) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_flag_beats_env_beats_job_file_beats_default(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects")
     job = _write_job(tmp_path / "job")
@@ -88,6 +90,7 @@ def test_flag_beats_env_beats_job_file_beats_default(tmp_path: Path, simulator: 
     assert "sim-key" not in json.dumps(report)
 
 
+@pytest.mark.slow
 def test_report_path_from_flag_env_or_job_file(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects")
     job = _write_job(tmp_path / "job")
@@ -120,6 +123,7 @@ def test_report_path_from_flag_env_or_job_file(tmp_path: Path, simulator: Any) -
     assert job_report.read_bytes() == before and not metrics.exists()
 
 
+@pytest.mark.slow
 def test_bad_values_exit_2_naming_their_source(tmp_path: Path) -> None:
     job = _write_job(tmp_path / "job")
     bad_env = _run("run", str(job), "--dry-run", env=batcher_env(BATCHER_RATE="fast"))
@@ -138,6 +142,7 @@ def test_bad_values_exit_2_naming_their_source(tmp_path: Path) -> None:
     assert not (tmp_path / "m.ledger.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_help_names_every_environment_variable() -> None:
     done = _run("run", "--help", env=batcher_env(COLUMNS="100"))
     assert done.returncode == 0
@@ -189,6 +194,7 @@ def _ledger_counts(path: Path) -> tuple[int, ...]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_dry_run_plan_numbers_on_known_wav_files(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--duration", "0.2,0.3")  # no auto-create: an unknown project is a 404
     write_wav(tmp_path / "audio" / "a.wav", seconds=30, freq=200, rate=2000)
@@ -268,6 +274,7 @@ def test_dry_run_plan_numbers_on_known_wav_files(tmp_path: Path, simulator: Any)
     assert "failed (retried)" in retry.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_makes_no_request_even_without_a_server(tmp_path: Path) -> None:
     write_wav(tmp_path / "a.wav", seconds=1)
     (tmp_path / "m.csv").write_text("file\na.wav\n")
@@ -283,6 +290,7 @@ def test_dry_run_makes_no_request_even_without_a_server(tmp_path: Path) -> None:
     assert nokey.returncode == 0, nokey.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_not_an_empty_run_summary(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("apiProjectId\np1\np2\n")
     done = run_batcher("run", str(tmp_path / "m.csv"), "--dry-run")
@@ -290,6 +298,7 @@ def test_dry_run_prints_the_plan_not_an_empty_run_summary(tmp_path: Path) -> Non
     assert "0 rows" not in done.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_creates_no_ledger(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("apiProjectId\np1\n")
     fresh = tmp_path / "fresh.sqlite"
@@ -299,6 +308,7 @@ def test_dry_run_creates_no_ledger(tmp_path: Path) -> None:
     assert not fresh.exists()  # planning against no ledger creates none
 
 
+@pytest.mark.slow
 def test_status_after_a_dry_run_still_shows_the_real_last_run(tmp_path: Path,
                                                               simulator: Any) -> None:
     sim = simulator("--duration", "0.1,0.2")  # p-missing: 404, so the run exits 1
@@ -315,6 +325,7 @@ def test_status_after_a_dry_run_still_shows_the_real_last_run(tmp_path: Path,
     assert "exit 1" in status.stdout, status.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_after_a_spend_cap_halt_prices_the_rest(tmp_path: Path, simulator: Any
                                                         ) -> None:
     sim = simulator("--duration", "0.1,0.2")
@@ -337,6 +348,7 @@ def test_dry_run_after_a_spend_cap_halt_prices_the_rest(tmp_path: Path, simulato
     assert plan["estimated cost expected"] == "$3.00"
 
 
+@pytest.mark.slow
 def test_diffio_base_url_env_beats_the_job_file(tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.1,0.1")
     (tmp_path / "m.csv").write_text("apiProjectId\np1\n")

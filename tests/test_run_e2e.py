@@ -1,4 +1,4 @@
-"""Real `batcher run` processes against a real simulator process (issue 3).
+"""Real `batcher run` processes against a real simulator process.
 
 Every test checks the export and the simulator's own counters: the rows the
 runner says are complete, and what the API says it charged.
@@ -20,6 +20,9 @@ from conftest import batcher_env, export_records, kill_repeatedly, run_args, run
 
 from batcher.ledger.sqlite import SqliteLedger
 from batcher.model import Stage
+
+# Every test here runs real `batcher` processes.
+pytestmark = pytest.mark.slow
 
 CONTRACT_FIELDS = ["rowId", "line", "idempotencyKey", "apiProjectId", "generationId",
                    "modelKey", "status", "apiStatus", "error", "output", "attempts"]

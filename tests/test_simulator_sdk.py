@@ -149,6 +149,7 @@ def test_sigint_stops_the_server_with_status_0() -> None:
     assert process.stop(signal.SIGINT) == 0
 
 
+@pytest.mark.slow
 def test_bad_settings_exit_2_before_listening(tmp_path: Path) -> None:
     bad = tmp_path / "sim.json"
     bad.write_text('{"error_rate": 3}')
