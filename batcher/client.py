@@ -3,8 +3,8 @@
 Every method makes exactly one attempt; the runner owns retries
 (:class:`batcher.retry.RetryPolicy`). What can go wrong comes out as an
 :class:`~batcher.errors.ApiError` subclass and nothing else: answers are
-classified by :func:`batcher.classify.classify`, and aiohttp, OS and orjson
-exceptions are translated in :meth:`DiffioClient._transport_error` only
+classified by :func:`batcher.classify.classify`, and aiohttp, OS and timeout
+exceptions are translated in :meth:`batcher.storage.Transport.error` only
 (``raise … from exc``), with the endpoint attached.
 
 API requests hold the concurrency cap, then pass the rate gate, then go out
@@ -13,8 +13,9 @@ afterwards, which would bunch requests past the gate's margin). A 429 is
 reported to the gate here, so every caller slows down, and nobody else needs
 to call :meth:`RateGate.on_rate_limited`.
 
-Signed storage URLs (upload, download) are not the API: they never carry the
-API key and do not pass the rate gate, but they do hold the concurrency cap.
+Signed storage URLs (upload, download) are not the API: ``client.storage``
+(:mod:`batcher.storage`) sends and fetches file bytes there, without the API
+key and without the rate gate, under the same concurrency cap.
 
 The API key lives in one headers mapping; it is never put in a message, and
 answers are scrubbed of it before they are classified.
@@ -25,36 +26,27 @@ here; the word as sent is kept beside it for the ledger.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 import anyio
 import orjson
-from aiohttp import http_exceptions
 
-from batcher.classify import classify, parse_retry_after
+from batcher.classify import classify
 from batcher.errors import (
     ApiError,
-    BatcherError,
-    ClientError,
     ConfigError,
     DecodeError,
     InvalidRequest,
-    LocalFileError,
     RateLimited,
-    ServerError,
-    StatusError,
     SubmissionsStopped,
-    TransportError,
-    UrlExpired,
-    redact,
 )
 from batcher.ratelimit import RateGate
+from batcher.storage import TRANSPORT_EXCEPTIONS, RequestCallback, Storage, Transport
 
 __all__ = [
     "DiffioClient",
@@ -63,30 +55,8 @@ __all__ = [
     "GenerationStatus",
     "Progress",
     "ProjectCreated",
-    "RequestCallback",
     "normalize_base_url",
 ]
-
-
-RequestCallback = Callable[[str, int | None, float], None]
-"""``on_request(endpoint, status or None on transport failure, seconds)``."""
-
-_CHUNK = 1 << 20
-# Floor on upload throughput used to size an upload's total timeout: a
-# stalled upload must end, but a large one on a slow link must not.
-_MIN_UPLOAD_BYTES_PER_S = 64 * 1024
-_ERROR_BODY_LIMIT = 4096
-
-# Everything the HTTP layer may raise for a failed exchange. aiohttp's
-# exceptions cover connect, reset, payload and (ServerTimeoutError) timeouts;
-# a total timeout surfaces as the builtin TimeoutError; some OS errors and
-# HTTP parser errors can escape unwrapped.
-_TRANSPORT_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError,
-    http_exceptions.HttpProcessingError,
-    TimeoutError,
-    OSError,
-)
 
 
 class GenerationStatus(Enum):
@@ -212,16 +182,13 @@ class DiffioClient:
     __slots__ = (
         "_api_timeout",
         "_base_url",
-        "_cap",
         "_gate",
         "_generations_stopped",
         "_headers",
-        "_key",
         "_key_bytes",
-        "_on_request",
-        "_session",
-        "_timeout",
+        "_transport",
         "_waiting_generations",
+        "storage",
     )
 
     def __init__(
@@ -239,13 +206,11 @@ class DiffioClient:
             raise ConfigError("the API key is empty or contains whitespace or control characters")
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
-        self._session = session
         # After a 402 no generation request may leave; those waiting for the
         # rate gate are woken to give up (see stop_generations).
         self._generations_stopped = False
         self._waiting_generations: set[anyio.CancelScope] = set()
         self._base_url = normalize_base_url(base_url)
-        self._key = api_key
         self._key_bytes = api_key.encode()
         self._headers = {
             "Authorization": f"Bearer {api_key}",
@@ -253,10 +218,10 @@ class DiffioClient:
             "Accept": "application/json",
         }
         self._gate = gate
-        self._cap = cap
-        self._timeout = timeout
         self._api_timeout = aiohttp.ClientTimeout(total=timeout)
-        self._on_request = on_request
+        self._transport = Transport(session=session, cap=cap, timeout=timeout, clock=gate.clock,
+                                    secret=api_key, on_request=on_request)
+        self.storage = Storage(self._transport)
 
     @property
     def base_url(self) -> str:
@@ -404,15 +369,16 @@ class DiffioClient:
         url = f"{self._base_url}/{endpoint}"
         # Without waiting when a slot is free: `async with` would yield to the
         # loop first, an extra event-loop round per request on the hot path.
+        cap = self._transport.cap
         try:
-            self._cap.acquire_nowait()
+            cap.acquire_nowait()
         except anyio.WouldBlock:
-            await self._cap.acquire()
+            await cap.acquire()
         try:
             await self._wait_turn(endpoint)
             start = self._gate.clock.now()
             try:
-                async with self._session.post(
+                async with self._transport.session.post(
                     url,
                     data=data,
                     headers=self._headers,
@@ -422,12 +388,12 @@ class DiffioClient:
                     body = await resp.read()
                     status = resp.status
                     headers = resp.headers
-            except _TRANSPORT_EXCEPTIONS as exc:
-                self._report(endpoint, None, start)
-                raise self._transport_error(exc, endpoint) from exc
-            self._report(endpoint, status, start)
+            except TRANSPORT_EXCEPTIONS as exc:
+                self._transport.report(endpoint, None, start)
+                raise self._transport.error(exc, endpoint) from exc
+            self._transport.report(endpoint, status, start)
         finally:
-            self._cap.release()
+            cap.release()
         if self._key_bytes in body:
             body = body.replace(self._key_bytes, b"***")
         result = classify(
@@ -440,138 +406,6 @@ class DiffioClient:
         return result
 
     # -- signed storage URLs --------------------------------------------------
-
-    async def upload(
-        self, *, url: str, method: str, path: Path, content_type: str, size: int
-    ) -> None:
-        """Send the file at ``path`` to a signed upload URL, streamed from disk.
-
-        No API key is sent and the rate gate is not used. ``size`` is the
-        size the project was created with; a file of another size now raises
-        :class:`LocalFileError` (``fileChanged``) before anything is sent.
-        """
-        endpoint = "upload"
-        try:
-            actual = (await anyio.Path(path).stat()).st_size
-        except OSError as exc:
-            raise LocalFileError(
-                f"cannot read {path}: {exc.strerror or exc}",
-                code="fileUnreadable",
-            ) from exc
-        if actual != size:
-            raise LocalFileError(
-                f"{path} is {actual} bytes, not the {size} it had when keyed",
-                code="fileChanged",
-            )
-        timeout = aiohttp.ClientTimeout(
-            total=self._timeout + size / _MIN_UPLOAD_BYTES_PER_S,
-            sock_connect=self._timeout,
-            sock_read=self._timeout,
-        )
-        headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        async with self._cap:
-            start = self._gate.clock.now()
-            try:
-                async with self._session.request(
-                    method.upper() or "PUT",
-                    url,
-                    data=_file_chunks(path, size),
-                    headers=headers,
-                    timeout=timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    status = resp.status
-                    body = b""
-                    if not 200 <= status < 300:
-                        body = await resp.content.read(_ERROR_BODY_LIMIT)
-                    resp_headers = resp.headers
-            except _TRANSPORT_EXCEPTIONS as exc:
-                self._report(endpoint, None, start)
-                raise self._transport_error(exc, endpoint) from exc
-            self._report(endpoint, status, start)
-        if not 200 <= status < 300:
-            raise _storage_error(status, resp_headers, body, endpoint)
-
-    async def download(self, *, url: str, write: Callable[[bytes], Awaitable[None]]) -> None:
-        """GET a signed URL and hand its body to ``write``, chunk by chunk.
-
-        No API key is sent and the rate gate is not used; the concurrency cap
-        is held until the body is read. A refused URL or a failed transfer
-        raises an ``ApiError``. ``write`` raises batcher errors only (see
-        :func:`batcher.outputs.fetch_to_file`); they pass through untouched.
-        """
-        endpoint = "download"
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._timeout, sock_read=self._timeout
-        )
-        async with self._cap:
-            start = self._gate.clock.now()
-            status: int | None = None
-            try:
-                async with self._session.get(url, timeout=timeout) as resp:
-                    status = resp.status
-                    if not 200 <= status < 300:
-                        body = await resp.content.read(_ERROR_BODY_LIMIT)
-                        raise _storage_error(status, resp.headers, body, endpoint)
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
-                        await write(chunk)
-            except _TRANSPORT_EXCEPTIONS as exc:
-                self._report(endpoint, None, start)
-                raise self._transport_error(exc, endpoint) from exc
-            except BatcherError:
-                self._report(endpoint, status, start)
-                raise
-            self._report(endpoint, status, start)
-
-    # -- one place for translations --------------------------------------------
-
-    def _transport_error(self, exc: BaseException, endpoint: str) -> ApiError:
-        """Translate an aiohttp/OS/timeout exception into the error tree."""
-        if isinstance(exc, TimeoutError):
-            what = f"no answer within the timeout ({type(exc).__name__})"
-        elif isinstance(exc, aiohttp.ServerDisconnectedError):
-            what = "the server closed the connection before answering"
-        elif isinstance(exc, aiohttp.ClientPayloadError):
-            what = f"the answer was cut short: {exc}"
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            what = f"cannot connect: {exc}"
-        elif isinstance(exc, aiohttp.InvalidURL):
-            return DecodeError(f"invalid URL: {exc}", endpoint=endpoint)
-        else:
-            what = f"{type(exc).__name__}: {exc}"
-        return TransportError(redact(what, self._key), endpoint=endpoint)
-
-    def _report(self, endpoint: str, status: int | None, start: float) -> None:
-        if self._on_request is not None:
-            self._on_request(endpoint, status, self._gate.clock.now() - start)
-
-
-async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
-    """The first ``size`` bytes of ``path``, one chunk at a time off the loop."""
-    async with await anyio.open_file(path, "rb") as f:
-        left = size
-        while left > 0:
-            data = await f.read(min(_CHUNK, left))
-            if not data:
-                return
-            left -= len(data)
-            yield data
-
-
-def _storage_error(
-    status: int, headers: Mapping[str, str], body: bytes, endpoint: str
-) -> StatusError:
-    """Map a non-2xx answer of a signed storage URL (not the API)."""
-    text = body[:200].decode("utf-8", errors="replace")
-    message = f"{endpoint} to signed URL failed with HTTP {status}: {text!r}"
-    kw: dict[str, Any] = {"status": status, "endpoint": endpoint, "body": {"text": text}}
-    if status in (401, 403, 410) or (status == 400 and "expired" in text.lower()):
-        return UrlExpired(message, **kw)
-    if status == 429:
-        return RateLimited(message, retry_after=parse_retry_after(headers.get("Retry-After")), **kw)
-    if status == 408 or status >= 500:
-        return ServerError(message, **kw)
-    return ClientError(message, code=f"http{status}", **kw)
 
 
 def _required_str(obj: Mapping[str, Any], key: str, endpoint: str) -> str:

@@ -30,7 +30,7 @@ from .model import LedgerRow
 from .ops.logs import OUTPUT_CLEANUP_FAILED, event
 
 if TYPE_CHECKING:
-    from .client import DiffioClient
+    from .storage import Storage
 
 __all__ = [
     "copy_to_file",
@@ -120,7 +120,7 @@ def temp_path(final: Path, row_id: str) -> Path:
     return final.with_name(f".{final.name}.{safe}.part")
 
 
-async def fetch_to_file(client: DiffioClient, url: str, final: Path, row_id: str
+async def fetch_to_file(storage: Storage, url: str, final: Path, row_id: str
                         ) -> tuple[str, int]:
     """Download a signed URL to ``final``; return its ``(sha256 hex, size)``.
 
@@ -144,7 +144,7 @@ async def fetch_to_file(client: DiffioClient, url: str, final: Path, row_id: str
                 size += len(chunk)
                 await _local(out.write(chunk), tmp)
 
-            await client.download(url=url, write=write)
+            await storage.download(url=url, write=write)
             await _local(out.flush(), tmp)
             await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), tmp)
         await _local(anyio.to_thread.run_sync(_publish, tmp, final), final,

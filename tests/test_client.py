@@ -636,7 +636,7 @@ async def test_upload_streams_the_file_without_any_key(
     h = make()
     tracemalloc.start()
     try:
-        await h.client.upload(
+        await h.client.storage.upload(
             url=server.url + "/upload?sig=xyz", method="PUT", path=path,
             content_type="audio/wav", size=size,
         )
@@ -672,7 +672,7 @@ async def test_upload_failures(
     path.write_bytes(b"RIFF" * 100)
     server.routes["/upload"] = _upload_handler(server, status)
     with pytest.raises(cls) as info:
-        await make().client.upload(
+        await make().client.storage.upload(
             url=server.url + "/upload", method="POST", path=path, content_type="audio/wav",
             size=400,
         )
@@ -690,11 +690,11 @@ async def test_upload_refuses_a_changed_or_missing_file(
     server.routes["/upload"] = _upload_handler(server)
     h = make()
     with pytest.raises(LocalFileError) as info:
-        await h.client.upload(url=server.url + "/upload", method="PUT", path=path,
+        await h.client.storage.upload(url=server.url + "/upload", method="PUT", path=path,
                               content_type="audio/wav", size=11)
     assert info.value.code == "fileChanged" and not info.value.retryable
     with pytest.raises(LocalFileError) as info:
-        await h.client.upload(url=server.url + "/upload", method="PUT",
+        await h.client.storage.upload(url=server.url + "/upload", method="PUT",
                               path=tmp_path / "gone.wav", content_type="audio/wav", size=10)
     assert info.value.code == "fileUnreadable"
     assert server.seen == []
@@ -728,7 +728,7 @@ async def test_download_streams_to_the_final_file_and_returns_sha256(
     server.routes["/out.mp3"] = _download_handler(server, payload)
     h = make()
     final = tmp_path / "sub" / "out.mp3"
-    sha, size = await fetch_to_file(h.client, server.url + "/out.mp3?sig=1", final, "row/1")
+    sha, size = await fetch_to_file(h.client.storage, server.url + "/out.mp3?sig=1", final, "row/1")
     assert (sha, size) == (hashlib.sha256(payload).hexdigest(), len(payload))
     assert final.read_bytes() == payload
     assert os.listdir(final.parent) == ["out.mp3"]  # no temporary left
@@ -750,7 +750,7 @@ async def test_download_refused_leaves_no_file(
     server.routes["/out.mp3"] = _download_handler(server, b"", status=status)
     final = tmp_path / "out.mp3"
     with pytest.raises(cls) as info:
-        await fetch_to_file(make().client, server.url + "/out.mp3", final, "r")
+        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final, "r")
     assert type(info.value) is cls and info.value.endpoint == "download"
     assert os.listdir(tmp_path) == []
 
@@ -762,7 +762,7 @@ async def test_download_cut_short_is_a_transport_error_and_removes_the_part(
     server.routes["/out.mp3"] = _download_handler(server, os.urandom(600_000), cut=True)
     h = make()
     with pytest.raises(TransportError) as info:
-        await fetch_to_file(h.client, server.url + "/out.mp3", tmp_path / "out.mp3", "r")
+        await fetch_to_file(h.client.storage, server.url + "/out.mp3", tmp_path / "out.mp3", "r")
     assert info.value.endpoint == "download"
     assert os.listdir(tmp_path) == []
     assert h.calls[0][:2] == ("download", None)
@@ -775,7 +775,7 @@ async def test_a_local_write_failure_is_a_local_error_not_the_apis(
     server.routes["/out.mp3"] = _download_handler(server, b"abc")
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(LocalFileError) as info:
-        await fetch_to_file(make().client, server.url + "/out.mp3",
+        await fetch_to_file(make().client.storage, server.url + "/out.mp3",
                             tmp_path / "blocker" / "x.mp3", "r")
     assert info.value.code == "outputWriteFailed" and "blocker" in info.value.message
     assert server.seen == []  # nothing asked of the storage
@@ -783,7 +783,7 @@ async def test_a_local_write_failure_is_a_local_error_not_the_apis(
     final = tmp_path / "y.mp3"
     temp_path(final, "r").mkdir()
     with pytest.raises(LocalFileError) as info:
-        await fetch_to_file(make().client, server.url + "/out.mp3", final, "r")
+        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final, "r")
     assert info.value.code == "outputUnwritable"
     assert not final.exists()
 
@@ -799,13 +799,13 @@ async def test_a_writers_own_error_passes_through_the_client(
         raise LocalFileError("disk full", code="outputUnwritable")
 
     with pytest.raises(LocalFileError):
-        await h.client.download(url=server.url + "/out.mp3", write=full_disk)
+        await h.client.storage.download(url=server.url + "/out.mp3", write=full_disk)
     assert h.calls[0][:2] == ("download", 200)
 
 
 @pytest.mark.anyio
 async def test_download_refused_port(make: Callable[..., Harness], tmp_path: Path) -> None:
     with pytest.raises(TransportError):
-        await fetch_to_file(make().client, f"http://127.0.0.1:{refused_port()}/x",
+        await fetch_to_file(make().client.storage, f"http://127.0.0.1:{refused_port()}/x",
                             tmp_path / "x.mp3", "r")
     assert os.listdir(tmp_path) == []

@@ -59,7 +59,8 @@ class Downloader:
             # last check must not lead the write outside --out.
             final = resolve_output(out, row.output_rel or default_output_for(
                 row, ctx.settings.manifest.parent, info.mime_type))
-            sha, size = await fetch_to_file(ctx.client, info.download_url, final, row.row_id)
+            sha, size = await fetch_to_file(ctx.client.storage, info.download_url, final,
+                                            row.row_id)
             return final, sha, size
 
         def retried(err: ApiError, made: int, wait: float) -> None:

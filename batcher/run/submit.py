@@ -173,7 +173,7 @@ class Submitter:
             assert current.upload_url is not None
             try:
                 await ctx.call(current.row_id, functools.partial(
-                    ctx.client.upload, url=current.upload_url,
+                    ctx.client.storage.upload, url=current.upload_url,
                     method=current.upload_method or "PUT", path=path,
                     content_type=current.content_type or "application/octet-stream",
                     size=current.source_size or 0))
