@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from anyio import CancelScope
@@ -54,39 +54,26 @@ class HaltState:
     hard: bool = False
 
 
+@dataclass(eq=False)
 class RunContext:
     """The parts of one run every stage uses, and the row mover."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        ledger: Ledger,
-        client: DiffioClient,
-        *,
-        gate: RateGate,
-        clock: Clock,
-        rng: random.Random,
-        policy: RetryPolicy,
-        stats: RunStats,
-        membership: Membership,
-        halts: HaltState,
-        wall: WallTime = time.time,
-    ) -> None:
-        self.settings = settings
-        self.ledger = ledger
-        self.client = client
-        self.gate = gate
-        self.clock = clock
-        self.rng = rng
-        self.policy = policy
-        self.stats = stats
-        self.membership = membership
-        self.halts = halts
-        self.wall = wall
-        self.scope: CancelScope | None = None
-        # Counted since the row's last write; the next write adds them.
-        self._attempts: dict[str, int] = {}
-        self._polls: dict[str, int] = {}
+    settings: Settings
+    ledger: Ledger
+    client: DiffioClient
+    gate: RateGate
+    clock: Clock
+    rng: random.Random
+    policy: RetryPolicy
+    stats: RunStats
+    membership: Membership
+    halts: HaltState
+    wall: WallTime = time.time
+    # The run's cancel scope, once it runs (a hard halt cancels it).
+    scope: CancelScope | None = field(default=None, init=False)
+    # Counted since the row's last write; the next write adds them.
+    _attempts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _polls: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     # ---------------------------------------------------------------- counters
 

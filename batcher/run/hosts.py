@@ -216,18 +216,8 @@ class Shared:
             await self.clock.sleep(HEARTBEAT_EVERY)
 
 
-def membership_for(
-    ledger: Ledger,
-    *,
-    settings: Settings,
-    gate: RateGate,
-    clock: Clock,
-    run_info: RunInfo,
-    stopping: Callable[[], bool],
-    stopped: Callable[[], bool],
-) -> Membership:
-    """The one decision: a shared ledger means leasing, a private one does not."""
-    if is_shared(ledger):
-        return Shared(ledger, settings=settings, gate=gate, clock=clock, run_info=run_info,
-                      stopping=stopping, stopped=stopped)
-    return Solo()
+def membership_for(ledger: Ledger, shared: Callable[[LeasingLedger], Membership]
+                   ) -> Membership:
+    """The one decision: a shared ledger means leasing (``shared(ledger)``), a private
+    one means :class:`Solo`."""
+    return shared(ledger) if is_shared(ledger) else Solo()

@@ -49,7 +49,7 @@ from ..settings import Settings
 from .context import HaltState, RunContext
 from .download import Downloader
 from .followers import settle_followers
-from .hosts import membership_for
+from .hosts import Shared, membership_for
 from .poll import Polling
 from .resume import Resume
 from .stats import RunStats
@@ -112,11 +112,12 @@ class Runner:
         clock = clock or SystemClock()
         halts = HaltState()
         run_info = run_info or RunInfo.start()
-        membership = membership_for(
-            ledger, settings=settings, gate=gate, clock=clock, run_info=run_info,
-            stopping=lambda: halts.error is not None, stopped=lambda: halts.hard)
+        membership = membership_for(ledger, lambda leasing: Shared(
+            leasing, settings=settings, gate=gate, clock=clock, run_info=run_info,
+            stopping=lambda: halts.error is not None, stopped=lambda: halts.hard))
         self.ctx = RunContext(
-            settings, ledger, client, gate=gate, clock=clock, rng=rng or random.Random(),
+            settings=settings, ledger=ledger, client=client, gate=gate, clock=clock,
+            rng=rng or random.Random(),
             policy=policy or RetryPolicy(max_attempts=settings.max_attempts),
             stats=stats or RunStats(), membership=membership, halts=halts, wall=wall)
         self.stats = self.ctx.stats
