@@ -16,6 +16,7 @@ from typing import TextIO
 
 import anyio
 
+from ..client import GenerationStatus
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
 from ..model import Kind, Stage
@@ -73,9 +74,11 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
             # Rows not yet posted (a halted run leaves them pending, or with a
             # project and an upload) will be posted: new, priced by their audio.
             unposted = stage in (Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED)
-            if row is None or changed or unposted or (
-                    stage is Stage.FAILED and settings.retry_failed
-                    and row.api_status == "failed"):
+            # --retry-failed posts a generation the API ended as failed again,
+            # under a new key: a new charge, whichever word the API used.
+            repaid = (row is not None and stage is Stage.FAILED and settings.retry_failed
+                      and GenerationStatus.of(row.api_status) is GenerationStatus.FAILED)
+            if row is None or changed or unposted or repaid:
                 plan.new += 1
                 if new.kind is Kind.FILE and new.source_path:
                     secs = await anyio.to_thread.run_sync(audio_seconds, Path(new.source_path))
