@@ -12,6 +12,7 @@ orjson exceptions are translated into them inside ``client.py`` only::
     │   └── TransitionConflict   a compare-and-set matched no row
     ├── OutputPathError          an output path would leave --out
     ├── RunHalted                a local stop: --max-spend reached, --halt-after passed
+    ├── ApiUnavailable           the API host has been down longer than the patience
     └── ApiError                 anything the Diffio API or the network did
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
@@ -35,6 +36,7 @@ from typing import Any
 
 __all__ = [
     "ApiError",
+    "ApiUnavailable",
     "AuthError",
     "BatcherError",
     "ClientError",
@@ -143,6 +145,22 @@ class RunHalted(BatcherError):
     def __init__(self, message: str, *, code: str) -> None:
         self.code = code
         self.message = message
+        super().__init__(message)
+
+
+class ApiUnavailable(BatcherError):
+    """The API host did not answer for longer than the run's patience.
+
+    Infrastructure, not a row's fault: no row fails; the run halts (exit 3)
+    and the same command resumes it once the host is back.
+    """
+
+    halts = True
+    code = "apiUnavailable"
+
+    def __init__(self, message: str, *, host: str) -> None:
+        self.message = message
+        self.host = host
         super().__init__(message)
 
 
