@@ -1,4 +1,4 @@
-"""The Python API (issue 6): ``from batcher import run_manifest`` for orchestrators.
+"""The Python API: ``from batcher import run_manifest`` for orchestrators.
 
 Runs go against the embedded simulator (``simulate=True``) on real SQLite
 ledgers in tmp_path.

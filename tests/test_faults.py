@@ -1,4 +1,4 @@
-"""The fault campaign (issue 5): real `batcher run` processes under every fault.
+"""The fault campaign: real `batcher run` processes under every fault.
 
 Each test starts a real simulator process (or, for answers the simulator
 cannot give, a tiny fake Diffio on a loopback port), runs the real CLI as a

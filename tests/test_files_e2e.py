@@ -1,4 +1,4 @@
-"""File rows end to end (issue 4): project, upload, generate, download.
+"""File rows end to end: project, upload, generate, download.
 
 Real `batcher run` processes against a real simulator process. Outputs are
 checked against the simulator's deterministic restoration of each input, so

@@ -1,4 +1,4 @@
-"""Derived idempotency keys and row ids (DESIGN.md invariant 1)."""
+"""Derived idempotency keys and row ids: a function of the row's request, nothing else."""
 
 from __future__ import annotations
 

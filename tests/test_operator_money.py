@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 2: what a run may spend and when it stops.
+"""Operator experience, part 2: what a run may spend and when it stops.
 
 The spend cap, --halt-after, --retry-failed (with a SIGKILL in the middle) and
 the stale-lock takeover, each through real ``batcher run`` processes against a

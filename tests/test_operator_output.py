@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 3: what a run shows and leaves behind.
+"""Operator experience, part 3: what a run shows and leaves behind.
 
 The --report JSON, the --metrics Prometheus textfile, progress off and on a
 terminal, ``batcher status`` (also while a run holds the ledger), -q and

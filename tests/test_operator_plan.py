@@ -1,4 +1,4 @@
-"""Operator experience (issue 6), part 1: settings through the real CLI, the dry run.
+"""Operator experience, part 1: settings through the real CLI, the dry run.
 
 Every test runs real ``batcher`` processes; the dry-run tests also run a real
 simulator process, so "no API request" is counted by the API itself.

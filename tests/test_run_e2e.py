@@ -1,4 +1,4 @@
-"""Real `batcher run` processes against a real simulator process (issue 3).
+"""Real `batcher run` processes against a real simulator process.
 
 Every test checks the export and the simulator's own counters: the rows the
 runner says are complete, and what the API says it charged.
