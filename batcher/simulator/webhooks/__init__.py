@@ -3,6 +3,8 @@
 - :class:`WebhookSender` (``sender.py``): told about each generation status
   change with its clock time (:meth:`WebhookSender.schedule`), it signs the
   event as Svix does and delivers it when that time comes, with retries.
+- the plain data it works with (``records.py``): :class:`EventSubject`,
+  :class:`WebhookEndpoint`, :class:`DeliveryRecord`, :class:`SenderStats`.
 - :class:`WebhookFaults` (``faults.py``): drop, duplicate, delay, reorder,
   forged, tampered, replayed and stale/future deliveries, drawn from a seed.
 - :func:`add_webhook_routes` (``admin.py``): ``POST /v1/webhooks/configure``
@@ -26,15 +28,15 @@ from batcher.simulator.webhooks.admin import (
     describe_endpoint,
 )
 from batcher.simulator.webhooks.faults import WebhookFaults
-from batcher.simulator.webhooks.sender import (
+from batcher.simulator.webhooks.records import (
     DeliveryKind,
     DeliveryRecord,
     EventSubject,
     SenderStats,
     WebhookEndpoint,
-    WebhookSender,
     api_key_id,
 )
+from batcher.simulator.webhooks.sender import WebhookSender
 
 __all__ = [
     "WEBHOOKS_WRITE",

@@ -32,7 +32,8 @@ from aiohttp import web
 
 from batcher.simulator.api import presented_key
 from batcher.simulator.model import Refusal
-from batcher.simulator.webhooks.sender import MODES, WebhookEndpoint, WebhookSender, api_key_id
+from batcher.simulator.webhooks.records import MODES, WebhookEndpoint, api_key_id
+from batcher.simulator.webhooks.sender import WebhookSender
 from batcher.webhooks.errors import EventError
 from batcher.webhooks.events import STATUS_OF, EventType, GenerationEvent, format_time
 
