@@ -334,6 +334,13 @@ async def test_closing_stops_promptly_and_counts_what_was_left() -> None:
         sender = p.sender
     assert time.monotonic() - started < 5
     assert sender.stats.abandoned == 1 and p.counts()["received"] == 0
+    # A status change reported after the close is counted, not kept.
+    sender.schedule(EventSubject("gen-after", "proj", OWNER), "queued", time.monotonic())
+    assert sender.stats.abandoned == 2
+    await sender.wait_idle()
+    with pytest.raises(RuntimeError):
+        async with sender:
+            pass  # pragma: no cover - a sender runs once
 
 
 # -- faults, seeds, endpoints ------------------------------------------------------------

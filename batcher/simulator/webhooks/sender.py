@@ -123,6 +123,7 @@ class WebhookSender:
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
         self._tg: TaskGroup | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return (f"WebhookSender(endpoints={len(self._endpoints)}, pending={self._outstanding},"
@@ -270,6 +271,10 @@ class WebhookSender:
     # -- the heap ------------------------------------------------------------------
 
     def _add(self, delivery: _Delivery, due: float) -> None:
+        if self._closed:
+            # The simulator may still report status changes while it shuts down.
+            self.stats.abandoned += 1
+            return
         self._outstanding += 1
         self._push(delivery, due)
 
@@ -303,7 +308,10 @@ class WebhookSender:
             self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Wait until every planned delivery was made or given up (retries included)."""
+        """Wait until every planned delivery was made or given up (retries included).
+
+        Only while the sender runs (inside ``async with``): nothing moves otherwise.
+        """
         while self._outstanding:
             self._idle = anyio.Event()
             if self._outstanding:
@@ -312,6 +320,8 @@ class WebhookSender:
     # -- running -------------------------------------------------------------------
 
     async def __aenter__(self) -> WebhookSender:
+        if self._closed or self._tg is not None:
+            raise RuntimeError("a WebhookSender runs once")
         if self._session is None:
             self._session = aiohttp.ClientSession()
         send, receive = anyio.create_memory_object_stream[_Delivery](self._workers)
@@ -334,6 +344,8 @@ class WebhookSender:
             await self._tg.__aexit__(None, None, None)
         finally:
             self._tg = None
+            self._closed = True
+            self._wake = None
             self.stats.abandoned += self._outstanding
             self._outstanding = 0
             self._heap.clear()
