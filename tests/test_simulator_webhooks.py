@@ -203,6 +203,33 @@ async def test_dropped_duplicated_and_reordered_events_leave_each_generation_at_
             assert latest is None or latest.event_id in delivered_ids
 
 
+async def test_reorder_holds_each_event_until_a_later_one_went_out() -> None:
+    async with pipeline(WebhookFaults(reorder=1.0), workers=1) as p:
+        timelines = plan(p.sender, 4, start=time.monotonic() + 0.01)
+        await idle(p.sender)
+        for generation in timelines:
+            sent = [r.event.status.value for r in p.sender.journal
+                    if r.event.generation_id == generation]
+            assert sent == ["complete" if generation != "gen-000" else "error", "queued",
+                            "processing"]
+            assert p.sink.status_of(generation) == sent[0]
+        assert p.sender.stats.reordered == 8 and p.counts()["stale"] == 8
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_no_delivery_is_ever_stranded_whatever_the_faults_draw(seed: int) -> None:
+    faults = WebhookFaults(drop=0.2, duplicate=0.5, reorder=0.7, delay=0.5, delay_max=0.03,
+                           replay=0.2, replay_after=0.01)
+    async with pipeline(faults, seed=seed) as p:
+        timelines = plan(p.sender, 12, start=time.monotonic() + 0.01, step=0.005)
+        await idle(p.sender)
+        stats = p.sender.stats
+        assert stats.delivered == stats.scheduled - stats.dropped and stats.failed == 0
+        for generation, events in timelines.items():
+            if p.sink.status_of(generation) is not None:
+                assert p.sink.latest[generation].event_id in {e.event_id for e in events}
+
+
 async def test_forged_tampered_replayed_and_skewed_deliveries_change_nothing() -> None:
     hostile = WebhookFaults(forged=1.0, tampered=1.0, replay=1.0, replay_after=0.05,
                             stale=0.5, future=0.5)

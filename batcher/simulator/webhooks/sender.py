@@ -25,7 +25,7 @@ import heapq
 import itertools
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -117,7 +117,8 @@ class WebhookSender:
         self._endpoints: dict[tuple[str | None, str], WebhookEndpoint] = {}
         self._heap: list[tuple[float, int, _Delivery]] = []
         self._seq = itertools.count()
-        self._pending: Counter[tuple[str, str]] = Counter()
+        # (endpoint, generation) -> event id -> genuine deliveries of it still on the heap
+        self._pending: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
         self._held: dict[tuple[str, str], list[_Delivery]] = {}
         self._outstanding = 0
         self._wake: anyio.Event | None = None
@@ -281,26 +282,42 @@ class WebhookSender:
     def _push(self, delivery: _Delivery, due: float) -> None:
         heapq.heappush(self._heap, (due, next(self._seq), delivery))
         if delivery.kind in _ORDERED:
-            self._pending[delivery.order_key] += 1
+            self._pending[delivery.order_key][delivery.event.event_id] += 1
         if self._wake is not None:
             self._wake.set()
 
     def _release(self, delivery: _Delivery) -> list[_Delivery]:
-        """What goes out now that ``delivery`` is due: nothing (held), it, or it and the held."""
-        key = delivery.order_key
+        """What goes out now that ``delivery`` is due: nothing (held), it, or it and the held.
+
+        A held delivery waits for a delivery of another event of its generation
+        (to the same endpoint) and goes out right after it.
+        """
+        key, event_id = delivery.order_key, delivery.event.event_id
+        pending = self._pending[key]
         if delivery.kind in _ORDERED:
-            self._pending[key] -= 1
-            if self._pending[key] <= 0:
-                del self._pending[key]
+            pending[event_id] -= 1
+            if pending[event_id] <= 0:
+                del pending[event_id]
         if delivery.hold:
             delivery.hold = False
-            if self._pending.get(key):
+            if any(other != event_id for other in pending):
                 self.stats.reordered += 1
                 self._held.setdefault(key, []).append(delivery)
                 return []
+        ready = [delivery]
         if delivery.kind in _ORDERED and key in self._held:
-            return [delivery, *self._held.pop(key)]
-        return [delivery]
+            # Copies of this same event stay held while another event is still to come;
+            # with nothing left to come, everything held goes (none is ever stranded).
+            others_to_come = any(other != event_id for other in pending)
+            kept: list[_Delivery] = []
+            for held in self._held.pop(key):
+                same = held.event.event_id == event_id
+                (kept if same and others_to_come else ready).append(held)
+            if kept:
+                self._held[key] = kept
+        if not pending:
+            del self._pending[key]
+        return ready
 
     def _finish(self) -> None:
         self._outstanding -= 1
