@@ -405,7 +405,6 @@ def test_endpoints_route_by_key_mode_and_event_type() -> None:
     again = sender.configure("http://127.0.0.1:9/moved", api_key_id=OWNER)
     assert again.endpoint_id == mine.endpoint_id and again.secret == SECRET
     assert len(sender.endpoints()) == 2
-    assert "secret" not in repr(again) or "***" in repr(again)
     assert SECRET.reveal() not in repr(again)
     sender.schedule(EventSubject("g", "p", OWNER), "queued", 0.0)
     sender.schedule(EventSubject("g", "p", api_key_id("someone-else")), "queued", 0.0)
