@@ -16,6 +16,8 @@ OS errors around outputs inside ``outputs.py``::
     │   └── OutputPathError      an output path would leave --out
     ├── RunHalted                a local stop: --max-spend reached, --halt-after
     │                            passed (halts submissions)
+    ├── ApiUnavailable           the API host has been down longer than the
+    │                            patience (halts the run)
     └── ApiError                 anything the Diffio API or the network did
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
@@ -49,6 +51,7 @@ from typing import Any
 
 __all__ = [
     "ApiError",
+    "ApiUnavailable",
     "AuthError",
     "BatcherError",
     "ClientError",
@@ -189,6 +192,23 @@ class RunHalted(BatcherError):
     def __init__(self, message: str, *, code: str) -> None:
         self.code = code
         self.message = message
+        super().__init__(message)
+
+
+class ApiUnavailable(BatcherError):
+    """The API host did not answer for longer than the run's patience.
+
+    Infrastructure, not a row's fault: no row fails; the run halts (exit 3)
+    and the same command resumes it once the host is back.
+    """
+
+    halts_submissions = True
+    halts_run = True
+    code = "apiUnavailable"
+
+    def __init__(self, message: str, *, host: str) -> None:
+        self.message = message
+        self.host = host
         super().__init__(message)
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench``: every benchmark of issue 7 in one command, then a summary.
+"""``python -m bench``: every benchmark in one command, then a summary.
 
 The batcher and the simulator always run as separate processes; figures are
 ratios and per-row costs measured on this machine (2 shared cores: expect a

@@ -1,4 +1,4 @@
-"""classify(): the table of API answers and what each means, row by row, plus the bad answers."""
+"""classify(): the table of how each answer is handled, row by row, plus the bad answers."""
 
 from __future__ import annotations
 

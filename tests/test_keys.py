@@ -1,4 +1,4 @@
-"""Derived idempotency keys and row ids: a key is a function of the row's request, nothing else."""
+"""Derived idempotency keys and row ids: a function of the row's request, nothing else."""
 
 from __future__ import annotations
 

@@ -27,6 +27,12 @@ def test_event_names_are_constants_of_one_style() -> None:
         assert NAME.match(name), name
 
 
+def test_the_docs_list_every_event() -> None:
+    page = (SOURCE.parent / "docs" / "guide" / "watching.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z_.]+)` \|", page, re.MULTILINE))
+    assert listed == logs.EVENTS
+
+
 def _log_calls() -> Iterator[tuple[str, str]]:
     """(file, call text) of every log call in batcher's own modules."""
     for path in SOURCE.rglob("*.py"):
@@ -47,7 +53,7 @@ def test_every_log_call_names_its_event_with_a_constant() -> None:
     calls = list(_log_calls())
     assert len(calls) > 15
     for rel, call in calls:
-        named = re.search(r"extra=event\(([A-Z_]+)", call)
+        named = re.search(r"extra=(?:log_)?event\(([A-Z_]+)", call)
         assert named, f"{rel}: a log call without extra=event(CONSTANT, ...): {call}"
         assert getattr(logs, named.group(1)) in logs.EVENTS, (rel, call)
 

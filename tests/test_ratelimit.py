@@ -6,7 +6,6 @@ import math
 import time
 
 import anyio
-import anyio.lowlevel
 import pytest
 from fakeclock import FakeClock, settle
 

@@ -23,6 +23,9 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "API_PROBE_FAILED",
+    "API_REACHABLE",
+    "API_UNREACHABLE",
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
     "LEDGER_ROWS_RETIRED",
@@ -41,6 +44,9 @@ __all__ = [
     "RUN_HALTED",
     "RUN_PROGRESS",
     "UPLOAD_URL_EXPIRED",
+    "WEBHOOK_ACCEPTED",
+    "WEBHOOK_REFUSED",
+    "WEBHOOK_SINK_FAILED",
     "WORKER_HEARTBEAT_FAILED",
     "WORKER_JOINED",
     "WORKER_LEAVE_FAILED",
@@ -74,13 +80,22 @@ RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
 REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
+# -- the API host (circuit breaker) ---------------------------------------------------
+API_UNREACHABLE = "api.unreachable"  # host, failed_requests: requests pause
+API_PROBE_FAILED = "api.probe_failed"  # host, next_probe_in
+API_REACHABLE = "api.reachable"  # host, down_seconds: requests go out again
+# -- webhook deliveries -------------------------------------------------------------
+WEBHOOK_ACCEPTED = "webhook.accepted"  # message_id, disposition, generation, event_type
+WEBHOOK_REFUSED = "webhook.refused"  # reason, detail, message_id
+WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: answered 503
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, LEDGER_ROWS_RETIRED,
-    OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED,
+    OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
+    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
 })
 """Every event batcher logs."""
 

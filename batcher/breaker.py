@@ -1,0 +1,224 @@
+"""A circuit breaker for the API host: an outage pauses the run, it fails no row.
+
+When the API host stops answering, every request in flight fails the same
+way. Retrying each of them on its own would spend every row's attempts on the
+outage and fail rows that would succeed a minute later, paid ones included.
+The breaker tells an outage from one bad request:
+
+* **closed** — requests go out. A transport failure (no HTTP answer, or a
+  gateway's 502/503/504) of a request is remembered by the request's key;
+  ``threshold`` failures of *different* requests in a row, with no success
+  between them, open the breaker. One request failing again and again does
+  not: that is the request's problem, and its retries end in a row error.
+* **open** — nobody sends. Callers wait in :meth:`CircuitBreaker.request`
+  without spending attempts. After ``backoff`` seconds one caller becomes the
+  probe (**half-open**); everyone else keeps waiting.
+* the probe's verdict: any HTTP answer closes the breaker and wakes everyone;
+  another failure opens it again with the backoff doubled (up to
+  ``max_backoff``).
+
+An outage longer than ``patience`` seconds (measured from the moment the
+breaker opened) ends in :class:`~batcher.errors.ApiUnavailable`, which halts
+the run resumably: rows keep their stages and the same command finishes them
+later.
+
+Time comes only from the injected :class:`~batcher.clock.Clock`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from enum import StrEnum
+
+import anyio
+
+from batcher.clock import Clock
+from batcher.errors import ApiUnavailable
+from batcher.ops.logs import API_PROBE_FAILED, API_REACHABLE, API_UNREACHABLE, event
+
+__all__ = ["BreakerState", "CircuitBreaker", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+
+class BreakerState(StrEnum):
+    """Where the breaker is."""
+
+    CLOSED = "closed"  # requests go out
+    OPEN = "open"  # nobody sends until the next probe is due
+    HALF_OPEN = "half-open"  # one probe is out; the rest wait for its verdict
+
+
+class Verdict:
+    """What one request's caller says happened; unset means "no verdict".
+
+    A request that ends without a verdict (cancelled, or failed in a way that
+    says nothing about the host) changes nothing, except that a probe without
+    a verdict hands the probe on to the next caller.
+    """
+
+    __slots__ = ("reachable",)
+
+    def __init__(self) -> None:
+        self.reachable: bool | None = None
+
+    def answered(self) -> None:
+        """The host answered (any HTTP status but a gateway's 502/503/504)."""
+        self.reachable = True
+
+    def unreachable(self) -> None:
+        """No answer: connect or read failure, timeout, or a gateway error."""
+        self.reachable = False
+
+
+class CircuitBreaker:
+    """Pauses every API request while the host is down; see the module docstring.
+
+    ``host`` names what is down in messages (never a URL with credentials).
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        host: str,
+        threshold: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        patience: float = 600.0,
+    ) -> None:
+        if threshold < 1:
+            raise ValueError("threshold must be at least 1")
+        if backoff <= 0 or max_backoff < backoff or patience < 0:
+            raise ValueError("backoff, max_backoff and patience must be sensible")
+        self._clock = clock
+        self.host = host
+        self.threshold = threshold
+        self.base_backoff = backoff
+        self.max_backoff = max_backoff
+        self.patience = patience
+        self.state = BreakerState.CLOSED
+        self._failed: set[Hashable] = set()
+        self._backoff = backoff
+        self._opened_at: float | None = None
+        self._probe_at = 0.0
+        self._changed = anyio.Event()
+        self.opened = 0  # how many outages were seen (for operators)
+        self.paused_seconds = 0.0  # total time spent open
+
+    @property
+    def down_since(self) -> float | None:
+        """Clock time at which the current outage began, or None."""
+        return self._opened_at
+
+    @asynccontextmanager
+    async def request(self, key: Hashable) -> AsyncIterator[Verdict]:
+        """Wait until a request may go out, then let the caller send it.
+
+        The caller sets the yielded :class:`Verdict`. Raises ApiUnavailable
+        when the outage has lasted longer than ``patience``.
+        """
+        probe = await self._admit()
+        verdict = Verdict()
+        try:
+            yield verdict
+        finally:
+            self._settle(key, verdict.reachable, probe=probe)
+
+    async def _admit(self) -> bool:
+        """Return once sending is allowed; True when this caller is the probe."""
+        while True:
+            if self.state is BreakerState.CLOSED:
+                return False
+            now = self._clock.now()
+            assert self._opened_at is not None
+            if now - self._opened_at >= self.patience:
+                raise ApiUnavailable(
+                    f"the API host {self.host} has not answered for "
+                    f"{now - self._opened_at:.0f} s (patience {self.patience:.0f} s); "
+                    "rows keep their stages: run the same command again to finish",
+                    host=self.host,
+                )
+            if self.state is BreakerState.OPEN and now >= self._probe_at:
+                self.state = BreakerState.HALF_OPEN
+                return True
+            if self.state is BreakerState.OPEN:
+                wait = min(self._probe_at, self._opened_at + self.patience) - now
+            else:
+                # A probe is out: wait for its verdict, but wake in time to
+                # give up once patience runs out.
+                wait = self._opened_at + self.patience - now
+            await self._wait(wait)
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` on the clock, or less if the state changes."""
+        changed = self._changed
+        async with anyio.create_task_group() as tg:
+
+            async def sleeper() -> None:
+                await self._clock.sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(sleeper)
+            await changed.wait()
+            tg.cancel_scope.cancel()
+
+    def _settle(self, key: Hashable, reachable: bool | None, *, probe: bool) -> None:
+        if reachable is True:
+            self._failed.clear()
+            if self.state is not BreakerState.CLOSED:
+                self._close()
+            return
+        if reachable is None:
+            if probe and self.state is BreakerState.HALF_OPEN:
+                # The probe gave no verdict: the next caller probes at once.
+                self.state = BreakerState.OPEN
+                self._probe_at = self._clock.now()
+                self._notify()
+            return
+        if probe or self.state is not BreakerState.CLOSED:
+            if probe and self.state is BreakerState.HALF_OPEN:
+                self._backoff = min(self.max_backoff, self._backoff * 2)
+                self.state = BreakerState.OPEN
+                self._probe_at = self._clock.now() + self._backoff
+                log.info("%s still does not answer; next probe in %.1f s", self.host,
+                         self._backoff, extra=event(API_PROBE_FAILED, host=self.host,
+                                                    next_probe_in=self._backoff))
+                self._notify()
+            return
+        self._failed.add(key)
+        if len(self._failed) >= self.threshold:
+            self._open()
+
+    def _open(self) -> None:
+        now = self._clock.now()
+        self.state = BreakerState.OPEN
+        self._opened_at = now
+        self._backoff = self.base_backoff
+        self._probe_at = now + self._backoff
+        self.opened += 1
+        log.warning("%s does not answer (%d requests failed): requests pause", self.host,
+                    len(self._failed), extra=event(API_UNREACHABLE, host=self.host,
+                                                   failed_requests=len(self._failed)))
+        self._notify()
+
+    def _close(self) -> None:
+        assert self._opened_at is not None
+        down = self._clock.now() - self._opened_at
+        self.paused_seconds += down
+        log.warning("%s answers again after %.1f s: requests go on", self.host, down,
+                    extra=event(API_REACHABLE, host=self.host, down_seconds=round(down, 3)))
+        self.state = BreakerState.CLOSED
+        self._opened_at = None
+        self._backoff = self.base_backoff
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def __repr__(self) -> str:
+        return (f"CircuitBreaker(host={self.host!r}, state={self.state.value}, "
+                f"failures={len(self._failed)}/{self.threshold}, outages={self.opened})")
