@@ -1,11 +1,14 @@
 """batcher's one error tree.
 
-Every failure that crosses a module boundary is one of these; aiohttp and
-orjson exceptions are translated into them inside ``client.py`` only, local
-OS errors around outputs inside ``outputs.py``::
+Every failure that crosses a module boundary is one of these. Exceptions of
+the libraries underneath are translated where they happen: HTTP-layer ones in
+``storage.py`` (``Transport.error``), answers in ``classify.py``, local OS
+errors around outputs in ``outputs.py``, the databases' in ``ledger/``::
 
     BatcherError
     ├── ConfigError              bad flags, job file or environment (exit 2)
+    │   ├── WebhookSecretError   the webhook signing secret is missing or not whsec_…
+    │   └── ListenAddressError   a --webhook-listen value that is not HOST:PORT
     ├── ManifestError            unreadable manifest, missing header (exit 2)
     ├── RowError                 one bad manifest row (row failed: invalidRow)
     ├── LedgerError              the ledger cannot be opened or written
@@ -18,6 +21,10 @@ OS errors around outputs inside ``outputs.py``::
     │                            passed (halts submissions)
     ├── ApiUnavailable           the API host has been down longer than the
     │                            patience (halts the run)
+    ├── DeliveryRefused          one webhook delivery refused (never stops the
+    │   │                        receiver); carries reason and http_status
+    │   ├── VerificationError    headers, timestamp or signature do not hold
+    │   └── EventError           signed, but not a generation event we understand
     └── ApiError                 anything the Diffio API or the network did
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
@@ -47,6 +54,7 @@ that came back from outside.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
 __all__ = [
@@ -58,13 +66,17 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "DecodeError",
+    "DeliveryRefused",
+    "EventError",
     "InvalidRequest",
     "LedgerError",
     "LedgerLocked",
+    "ListenAddressError",
     "LocalFileError",
     "ManifestError",
     "OutputPathError",
     "RateLimited",
+    "RefusalReason",
     "RequestBug",
     "RowError",
     "RunHalted",
@@ -75,6 +87,8 @@ __all__ = [
     "TransitionConflict",
     "TransportError",
     "UrlExpired",
+    "VerificationError",
+    "WebhookSecretError",
     "redact",
 ]
 
@@ -399,3 +413,72 @@ class RequestBug(ClientError):
     halts_submissions = True
     halts_run = True
     code = "methodNotAllowed"
+
+
+# -- webhook deliveries ------------------------------------------------------------
+
+
+class RefusalReason(StrEnum):
+    """Why a delivery was refused; the values are the counters' names."""
+
+    # A signing header (id, timestamp, signature) is absent or unreadable.
+    MISSING_HEADERS = "missingHeaders"
+    # No ``v1`` signature matches: a third party, a tampered body, a wrong secret.
+    BAD_SIGNATURE = "badSignature"
+    # Signed longer ago than the tolerance: a replay, or a sender's clock far behind.
+    STALE_TIMESTAMP = "staleTimestamp"
+    # Signed further ahead than the tolerance: a sender's clock far ahead.
+    FUTURE_TIMESTAMP = "futureTimestamp"
+    # Verified, but not JSON, or not a generation event (missing field, unknown type).
+    BAD_BODY = "badBody"
+    # Longer than the receiver's body cap.
+    TOO_LARGE = "tooLarge"
+
+
+# What the sender is told. 4xx makes Svix retry later, which is right for a
+# clock problem and harmless for a forgery; 413 and 400 say "do not resend as is".
+_REFUSAL_HTTP_STATUS: dict[RefusalReason, int] = {
+    RefusalReason.MISSING_HEADERS: 400,
+    RefusalReason.BAD_SIGNATURE: 401,
+    RefusalReason.STALE_TIMESTAMP: 401,
+    RefusalReason.FUTURE_TIMESTAMP: 401,
+    RefusalReason.BAD_BODY: 400,
+    RefusalReason.TOO_LARGE: 413,
+}
+
+
+class WebhookSecretError(ConfigError):
+    """The signing secret is missing or malformed.
+
+    The message names the environment variable, never the value.
+    """
+
+
+class ListenAddressError(ConfigError):
+    """A listen address that is not ``HOST:PORT`` (or ``PORT``)."""
+
+
+class DeliveryRefused(BatcherError):
+    """One webhook delivery was refused; the receiver answers ``http_status``."""
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason.value}: {message}")
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status the receiver answers with."""
+        return _REFUSAL_HTTP_STATUS[self.reason]
+
+
+class VerificationError(DeliveryRefused):
+    """The delivery's signing headers, timestamp or signature do not hold."""
+
+
+class EventError(DeliveryRefused):
+    """The body is authentic but not a generation event this receiver understands."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(RefusalReason.BAD_BODY, message)

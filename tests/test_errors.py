@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +29,10 @@ def _drawn_tree() -> dict[str, str]:
     stack: list[tuple[int, str]] = []
     for line in errors.__doc__.splitlines():
         found = re.match(r"^[\s│├└─]*([A-Z][A-Za-z]+)\b", line)
-        if not found or not isinstance(getattr(errors, found.group(1), None), type):
+        cls = getattr(errors, found.group(1), None) if found else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             continue
+        assert found is not None
         depth = found.start(1)
         while stack and stack[-1][0] >= depth:
             stack.pop()
@@ -41,7 +45,8 @@ def _drawn_tree() -> dict[str, str]:
 def test_the_drawing_is_the_class_tree_and_names_every_error() -> None:
     drawn = _drawn_tree()
     classes = {name: getattr(errors, name) for name in errors.__all__
-               if isinstance(getattr(errors, name), type)}
+               if isinstance(getattr(errors, name), type)
+               and issubclass(getattr(errors, name), BaseException)}
     assert set(drawn) | {"BatcherError"} == set(classes)
     for name, parent in drawn.items():
         assert classes[name].__bases__ == (classes[parent],), name
@@ -89,3 +94,11 @@ def test_halting_is_a_property_of_the_error(error: BatcherError, submissions: bo
 def test_the_apis_status_words_become_one_enum(word: str | None,
                                                status: GenerationStatus) -> None:
     assert GenerationStatus.of(word) is status
+
+
+def test_the_reference_page_draws_the_same_tree() -> None:
+    assert errors.__doc__ is not None
+    drawn = errors.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    page = (Path(errors.__file__).parents[1] / "docs" / "reference" / "errors.md").read_text()
+    tree = page.split("```text\n", 1)[1].split("```", 1)[0]
+    assert tree == textwrap.dedent(drawn) + "\n"

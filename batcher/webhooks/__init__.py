@@ -15,12 +15,12 @@ Modules: ``secret`` (the masked secret and where it comes from),
 ``signing`` (sign and verify), ``events`` (the event and which is newer),
 ``sink`` (the sink protocol, a memory sink), ``dedupe`` (recent message ids),
 ``stats`` (counters), ``receiver`` (the pipeline and its aiohttp app),
-``server`` (binding, ``HOST:PORT``), ``errors``.
+``server`` (binding, ``HOST:PORT``). Its errors are in :mod:`batcher.errors`.
 """
 
 from __future__ import annotations
 
-from batcher.webhooks.errors import (
+from batcher.errors import (
     DeliveryRefused,
     EventError,
     ListenAddressError,

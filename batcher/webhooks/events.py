@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from batcher.webhooks.errors import EventError
+from batcher.errors import EventError
 
 __all__ = [
     "EventStatus",

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from batcher.errors import DeliveryRefused, RefusalReason
 from batcher.ops.logs import WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED
 from batcher.ops.logs import event as log_event
 from batcher.webhooks.dedupe import RecentIds
-from batcher.webhooks.errors import DeliveryRefused, RefusalReason
 from batcher.webhooks.events import GenerationEvent
 from batcher.webhooks.secret import WebhookSecret
 from batcher.webhooks.signing import DEFAULT_TOLERANCE, Verifier

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 
-from batcher.webhooks.errors import WebhookSecretError
+from batcher.errors import WebhookSecretError
 
 __all__ = ["DEFAULT_SECRET_ENV", "WebhookSecret", "load_secret"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from batcher.webhooks.errors import ListenAddressError
+from batcher.errors import ListenAddressError
 from batcher.webhooks.receiver import WebhookReceiver
 
 __all__ = ["DEFAULT_HOST", "ListenAddress", "parse_listen", "serve_receiver"]

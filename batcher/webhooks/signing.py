@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
-from batcher.webhooks.errors import RefusalReason, VerificationError
+from batcher.errors import RefusalReason, VerificationError
 from batcher.webhooks.secret import WebhookSecret
 
 __all__ = ["DEFAULT_TOLERANCE", "SignedDelivery", "Verifier", "sign", "signed_headers"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from batcher.webhooks.errors import RefusalReason
+from batcher.errors import RefusalReason
 from batcher.webhooks.sink import Disposition
 
 __all__ = ["COUNTER_NAMES", "ReceiverStats"]
