@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,7 +74,7 @@ class Job:
                                   timeout=settings.timeout, on_request=stats.on_request)
             runner = Runner(settings, ledger, client, gate=gate, clock=self.clock,
                             rng=random.Random(7), stats=stats, wall=self.clock,
-                            run_info=run_info())
+                            run_info=RunInfo.start("test"))
             if stop_when is None:
                 return await runner.run()
             result: RunResult | None = None
@@ -105,8 +104,6 @@ async def until(predicate: Callable[[], bool]) -> None:
         await anyio.sleep(0.0005)
 
 
-def run_info() -> RunInfo:
-    return RunInfo(run_id=uuid.uuid4().hex, pid=1, host="test", started_at=T0)
 
 
 @pytest.fixture
@@ -136,7 +133,7 @@ async def make_job(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             tg.start_soon(serve)
             await started.wait()
             ledger = MemoryLedger(clock=clock, shared=shared)
-            await ledger.open(run_info())
+            await ledger.open(RunInfo.start("test"))
             return Job(tmp_path, manifest, clock, ready[0], ledger)
 
         yield make
