@@ -1,21 +1,22 @@
-"""One run of a job: read → key → ledger → submit → poll → download → publish.
+"""One run of a job: read → key → ledger → gate → submit → poll → download → publish.
 
 This module only wires the stages, each in a module of its own:
 
-* :mod:`batcher.intake` reads the manifest and keys its rows, in batches;
-  the ledger imports them;
+* :mod:`batcher.intake` reads the manifest (:mod:`batcher.manifest`) and keys
+  its rows (:mod:`batcher.keys`), in batches; the ledger imports them;
 * :mod:`.resume` decides what each ledger row needs next to its manifest row;
 * :mod:`.hosts` says who works on which row (this run alone, or leases on a
   ledger several hosts share);
 * :mod:`.submit` creates projects, uploads and posts generations;
 * :mod:`.poll` watches submitted generations;
-* :mod:`.download` fetches and publishes finished outputs;
+* :mod:`.download` fetches finished outputs, :mod:`batcher.outputs` publishes
+  them;
 * :mod:`.followers` settles rows that repeat another row's request.
 
 Shape: one anyio task group; the import feeds a bounded stream to N submit
 workers; one poller holds submitted generations; download workers fetch
-finished file rows. Every API call passes the client's one rate gate and one
-concurrency cap. The invariants the stages keep together:
+finished file rows. Every API call passes the client's one rate gate
+(:mod:`batcher.ratelimit`) and one concurrency cap. The invariants the stages keep together:
 
 * a row is posted only with its ledger key, and only after its project id
   (file rows) is committed: a re-post after any crash is a free replay;
