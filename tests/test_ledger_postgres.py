@@ -395,7 +395,7 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     hosts: list[PostgresLedger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batcher.ledger.sqlite import _to_row as real  # the codec postgres.py uses
+    from batcher.ledger.codec import row_from_record as real
 
     a, b = hosts[0], hosts[1]
     (row,) = await a.import_rows(manifest(5)[:1])
@@ -405,7 +405,7 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr("batcher.ledger.postgres._to_row", counting)
+    monkeypatch.setattr("batcher.ledger.postgres.row_from_record", counting)
     moved = await a.transition(
         row.row_id, Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s",
         current=row,

@@ -337,13 +337,13 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     await led.open(run_info())
     (row,) = await led.import_rows([new_row(1)])
     decoded: list[str] = []
-    real = sqlite_module._to_row
+    real = sqlite_module.row_from_record
 
     def counting(r: Any) -> Any:
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr(sqlite_module, "_to_row", counting)
+    monkeypatch.setattr(sqlite_module, "row_from_record", counting)
     moved = await led.transition(
         "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s", current=row
     )

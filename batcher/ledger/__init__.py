@@ -1,4 +1,6 @@
-"""The ledger: where every row's progress is committed (DESIGN.md invariant 5).
+"""The ledger: where every row's progress is committed, in order, before the
+runner acts on it, so an export can be made at any moment and a killed run
+resumes from it.
 
 :func:`open_ledger` picks a backend from ``--ledger``'s value; the runner only
 ever sees the :class:`~batcher.ledger.base.LeasingLedger` Protocol.

@@ -16,41 +16,22 @@ from dataclasses import replace
 from typing import Any
 
 import anyio.lowlevel
-import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
+from batcher.errors import LedgerError
 from batcher.ledger.base import LEASE_TAKEN_OVER
-from batcher.model import (
-    ACTIVE_STAGES,
-    UPDATE_COLUMNS,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
+from batcher.ledger.codec import (
+    REQUEST_FIELDS,
+    inserted_record,
+    json_copy,
+    moved,
+    new_row_values,
+    row_from_record,
 )
+from batcher.ledger.rules import Refresh, check_move, first_earlier, import_refresh, refusal
+from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update
 from batcher.model import Event as LedgerEvent
 
 __all__ = ["MemoryLedger"]
-
-_DELTAS = frozenset({"attempts_delta", "polls_delta"})
-_INVALID_ROW = "invalidRow"
-
-
-def _json_copy(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
-    """A JSON round trip, so memory stores exactly what SQLite would."""
-    if value is None:
-        return None
-    try:
-        copied = orjson.loads(orjson.dumps(value))
-    except TypeError as exc:
-        raise LedgerError(f"{what} is not JSON-serializable: {exc}") from exc
-    if not isinstance(copied, dict):
-        raise LedgerError(f"{what} must be a JSON object")
-    return copied
 
 
 class MemoryLedger:
@@ -134,78 +115,48 @@ class MemoryLedger:
 
     def _import_one(self, new: NewRow, run_id: str) -> LedgerRow:
         now = self._clock()
-        error = _json_copy(new.error, "error")
+        values = new_row_values(new)
         cur = self._rows.get(new.row_id)
         self._seen[new.row_id] = run_id
         if cur is None:
-            stage = Stage.FAILED if error is not None else Stage.PENDING
-            row = LedgerRow(
-                row_id=new.row_id,
-                line=new.line,
-                stage=stage,
-                error=error,
-                created_at=now,
-                updated_at=now,
-                **self._request_fields(new, run_id),
-            )
+            stage = Stage.FAILED if new.error is not None else Stage.PENDING
+            row = self._fresh(values, stage, new, run_id, now)
             self._store(row)
             detail: dict[str, Any] = {"line": new.line}
-            if error is not None:
-                detail["error"] = error
+            if row.error is not None:
+                detail["error"] = row.error
             self._event(row.row_id, now, None, stage, "imported", detail)
             return row
         row = replace(cur, line=new.line, retired=False)
-        if error is not None:
-            if row.stage is Stage.PENDING or (row.stage is Stage.FAILED and row.error != error):
-                self._event(row.row_id, now, row.stage, Stage.FAILED, "invalid", error)
-                row = replace(row, stage=Stage.FAILED, error=error, updated_at=now)
-        elif (
-            row.stage is Stage.FAILED
-            and row.error is not None
-            and row.error.get("code") == _INVALID_ROW
-            and row.generation_id is None
-        ):
-            row = replace(row, stage=Stage.PENDING, error=None, updated_at=now,
-                          **self._request_fields(new, run_id))
-            self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, "revalidated", {})
+        error = json_copy(new.error, "error")
+        decision = import_refresh(row.stage, row.error, row.generation_id, error)
+        if decision is Refresh.INVALIDATE:
+            self._event(row.row_id, now, row.stage, Stage.FAILED, decision.value, error or {})
+            row = replace(row, stage=Stage.FAILED, error=error, updated_at=now)
+        elif decision is Refresh.REVALIDATE:
+            fresh = self._fresh(values, Stage.PENDING, new, run_id, now)
+            request = {name: getattr(fresh, name) for name in REQUEST_FIELDS}
+            row = replace(row, stage=Stage.PENDING, error=None, updated_at=now, **request)
+            self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, decision.value, {})
         self._store(row, previous=cur)
         return row
 
-    def _request_fields(self, new: NewRow, run_id: str) -> dict[str, Any]:
-        """What a manifest row says about its request, as LedgerRow fields."""
-        return {
-            "kind": new.kind,
-            "idempotency_key": new.idempotency_key,
-            "model_key": new.model_key,
-            "api_project_id": new.api_project_id,
-            "sampling": _json_copy(new.sampling, "sampling") or {},
-            "params": _json_copy(new.params, "params") or {},
-            "source_path": new.source_path,
-            "source_sha256": new.source_sha256,
-            "source_size": new.source_size,
-            "output_rel": new.output_rel,
-            "explicit_key": new.explicit_key,
-            "request_digest": new.request_digest,
-            "group": new.group,
-            "leader_row_id": self._leader(new, run_id),
-        }
+    def _fresh(
+        self, values: dict[str, Any], stage: Stage, new: NewRow, run_id: str, now: float
+    ) -> LedgerRow:
+        """The row a database would hold after inserting ``values``."""
+        leader = self._leader(new, run_id)
+        return row_from_record(inserted_record(values, stage, leader, now))
 
     def _leader(self, new: NewRow, run_id: str) -> str | None:
         if new.group is None:
             return None
-        best: LedgerRow | None = None
-        for rid in self._groups.get(new.group, ()):
-            r = self._rows[rid]
-            if (
-                rid == new.row_id
-                or r.retired
-                or self._seen.get(rid) != run_id
-                or r.line >= new.line
-            ):
-                continue
-            if best is None or (r.line, r.row_id) < (best.line, best.row_id):
-                best = r
-        return best.row_id if best else None
+        candidates = (
+            (r.line, r.row_id)
+            for r in (self._rows[rid] for rid in self._groups.get(new.group, ()))
+            if not r.retired and self._seen.get(r.row_id) == run_id
+        )
+        return first_earlier(candidates, new.line, new.row_id)
 
     def _store(self, row: LedgerRow, previous: LedgerRow | None = None) -> None:
         if previous is not None and previous.group is not None and previous.group != row.group:
@@ -260,35 +211,21 @@ class MemoryLedger:
         """
         await anyio.lowlevel.checkpoint()
         self._writer()
-        changes: dict[str, Any] = dict(update or {})
-        unknown = set(changes) - UPDATE_COLUMNS - _DELTAS
-        if unknown:
-            raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-        expected = stage_set(expect)
-        allowed = legal_sources(expected, to)
-        if not allowed:
-            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
-        if current is not None and current.row_id != row_id:
-            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        detail_copy = _json_copy(detail or {}, "event detail") or {}
-        if "error" in changes:
-            changes["error"] = _json_copy(changes["error"], "error")
+        move = check_move(row_id, expect, to, update or {}, current)
+        detail_copy = json_copy(detail or {}, "event detail") or {}
+        fields: dict[str, Any] = dict(update or {})
+        deltas = (fields.pop("attempts_delta", 0), fields.pop("polls_delta", 0))
+        if "error" in fields:
+            fields["error"] = json_copy(fields["error"], "error")
         cur = self._rows.get(row_id)
-        if cur is None or cur.stage not in expected:
-            raise TransitionConflict(
-                row_id, describe_stages(expected), cur.stage.value if cur else None
-            )
-        if cur.stage not in allowed:
-            raise LedgerError(f"row {row_id}: illegal move {cur.stage} -> {to}")
+        if cur is None or cur.stage not in move.allowed:
+            raise refusal(move, None if cur is None else cur.stage)
         now = self._clock()
-        attempts = cur.attempts + changes.pop("attempts_delta", 0)
-        polls = cur.polls + changes.pop("polls_delta", 0)
-        row = replace(cur, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
+        computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1])
+        row = moved(cur, to, fields, computed)
         self._rows[row_id] = row
         self._event(row_id, now, cur.stage, to, event, detail_copy)
-        if current is None:
-            return row
-        return replace(current, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
+        return row if current is None else moved(current, to, fields, computed)
 
     # -- reads -------------------------------------------------------------
 

@@ -30,6 +30,7 @@ __all__ = [
     "load_migrations",
     "load_queries",
     "migrate_sqlite",
+    "named_statements",
     "pending_migrations",
     "split_statements",
 ]
@@ -84,17 +85,21 @@ def load_migrations(dialect: str) -> tuple[Migration, ...]:
     return tuple(found)
 
 
-@cache
-def load_queries() -> dict[str, str]:
-    """The named statements of ``queries.sql``."""
-    text = resources.files("batcher.ledger").joinpath("sql", "queries.sql").read_text("utf-8")
+def named_statements(file_name: str) -> dict[str, str]:
+    """The ``-- name:`` blocks of ``sql/<file_name>``, without their semicolons."""
+    text = resources.files("batcher.ledger").joinpath("sql", file_name).read_text("utf-8")
     marks = list(_NAME.finditer(text))
     queries: dict[str, str] = {}
     for i, mark in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        body = text[mark.end() : end].strip().rstrip(";").strip()
-        queries[mark["name"]] = body
+        queries[mark["name"]] = text[mark.end() : end].strip().rstrip(";").strip()
     return queries
+
+
+@cache
+def load_queries() -> dict[str, str]:
+    """The named statements of ``queries.sql``."""
+    return named_statements("queries.sql")
 
 
 def split_statements(sql: str) -> list[str]:

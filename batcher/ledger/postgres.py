@@ -41,8 +41,19 @@ import anyio
 import asyncpg
 import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
+from batcher.errors import LedgerError
 from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.ledger.codec import (
+    COMPUTED,
+    SET_COLUMNS,
+    STAGES,
+    dumps_object,
+    moved,
+    new_row_values,
+    row_from_record,
+    transition_values,
+    update_fields,
+)
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
@@ -53,29 +64,8 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
-
-# The row codec is SQLite's on purpose: both backends store the same column
-# values (JSON as text, error code/message copies), so an export is the same.
-from batcher.ledger.sqlite import (
-    _changes,
-    _dumps,
-    _moved,
-    _new_row_params,
-    _to_row,
-    _transition_params,
-)
-from batcher.model import (
-    UPDATE_COLUMNS,
-    Event,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
-)
+from batcher.ledger.rules import check_move, refusal
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["PostgresLedger"]
 
@@ -83,12 +73,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STAGES: dict[str, Stage] = {s.value: s for s in Stage}
 _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
-_DELTAS = frozenset({"attempts_delta", "polls_delta"})
-_SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
 # The columns a transition returns when the caller passed ``current``.
-_COMPUTED = "updated_at, attempts, polls"
+_COMPUTED = ", ".join(COMPUTED)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
@@ -297,7 +284,7 @@ class PostgresLedger:
         loses a deadlock or serialization race against another host's import
         is run again (it changed nothing).
         """
-        prepared = [(new, _new_row_params(new)) for new in rows]
+        prepared = [(new, new_row_values(new)) for new in rows]
         pool = self._pool_for(write=True)
         if not prepared:
             return []
@@ -336,17 +323,12 @@ class PostgresLedger:
         :meth:`Ledger.transition`).
         """
         pool = self._pool_for(write=True)
-        expected = stage_set(expect)
-        allowed = legal_sources(expected, to)
-        if not allowed:
-            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
-        if current is not None and current.row_id != row_id:
-            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        params = _transition_params(row_id, to, update or {})
+        move = check_move(row_id, expect, to, update or {}, current)
+        params = transition_values(row_id, to, update or {})
         params.update(
-            allowed=sorted(s.value for s in allowed),
+            allowed=sorted(s.value for s in move.allowed),
             event=event,
-            detail=_dumps(detail or {}, "event detail") or "{}",
+            detail=dumps_object(detail or {}, "event detail") or "{}",
             run_id=self._run_id(),
             now=self._clock(),
         )
@@ -355,24 +337,19 @@ class PostgresLedger:
             found = await pool.fetchrow(query.text, *query.args(params))
             if found is not None:
                 if current is None:
-                    return _to_row(dict(found))
-                changes = _changes(update or {}, params.get("error"))
-                return _moved(current, to, changes, tuple(found))
+                    return row_from_record(found)
+                fields = update_fields(update or {}, params.get("error"))
+                return moved(current, to, fields, tuple(found))
             got = await pool.fetchval(self._q["get_stage"].text, row_id)
-        if got is None:
-            raise TransitionConflict(row_id, describe_stages(expected), None)
-        actual = _STAGES[got]
-        if actual in expected and actual not in allowed:
-            raise LedgerError(f"row {row_id}: illegal move {actual} -> {to}")
         # Not in expect; or it was when we looked again, after another host
         # moved it away and back: either way this move lost the race.
-        raise TransitionConflict(row_id, describe_stages(expected), actual.value)
+        raise refusal(move, None if got is None else STAGES[got])
 
     def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,
         so asyncpg's per-connection statement cache keeps each prepared).
         ``full`` returns the whole row, otherwise only the computed columns."""
-        key = (full, tuple(sorted(k for k in params if k in _SET_COLUMNS)))
+        key = (full, tuple(sorted(k for k in params if k in SET_COLUMNS)))
         query = self._transition_cache.get(key)
         if query is None:
             assignments = "".join(f", {col} = :{col}" for col in key[1])
@@ -392,7 +369,7 @@ class PostgresLedger:
         pool = self._pool_for(write=False)
         with self._translate(f"read row {row_id}"):
             found = await pool.fetchrow(self._q["get_row"].text, row_id)
-        return _to_row(dict(found)) if found is not None else None
+        return row_from_record(found) if found is not None else None
 
     async def rows(
         self,
@@ -416,7 +393,7 @@ class PostgresLedger:
                 "limit": self._page_size,
             }
             with self._translate("read rows"):
-                page = [_to_row(dict(r)) for r in await pool.fetch(q.text, *q.args(params))]
+                page = [row_from_record(r) for r in await pool.fetch(q.text, *q.args(params))]
             for row in page:
                 yield row
             if len(page) < self._page_size:
@@ -430,7 +407,7 @@ class PostgresLedger:
             found = await pool.fetch(self._q["counts"].text, include_retired)
         counts = dict.fromkeys(Stage, 0)
         for stage, n in found:
-            counts[_STAGES[stage]] = int(n)
+            counts[STAGES[stage]] = int(n)
         return counts
 
     async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
@@ -449,8 +426,8 @@ class PostgresLedger:
             Event(
                 row_id=rid,
                 at=at,
-                from_stage=_STAGES[from_stage] if from_stage else None,
-                to_stage=_STAGES[to_stage],
+                from_stage=STAGES[from_stage] if from_stage else None,
+                to_stage=STAGES[to_stage],
                 event=event,
                 detail=orjson.loads(detail),
                 run_id=run_id,
@@ -517,7 +494,7 @@ class PostgresLedger:
                 return []
             params["now"] = self._clock()
             found = await pool.fetch(q.text, *q.args(params))
-        return [_to_row(dict(r)) for r in found]
+        return [row_from_record(r) for r in found]
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""
