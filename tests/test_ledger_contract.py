@@ -49,7 +49,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class FakeClock:
+class FakeWall:
     """Strictly increasing time, safe to call from the writer thread."""
 
     def __init__(self, start: float = 1_000_000.0) -> None:
@@ -112,19 +112,19 @@ class Backend:
 
     def __init__(self, name: str, tmp_path: Path, pg_url: str = "") -> None:
         self.name = name
-        self.clock = FakeClock()
+        self.wall = FakeWall()
         self.path = tmp_path / "ledger.sqlite"
         self.pg_url = pg_url
-        self._memory = MemoryLedger(clock=self.clock, page_size=PAGE)
+        self._memory = MemoryLedger(wall=self.wall, page_size=PAGE)
         self._runs = itertools.count(1)
 
     def make(self) -> LeasingLedger:
         if self.name == "memory":
             return self._memory
         if self.name == "sqlite":
-            return SqliteLedger(self.path, clock=self.clock, page_size=PAGE)
+            return SqliteLedger(self.path, wall=self.wall, page_size=PAGE)
         if self.name == "postgres":
-            return PostgresLedger(self.pg_url, clock=self.clock, page_size=PAGE)
+            return PostgresLedger(self.pg_url, wall=self.wall, page_size=PAGE)
         raise AssertionError(self.name)
 
     async def open(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
@@ -983,10 +983,10 @@ async def test_expired_lease_is_taken_over_and_recorded(
     await ledger.register_worker("b", WORKER_RUN, TTL)
     assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
     assert await lease_all(ledger, "b") == []
-    backend.clock.advance(TTL / 2)
+    backend.wall.advance(TTL / 2)
     assert await ledger.heartbeat("b", TTL) == 2
     assert await lease_all(ledger, "b") == []  # a's leases have not expired yet
-    backend.clock.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
+    backend.wall.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
     assert await ledger.heartbeat("b", TTL) == 1
     assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
     assert await ledger.pending_work() == (3, 0)
@@ -1005,7 +1005,7 @@ async def test_expired_lease_is_taken_over_and_recorded(
     # a comes back: it is live again but the rows stay with b
     assert await ledger.heartbeat("a", TTL) == 2
     assert await lease_all(ledger, "a") == []
-    backend.clock.advance(TTL + 1)  # now b dies; a re-takes them
+    backend.wall.advance(TTL + 1)  # now b dies; a re-takes them
     assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
     assert (await ledger.events("r1"))[-1].detail["previousOwner"] == "b"
 
@@ -1019,9 +1019,9 @@ async def test_heartbeat_renews_leases_and_counts_live_workers(
     await ledger.register_worker("b", WORKER_RUN, TTL)
     assert await ledger.heartbeat("a", TTL) == 2
     assert await lease_all(ledger, "a", 2) == ["r1", "r2"]
-    backend.clock.advance(TTL * 2 / 3)
+    backend.wall.advance(TTL * 2 / 3)
     assert await ledger.heartbeat("a", TTL) == 2
-    backend.clock.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
+    backend.wall.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
     assert await ledger.heartbeat("a", TTL) == 1
     # a's first leases would have expired; its heartbeats renewed them
     await ledger.register_worker("c", WORKER_RUN, TTL)
@@ -1031,7 +1031,7 @@ async def test_heartbeat_renews_leases_and_counts_live_workers(
     assert (live[0]["host"], live[0]["pid"], live[0]["run_id"]) == ("host-b", 4343, "run-w")
     assert live[0]["ttl"] == TTL and live[0]["heartbeat_at"] > live[0]["started_at"]
     assert await ledger.heartbeat("c", 5.0) == 2
-    backend.clock.advance(10.0)  # c declared a 5 s ttl: dead; a is not
+    backend.wall.advance(10.0)  # c declared a 5 s ttl: dead; a is not
     assert [w["worker_id"] for w in await ledger.live_workers()] == ["a"]
     assert await lease_all(ledger, "a") == ["r3"]
 

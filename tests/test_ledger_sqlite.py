@@ -366,7 +366,7 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
 @pytest.mark.anyio
 async def test_migrations_are_recorded_once_and_reopen_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "l.sqlite"  # the folder is created
-    led = SqliteLedger(path, clock=lambda: 1234.5)
+    led = SqliteLedger(path, wall=lambda: 1234.5)
     await led.open(run_info("one"))
     await led.close(0)
     first = tables(path)
@@ -386,7 +386,7 @@ async def test_migrations_are_recorded_once_and_reopen_is_idempotent(tmp_path: P
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     for run_id in ("two", "three"):
-        led = SqliteLedger(path, clock=lambda: 9999.0)
+        led = SqliteLedger(path, wall=lambda: 9999.0)
         await led.open(run_info(run_id))
         await led.close(0)
     assert tables(path) == first

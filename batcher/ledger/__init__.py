@@ -39,7 +39,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> LeasingLedger:
+def open_ledger(path_or_url: str, *, wall: Callable[[], float] = time.time) -> LeasingLedger:
     """The ledger ``path_or_url`` names, not yet opened.
 
     ``:memory:`` gives a :class:`MemoryLedger`, ``postgresql://…`` (or
@@ -49,13 +49,13 @@ def open_ledger(path_or_url: str, *, clock: Callable[[], float] = time.time) -> 
     too). All three implement :class:`~batcher.ledger.base.LeasingLedger`.
     """
     if path_or_url == ":memory:":
-        return MemoryLedger(clock=clock)
+        return MemoryLedger(wall=wall)
     if path_or_url.startswith(_POSTGRES_SCHEMES):
         from batcher.ledger.postgres import PostgresLedger
 
-        return PostgresLedger(path_or_url, clock=clock)
+        return PostgresLedger(path_or_url, wall=wall)
     if path_or_url.startswith("sqlite://"):
         path_or_url = path_or_url.removeprefix("sqlite://")
     if not path_or_url:
         raise ConfigError("--ledger needs a file path")
-    return SqliteLedger(Path(path_or_url).expanduser(), clock=clock)
+    return SqliteLedger(Path(path_or_url).expanduser(), wall=wall)

@@ -40,11 +40,11 @@ class MemoryLedger:
     def __init__(
         self,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         page_size: int = 500,
     ) -> None:
         self.description = "memory"
-        self._clock = clock
+        self._wall = wall
         self._page_size = page_size
         self._rows: dict[str, LedgerRow] = {}
         self._seen: dict[str, str] = {}  # row_id -> run_id of the last import that saw it
@@ -88,7 +88,7 @@ class MemoryLedger:
         await anyio.lowlevel.checkpoint()
         run, self._run = self._run, None
         if run is not None and self._writable:
-            self._runs[run.run_id].update(ended_at=self._clock(), exit_code=exit_code)
+            self._runs[run.run_id].update(ended_at=self._wall(), exit_code=exit_code)
         self._writable = False
 
     def _writer(self) -> RunInfo:
@@ -114,7 +114,7 @@ class MemoryLedger:
         return out
 
     def _import_one(self, new: NewRow, run_id: str) -> LedgerRow:
-        now = self._clock()
+        now = self._wall()
         values = new_row_values(new)
         cur = self._rows.get(new.row_id)
         self._seen[new.row_id] = run_id
@@ -220,7 +220,7 @@ class MemoryLedger:
         cur = self._rows.get(row_id)
         if cur is None or cur.stage not in move.allowed:
             raise refusal(move, None if cur is None else cur.stage)
-        now = self._clock()
+        now = self._wall()
         computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1])
         row = moved(cur, to, fields, computed)
         self._rows[row_id] = row
@@ -319,7 +319,7 @@ class MemoryLedger:
         """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
         await anyio.lowlevel.checkpoint()
         self._writer()
-        now = self._clock()
+        now = self._wall()
         started = self._workers.get(worker_id, {}).get("started_at", now)
         self._workers[worker_id] = {
             "worker_id": worker_id,
@@ -336,7 +336,7 @@ class MemoryLedger:
         await anyio.lowlevel.checkpoint()
         self._writer()
         worker = self._known_worker(worker_id)
-        now = self._clock()
+        now = self._wall()
         worker.update(heartbeat_at=now, ttl=float(ttl))
         for rid, (owner, _) in self._leases.items():
             if owner == worker_id:
@@ -348,7 +348,7 @@ class MemoryLedger:
         await anyio.lowlevel.checkpoint()
         self._writer()
         self._known_worker(worker_id)
-        now = self._clock()
+        now = self._wall()
         free = sorted(
             (
                 r
@@ -391,7 +391,7 @@ class MemoryLedger:
         """Live workers, oldest first, with the number of leases each holds."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        now = self._clock()
+        now = self._wall()
         out = []
         for w in sorted(self._live(now), key=lambda w: (w["started_at"], w["worker_id"])):
             held = sum(
@@ -404,7 +404,7 @@ class MemoryLedger:
         """(rows free to lease, rows under an unexpired lease)."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        now = self._clock()
+        now = self._wall()
         free = held = 0
         for row in self._rows.values():
             if not self._leasable(row):

@@ -140,7 +140,7 @@ def pending_migrations(dialect: str, applied: Iterable[int]) -> list[Migration]:
     return [mig for mig in known if mig.version not in done]
 
 
-def migrate_sqlite(conn: sqlite3.Connection, clock: Callable[[], float]) -> list[int]:
+def migrate_sqlite(conn: sqlite3.Connection, wall: Callable[[], float]) -> list[int]:
     """Bring a SQLite ledger up to date; return the versions applied now.
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). Each
@@ -158,7 +158,7 @@ def migrate_sqlite(conn: sqlite3.Connection, clock: Callable[[], float]) -> list
                 continue
             for stmt in mig.statements():
                 conn.execute(stmt)
-            conn.execute(RECORD_SQL, {"v": mig.version, "n": mig.name, "at": clock()})
+            conn.execute(RECORD_SQL, {"v": mig.version, "n": mig.name, "at": wall()})
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:

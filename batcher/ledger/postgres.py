@@ -98,14 +98,14 @@ class PostgresLedger:
         self,
         url: str,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         pool_size: int = 4,
         page_size: int = 500,
         connect_timeout: float = 10.0,
     ) -> None:
         self._url = PgUrl.parse(url)
         self.description = self._url.shown
-        self._clock = clock
+        self._wall = wall
         self._pool_size = pool_size
         self._page_size = page_size
         self._connect_timeout = connect_timeout
@@ -225,7 +225,7 @@ class PostgresLedger:
                     raise LedgerError(f"no batcher ledger in {self.description}")
                 if not pending_migrations("postgres", done):
                     return
-            applied = await migrate_postgres(conn, self._clock, self._url.schema)
+            applied = await migrate_postgres(conn, self._wall, self._url.schema)
             if applied:
                 log.info("ledger.migrated", extra={"ledger": self.description, "versions": applied})
             if lock:
@@ -265,7 +265,7 @@ class PostgresLedger:
                     params = {
                         "run_id": self._run.run_id,
                         "exit_code": exit_code,
-                        "ended_at": self._clock(),
+                        "ended_at": self._wall(),
                     }
                     with self._translate("record the end of the run"):
                         await pool.execute(q.text, *q.args(params))
@@ -292,7 +292,7 @@ class PostgresLedger:
 
         async def attempt_once() -> list[LedgerRow]:
             async with pool.acquire() as conn, conn.transaction():
-                return await batch.run(conn, prepared, self._clock())
+                return await batch.run(conn, prepared, self._wall())
 
         return await self._retrying("import rows", attempt_once)
 
@@ -330,7 +330,7 @@ class PostgresLedger:
             event=event,
             detail=dumps_object(detail or {}, "event detail") or "{}",
             run_id=self._run_id(),
-            now=self._clock(),
+            now=self._wall(),
         )
         query = self._transition_query(params, full=current is None)
         with self._translate(f"update row {row_id}"):
@@ -456,7 +456,7 @@ class PostgresLedger:
             "host": run.host,
             "pid": run.pid,
             "run_id": run.run_id,
-            "now": self._clock(),
+            "now": self._wall(),
             "ttl": float(ttl),
         }
         await self._exec("register_worker", params, f"register worker {worker_id}")
@@ -465,7 +465,7 @@ class PostgresLedger:
         """Renew the worker and its leases; return the number of live workers."""
         pool = self._pool_for(write=True)
         q = self._q["heartbeat"]
-        params = {"worker_id": worker_id, "now": self._clock(), "ttl": float(ttl)}
+        params = {"worker_id": worker_id, "now": self._wall(), "ttl": float(ttl)}
 
         async def attempt_once() -> asyncpg.Record | None:
             return await pool.fetchrow(q.text, *q.args(params))
@@ -492,7 +492,7 @@ class PostgresLedger:
                 raise LedgerError(f"worker {worker_id} is not registered")
             if params["limit"] == 0:
                 return []
-            params["now"] = self._clock()
+            params["now"] = self._wall()
             found = await pool.fetch(q.text, *q.args(params))
         return [row_from_record(r) for r in found]
 
@@ -523,13 +523,13 @@ class PostgresLedger:
         """Live workers, oldest first, with the number of leases each holds."""
         pool = self._pool_for(write=False)
         with self._translate("read workers"):
-            found = await pool.fetch(self._q["live_workers"].text, self._clock())
+            found = await pool.fetch(self._q["live_workers"].text, self._wall())
         return [{**dict(r), "leases": int(r["leases"])} for r in found]
 
     async def pending_work(self) -> tuple[int, int]:
         """(rows free to lease, rows under an unexpired lease)."""
         pool = self._pool_for(write=False)
         with self._translate("count pending work"):
-            found = await pool.fetchrow(self._q["pending_work"].text, self._clock())
+            found = await pool.fetchrow(self._q["pending_work"].text, self._wall())
         assert found is not None  # an aggregate always returns a row
         return int(found["free"]), int(found["held"])

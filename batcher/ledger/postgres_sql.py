@@ -203,7 +203,7 @@ async def applied_versions(conn: asyncpg.Connection[Any]) -> list[int] | None:
 
 
 async def migrate_postgres(
-    conn: asyncpg.Connection[Any], clock: Callable[[], float], schema: str | None
+    conn: asyncpg.Connection[Any], wall: Callable[[], float], schema: str | None
 ) -> list[int]:
     """Bring the ledger in ``conn``'s search_path up to date; the versions applied now.
 
@@ -230,6 +230,6 @@ async def migrate_postgres(
                 await conn.execute(mig.sql)
             except asyncpg.PostgresError as exc:
                 raise LedgerError(f"migration {mig.version} ({mig.name}) failed: {exc}") from exc
-            await conn.execute(_RECORD, mig.version, mig.name, clock())
+            await conn.execute(_RECORD, mig.version, mig.name, wall())
         applied_now.append(mig.version)
     return applied_now

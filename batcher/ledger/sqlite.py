@@ -107,13 +107,13 @@ class SqliteLedger:
         self,
         path: Path,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         batch_size: int = 512,
         page_size: int = 500,
     ) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
-        self._clock = clock
+        self._wall = wall
         self._batch_size = batch_size
         self._page_size = page_size
         self._q = load_queries()
@@ -187,7 +187,7 @@ class SqliteLedger:
                 raise LedgerError(f"{self.path}: cannot use WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
             self._refuse_foreign(conn)
-            applied = migrate_sqlite(conn, self._clock)
+            applied = migrate_sqlite(conn, self._wall)
             if applied:
                 log.info("ledger.migrated", extra={"ledger": str(self.path), "versions": applied})
             conn.execute(
@@ -244,7 +244,7 @@ class SqliteLedger:
             conn = _connect(self.path, query_only=False)
             try:
                 conn.execute("PRAGMA synchronous = FULL")
-                migrate_sqlite(conn, self._clock)
+                migrate_sqlite(conn, self._wall)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -272,7 +272,7 @@ class SqliteLedger:
                     try:
                         await writer.submit(
                             lambda conn: conn.execute(
-                                self._q["end_run"], {**params, "ended_at": self._clock()}
+                                self._q["end_run"], {**params, "ended_at": self._wall()}
                             )
                         )
                     finally:
@@ -354,7 +354,7 @@ class SqliteLedger:
         self, conn: sqlite3.Connection, new: NewRow, params: dict[str, Any]
     ) -> LedgerRow:
         q = self._q
-        now = self._clock()
+        now = self._wall()
         params["now"] = now
         params["run_id"] = self._run_id()
         if conn.execute(q["get_stage"], params).fetchone() is None:
@@ -434,7 +434,7 @@ class SqliteLedger:
                 if from_stage not in move.allowed:
                     raise refusal(move, from_stage)
             assert from_stage is not None
-            now = self._clock()
+            now = self._wall()
             params["now"] = now
             params.update(_stage_params((from_stage,)))
             cursor = conn.execute(sql, params)
@@ -558,13 +558,13 @@ class SqliteLedger:
     async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
         """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
         await self._write(
-            lambda conn: sqlite_leases.register_worker(conn, worker_id, run, ttl, self._clock())
+            lambda conn: sqlite_leases.register_worker(conn, worker_id, run, ttl, self._wall())
         )
 
     async def heartbeat(self, worker_id: str, ttl: float) -> int:
         """Renew the worker and its leases; return the number of live workers."""
         return await self._write(
-            lambda conn: sqlite_leases.heartbeat(conn, worker_id, ttl, self._clock())
+            lambda conn: sqlite_leases.heartbeat(conn, worker_id, ttl, self._wall())
         )
 
     async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
@@ -572,7 +572,7 @@ class SqliteLedger:
         run_id = self._run_id()
         return await self._write(
             lambda conn: sqlite_leases.lease(
-                conn, worker_id, limit, ttl, self._clock(), run_id, row_from_record
+                conn, worker_id, limit, ttl, self._wall(), run_id, row_from_record
             )
         )
 
@@ -587,11 +587,11 @@ class SqliteLedger:
 
     async def live_workers(self) -> list[dict[str, Any]]:
         """Live workers, oldest first, with the number of leases each holds."""
-        return await self._read(lambda conn: sqlite_leases.live_workers(conn, self._clock()))
+        return await self._read(lambda conn: sqlite_leases.live_workers(conn, self._wall()))
 
     async def pending_work(self) -> tuple[int, int]:
         """(rows free to lease, rows under an unexpired lease)."""
-        return await self._read(lambda conn: sqlite_leases.pending_work(conn, self._clock()))
+        return await self._read(lambda conn: sqlite_leases.pending_work(conn, self._wall()))
 
 
 def _json(value: Mapping[str, Any]) -> str:
