@@ -23,7 +23,7 @@ import anyio
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
 from .ledger import open_ledger
-from .ledger.base import LeasingLedger, Ledger
+from .ledger.base import Ledger
 from .model import RunInfo
 from .ratelimit import RateGate
 from .runner import Runner, RunResult
@@ -52,7 +52,7 @@ async def run_job(
     settings: Settings,
     *,
     sim_config: Any = None,
-    ledger: LeasingLedger | None = None,
+    ledger: Ledger | None = None,
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stats: RunStats | None = None,
@@ -128,7 +128,7 @@ async def _dry_run(settings: Settings, ledger: Ledger | None, stats: RunStats) -
 
 async def _run(
     settings: Settings,
-    ledger: LeasingLedger,
+    ledger: Ledger,
     stats: RunStats,
     *,
     sim_config: Any,

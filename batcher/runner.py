@@ -48,7 +48,7 @@ from .errors import (
     TransportError,
 )
 from .keys import FileSource, ProjectSource, derive_key, sha256_file
-from .ledger.base import LeasingLedger
+from .ledger.base import LeasingLedger, Ledger, is_shared
 from .model import ACTIVE_STAGES, Kind, LedgerRow, NewRow, RunInfo, Stage, Update, contract_status
 from .paths import default_output_rel, resolve_output, write_atomically_target
 from .planner import PlanContext, plan_batches
@@ -121,7 +121,7 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
-        ledger: LeasingLedger,
+        ledger: Ledger,
         client: DiffioClient,
         *,
         gate: RateGate,
@@ -156,7 +156,8 @@ class Runner:
         self._manifest_dir = settings.manifest.parent
         # A shared (PostgreSQL) ledger may have other hosts on the same job:
         # work is leased there. A SQLite ledger is locked to this run.
-        self._shared = settings.ledger.startswith(("postgresql://", "postgres://"))
+        self._hosts: LeasingLedger | None = ledger if is_shared(ledger) else None
+        self._shared = self._hosts is not None
         self._worker_id = f"w-{uuid.uuid4().hex[:16]}"
         self._leased: set[str] = set()
         self.poller = Poller(
@@ -195,18 +196,23 @@ class Runner:
     async def _join(self) -> None:
         """Register as a worker of the shared job and take a share of --rate."""
         ttl = self.settings.lease_ttl
-        await self.ledger.register_worker(self._worker_id, self._run_info, ttl)
-        live = await self.ledger.heartbeat(self._worker_id, ttl)
+        hosts = self._shared_ledger()
+        await hosts.register_worker(self._worker_id, self._run_info, ttl)
+        live = await hosts.heartbeat(self._worker_id, ttl)
         self.gate.set_rate(self.settings.rate / max(1, live))
         # Let the others see us and lower their share before we send anything.
         await anyio.sleep(HEARTBEAT_EVERY * 1.5)
-        live = await self.ledger.heartbeat(self._worker_id, self.settings.lease_ttl)
+        live = await hosts.heartbeat(self._worker_id, self.settings.lease_ttl)
         self.gate.set_rate(self.settings.rate / max(1, live))
         log.info("worker.joined %s (%d live workers)", self._worker_id, live)
 
+    def _shared_ledger(self) -> LeasingLedger:
+        assert self._hosts is not None, "only a shared ledger has other hosts"
+        return self._hosts
+
     async def _leave(self) -> None:
         try:
-            await self.ledger.deregister_worker(self._worker_id)
+            await self._shared_ledger().deregister_worker(self._worker_id)
         except LedgerError as err:
             log.warning("worker.leave_failed %s", err)
 
@@ -382,7 +388,7 @@ class Runner:
         host's rows come back once its leases expire: ones with a generation
         id are polled, the others posted again with their key (a replay).
         """
-        ledger = self.ledger
+        ledger = self._shared_ledger()
         while not self._hard_halt:
             # Hold what this host can work through in a few seconds at its
             # share of the rate: enough to keep busy, not so much that it
@@ -408,7 +414,8 @@ class Runner:
         """Renew this worker's leases; take its share of the job's --rate."""
         while True:
             try:
-                live = await self.ledger.heartbeat(self._worker_id, self.settings.lease_ttl)
+                live = await self._shared_ledger().heartbeat(self._worker_id,
+                                                             self.settings.lease_ttl)
                 share = self.settings.rate / max(1, live)
                 if abs(share - self.gate.rate) > 1e-9:
                     log.info("rate.share %.2f req/s (%d live workers)", share, live)

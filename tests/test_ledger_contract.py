@@ -1,7 +1,9 @@
 """One contract for every ledger backend (memory, SQLite, PostgreSQL).
 
 A new backend joins by adding a name to ``BACKENDS`` and a branch to
-``Backend.make``; every test here must then pass unchanged.
+``Backend.make``; every test here must then pass unchanged. The lease tests
+run on the shared backends only (``SHARED_BACKENDS``): a private ledger has no
+leases.
 
 PostgreSQL runs against ``$BATCHER_TEST_PG`` (default
 postgresql://postgres@127.0.0.1:5432/test), each test in a fresh schema that
@@ -27,7 +29,7 @@ import pytest
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
-from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger
+from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger, is_shared
 from batcher.model import (
     LEGAL_MOVES,
     UPDATE_COLUMNS,
@@ -40,6 +42,7 @@ from batcher.model import (
 )
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+SHARED_BACKENDS = ["memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 PAGE = 7  # small pages, so paging is exercised with a few dozen rows
 PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -108,43 +111,68 @@ def pg_schemas() -> Iterator[PgSchemas]:
 
 
 class Backend:
-    """Makes (and re-makes, for a new run) a ledger of one kind on one store."""
+    """Makes (and re-makes, for a new run) a ledger of one kind on one store.
 
-    def __init__(self, name: str, tmp_path: Path, pg_url: str = "") -> None:
+    ``shared`` makes the memory ledger a shared one; each run then gets its
+    own handle on it, as each PostgreSQL run gets its own connections.
+    """
+
+    def __init__(self, name: str, tmp_path: Path, pg_url: str = "", shared: bool = False) -> None:
         self.name = name
         self.wall = FakeWall()
         self.path = tmp_path / "ledger.sqlite"
         self.pg_url = pg_url
-        self._memory = MemoryLedger(wall=self.wall, page_size=PAGE)
+        self._memory = MemoryLedger(wall=self.wall, page_size=PAGE, shared=shared)
         self._runs = itertools.count(1)
 
-    def make(self) -> LeasingLedger:
+    def make(self) -> Ledger:
         if self.name == "memory":
-            return self._memory
+            return self._memory.connect() if self._memory.shared else self._memory
         if self.name == "sqlite":
             return SqliteLedger(self.path, wall=self.wall, page_size=PAGE)
         if self.name == "postgres":
             return PostgresLedger(self.pg_url, wall=self.wall, page_size=PAGE)
         raise AssertionError(self.name)
 
-    async def open(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
+    async def open(self, *, lock: bool = True, run_id: str | None = None) -> Ledger:
         led = self.make()
         rid = run_id or f"run-{next(self._runs)}"
         await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
         return led
 
+    async def open_shared(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
+        led = await self.open(lock=lock, run_id=run_id)
+        assert is_shared(led)
+        return led
+
+
+def _backend(request: pytest.FixtureRequest, tmp_path: Path, *, shared: bool) -> Backend:
+    if request.param == "postgres":
+        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
+        return Backend(request.param, tmp_path, schemas.url_for_new_schema(), shared=shared)
+    return Backend(request.param, tmp_path, shared=shared)
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "postgres":
-        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
-        return Backend(request.param, tmp_path, schemas.url_for_new_schema())
-    return Backend(request.param, tmp_path)
+    return _backend(request, tmp_path, shared=False)
 
 
 @pytest.fixture
-async def ledger(backend: Backend) -> AsyncIterator[LeasingLedger]:
+async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
     led = await backend.open()
+    yield led
+    await led.close(0)
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return _backend(request, tmp_path, shared=True)
+
+
+@pytest.fixture
+async def shared(shared_backend: Backend) -> AsyncIterator[LeasingLedger]:
+    led = await shared_backend.open_shared()
     yield led
     await led.close(0)
 
@@ -921,6 +949,48 @@ async def test_bad_json_is_refused_before_anything_is_written(ledger: Ledger) ->
 
 # -- leases -------------------------------------------------------------------
 
+
+@pytest.mark.anyio
+async def test_only_shared_ledgers_lease(backend: Backend, ledger: Ledger) -> None:
+    # PostgreSQL is shared by design; SQLite and MemoryLedger() are one run's.
+    assert ledger.shared is (backend.name == "postgres") is is_shared(ledger)
+    if backend.name == "memory":
+        await ledger.import_rows([new_row(1)])
+        with pytest.raises(LedgerError, match="private"):
+            await ledger.register_worker("a", WORKER_RUN, TTL)  # type: ignore[attr-defined]
+        with pytest.raises(LedgerError, match="private"):
+            await ledger.pending_work()  # type: ignore[attr-defined]
+        with pytest.raises(LedgerError, match="private"):
+            MemoryLedger().connect()
+    if backend.name == "sqlite":
+        assert not hasattr(ledger, "lease")
+
+
+@pytest.mark.anyio
+async def test_runs_on_one_shared_ledger_share_rows_and_split_them(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    other = await shared_backend.open_shared()
+    try:
+        await shared.import_rows([new_row(i) for i in range(1, 5)])
+        # the second run imports the same manifest: one copy of each row
+        assert [r.row_id for r in await other.import_rows([new_row(i) for i in range(1, 5)])] == [
+            "r1", "r2", "r3", "r4"
+        ]
+        assert sum((await other.counts()).values()) == 4
+        await shared.register_worker("a", WORKER_RUN, TTL)
+        await other.register_worker("b", WORKER_RUN, TTL)
+        assert await lease_all(shared, "a", 2) == ["r1", "r2"]
+        assert await lease_all(other, "b") == ["r3", "r4"]
+        moved = await other.transition("r3", Stage.PENDING, Stage.SUBMITTED, event="s")
+        assert await shared.get("r3") == moved
+        # neither run retires what the other has seen
+        assert await shared.finish_import() == 0 and await other.finish_import() == 0
+        runs = {r["run_id"] for r in await other.runs()}
+        assert len(runs) == 2
+    finally:
+        await other.close(0)
+
 TTL = 60.0
 WORKER_RUN = RunInfo("run-w", 4343, "host-b", 1_000.0, "batcher run m.csv")
 
@@ -930,39 +1000,39 @@ async def lease_all(led: LeasingLedger, worker: str, limit: int = 100) -> list[s
 
 
 @pytest.mark.anyio
-async def test_lease_hands_out_free_leaders_in_line_order_once(ledger: LeasingLedger) -> None:
+async def test_lease_hands_out_free_leaders_in_line_order_once(shared: LeasingLedger) -> None:
     # lines run against the row ids: r7 is line 3, r1 line 9; r3 leads r1
-    await ledger.import_rows(
+    await shared.import_rows(
         [new_row(i, line=10 - i, group="g" if i in (1, 3) else f"g{i}") for i in range(7, 0, -1)]
     )
-    assert (await ledger.get("r1")).leader_row_id == "r3"  # type: ignore[union-attr]
-    await ledger.transition(
+    assert (await shared.get("r1")).leader_row_id == "r3"  # type: ignore[union-attr]
+    await shared.transition(
         "r5", Stage.PENDING, Stage.FAILED, {"error": {"code": "x"}}, event="failed"
     )
-    await drive(ledger, "r6", Stage.COMPLETE)
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await ledger.pending_work() == (4, 0)  # r7, r4, r3, r2
-    first = await ledger.lease("a", 2, TTL)
+    await drive(shared, "r6", Stage.COMPLETE)
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await shared.pending_work() == (4, 0)  # r7, r4, r3, r2
+    first = await shared.lease("a", 2, TTL)
     assert [r.row_id for r in first] == ["r7", "r4"]
-    assert first == [await ledger.get("r7"), await ledger.get("r4")]  # leasing is no update
-    assert await lease_all(ledger, "b") == ["r3", "r2"]
-    assert await lease_all(ledger, "a") == []  # nothing free; its own rows are not re-leased
-    assert await lease_all(ledger, "b", 0) == []
-    assert await ledger.pending_work() == (0, 4)
+    assert first == [await shared.get("r7"), await shared.get("r4")]  # leasing is no update
+    assert await lease_all(shared, "b") == ["r3", "r2"]
+    assert await lease_all(shared, "a") == []  # nothing free; its own rows are not re-leased
+    assert await lease_all(shared, "b", 0) == []
+    assert await shared.pending_work() == (0, 4)
     # a row that leaves the active stages is no longer pending work
-    await ledger.transition("r7", Stage.PENDING, Stage.SUBMITTED, event="submitted")
-    await ledger.transition("r7", Stage.SUBMITTED, Stage.COMPLETE, event="done")
-    assert await ledger.pending_work() == (0, 3)
-    assert [e.event for e in await ledger.events("r4")] == ["imported"]  # no takeover
+    await shared.transition("r7", Stage.PENDING, Stage.SUBMITTED, event="submitted")
+    await shared.transition("r7", Stage.SUBMITTED, Stage.COMPLETE, event="done")
+    assert await shared.pending_work() == (0, 3)
+    assert [e.event for e in await shared.events("r4")] == ["imported"]  # no takeover
 
 
 @pytest.mark.anyio
-async def test_retired_rows_are_not_leased(backend: Backend) -> None:
-    led = await backend.open()
+async def test_retired_rows_are_not_leased(shared_backend: Backend) -> None:
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(i) for i in range(1, 4)])
     await led.close(0)
-    led = await backend.open()
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(1), new_row(3)])
     assert await led.finish_import() == 1
     await led.register_worker("a", WORKER_RUN, TTL)
@@ -973,27 +1043,27 @@ async def test_retired_rows_are_not_leased(backend: Backend) -> None:
 
 @pytest.mark.anyio
 async def test_expired_lease_is_taken_over_and_recorded(
-    backend: Backend, ledger: LeasingLedger
+    shared_backend: Backend, shared: LeasingLedger
 ) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 4)])
-    await ledger.transition(
+    await shared.import_rows([new_row(i) for i in range(1, 4)])
+    await shared.transition(
         "r2", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g2"}, event="submitted"
     )
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
-    assert await lease_all(ledger, "b") == []
-    backend.wall.advance(TTL / 2)
-    assert await ledger.heartbeat("b", TTL) == 2
-    assert await lease_all(ledger, "b") == []  # a's leases have not expired yet
-    backend.wall.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
-    assert await ledger.heartbeat("b", TTL) == 1
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
-    assert await ledger.pending_work() == (3, 0)
-    taken = await ledger.lease("b", 10, TTL)
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
+    assert await lease_all(shared, "b") == []
+    shared_backend.wall.advance(TTL / 2)
+    assert await shared.heartbeat("b", TTL) == 2
+    assert await lease_all(shared, "b") == []  # a's leases have not expired yet
+    shared_backend.wall.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
+    assert await shared.heartbeat("b", TTL) == 1
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["b"]
+    assert await shared.pending_work() == (3, 0)
+    taken = await shared.lease("b", 10, TTL)
     assert [r.row_id for r in taken] == ["r1", "r2", "r3"]
     assert taken[1].stage is Stage.SUBMITTED and taken[1].generation_id == "g2"  # resumable
-    last = (await ledger.events("r2"))[-1]
+    last = (await shared.events("r2"))[-1]
     assert (last.from_stage, last.to_stage, last.event) == (
         Stage.SUBMITTED,
         Stage.SUBMITTED,
@@ -1001,75 +1071,75 @@ async def test_expired_lease_is_taken_over_and_recorded(
     )
     assert last.detail["previousOwner"] == "a" and last.detail["owner"] == "b"
     assert last.detail["leaseExpiredAt"] < last.at
-    assert await ledger.pending_work() == (0, 3)
+    assert await shared.pending_work() == (0, 3)
     # a comes back: it is live again but the rows stay with b
-    assert await ledger.heartbeat("a", TTL) == 2
-    assert await lease_all(ledger, "a") == []
-    backend.wall.advance(TTL + 1)  # now b dies; a re-takes them
-    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
-    assert (await ledger.events("r1"))[-1].detail["previousOwner"] == "b"
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await lease_all(shared, "a") == []
+    shared_backend.wall.advance(TTL + 1)  # now b dies; a re-takes them
+    assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
+    assert (await shared.events("r1"))[-1].detail["previousOwner"] == "b"
 
 
 @pytest.mark.anyio
 async def test_heartbeat_renews_leases_and_counts_live_workers(
-    backend: Backend, ledger: LeasingLedger
+    shared_backend: Backend, shared: LeasingLedger
 ) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 4)])
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await ledger.heartbeat("a", TTL) == 2
-    assert await lease_all(ledger, "a", 2) == ["r1", "r2"]
-    backend.wall.advance(TTL * 2 / 3)
-    assert await ledger.heartbeat("a", TTL) == 2
-    backend.wall.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
-    assert await ledger.heartbeat("a", TTL) == 1
+    await shared.import_rows([new_row(i) for i in range(1, 4)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await lease_all(shared, "a", 2) == ["r1", "r2"]
+    shared_backend.wall.advance(TTL * 2 / 3)
+    assert await shared.heartbeat("a", TTL) == 2
+    shared_backend.wall.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
+    assert await shared.heartbeat("a", TTL) == 1
     # a's first leases would have expired; its heartbeats renewed them
-    await ledger.register_worker("c", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "c") == ["r3"]
-    live = await ledger.live_workers()
+    await shared.register_worker("c", WORKER_RUN, TTL)
+    assert await lease_all(shared, "c") == ["r3"]
+    live = await shared.live_workers()
     assert [(w["worker_id"], w["leases"]) for w in live] == [("a", 2), ("c", 1)]
     assert (live[0]["host"], live[0]["pid"], live[0]["run_id"]) == ("host-b", 4343, "run-w")
     assert live[0]["ttl"] == TTL and live[0]["heartbeat_at"] > live[0]["started_at"]
-    assert await ledger.heartbeat("c", 5.0) == 2
-    backend.wall.advance(10.0)  # c declared a 5 s ttl: dead; a is not
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["a"]
-    assert await lease_all(ledger, "a") == ["r3"]
+    assert await shared.heartbeat("c", 5.0) == 2
+    shared_backend.wall.advance(10.0)  # c declared a 5 s ttl: dead; a is not
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["a"]
+    assert await lease_all(shared, "a") == ["r3"]
 
 
 @pytest.mark.anyio
-async def test_release_and_deregister_give_rows_back(ledger: LeasingLedger) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 5)])
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "a", 3) == ["r1", "r2", "r3"]
-    await ledger.release("a", ["r1", "nope"])
-    await ledger.release("b", ["r2"])  # not b's: left alone
-    assert await ledger.pending_work() == (2, 2)
-    assert await lease_all(ledger, "b") == ["r1", "r4"]
-    await ledger.deregister_worker("a")
-    await ledger.deregister_worker("never-registered")
-    assert await lease_all(ledger, "b") == ["r2", "r3"]
-    assert all(e.event != LEASE_TAKEN_OVER for e in await ledger.events("r2"))  # given back
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
+async def test_release_and_deregister_give_rows_back(shared: LeasingLedger) -> None:
+    await shared.import_rows([new_row(i) for i in range(1, 5)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a", 3) == ["r1", "r2", "r3"]
+    await shared.release("a", ["r1", "nope"])
+    await shared.release("b", ["r2"])  # not b's: left alone
+    assert await shared.pending_work() == (2, 2)
+    assert await lease_all(shared, "b") == ["r1", "r4"]
+    await shared.deregister_worker("a")
+    await shared.deregister_worker("never-registered")
+    assert await lease_all(shared, "b") == ["r2", "r3"]
+    assert all(e.event != LEASE_TAKEN_OVER for e in await shared.events("r2"))  # given back
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["b"]
     with pytest.raises(LedgerError, match="not registered"):
-        await ledger.heartbeat("a", TTL)
+        await shared.heartbeat("a", TTL)
     with pytest.raises(LedgerError, match="not registered"):
-        await ledger.lease("a", 1, TTL)
-    await ledger.register_worker("a", WORKER_RUN, TTL)  # registering again is fine
-    assert await ledger.heartbeat("a", TTL) == 2
+        await shared.lease("a", 1, TTL)
+    await shared.register_worker("a", WORKER_RUN, TTL)  # registering again is fine
+    assert await shared.heartbeat("a", TTL) == 2
 
 
 @pytest.mark.anyio
-async def test_concurrent_leases_are_disjoint_and_cover_every_row(ledger: LeasingLedger) -> None:
+async def test_concurrent_leases_are_disjoint_and_cover_every_row(shared: LeasingLedger) -> None:
     n = 60
-    await ledger.import_rows([new_row(i) for i in range(n)])
+    await shared.import_rows([new_row(i) for i in range(n)])
     workers = ["a", "b", "c"]
     for w in workers:
-        await ledger.register_worker(w, WORKER_RUN, TTL)
+        await shared.register_worker(w, WORKER_RUN, TTL)
 
     async def take(worker: str) -> list[str]:
         got: list[str] = []
-        while batch := await lease_all(ledger, worker, 4):
+        while batch := await lease_all(shared, worker, 4):
             got += batch
             await asyncio.sleep(0)
         return got
@@ -1077,18 +1147,18 @@ async def test_concurrent_leases_are_disjoint_and_cover_every_row(ledger: Leasin
     shares = await asyncio.gather(*(take(w) for w in workers))
     flat = [rid for share in shares for rid in share]
     assert len(flat) == len(set(flat)) == n
-    assert await ledger.pending_work() == (0, n)
-    live = {w["worker_id"]: w["leases"] for w in await ledger.live_workers()}
+    assert await shared.pending_work() == (0, n)
+    live = {w["worker_id"]: w["leases"] for w in await shared.live_workers()}
     assert live == {w: len(share) for w, share in zip(workers, shares, strict=True)}
 
 
 @pytest.mark.anyio
-async def test_a_read_only_ledger_refuses_lease_writes(backend: Backend) -> None:
-    led = await backend.open()
+async def test_a_read_only_ledger_refuses_lease_writes(shared_backend: Backend) -> None:
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(1)])
     await led.register_worker("a", WORKER_RUN, TTL)
     await led.close(0)
-    ro = await backend.open(lock=False, run_id="status")
+    ro = await shared_backend.open_shared(lock=False, run_id="status")
     assert await ro.pending_work() == (1, 0)
     assert [w["worker_id"] for w in await ro.live_workers()] == ["a"]
     for call in (

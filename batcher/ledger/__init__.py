@@ -2,8 +2,9 @@
 runner acts on it, so an export can be made at any moment and a killed run
 resumes from it.
 
-:func:`open_ledger` picks a backend from ``--ledger``'s value; the runner only
-ever sees the :class:`~batcher.ledger.base.LeasingLedger` Protocol.
+:func:`open_ledger` picks a backend from ``--ledger``'s value; the runner sees
+the :class:`~batcher.ledger.base.Ledger` Protocol, and on a shared ledger
+(PostgreSQL) the :class:`~batcher.ledger.base.LeasingLedger` one.
 
 :class:`PostgresLedger` is imported on first use (``open_ledger`` with a
 ``postgresql://`` URL, or the attribute itself): asyncpg takes about 55 ms to
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.errors import ConfigError
-from batcher.ledger.base import LeasingLedger
+from batcher.ledger.base import Ledger
 from batcher.ledger.memory import MemoryLedger
 from batcher.ledger.sqlite import SqliteLedger
 
@@ -39,14 +40,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_ledger(path_or_url: str, *, wall: Callable[[], float] = time.time) -> LeasingLedger:
+def open_ledger(path_or_url: str, *, wall: Callable[[], float] = time.time) -> Ledger:
     """The ledger ``path_or_url`` names, not yet opened.
 
     ``:memory:`` gives a :class:`MemoryLedger`, ``postgresql://…`` (or
     ``postgres://…``) a :class:`PostgresLedger` shared by every host given the
     same URL (ConfigError, password redacted, for a malformed one), anything
     else a :class:`SqliteLedger` on that path (``sqlite:///path`` is accepted
-    too). All three implement :class:`~batcher.ledger.base.LeasingLedger`.
+    too). Only the PostgreSQL one is shared
+    (:func:`~batcher.ledger.base.is_shared`).
     """
     if path_or_url == ":memory:":
         return MemoryLedger(wall=wall)

@@ -2,16 +2,25 @@
 
 The ledger is the truth: every step of every row is committed here, in order,
 before the runner acts on it, so an export can be made at any moment and a
-killed run resumes from it. The runner talks only to :class:`LeasingLedger`;
-SQLite, PostgreSQL and the in-memory backend all pass the same contract tests
-(tests/test_ledger_contract.py). The row vocabulary lives in
-:mod:`batcher.model`.
+killed run resumes from it. SQLite, PostgreSQL and the in-memory backend all
+pass the same contract tests (tests/test_ledger_contract.py). The row
+vocabulary lives in :mod:`batcher.model`.
+
+Two kinds of ledger, told apart by their ``shared`` attribute:
+
+* a **private** ledger (``shared`` False: SQLite, ``MemoryLedger()``) belongs
+  to one run at a time; SQLite enforces that with a lock file. It is a
+  :class:`Ledger`.
+* a **shared** ledger (``shared`` True: PostgreSQL, ``MemoryLedger(shared=True)``)
+  is one job for several runners on several hosts. It is a
+  :class:`LeasingLedger`: rows are leased to workers, so no two hosts work
+  on one row at once. :func:`is_shared` tells the type checker so.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
@@ -19,6 +28,7 @@ __all__ = [
     "LEASE_TAKEN_OVER",
     "LeasingLedger",
     "Ledger",
+    "is_shared",
 ]
 
 
@@ -30,6 +40,8 @@ class Ledger(Protocol):
     """
 
     description: str
+    # True when several runners may share this ledger: then it is a LeasingLedger.
+    shared: bool
 
     async def open(self, run: RunInfo, *, lock: bool = True) -> None:
         """Create or migrate the schema, take the run lock, record the run.
@@ -129,10 +141,11 @@ class LeasingLedger(Ledger, Protocol):
     :meth:`lease` takes those rows over. Leasing never changes a row's stage
     and never bypasses the compare-and-set of :meth:`Ledger.transition`:
     two workers that both believe they hold a row still cannot both move it.
-    Time comes from the ledger's clock; ``ttl`` is in seconds.
+    ``ttl`` is in seconds.
 
-    On PostgreSQL this is how hosts share a job. SQLite and memory ledgers
-    implement the same semantics, so the runner has one code path.
+    Implemented by the shared ledgers (``shared`` is True): PostgreSQL, where
+    hosts share a job, and ``MemoryLedger(shared=True)``, where runners in one
+    process do (in tests). A private ledger has no leases: one run owns it.
     """
 
     async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
@@ -183,3 +196,8 @@ class LeasingLedger(Ledger, Protocol):
         done as far as leasing goes.
         """
         ...
+
+
+def is_shared(ledger: Ledger) -> TypeGuard[LeasingLedger]:
+    """Whether ``ledger`` is shared, and so a :class:`LeasingLedger`."""
+    return ledger.shared

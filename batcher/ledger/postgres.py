@@ -105,6 +105,7 @@ class PostgresLedger:
     ) -> None:
         self._url = PgUrl.parse(url)
         self.description = self._url.shown
+        self.shared = True
         self._wall = wall
         self._pool_size = pool_size
         self._page_size = page_size

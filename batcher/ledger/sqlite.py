@@ -32,7 +32,6 @@ import anyio.to_thread
 import orjson
 
 from batcher.errors import LedgerError, LedgerLocked
-from batcher.ledger import sqlite_leases
 from batcher.ledger.codec import (
     COMPUTED,
     SET_COLUMNS,
@@ -96,7 +95,11 @@ def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
 
 
 class SqliteLedger:
-    """A :class:`~batcher.ledger.base.Ledger` in one SQLite file.
+    """A :class:`~batcher.ledger.base.Ledger` in one SQLite file, private to one run.
+
+    A run holds the file's lock (:mod:`batcher.ledger.lock`) while it writes,
+    so nobody else competes for its rows: there are no leases here. (Ledgers
+    written before leases were dropped keep their lease tables, unused.)
 
     ``batch_size`` caps the jobs of one group commit; ``page_size`` is the
     number of rows :meth:`rows` reads per query. An instance is opened once
@@ -113,6 +116,7 @@ class SqliteLedger:
     ) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
+        self.shared = False
         self._wall = wall
         self._batch_size = batch_size
         self._page_size = page_size
@@ -552,46 +556,6 @@ class SqliteLedger:
     async def runs(self) -> list[dict[str, Any]]:
         """Every run recorded in this ledger, oldest first."""
         return await self._read(lambda conn: _records(conn.execute(self._q["runs"])))
-
-    # -- leases (LeasingLedger; see batcher.ledger.sqlite_leases) ---------------
-
-    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
-        """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
-        await self._write(
-            lambda conn: sqlite_leases.register_worker(conn, worker_id, run, ttl, self._wall())
-        )
-
-    async def heartbeat(self, worker_id: str, ttl: float) -> int:
-        """Renew the worker and its leases; return the number of live workers."""
-        return await self._write(
-            lambda conn: sqlite_leases.heartbeat(conn, worker_id, ttl, self._wall())
-        )
-
-    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
-        """Lease up to ``limit`` free rows in manifest order to the worker."""
-        run_id = self._run_id()
-        return await self._write(
-            lambda conn: sqlite_leases.lease(
-                conn, worker_id, limit, ttl, self._wall(), run_id, row_from_record
-            )
-        )
-
-    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
-        """Give back the worker's leases on ``row_ids``."""
-        ids = list(row_ids)
-        await self._write(lambda conn: sqlite_leases.release(conn, worker_id, ids))
-
-    async def deregister_worker(self, worker_id: str) -> None:
-        """Release the worker's leases and forget it."""
-        await self._write(lambda conn: sqlite_leases.deregister_worker(conn, worker_id))
-
-    async def live_workers(self) -> list[dict[str, Any]]:
-        """Live workers, oldest first, with the number of leases each holds."""
-        return await self._read(lambda conn: sqlite_leases.live_workers(conn, self._wall()))
-
-    async def pending_work(self) -> tuple[int, int]:
-        """(rows free to lease, rows under an unexpired lease)."""
-        return await self._read(lambda conn: sqlite_leases.pending_work(conn, self._wall()))
 
 
 def _json(value: Mapping[str, Any]) -> str:
