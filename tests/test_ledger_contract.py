@@ -397,8 +397,10 @@ ILLEGAL_PAIRS = sorted((src, dst) for src in Stage for dst in Stage if dst not i
 async def test_every_legal_move_is_allowed(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(i) for i in range(len(LEGAL_PAIRS))])
     for i, (src, dst) in enumerate(LEGAL_PAIRS):
-        await drive(ledger, f"r{i}", src)
-        row = await ledger.transition(f"r{i}", src, dst, event="move", detail={"n": i})
+        held = await drive(ledger, f"r{i}", src)
+        row = await ledger.transition(
+            f"r{i}", src, dst, event="move", detail={"n": i}, current=held
+        )
         assert row.stage is dst, (src, dst)
         assert (await ledger.get(f"r{i}")) == row
         last = (await ledger.events(f"r{i}"))[-1]
@@ -494,7 +496,8 @@ FULL_UPDATE: Update = {
 async def test_update_sets_columns_and_deltas_add(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1, kind=Kind.FILE)])
     full = Update(**FULL_UPDATE)  # a copy: the test may change it
-    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry")
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry",
+                                  current=await ledger.get("r1"))
     stored = await ledger.get("r1")
     assert stored == row
     for key, value in full.items():
@@ -527,13 +530,15 @@ async def test_many_concurrent_writers_lose_no_update(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(i) for i in range(tasks)])
 
     async def bump(i: int) -> None:
+        row = await ledger.get(f"r{i}")
         for _ in range(per):
-            await ledger.transition(
+            row = await ledger.transition(
                 f"r{i}",
                 Stage.PENDING,
                 Stage.PENDING,
                 {"attempts_delta": 1, "polls_delta": 2},
                 event="tick",
+                current=row,
             )
 
     await asyncio.gather(*(bump(i) for i in range(tasks)))
@@ -641,16 +646,105 @@ async def test_transition_with_current_keeps_the_error_as_stored(ledger: Ledger)
 @pytest.mark.anyio
 async def test_transition_with_current_counts_come_from_the_ledger(ledger: Ledger) -> None:
     (row,) = await ledger.import_rows([new_row(1)])
-    # Both callers hold the same copy (attempts 0); the second must see 2.
     first = await ledger.transition(
         "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1}, event="a", current=row
     )
     second = await ledger.transition(
         "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1, "polls_delta": 5},
-        event="b", current=row,
+        event="b", current=first,
     )
     assert (first.attempts, second.attempts, second.polls) == (1, 2, 5)
     assert second == await ledger.get("r1")
+
+
+# -- versions: every compare-and-set compares what it replaces ------------------
+
+
+@pytest.mark.anyio
+async def test_every_write_of_a_row_raises_its_version(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    assert row.version == 0
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1},
+                                  event="a", current=row)
+    assert row.version == 1 == (await ledger.get("r1")).version  # type: ignore[union-attr]
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="p")
+    assert row.version == 2
+    # an import that only sees the row leaves it; one that fails it is a write
+    (seen,) = await ledger.import_rows([new_row(1, line=7)])
+    assert seen.version == 2 and seen.line == 7
+    (other,) = await ledger.import_rows([new_row(2)])
+    (failed,) = await ledger.import_rows([new_row(2, error=INVALID)])
+    assert (failed.stage, failed.version) == (Stage.FAILED, other.version + 1)
+    (fixed,) = await ledger.import_rows([new_row(2)])
+    assert (fixed.stage, fixed.version) == (Stage.PENDING, other.version + 2)
+    assert [r.version async for r in ledger.rows()] == [2, 2]
+
+
+@pytest.mark.anyio
+async def test_two_writers_of_one_same_stage_move_from_one_copy_have_one_winner(
+    ledger: Ledger,
+) -> None:
+    (row,) = await ledger.import_rows([new_row(1, kind=Kind.FILE)])
+    row = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-old"}, event="p",
+        current=row,
+    )
+    # Two hosts found the upload URL expired and each made a fresh project.
+    results = await asyncio.gather(
+        *(
+            ledger.transition(
+                "r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                {"api_project_id": f"p-{host}"}, event=f"fresh-{host}", current=row,
+            )
+            for host in ("a", "b")
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, LedgerRow)]
+    losses = [r for r in results if isinstance(r, TransitionConflict)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    stored = await ledger.get("r1")
+    assert stored == wins[0] and stored is not None
+    assert stored.api_project_id in ("p-a", "p-b") and stored.version == row.version + 1
+    assert losses[0].actual == f"project (version {stored.version})"
+    assert losses[0].expected == f"project (version {row.version})"
+    assert [e.event for e in await ledger.events("r1")][-1] == f"fresh-{stored.api_project_id[2:]}"
+
+
+@pytest.mark.anyio
+async def test_a_same_stage_update_from_a_stale_copy_conflicts(ledger: Ledger) -> None:
+    (stale,) = await ledger.import_rows([new_row(1)])
+    await ledger.transition(
+        "r1", Stage.PENDING, Stage.PENDING, {"api_project_id": "p-new"}, event="set",
+        current=stale,
+    )
+    before = await ledger.get("r1")
+    for to, update in (
+        (Stage.PENDING, Update(api_project_id="p-stale")),
+        (Stage.PENDING, Update(attempts_delta=1)),
+        (Stage.PROJECT_CREATED, Update()),  # a stage change from a stale copy, too
+    ):
+        with pytest.raises(TransitionConflict):
+            await ledger.transition("r1", Stage.PENDING, to, update, event="late", current=stale)
+    assert await ledger.get("r1") == before
+    assert [e.event for e in await ledger.events("r1")] == ["imported", "set"]
+
+
+@pytest.mark.anyio
+async def test_a_same_stage_move_without_the_callers_row_is_refused(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
+    for expect in (Stage.PENDING, either):
+        with pytest.raises(LedgerError, match="current") as info:
+            await ledger.transition("r1", expect, Stage.PENDING, {"api_project_id": "x"},
+                                    event="blind")
+        assert not isinstance(info.value, TransitionConflict)
+    with pytest.raises(LedgerError, match="current"):
+        await ledger.transition("r1", either, Stage.PROJECT_CREATED, event="blind")
+    assert await ledger.get("r1") == row
+    # a move to another stage compares the stage, which it changes
+    moved = await ledger.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="p")
+    assert moved.version == row.version + 1
 
 
 @pytest.mark.anyio
@@ -707,7 +801,7 @@ async def test_current_of_another_row_is_refused_before_writing(ledger: Ledger) 
 @pytest.mark.anyio
 async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1)])
-    await ledger.transition(
+    row = await ledger.transition(
         "r1",
         Stage.PENDING,
         Stage.SUBMITTED,
@@ -722,6 +816,7 @@ async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Le
         {"polls_delta": 1},
         event="polled",
         detail={"apiStatus": "processing"},
+        current=row,
     )
     await ledger.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="complete")
     events = await ledger.events("r1")

@@ -11,6 +11,7 @@ cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import pytest
 from batcher.errors import ConfigError, LedgerError, TransitionConflict
 from batcher.ledger import PostgresLedger, open_ledger
 from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.ledger.migrations import BOOTSTRAP_SQL, load_migrations
 from batcher.model import Kind, LedgerRow, NewRow, RunInfo, Stage
 
 pytestmark = pytest.mark.postgres
@@ -371,6 +373,68 @@ async def test_two_hosts_moving_one_row_one_wins_the_other_conflicts(
 
 
 @pytest.mark.anyio
+async def test_two_hosts_holding_one_copy_cannot_both_replace_a_project(
+    hosts: list[PostgresLedger],
+) -> None:
+    a, b = hosts[0], hosts[1]
+    (row,) = await a.import_rows([NewRow("f1", 1, Kind.FILE, "k", "diffio-3.5")])
+    row = await a.transition("f1", Stage.PENDING, Stage.PROJECT_CREATED,
+                             {"api_project_id": "p-first"}, event="project", current=row)
+    # b took the row over while a was paused; both hold the same copy now.
+    for _ in range(5):
+        results = await asyncio.gather(
+            *(
+                led.transition("f1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                               {"api_project_id": f"p-{name}"}, event=f"fresh-{name}",
+                               current=row)
+                for led, name in ((a, "a"), (b, "b"))
+            ),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if isinstance(r, LedgerRow)]
+        losses = [r for r in results if isinstance(r, TransitionConflict)]
+        assert len(wins) == 1 and len(losses) == 1, results
+        stored = await hosts[2].get("f1")
+        assert stored == wins[0]
+        row = stored
+    # The loser, writing from the copy it had, conflicts again rather than overwrite.
+    with pytest.raises(TransitionConflict, match="version"):
+        await a.transition("f1", Stage.PROJECT_CREATED, Stage.UPLOADED, event="uploaded",
+                           current=dataclasses.replace(row, version=row.version - 1))
+
+
+@pytest.mark.anyio
+async def test_a_ledger_at_version_2_migrates_forward_and_keeps_its_rows(
+    url: str, schema: str
+) -> None:
+    conn = await raw(url, schema)
+    try:  # a ledger as a batcher with two migrations left it
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(BOOTSTRAP_SQL)
+        for mig in load_migrations("postgres")[:2]:
+            await conn.execute(mig.sql)
+            await conn.execute("INSERT INTO ledger_migrations VALUES ($1, $2, 1.0)",
+                               mig.version, mig.name)
+        await conn.execute(
+            "INSERT INTO ledger_rows (row_id, line, kind, stage, model_key, api_project_id, "
+            "idempotency_key, generation_id, created_at, updated_at, seen_seq) "
+            "VALUES ('r1', 1, 'project', 'submitted', 'diffio-3.5', 'p1', 'key-1', 'g1', 1, 2, 1)"
+        )
+    finally:
+        await conn.close()
+    led = PostgresLedger(url)
+    await led.open(run_info("new"))
+    try:
+        row = await led.get("r1")
+        assert row is not None and (row.generation_id, row.version) == ("g1", 0)
+        done = await led.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="complete",
+                                    current=row)
+        assert done.version == 1 and done == await led.get("r1")
+    finally:
+        await led.close(0)
+
+
+@pytest.mark.anyio
 async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
     hosts: list[PostgresLedger],
 ) -> None:
@@ -379,9 +443,15 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
     either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
 
     async def bump(led: PostgresLedger, i: int) -> LedgerRow:
-        return await led.transition(
-            "r0001", either, Stage.PROJECT_CREATED, {"attempts_delta": 1}, event=f"m{i}"
-        )
+        while True:  # as a runner would: a lost race is read again and retried
+            row = await led.get("r0001")
+            try:
+                return await led.transition(
+                    "r0001", either, Stage.PROJECT_CREATED, {"attempts_delta": 1},
+                    event=f"m{i}", current=row,
+                )
+            except TransitionConflict:
+                continue
 
     await asyncio.gather(*(bump(a if i % 2 else b, i) for i in range(30)))
     row = await hosts[2].get("r0001")
@@ -464,7 +534,9 @@ async def test_migrations_from_processes_starting_at_once_apply_once(url: str, s
     conn = await raw(url, schema)
     try:
         versions = await conn.fetch("SELECT version, name FROM ledger_migrations ORDER BY 1")
-        assert [tuple(v) for v in versions] == [(1, "initial"), (2, "leases")]
+        assert [tuple(v) for v in versions] == [
+            (1, "initial"), (2, "leases"), (3, "versions_and_pacing")
+        ]
         tables = await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
             schema,

@@ -84,17 +84,26 @@ class Ledger(Protocol):
     ) -> LedgerRow:
         """Compare-and-set a row from ``expect`` to ``to`` and append an event.
 
-        Raises TransitionConflict when the row is missing or not in
-        ``expect``, and LedgerError when ``to`` is not a legal move.
+        What is compared:
 
-        ``current`` is the caller's copy of the row (the row it is moving).
-        With it the ledger does not read the whole row back: it returns
-        ``current`` with ``stage``, the update's columns and what the database
-        computed (``attempts``, ``polls``, ``updated_at``) replaced. The
-        compare-and-set still checks the stored stage, so a stale ``current``
-        conflicts exactly as without it; fields that another writer changed
-        without changing the stage are not seen. Its ``row_id`` must be
-        ``row_id``.
+        * with ``current``, the caller's copy of the row (the row it is
+          moving): the row must be in one of ``expect`` *and* still at
+          ``current.version``. Every write of a row raises its version, so a
+          move from a stale copy conflicts, even one that keeps the stage
+          (two hosts both replacing the project of a PROJECT row: one wins).
+        * without ``current``, only the stage: whoever moves the row first
+          wins and a later mover finds it elsewhere. A move that may keep the
+          stage (``to`` in ``expect``) compares nothing it replaces, so it is
+          refused without ``current`` (LedgerError).
+
+        Raises TransitionConflict when the row is missing, not in ``expect``
+        or at another version, and LedgerError when ``to`` is not a legal
+        move. Each move raises the row's ``version`` by one.
+
+        With ``current`` the ledger does not read the whole row back: it
+        returns ``current`` with ``stage``, the update's columns and what the
+        database computed (``attempts``, ``polls``, ``updated_at``,
+        ``version``) replaced. Its ``row_id`` must be ``row_id``.
         """
         ...
 

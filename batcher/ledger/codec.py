@@ -47,7 +47,7 @@ DELTAS = frozenset({"attempts_delta", "polls_delta"})
 SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
 # What the database computes in a transition, in the order a transition that
 # was given the caller's row reads them back (see :func:`moved`).
-COMPUTED: tuple[str, ...] = ("updated_at", "attempts", "polls")
+COMPUTED: tuple[str, ...] = ("updated_at", "attempts", "polls", "version")
 
 # What a manifest row says about its request, as LedgerRow fields: an import
 # sets them on a new row, and on a row that failed validation and is valid now.
@@ -125,6 +125,7 @@ def inserted_record(
         "output_sha256": None, "output_size": None, "upload_url": None,
         "upload_method": None, "upload_expires_at": None, "content_type": None,
         "attempts": 0, "polls": 0, "retry_count": 0, "base_key": None, "retired": False,
+        "version": 0,
         **values,
         "stage": stage.value, "leader_row_id": leader_row_id,
         "created_at": now, "updated_at": now,
@@ -175,6 +176,7 @@ def row_from_record(r: Record) -> LedgerRow:
         retired=bool(r["retired"]),
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        version=r["version"],
     )
 
 

@@ -172,11 +172,13 @@ class MemoryLedger:
         decision = import_refresh(row.stage, row.error, row.generation_id, error)
         if decision is Refresh.INVALIDATE:
             self._event(row.row_id, now, row.stage, Stage.FAILED, decision.value, error or {})
-            row = replace(row, stage=Stage.FAILED, error=error, updated_at=now)
+            row = replace(row, stage=Stage.FAILED, error=error, updated_at=now,
+                          version=row.version + 1)
         elif decision is Refresh.REVALIDATE:
             fresh = self._fresh(values, Stage.PENDING, new, now)
             request = {name: getattr(fresh, name) for name in REQUEST_FIELDS}
-            row = replace(row, stage=Stage.PENDING, error=None, updated_at=now, **request)
+            row = replace(row, stage=Stage.PENDING, error=None, updated_at=now,
+                          version=row.version + 1, **request)
             self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, decision.value, {})
         self._keep(row, previous=cur)
         return row
@@ -259,10 +261,12 @@ class MemoryLedger:
         if "error" in fields:
             fields["error"] = json_copy(fields["error"], "error")
         cur = self._db.rows.get(row_id)
-        if cur is None or cur.stage not in move.allowed:
-            raise refusal(move, None if cur is None else cur.stage)
+        if cur is None:
+            raise refusal(move, None)
+        if cur.stage not in move.allowed or move.version not in (None, cur.version):
+            raise refusal(move, cur.stage, cur.version)
         now = self._wall()
-        computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1])
+        computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1], cur.version + 1)
         row = moved(cur, to, fields, computed)
         self._db.rows[row_id] = row
         self._event(row_id, now, cur.stage, to, event, detail_copy)

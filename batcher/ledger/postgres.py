@@ -327,6 +327,7 @@ class PostgresLedger:
         move = check_move(row_id, expect, to, update or {}, current)
         params = transition_values(row_id, to, update or {})
         params.update(
+            version=move.version,
             allowed=sorted(s.value for s in move.allowed),
             event=event,
             detail=dumps_object(detail or {}, "event detail") or "{}",
@@ -341,10 +342,13 @@ class PostgresLedger:
                     return row_from_record(found)
                 fields = update_fields(update or {}, params.get("error"))
                 return moved(current, to, fields, tuple(found))
-            got = await pool.fetchval(self._q["get_stage"].text, row_id)
-        # Not in expect; or it was when we looked again, after another host
-        # moved it away and back: either way this move lost the race.
-        raise refusal(move, None if got is None else STAGES[got])
+            got = await pool.fetchrow(self._q["get_stage"].text, row_id)
+        # Not in expect (or at another version); or it was when we looked
+        # again, after another host moved it away and back: either way this
+        # move lost the race.
+        if got is None:
+            raise refusal(move, None)
+        raise refusal(move, STAGES[got["stage"]], got["version"])
 
     def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,

@@ -46,12 +46,17 @@ INVALID_ROW = "invalidRow"
 
 @dataclass(frozen=True, slots=True)
 class Move:
-    """A transition that may be tried: from one of ``allowed`` to ``to``."""
+    """A transition that may be tried: from one of ``allowed`` to ``to``.
+
+    It is made only if the row is in one of ``allowed`` and, when ``version``
+    is set (the caller passed its copy of the row), still at that version.
+    """
 
     row_id: str
     expected: frozenset[Stage]  # what the caller expects the row's stage to be
     allowed: frozenset[Stage]  # the expected stages from which the move is legal
     to: Stage
+    version: int | None  # the version of the caller's copy, if it passed one
 
 
 def check_move(
@@ -64,7 +69,10 @@ def check_move(
     """The move a transition asks for, or LedgerError before anything is written.
 
     Refused: a move that is legal from none of the expected stages, a
-    ``current`` that is another row, an update naming unknown columns.
+    ``current`` that is another row, an update naming unknown columns, and a
+    move that may leave the stage as it is without ``current``: comparing
+    the stage says nothing when the stage does not change, so such a move
+    must compare the version of the caller's copy.
     """
     expected = stage_set(expect)
     allowed = legal_sources(expected, to)
@@ -75,22 +83,32 @@ def check_move(
     unknown = set(update) - UPDATE_COLUMNS - DELTAS
     if unknown:
         raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-    return Move(row_id, expected, allowed, to)
+    if current is None and to in allowed:
+        raise LedgerError(
+            f"row {row_id}: a move that may stay in {to} needs the caller's row (current=)"
+        )
+    return Move(row_id, expected, allowed, to, None if current is None else current.version)
 
 
-def refusal(move: Move, actual: Stage | None) -> LedgerError:
-    """Why ``move`` cannot be made on a row whose stage is ``actual`` (None: no row).
+def refusal(move: Move, actual: Stage | None, version: int | None = None) -> LedgerError:
+    """Why ``move`` cannot be made on a row now in stage ``actual`` at ``version``.
 
-    A stage outside the expected ones is a TransitionConflict (someone else
-    moved the row); an expected stage from which the move is illegal is a
-    LedgerError; an allowed stage means the row changed under the caller
-    and came back (another writer won): a TransitionConflict too.
+    No row (``actual`` None) or a stage outside the expected ones is a
+    TransitionConflict: someone else moved the row. An expected stage from
+    which the move is illegal is a LedgerError. An allowed stage means that
+    another writer changed the row (its version moved on; on PostgreSQL it
+    may also have moved away and back): a TransitionConflict naming the
+    versions when the caller compared one.
     """
     expected = describe_stages(move.expected)
     if actual is None:
         return TransitionConflict(move.row_id, expected, None)
     if actual in move.expected and actual not in move.allowed:
         return LedgerError(f"row {move.row_id}: illegal move {actual} -> {move.to}")
+    if actual in move.allowed and move.version is not None and version != move.version:
+        return TransitionConflict(
+            move.row_id, f"{expected} (version {move.version})", f"{actual} (version {version})"
+        )
     return TransitionConflict(move.row_id, expected, actual.value)
 
 

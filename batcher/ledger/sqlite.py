@@ -418,6 +418,7 @@ class SqliteLedger:
         """
         move = check_move(row_id, expect, to, update or {}, current)
         params = transition_values(row_id, to, update or {})
+        params["version"] = move.version
         detail_json = dumps_object(detail or {}, "event detail") or "{}"
         ordered = sorted(move.allowed)
         sql = self._transition_sql(params, full=current is None)
@@ -426,18 +427,18 @@ class SqliteLedger:
         if current is not None:
             known = (current, update_fields(update or {}, params.get("error")))
 
-        def stage_now(conn: sqlite3.Connection) -> Stage | None:
+        def refused(conn: sqlite3.Connection) -> LedgerError:
             got = conn.execute(self._q["get_stage"], params).fetchone()
-            return None if got is None else STAGES[got[0]]
+            return refusal(move, None) if got is None else refusal(move, STAGES[got[0]], got[1])
 
         def job(conn: sqlite3.Connection) -> LedgerRow:
             if len(ordered) == 1:
-                from_stage: Stage | None = ordered[0]
+                from_stage = ordered[0]
             else:
-                from_stage = stage_now(conn)
-                if from_stage not in move.allowed:
-                    raise refusal(move, from_stage)
-            assert from_stage is not None
+                got = conn.execute(self._q["get_stage"], params).fetchone()
+                if got is None or STAGES[got[0]] not in move.allowed:
+                    raise refused(conn)
+                from_stage = STAGES[got[0]]
             now = self._wall()
             params["now"] = now
             params.update(_stage_params((from_stage,)))
@@ -446,7 +447,7 @@ class SqliteLedger:
             # it is reset and no statement is left running at RELEASE.
             found = next(iter(cursor.fetchall()), None)
             if found is None:
-                raise refusal(move, stage_now(conn))
+                raise refused(conn)
             self._insert_event(conn, row_id, now, from_stage, to, event, detail_json)
             if known is not None:
                 return moved(known[0], to, known[1], found)

@@ -79,21 +79,25 @@ SELECT nextval('ledger_import_epoch');
 
 -- name: transition
 -- The compare-and-set and its event, one statement. cur locks the row and
--- reads its stage as of the lock (a concurrent move has committed or not),
--- so the event names the stage this move really left. {assignments} becomes
--- ", <column> = :<column>" for each column the update names; the names come
--- from base.UPDATE_COLUMNS only. {returning} is * or, when the caller holds
--- the row, only the columns the database computes.
+-- reads its stage and version as of the lock (a concurrent move has
+-- committed or not), so the event names the stage this move really left.
+-- :version is the version of the caller's copy of the row, or NULL when it
+-- passed none. {assignments} becomes ", <column> = :<column>" for each
+-- column the update names; the names come from model.UPDATE_COLUMNS only.
+-- {returning} is * or, when the caller holds the row, only the columns the
+-- database computes.
 WITH cur AS (
-    SELECT row_id, stage FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
+    SELECT row_id, stage, version FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
 ), moved AS (
     UPDATE ledger_rows r SET
         stage = :to_stage::text,
         updated_at = :now::float8,
         attempts = r.attempts + :attempts_delta::int,
-        polls = r.polls + :polls_delta::int{assignments}
+        polls = r.polls + :polls_delta::int,
+        version = r.version + 1{assignments}
     FROM cur
     WHERE r.row_id = cur.row_id AND cur.stage = ANY(:allowed::text[])
+      AND (:version::int IS NULL OR cur.version = :version::int)
     RETURNING r.*, cur.stage AS from_stage
 ), logged AS (
     INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)

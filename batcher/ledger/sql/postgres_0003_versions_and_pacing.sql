@@ -1,0 +1,8 @@
+-- Migration 3 (PostgreSQL): row versions, as sqlite_0003_row_versions.sql.
+-- Every write of a row's content raises its version by one; a transition
+-- given the caller's copy of the row updates it only while the version is
+-- still the copy's. Two hosts that both hold a row (a paused host whose
+-- lease was taken over) can no longer overwrite each other's project or
+-- generation id with a same-stage move. Rows of older ledgers start at 0.
+
+ALTER TABLE ledger_rows ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
