@@ -20,7 +20,7 @@ import random
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,9 @@ class Backend:
 
     ``shared`` makes the memory ledger a shared one; each run then gets its
     own handle on it, as each PostgreSQL run gets its own connections.
+    Leases are judged by the store's clock: :meth:`advance` moves it (the
+    fake wall of the memory store; the database's clock function of the
+    PostgreSQL schema).
     """
 
     def __init__(self, name: str, tmp_path: Path, pg_url: str = "", shared: bool = False) -> None:
@@ -124,26 +127,58 @@ class Backend:
         self.pg_url = pg_url
         self._memory = MemoryLedger(wall=self.wall, page_size=PAGE, shared=shared)
         self._runs = itertools.count(1)
+        self._db_offset = 0.0
 
-    def make(self) -> Ledger:
+    def make(self, wall: Callable[[], float] | None = None) -> Ledger:
+        wall = wall or self.wall
         if self.name == "memory":
-            return self._memory.connect() if self._memory.shared else self._memory
+            return self._memory.connect(wall=wall) if self._memory.shared else self._memory
         if self.name == "sqlite":
-            return SqliteLedger(self.path, wall=self.wall, page_size=PAGE)
+            return SqliteLedger(self.path, wall=wall, page_size=PAGE)
         if self.name == "postgres":
-            return PostgresLedger(self.pg_url, wall=self.wall, page_size=PAGE)
+            return PostgresLedger(self.pg_url, wall=wall, page_size=PAGE)
         raise AssertionError(self.name)
 
-    async def open(self, *, lock: bool = True, run_id: str | None = None) -> Ledger:
-        led = self.make()
+    async def open(
+        self,
+        *,
+        lock: bool = True,
+        run_id: str | None = None,
+        wall: Callable[[], float] | None = None,
+    ) -> Ledger:
+        led = self.make(wall)
         rid = run_id or f"run-{next(self._runs)}"
         await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
         return led
 
-    async def open_shared(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
-        led = await self.open(lock=lock, run_id=run_id)
+    async def open_shared(
+        self,
+        *,
+        lock: bool = True,
+        run_id: str | None = None,
+        wall: Callable[[], float] | None = None,
+    ) -> LeasingLedger:
+        led = await self.open(lock=lock, run_id=run_id, wall=wall)
         assert is_shared(led)
         return led
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the store's clock (and on the hosts' walls)."""
+        self.wall.advance(seconds)
+        if self.name != "postgres":
+            return
+        self._db_offset += seconds
+        base, _, query = self.pg_url.partition("?")
+        schema = query.rsplit("schema=", 1)[1]
+        conn = await asyncpg.connect(base, timeout=5)
+        try:  # the ledger reads the database's time through this function only
+            await conn.execute(
+                f'CREATE OR REPLACE FUNCTION "{schema}".ledger_now() RETURNS double precision '
+                f"LANGUAGE sql VOLATILE AS $$ SELECT extract(epoch FROM clock_timestamp())"
+                f"::double precision + {self._db_offset!r} $$"
+            )
+        finally:
+            await conn.close()
 
 
 def _backend(request: pytest.FixtureRequest, tmp_path: Path, *, shared: bool) -> Backend:
@@ -1148,10 +1183,10 @@ async def test_expired_lease_is_taken_over_and_recorded(
     await shared.register_worker("b", WORKER_RUN, TTL)
     assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
     assert await lease_all(shared, "b") == []
-    shared_backend.wall.advance(TTL / 2)
+    await shared_backend.advance(TTL / 2)
     assert await shared.heartbeat("b", TTL) == 2
     assert await lease_all(shared, "b") == []  # a's leases have not expired yet
-    shared_backend.wall.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
+    await shared_backend.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
     assert await shared.heartbeat("b", TTL) == 1
     assert [w["worker_id"] for w in await shared.live_workers()] == ["b"]
     assert await shared.pending_work() == (3, 0)
@@ -1170,7 +1205,7 @@ async def test_expired_lease_is_taken_over_and_recorded(
     # a comes back: it is live again but the rows stay with b
     assert await shared.heartbeat("a", TTL) == 2
     assert await lease_all(shared, "a") == []
-    shared_backend.wall.advance(TTL + 1)  # now b dies; a re-takes them
+    await shared_backend.advance(TTL + 1)  # now b dies; a re-takes them
     assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
     assert (await shared.events("r1"))[-1].detail["previousOwner"] == "b"
 
@@ -1184,9 +1219,9 @@ async def test_heartbeat_renews_leases_and_counts_live_workers(
     await shared.register_worker("b", WORKER_RUN, TTL)
     assert await shared.heartbeat("a", TTL) == 2
     assert await lease_all(shared, "a", 2) == ["r1", "r2"]
-    shared_backend.wall.advance(TTL * 2 / 3)
+    await shared_backend.advance(TTL * 2 / 3)
     assert await shared.heartbeat("a", TTL) == 2
-    shared_backend.wall.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
+    await shared_backend.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
     assert await shared.heartbeat("a", TTL) == 1
     # a's first leases would have expired; its heartbeats renewed them
     await shared.register_worker("c", WORKER_RUN, TTL)
@@ -1196,7 +1231,7 @@ async def test_heartbeat_renews_leases_and_counts_live_workers(
     assert (live[0]["host"], live[0]["pid"], live[0]["run_id"]) == ("host-b", 4343, "run-w")
     assert live[0]["ttl"] == TTL and live[0]["heartbeat_at"] > live[0]["started_at"]
     assert await shared.heartbeat("c", 5.0) == 2
-    shared_backend.wall.advance(10.0)  # c declared a 5 s ttl: dead; a is not
+    await shared_backend.advance(10.0)  # c declared a 5 s ttl: dead; a is not
     assert [w["worker_id"] for w in await shared.live_workers()] == ["a"]
     assert await lease_all(shared, "a") == ["r3"]
 
@@ -1245,6 +1280,89 @@ async def test_concurrent_leases_are_disjoint_and_cover_every_row(shared: Leasin
     assert await shared.pending_work() == (0, n)
     live = {w["worker_id"]: w["leases"] for w in await shared.live_workers()}
     assert live == {w: len(share) for w, share in zip(workers, shares, strict=True)}
+
+
+@pytest.mark.anyio
+async def test_a_lease_taken_over_after_expiry_is_refused_to_its_old_holder(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1), new_row(2)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    (held,) = await shared.lease("a", 1, TTL)
+    assert await shared.hold("a", "r1", TTL) is True
+    assert await shared.hold("b", "r1", TTL) is False  # not b's
+    await shared_backend.advance(TTL * 0.75)
+    assert await shared.hold("a", "r1", TTL) is True  # renewed: good for TTL from now
+    await shared_backend.advance(TTL * 0.75)
+    assert await lease_all(shared, "b") == ["r2"]  # r1 still a's
+    await shared_backend.advance(TTL + 1)  # a is paused: no heartbeat, no hold
+    assert await shared.heartbeat("b", TTL) == 1
+    (taken,) = await shared.lease("b", 1, TTL)
+    assert taken.row_id == "r1" and (await shared.events("r1"))[-1].event == LEASE_TAKEN_OVER
+    # a wakes up: before its next paid request it asks, and learns the row is gone
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await shared.hold("a", "r1", TTL) is False
+    assert await shared.hold("b", "r1", TTL) is True
+    moved = await shared.transition(
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-b"}, event="b",
+        current=taken,
+    )
+    with pytest.raises(TransitionConflict):  # and a's copy can no longer write
+        await shared.transition(
+            "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-a"}, event="a",
+            current=held,
+        )
+    assert await shared.get("r1") == moved
+    await shared.release("b", ["r1"])
+    assert await shared.hold("b", "r1", TTL) is False  # given back
+    assert await shared.hold("a", "nope", TTL) is False
+
+
+@pytest.mark.anyio
+async def test_a_lease_that_ran_out_is_gone_even_if_nobody_took_it(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a") == ["r1"]
+    await shared_backend.advance(TTL + 1)
+    # neither a heartbeat nor a hold brings an expired lease back ...
+    await shared.heartbeat("a", TTL)
+    assert await shared.hold("a", "r1", TTL) is False
+    assert await shared.pending_work() == (1, 0)
+    # ... but the worker may lease the row again like anyone (no takeover: it was a's)
+    assert await lease_all(shared, "a") == ["r1"]
+    assert [e.event for e in await shared.events("r1")] == ["imported"]
+
+
+@pytest.mark.anyio
+async def test_lease_expiry_is_judged_by_the_ledgers_clock_not_the_hosts(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1), new_row(2)])
+    # Two hosts whose clocks are far off: one in 1970, one decades ahead.
+    slow = await shared_backend.open_shared(wall=lambda: 1.0)
+    fast = await shared_backend.open_shared(wall=lambda: 4_000_000_000.0)
+    try:
+        await slow.register_worker("slow", WORKER_RUN, TTL)
+        await fast.register_worker("fast", WORKER_RUN, TTL)
+        assert await lease_all(slow, "slow", 1) == ["r1"]
+        assert await fast.heartbeat("fast", TTL) == 2  # the slow host is live
+        assert await lease_all(fast, "fast") == ["r2"]  # r1 is not expired for the ledger
+        assert await fast.pending_work() == (0, 2)
+        assert await slow.hold("slow", "r1", TTL) is True
+        assert {w["worker_id"]: w["leases"] for w in await fast.live_workers()} == {
+            "slow": 1, "fast": 1
+        }
+        await shared_backend.advance(TTL + 1)  # for the ledger, every lease ran out
+        assert await fast.heartbeat("fast", TTL) == 1
+        assert await lease_all(fast, "fast") == ["r1", "r2"]
+        assert await slow.hold("slow", "r1", TTL) is False
+        assert (await fast.events("r1"))[-1].detail["previousOwner"] == "slow"
+    finally:
+        await slow.close(0)
+        await fast.close(0)
 
 
 @pytest.mark.anyio

@@ -73,13 +73,16 @@ async def main(url, mode, n):
         for i in range(0, n, 50):
             await led.import_rows(rows[i : i + 50])
         print("retired", await led.finish_import(), flush=True)
-    elif mode == "lease":
+    elif mode in ("lease", "hold"):
         worker = f"worker-{os.getpid()}"
         await led.register_worker(worker, run, 0.5)
         got = await led.lease(worker, n, 0.5)
         print("leased", worker, " ".join(r.row_id for r in got), flush=True)
         while True:  # a live host heartbeats until it is killed
             await led.heartbeat(worker, 0.5)
+            if mode == "hold" and not await led.hold(worker, got[0].row_id, 0.5):
+                print("lost", got[0].row_id, flush=True)  # what it would post is not its own
+                break
             await asyncio.sleep(0.1)
     await led.close(0)
     print("done", flush=True)
@@ -331,7 +334,8 @@ async def test_a_killed_hosts_rows_are_taken_over_after_its_lease_expires(
         assert [r.row_id for r in await survivor.lease("survivor", 10, TTL)] == ["r0002"]
         await asyncio.sleep(TTL + 0.2)
         await survivor.heartbeat("survivor", TTL)
-        assert await survivor.lease("survivor", 10, TTL) == []  # the child renewed its lease
+        # Its own lease ran out while it slept; the child heartbeats and keeps r0001.
+        assert [r.row_id for r in await survivor.lease("survivor", 10, TTL)] == ["r0002"]
         child.kill()  # the host dies mid-job: no deregistration, no release
     finally:
         child.kill()
@@ -346,6 +350,58 @@ async def test_a_killed_hosts_rows_are_taken_over_after_its_lease_expires(
     assert last.event == LEASE_TAKEN_OVER and last.from_stage is last.to_stage is Stage.PENDING
     assert last.detail["previousOwner"] == dead_worker and last.detail["owner"] == "survivor"
     assert await hosts[2].pending_work() == (0, 2)
+
+
+@pytest.mark.anyio
+async def test_a_host_paused_past_its_ttl_finds_its_row_taken_and_its_copy_useless(
+    url: str, hosts: list[PostgresLedger]
+) -> None:
+    survivor = hosts[0]
+    await survivor.import_rows(manifest(5)[:1])
+    child = Child(url, "hold", 1)  # leases r0001, then heartbeats and holds it
+    try:
+        child.go()
+        word, _, leased = child.line().split(" ", 2)
+        assert (word, leased) == ("leased", "r0001")
+        await survivor.register_worker("survivor", run_info("host-0"), TTL)
+        assert await survivor.lease("survivor", 1, TTL) == []
+        child.proc.send_signal(signal.SIGSTOP)  # the hypervisor pauses the host
+        await asyncio.sleep(TTL + 0.3)
+        (taken,) = await survivor.lease("survivor", 1, TTL)
+        await survivor.transition("r0001", Stage.PENDING, Stage.SUBMITTED,
+                                  {"generation_id": "g-survivor"}, event="submitted",
+                                  current=taken)
+        child.proc.send_signal(signal.SIGCONT)  # it wakes up and checks before posting
+        assert child.line() == "lost r0001"
+        assert (await child.finish())[-1] == "done"
+    finally:
+        child.kill()
+    row = await hosts[1].get("r0001")
+    assert row is not None and row.generation_id == "g-survivor"
+
+
+@pytest.mark.anyio
+async def test_host_clocks_do_not_move_lease_expiry(url: str) -> None:
+    # Real time on the server; one host's clock a day slow, the other's a year fast.
+    slow, fast = PostgresLedger(url, wall=lambda: time.time() - 86_400), PostgresLedger(
+        url, wall=lambda: time.time() + 365 * 86_400
+    )
+    await slow.open(run_info("slow"))
+    await fast.open(run_info("fast"))
+    try:
+        await slow.import_rows(manifest(5)[:1])
+        await slow.register_worker("slow", run_info("slow"), TTL * 4)
+        await fast.register_worker("fast", run_info("fast"), TTL * 4)
+        assert [r.row_id for r in await slow.lease("slow", 1, TTL * 4)] == ["r0001"]
+        assert await fast.lease("fast", 1, TTL * 4) == []  # fresh, whatever fast's clock says
+        assert await fast.heartbeat("fast", TTL * 4) == 2
+        assert await slow.hold("slow", "r0001", TTL)
+        await asyncio.sleep(TTL + 0.3)
+        assert [r.row_id for r in await fast.lease("fast", 1, TTL * 4)] == ["r0001"]
+        assert not await slow.hold("slow", "r0001", TTL)
+    finally:
+        await slow.close(0)
+        await fast.close(0)
 
 
 # -- transitions -------------------------------------------------------------------

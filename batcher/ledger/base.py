@@ -152,6 +152,12 @@ class LeasingLedger(Ledger, Protocol):
     two workers that both believe they hold a row still cannot both move it.
     ``ttl`` is in seconds.
 
+    Time is the ledger's own (PostgreSQL: the database server's clock), never
+    the caller's ``wall``: a host whose clock is off, or that was paused,
+    cannot make a lease look fresh or stale. A lease that ran out is gone,
+    whether or not another worker took the row yet: neither a heartbeat nor
+    :meth:`hold` revives it (the worker may :meth:`lease` the row again).
+
     Implemented by the shared ledgers (``shared`` is True): PostgreSQL, where
     hosts share a job, and ``MemoryLedger(shared=True)``, where runners in one
     process do (in tests). A private ledger has no leases: one run owns it.
@@ -165,7 +171,7 @@ class LeasingLedger(Ledger, Protocol):
         ...
 
     async def heartbeat(self, worker_id: str, ttl: float) -> int:
-        """Renew the worker and every lease it holds until now + ``ttl``.
+        """Renew the worker and every unexpired lease it holds until now + ``ttl``.
 
         Returns how many workers are live (their last heartbeat is younger
         than the ttl they declared), this one included: the runner divides
@@ -181,6 +187,18 @@ class LeasingLedger(Ledger, Protocol):
         they are taken in manifest order. Concurrent callers never get the
         same row. A row taken from another worker whose lease expired gets a
         :data:`LEASE_TAKEN_OVER` event naming that worker.
+        """
+        ...
+
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Whether the worker still holds an unexpired lease on the row; renew it if so.
+
+        Atomic and cheap (one statement): call it right before a request
+        that may cost money. True: the lease now lasts until now + ``ttl``
+        and no other worker can take the row before then. False: the lease
+        expired or another worker took the row over (a host that was paused
+        longer than its ttl); the row is someone else's now, so drop it
+        without sending anything. Unknown rows and workers give False.
         """
         ...
 

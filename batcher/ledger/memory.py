@@ -391,8 +391,8 @@ class MemoryLedger:
         now = self._hosts(write=True)
         worker = self._known_worker(worker_id)
         worker.update(heartbeat_at=now, ttl=float(ttl))
-        for rid, (owner, _) in self._db.leases.items():
-            if owner == worker_id:
+        for rid, (owner, expires) in self._db.leases.items():
+            if owner == worker_id and expires >= now:  # one that ran out is not revived
                 self._db.leases[rid] = (owner, now + ttl)
         return len(self._live(now))
 
@@ -421,6 +421,16 @@ class MemoryLedger:
                 }
                 self._event(row.row_id, now, row.stage, row.stage, LEASE_TAKEN_OVER, detail)
         return free
+
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Renew the worker's unexpired lease on the row; False when it has none."""
+        await anyio.lowlevel.checkpoint()
+        now = self._hosts(write=True)
+        lease = self._db.leases.get(row_id)
+        if lease is None or lease[0] != worker_id or lease[1] < now:
+            return False
+        self._db.leases[row_id] = (worker_id, now + ttl)
+        return True
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""

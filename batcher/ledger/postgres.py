@@ -461,7 +461,6 @@ class PostgresLedger:
             "host": run.host,
             "pid": run.pid,
             "run_id": run.run_id,
-            "now": self._wall(),
             "ttl": float(ttl),
         }
         await self._exec("register_worker", params, f"register worker {worker_id}")
@@ -470,7 +469,7 @@ class PostgresLedger:
         """Renew the worker and its leases; return the number of live workers."""
         pool = self._pool_for(write=True)
         q = self._q["heartbeat"]
-        params = {"worker_id": worker_id, "now": self._wall(), "ttl": float(ttl)}
+        params = {"worker_id": worker_id, "ttl": float(ttl)}
 
         async def attempt_once() -> asyncpg.Record | None:
             return await pool.fetchrow(q.text, *q.args(params))
@@ -497,9 +496,16 @@ class PostgresLedger:
                 raise LedgerError(f"worker {worker_id} is not registered")
             if params["limit"] == 0:
                 return []
-            params["now"] = self._wall()
             found = await pool.fetch(q.text, *q.args(params))
         return [row_from_record(r) for r in found]
+
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Renew the worker's unexpired lease on the row; False when it has none."""
+        pool = self._pool_for(write=True)
+        q = self._q["hold"]
+        params = {"worker_id": worker_id, "row_id": row_id, "ttl": float(ttl)}
+        with self._translate(f"renew the lease of worker {worker_id} on row {row_id}"):
+            return await pool.fetchval(q.text, *q.args(params)) is not None
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""
@@ -528,13 +534,13 @@ class PostgresLedger:
         """Live workers, oldest first, with the number of leases each holds."""
         pool = self._pool_for(write=False)
         with self._translate("read workers"):
-            found = await pool.fetch(self._q["live_workers"].text, self._wall())
+            found = await pool.fetch(self._q["live_workers"].text)
         return [{**dict(r), "leases": int(r["leases"])} for r in found]
 
     async def pending_work(self) -> tuple[int, int]:
         """(rows free to lease, rows under an unexpired lease)."""
         pool = self._pool_for(write=False)
         with self._translate("count pending work"):
-            found = await pool.fetchrow(self._q["pending_work"].text, self._wall())
+            found = await pool.fetchrow(self._q["pending_work"].text)
         assert found is not None  # an aggregate always returns a row
         return int(found["free"]), int(found["held"])

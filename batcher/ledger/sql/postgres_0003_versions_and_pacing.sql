@@ -6,3 +6,11 @@
 -- generation id with a same-stage move. Rows of older ledgers start at 0.
 
 ALTER TABLE ledger_rows ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+
+-- The database's clock, in unix seconds. Leases, heartbeats and the shared
+-- pace of requests are judged by this clock alone, never by a host's own:
+-- a host whose clock is off, or that was paused, cannot make a lease look
+-- fresh or stale. Every statement that needs the time calls it once.
+CREATE OR REPLACE FUNCTION ledger_now() RETURNS double precision
+LANGUAGE sql VOLATILE
+AS $$ SELECT extract(epoch FROM clock_timestamp())::double precision $$;
