@@ -1365,6 +1365,96 @@ async def test_lease_expiry_is_judged_by_the_ledgers_clock_not_the_hosts(
         await fast.close(0)
 
 
+# -- the shared pace of requests --------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_pace_hands_out_one_schedule_to_every_host(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    with pytest.raises(LedgerError, match="no rate"):
+        await shared.claim_slots(1, lead=0.05, margin=0.0)
+    first = await shared.claim_slots(3, lead=0.05, margin=0.0, rate=10)
+    assert (first.count, first.rate, first.max_rate) == (3, 10, 10)
+    assert first.spacing == pytest.approx(0.1)
+    assert first.first_at == pytest.approx(first.now + 0.05)  # a fresh pace starts now
+    other = await shared_backend.open_shared()
+    try:
+        second = await other.claim_slots(2, lead=0.05, margin=0.0)
+        # the other host's block starts where the first ended (or now, if later)
+        assert second.first_at == pytest.approx(
+            max(first.first_at + 3 * first.spacing, second.now + 0.05)
+        )
+        await shared_backend.advance(100)
+        idle = await other.claim_slots(1, lead=0.05, margin=0.0)
+        assert idle.first_at == pytest.approx(idle.now + 0.05)  # no credit for idle time
+        # rounding: 2.5/s is 2 per second; under one a second, the rate itself
+        assert (await shared.claim_slots(1, lead=0, margin=0.04, rate=2.5)).spacing == (
+            pytest.approx(1.04 / 2)
+        )
+        assert (await shared.claim_slots(1, lead=0, margin=0.0, rate=0.5)).spacing == 2.0
+        with pytest.raises(LedgerError):
+            await shared.claim_slots(1, lead=0, margin=0, rate=0)
+    finally:
+        await other.close(0)
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_never_share_a_slot(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    hosts = [shared] + [await shared_backend.open_shared() for _ in range(2)]
+    await shared.claim_slots(0, lead=0, margin=0.0, rate=20)
+    try:
+
+        async def claim(led: LeasingLedger, n: int) -> list[float]:
+            got: list[float] = []
+            for _ in range(10):
+                c = await led.claim_slots(n, lead=0.01, margin=0.0)
+                got += [c.first_at + i * c.spacing for i in range(c.count)]
+            return got
+
+        blocks = await asyncio.gather(*(claim(led, n) for n, led in enumerate(hosts, 1)))
+        slots = sorted(t for block in blocks for t in block)
+        assert len(slots) == 10 * (1 + 2 + 3)
+        gaps = [b - a for a, b in itertools.pairwise(slots)]
+        assert min(gaps) >= 0.05 - 1e-6  # 1/20 s apart, whoever claimed them
+    finally:
+        for led in hosts[1:]:
+            await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_a_429_pauses_every_host_and_halves_the_rate_once(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.claim_slots(0, lead=0, margin=0.0, rate=10)
+    hit = await shared.claim_slots(0, lead=0, margin=0.0, pause=5.0)
+    assert hit.rate == 5 and hit.paused_until == pytest.approx(hit.now + 5.0)
+    other = await shared_backend.open_shared()
+    try:
+        # the other host's next slot waits for the pause; the 429s of requests
+        # already in flight answer the same overload: no second cut
+        again = await other.claim_slots(1, lead=0, margin=0.0, pause=5.0)
+        assert again.rate == 5 and again.first_at >= hit.paused_until
+        assert again.paused_until == pytest.approx(again.now + 5.0)
+        assert again.spacing == pytest.approx(0.2)
+        await shared_backend.advance(5 + 4)  # 4 s after the pause: 5 + 10/20 * 4
+        grown = await other.claim_slots(0, lead=0, margin=0.0)
+        assert grown.rate == pytest.approx(5 + (grown.now - again.paused_until) / 2)
+        assert grown.rate == pytest.approx(7, abs=0.5)
+        await shared_backend.advance(20)
+        assert (await shared.claim_slots(0, lead=0, margin=0.0)).rate == 10  # recovered
+        # a new ceiling: higher at once when not recovering, lower at once always
+        assert (await shared.claim_slots(0, lead=0, margin=0.0, rate=40)).rate == 40
+        await shared.claim_slots(0, lead=0, margin=0.0, pause=0.0)
+        cut = await shared.claim_slots(0, lead=0, margin=0.0, rate=100)
+        assert cut.max_rate == 100 and cut.rate == pytest.approx(20, abs=1)  # recovering
+        assert (await other.claim_slots(0, lead=0, margin=0.0, rate=8)).rate == 8
+    finally:
+        await other.close(0)
+
+
 @pytest.mark.anyio
 async def test_a_read_only_ledger_refuses_lease_writes(shared_backend: Backend) -> None:
     led = await shared_backend.open_shared()

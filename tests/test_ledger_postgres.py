@@ -600,6 +600,7 @@ async def test_migrations_from_processes_starting_at_once_apply_once(url: str, s
         assert [t[0] for t in tables] == [
             "ledger_events",
             "ledger_migrations",
+            "ledger_pace",
             "ledger_rows",
             "ledger_runs",
             "ledger_workers",

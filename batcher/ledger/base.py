@@ -20,6 +20,7 @@ Two kinds of ledger, told apart by their ``shared`` attribute:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
@@ -28,6 +29,7 @@ __all__ = [
     "LEASE_TAKEN_OVER",
     "LeasingLedger",
     "Ledger",
+    "PaceClaim",
     "is_shared",
 ]
 
@@ -142,6 +144,24 @@ class Ledger(Protocol):
 LEASE_TAKEN_OVER = "leaseTakenOver"
 
 
+@dataclass(frozen=True, slots=True)
+class PaceClaim:
+    """Send slots the shared pace handed to one host, on the ledger's clock.
+
+    The slots are at ``first_at + i * spacing`` for ``i`` in ``range(count)``;
+    no other host holds a slot closer than ``spacing`` to any of them. A slot
+    not used at its time is wasted, never given to anyone else.
+    """
+
+    first_at: float  # the first slot (ledger time, unix seconds)
+    spacing: float  # seconds between consecutive slots of the whole job
+    count: int  # slots in this block (0: the claim only reported or asked)
+    now: float  # the ledger's time when the claim was made
+    rate: float  # requests/s in force now: the job's rate, or less after a 429
+    max_rate: float  # the job's configured rate (the ceiling of ``rate``)
+    paused_until: float  # ledger time before which nobody may send (after a 429)
+
+
 class LeasingLedger(Ledger, Protocol):
     """A ledger several runners can share: work is leased, workers heartbeat.
 
@@ -199,6 +219,39 @@ class LeasingLedger(Ledger, Protocol):
         expired or another worker took the row over (a host that was paused
         longer than its ttl); the row is someone else's now, so drop it
         without sending anything. Unknown rows and workers give False.
+        """
+        ...
+
+    async def claim_slots(
+        self,
+        count: int,
+        *,
+        lead: float,
+        margin: float,
+        rate: float | None = None,
+        pause: float | None = None,
+    ) -> PaceClaim:
+        """Claim the next ``count`` send slots of the job's shared pace, atomically.
+
+        All hosts of a job draw their requests' send times from one schedule
+        kept in the ledger, on the ledger's clock: consecutive slots are
+        ``(1 + margin) / rate`` seconds apart (``rate`` rounded down to a
+        whole number when it is 1 or more), so no window of one second ever
+        holds more than ``rate`` slots of the whole job, however many hosts
+        share it. The block starts at the end of the schedule, but no sooner
+        than ``lead`` seconds from now (time for the answer to reach the
+        host) nor before a 429 pause ends.
+
+        ``rate``: the job's rate (the ceiling), set as RateGate.set_rate sets
+        one: a lower one holds from this claim on, a higher one at once
+        unless the pace is recovering from a 429. It must be given at least
+        once before slots can be claimed (LedgerError otherwise).
+
+        ``pause``: a 429 seen by this host: nobody gets a slot for ``pause``
+        seconds from now, and the rate is halved (not below
+        ``max(rate/50, min(1, rate))``, at most once per second and not again
+        before the previous pause ended); after the pause it grows back by
+        a twentieth of the ceiling per second.
         """
         ...
 

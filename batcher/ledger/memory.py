@@ -27,7 +27,7 @@ from typing import Any
 import anyio.lowlevel
 
 from batcher.errors import LedgerError
-from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.codec import (
     REQUEST_FIELDS,
     inserted_record,
@@ -36,7 +36,15 @@ from batcher.ledger.codec import (
     new_row_values,
     row_from_record,
 )
-from batcher.ledger.rules import Refresh, check_move, first_earlier, import_refresh, refusal
+from batcher.ledger.rules import (
+    PaceState,
+    Refresh,
+    check_move,
+    claim_slots,
+    first_earlier,
+    import_refresh,
+    refusal,
+)
 from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update
 from batcher.model import Event as LedgerEvent
 
@@ -58,6 +66,7 @@ class _Store:
     leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # row -> (owner, expires)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     epoch: int = 0
+    pace: PaceState = field(default_factory=PaceState)
 
 
 class MemoryLedger:
@@ -431,6 +440,23 @@ class MemoryLedger:
             return False
         self._db.leases[row_id] = (worker_id, now + ttl)
         return True
+
+    async def claim_slots(
+        self,
+        count: int,
+        *,
+        lead: float,
+        margin: float,
+        rate: float | None = None,
+        pause: float | None = None,
+    ) -> PaceClaim:
+        """Claim send slots of the shared pace; see :class:`~batcher.ledger.base.LeasingLedger`."""
+        await anyio.lowlevel.checkpoint()
+        now = self._hosts(write=True)
+        self._db.pace, claim = claim_slots(
+            self._db.pace, now, count=count, lead=lead, margin=margin, rate=rate, pause=pause
+        )
+        return claim
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""

@@ -42,7 +42,7 @@ import asyncpg
 import orjson
 
 from batcher.errors import LedgerError
-from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.codec import (
     COMPUTED,
     SET_COLUMNS,
@@ -64,7 +64,7 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
-from batcher.ledger.rules import check_move, refusal
+from batcher.ledger.rules import check_claim, check_move, refusal
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["PostgresLedger"]
@@ -506,6 +506,31 @@ class PostgresLedger:
         params = {"worker_id": worker_id, "row_id": row_id, "ttl": float(ttl)}
         with self._translate(f"renew the lease of worker {worker_id} on row {row_id}"):
             return await pool.fetchval(q.text, *q.args(params)) is not None
+
+    async def claim_slots(
+        self,
+        count: int,
+        *,
+        lead: float,
+        margin: float,
+        rate: float | None = None,
+        pause: float | None = None,
+    ) -> PaceClaim:
+        """Claim send slots of the shared pace in one statement (one round trip).
+
+        See :class:`~batcher.ledger.base.LeasingLedger`. The pace is one row
+        that every claim locks for the length of a single UPDATE.
+        """
+        pool = self._pool_for(write=True)
+        check_claim(count, lead, margin, rate, pause)
+        q = self._q["pace_claim"]
+        params = {"count": int(count), "lead": float(lead), "margin": float(margin),
+                  "rate": rate, "pause": pause}
+        with self._translate("claim send slots"):
+            found = await pool.fetchrow(q.text, *q.args(params))
+        if found is None:
+            raise LedgerError("the shared pace has no rate yet: the first claim must give one")
+        return PaceClaim(**dict(found))
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""

@@ -6,19 +6,23 @@
   the row as it is now;
 * :func:`import_refresh`: what an import does to a row the ledger already
   holds;
-* :func:`first_earlier`: which row of a group leads it.
+* :func:`first_earlier`: which row of a group leads it;
+* :func:`claim_slots`: the shared pace of requests (PostgreSQL computes the
+  same in its ``pace_claim`` statement, in one locked row).
 
 Backends apply these decisions in their own storage: SQL statements or dicts.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 from batcher.errors import LedgerError, TransitionConflict
+from batcher.ledger.base import PaceClaim
 from batcher.ledger.codec import DELTAS
 from batcher.model import (
     UPDATE_COLUMNS,
@@ -33,11 +37,15 @@ from batcher.model import (
 __all__ = [
     "INVALID_ROW",
     "Move",
+    "PaceState",
     "Refresh",
+    "check_claim",
     "check_move",
+    "claim_slots",
     "first_earlier",
     "import_refresh",
     "refusal",
+    "slot_spacing",
 ]
 
 # The error code of a row that failed validation: it never reached the API.
@@ -153,3 +161,94 @@ def first_earlier(candidates: Iterable[tuple[int, str]], line: int, row_id: str)
     of ``candidates`` above that line, other than the row itself."""
     earlier = [c for c in candidates if c[0] < line and c[1] != row_id]
     return min(earlier)[1] if earlier else None
+
+
+# -- the shared pace ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PaceState:
+    """The shared pace of a job's requests, as the ledger keeps it (ledger times)."""
+
+    next_at: float = 0.0  # the earliest time of the next free slot
+    max_rate: float | None = None  # the job's configured rate; None until given
+    rate: float | None = None  # the rate in force at rate_at
+    rate_at: float = 0.0
+    paused_until: float = 0.0  # no slot before this (a 429's pause)
+    last_cut: float = 0.0  # when a 429 last halved the rate
+
+
+def slot_spacing(rate: float, margin: float) -> float:
+    """Seconds between slots, so that no 1 s window holds more than ``rate``.
+
+    ``n`` slots spaced ``(1 + margin) / n`` apart span more than a second
+    from first to ``n + 1``-th, so at most ``n`` fit in one; ``n`` is the
+    rate rounded down (a window holds whole requests), or the rate itself
+    below one request a second. ``margin`` leaves room for what happens
+    between a slot and the server's clock.
+    """
+    return (1 + margin) / (rate if rate < 1 else math.floor(rate + 1e-9))
+
+
+def pace_floor(max_rate: float) -> float:
+    """The lowest rate a 429 cuts to (as RateGate's default ``min_rate``)."""
+    return max(max_rate / 50, min(1.0, max_rate))
+
+
+def check_claim(
+    count: int, lead: float, margin: float, rate: float | None, pause: float | None
+) -> None:
+    """LedgerError for arguments of a pace claim that mean nothing."""
+    if count < 0 or not lead >= 0 or not margin >= 0:
+        raise LedgerError(f"bad pace claim: count {count}, lead {lead}, margin {margin}")
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        raise LedgerError(f"the pace's rate must be a positive number, not {rate!r}")
+    if pause is not None and not (pause >= 0 and math.isfinite(pause)):
+        raise LedgerError(f"a pause must be a number of seconds, not {pause!r}")
+
+
+def claim_slots(
+    state: PaceState,
+    now: float,
+    *,
+    count: int,
+    lead: float,
+    margin: float,
+    rate: float | None = None,
+    pause: float | None = None,
+) -> tuple[PaceState, PaceClaim]:
+    """One claim on the shared pace at ledger time ``now``: the new state and the block.
+
+    See :meth:`batcher.ledger.base.LeasingLedger.claim_slots` for what the
+    arguments mean.
+    """
+    check_claim(count, lead, margin, rate, pause)
+    top = rate if rate is not None else state.max_rate
+    if top is None:
+        raise LedgerError("the shared pace has no rate yet: the first claim must give one")
+    if state.rate is None or state.max_rate is None:
+        current = top
+    else:
+        # Additive recovery: a twentieth of the ceiling per second since the
+        # rate was last set, counted from the end of the last pause.
+        grown = state.max_rate / 20 * max(0.0, now - max(state.rate_at, state.paused_until))
+        current = min(state.max_rate, state.rate + grown)
+        if rate is not None:  # a new ceiling, as RateGate.set_rate takes one
+            current = min(current, rate) if current < state.max_rate else rate
+    cut = pause is not None and now >= state.paused_until and now >= state.last_cut + 1
+    if cut:
+        current = max(pace_floor(top), current / 2)
+    paused_until = state.paused_until if pause is None else max(state.paused_until, now + pause)
+    spacing = slot_spacing(current, margin)
+    first_at = max(state.next_at, now + lead, paused_until)
+    new = replace(
+        state,
+        next_at=first_at + count * spacing,
+        max_rate=top,
+        rate=current,
+        rate_at=now,
+        paused_until=paused_until,
+        last_cut=now if cut else state.last_cut,
+    )
+    claim = PaceClaim(first_at, spacing, count, now, current, top, paused_until)
+    return new, claim

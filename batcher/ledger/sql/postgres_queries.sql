@@ -245,3 +245,48 @@ SELECT
     COUNT(*) FILTER (WHERE lease_owner IS NOT NULL AND lease_expires >= t.now) AS held
 FROM ledger_rows, t
 WHERE NOT retired AND leader_row_id IS NULL AND stage IN ({active});
+
+-- name: pace_claim
+-- One claim on the shared pace (rules.claim_slots is the same in Python, for
+-- the memory ledger; both pass one contract). locked takes the row's lock
+-- first, so the time is read after any wait for it. :rate (a new ceiling)
+-- and :pause (a 429's pause) are NULL when the host has none to report.
+WITH locked AS (
+    SELECT * FROM ledger_pace WHERE id = 1 FOR UPDATE
+), cur AS (
+    -- grown: the rate last set, plus a twentieth of the ceiling per second
+    -- since then, counted from the end of the last pause
+    SELECT locked.*, t.now, COALESCE(:rate::float8, locked.max_rate) AS top,
+           LEAST(locked.max_rate, locked.rate + locked.max_rate / 20
+                 * GREATEST(0, t.now - GREATEST(locked.rate_at, locked.paused_until))) AS grown
+    FROM locked, (SELECT ledger_now() AS now) AS t
+), configured AS (
+    -- a new ceiling holds at once, unless the rate is recovering from a 429
+    SELECT cur.*,
+           CASE WHEN grown IS NULL THEN top
+                WHEN :rate::float8 IS NULL THEN grown
+                WHEN grown < max_rate THEN LEAST(grown, :rate::float8)
+                ELSE :rate::float8 END AS r0,
+           (:pause::float8 IS NOT NULL AND now >= paused_until AND now >= last_cut + 1) AS cut
+    FROM cur
+), decided AS (
+    SELECT configured.*,
+           CASE WHEN cut THEN GREATEST(GREATEST(top / 50, LEAST(1, top)), r0 / 2)
+                ELSE r0 END AS r,
+           CASE WHEN :pause::float8 IS NULL THEN paused_until
+                ELSE GREATEST(paused_until, now + :pause::float8) END AS until
+    FROM configured
+), slots AS (
+    SELECT decided.*,
+           (1 + :margin::float8) / CASE WHEN r < 1 THEN r ELSE floor(r + 1e-9) END AS spacing,
+           GREATEST(next_at, now + :lead::float8, until) AS first_at
+    FROM decided
+)
+UPDATE ledger_pace p SET
+    next_at = s.first_at + :count::int * s.spacing,
+    max_rate = s.top, rate = s.r, rate_at = s.now, paused_until = s.until,
+    last_cut = CASE WHEN s.cut THEN s.now ELSE p.last_cut END
+FROM slots s
+WHERE p.id = 1 AND s.top IS NOT NULL
+RETURNING s.first_at, s.spacing, :count::int AS count, s.now, s.r AS rate,
+          s.top AS max_rate, s.until AS paused_until;
