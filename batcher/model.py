@@ -109,7 +109,7 @@ def legal_sources(expect: Stage | frozenset[Stage], to: Stage) -> frozenset[Stag
 
 
 def contract_status(stage: Stage) -> str:
-    """The export's `status` (CONTRACT.md): pending, submitted, complete or failed."""
+    """The export's `status`: pending, submitted, complete or failed."""
     if stage in (Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED):
         return "pending"
     if stage in (Stage.SUBMITTED, Stage.GENERATED):
@@ -195,7 +195,7 @@ class LedgerRow:
         return contract_status(self.stage)
 
     def export_record(self) -> dict[str, Any]:
-        """One export record with every field CONTRACT.md names, and more."""
+        """One export record: every field the export promises, and more."""
         return {
             "rowId": self.row_id,
             "line": self.line,

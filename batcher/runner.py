@@ -1,6 +1,6 @@
 """The pipeline: plan → submit → poll → download, every step in the ledger.
 
-Shape (DESIGN.md): one anyio task group; the planner feeds a bounded stream
+Shape: one anyio task group; the planner feeds a bounded stream
 to N submit workers; one Poller holds submitted generations; download workers
 fetch finished file rows. Every API call passes the client's one rate gate and
 one concurrency cap. The invariants this module keeps:
@@ -64,8 +64,8 @@ __all__ = ["RunResult", "Runner"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# API statuses that mean "not finished yet" (DIFFIO-API.md §3: queued and
-# pending both mean not started).
+# API statuses that mean "not finished yet" (the API answers queued or
+# pending for a generation not started yet).
 RUNNING_STATUSES = frozenset({"queued", "pending", "processing", "running", "uploading"})
 DONE_STATUSES = frozenset({"complete", "completed", "succeeded"})
 FAILED_STATUSES = frozenset({"failed", "error", "cancelled", "canceled"})
@@ -1010,7 +1010,8 @@ async def _put(send: MemoryObjectSendStream[T], item: T) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename into place and make the rename durable (invariant 5)."""
+    """Rename into place and make the rename durable, so the ledger never calls
+    complete an output that a power cut could still take away."""
     os.replace(tmp, final)
     fd = os.open(final.parent, os.O_RDONLY)
     try:
