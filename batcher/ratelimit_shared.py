@@ -44,15 +44,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Protocol
 
 import anyio
 
 from batcher.clock import Clock
 from batcher.errors import LedgerError
-from batcher.ledger.base import PaceClaim
+from batcher.ledger.base import LeasingLedger
 
-__all__ = ["SharedRateGate", "SlotSource"]
+__all__ = ["SharedRateGate"]
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +60,10 @@ _FIRST_LEAD = 0.02  # how far ahead the first claim asks for its slots, in secon
 _RETRY_FIRST, _RETRY_MAX = 0.25, 5.0  # waits between failed claims
 
 
-class SlotSource(Protocol):
-    """Where a shared gate claims its slots: a shared ledger."""
-
-    async def claim_slots(
-        self,
-        count: int,
-        *,
-        lead: float,
-        margin: float,
-        rate: float | None = None,
-        pause: float | None = None,
-    ) -> PaceClaim:
-        """See :meth:`batcher.ledger.base.LeasingLedger.claim_slots`."""
-        ...
-
-
 class SharedRateGate:
     """Rate limiter for all API requests of all hosts of a job together.
 
-    ``ledger``: the shared ledger the hosts share (its slots and clock).
+    ``ledger``: the shared ledger of the job (its pace and its clock).
     ``rate``: the job's ``--rate``, for all hosts together. ``margin``:
     fraction of each window kept free (half for lateness, half for clock
     offsets and the network). ``block_seconds`` / ``max_block_seconds``:
@@ -90,7 +73,7 @@ class SharedRateGate:
 
     def __init__(
         self,
-        ledger: SlotSource,
+        ledger: LeasingLedger,
         rate: float,
         *,
         clock: Clock,
@@ -127,8 +110,8 @@ class SharedRateGate:
         self._nap: anyio.CancelScope | None = None  # the head's sleep, cut short by news
         self._retry = _RETRY_FIRST
         self._granted = 0
-        self._claims = 0
-        self._wasted = 0
+        self.claims = 0  # round trips to the ledger so far
+        self.wasted = 0  # slots claimed but not used (late, paused, or not needed)
 
     # -- RateGate's queries -------------------------------------------------
 
@@ -151,16 +134,6 @@ class SharedRateGate:
     def granted(self) -> int:
         """Acquisitions granted so far (by this host)."""
         return self._granted
-
-    @property
-    def claims(self) -> int:
-        """Round trips to the ledger so far."""
-        return self._claims
-
-    @property
-    def wasted(self) -> int:
-        """Slots this host claimed but did not use (late, paused, or not needed)."""
-        return self._wasted
 
     @property
     def current_rate(self) -> float:
@@ -222,7 +195,7 @@ class SharedRateGate:
         slots = self._slots
         while slots and (slots[0] + self._tolerance < now or slots[0] < self._paused_until):
             slots.popleft()
-            self._wasted += 1
+            self.wasted += 1
 
     def _grant(self, now: float) -> None:
         self._granted += 1
@@ -266,7 +239,7 @@ class SharedRateGate:
             return
         received = clock.now()
         self._retry = _RETRY_FIRST
-        self._claims += 1
+        self.claims += 1
         offset = self._learn_offset(sent, received, claim.now)
         self._current = claim.rate
         self._paused_until = max(self._paused_until, claim.paused_until - offset)

@@ -7,25 +7,24 @@ leases.
 
 PostgreSQL runs against ``$BATCHER_TEST_PG`` (default
 postgresql://postgres@127.0.0.1:5432/test), each test in a fresh schema that
-is dropped at the end of the session; its tests are skipped, saying why, only
-when that server cannot be reached.
+is dropped at the end of the session (conftest's ``pg_schemas``); its tests
+are skipped, saying why, only when that server cannot be reached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import threading
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from conftest import PgSchemas
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
@@ -44,7 +43,6 @@ from batcher.model import (
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 SHARED_BACKENDS = ["memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 PAGE = 7  # small pages, so paging is exercised with a few dozen rows
-PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
@@ -67,47 +65,6 @@ class FakeWall:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._now += seconds
-
-
-class PgSchemas:
-    """Fresh schemas in the test database, dropped when the session ends."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.made: list[str] = []
-
-    def url_for_new_schema(self) -> str:
-        name = f"t_{uuid.uuid4().hex[:16]}"
-        self.made.append(name)
-        return self.url + ("&" if "?" in self.url else "?") + f"schema={name}"
-
-    async def drop_all(self) -> None:
-        conn = await asyncpg.connect(self.url, timeout=5)
-        try:
-            for name in self.made:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
-
-
-async def _reachable(url: str) -> str | None:
-    """None when ``url`` accepts a connection, else why not (password redacted)."""
-    try:
-        conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return PostgresLedger(url).description + f": {type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-@pytest.fixture(scope="session")
-def pg_schemas() -> Iterator[PgSchemas]:
-    why = asyncio.run(_reachable(PG_URL))
-    if why is not None:
-        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
-    schemas = PgSchemas(PG_URL)
-    yield schemas
-    asyncio.run(schemas.drop_all())
 
 
 class Backend:
@@ -184,7 +141,7 @@ class Backend:
 def _backend(request: pytest.FixtureRequest, tmp_path: Path, *, shared: bool) -> Backend:
     if request.param == "postgres":
         schemas: PgSchemas = request.getfixturevalue("pg_schemas")
-        return Backend(request.param, tmp_path, schemas.url_for_new_schema(), shared=shared)
+        return Backend(request.param, tmp_path, schemas.new()[1], shared=shared)
     return Backend(request.param, tmp_path, shared=shared)
 
 

@@ -19,12 +19,12 @@ import subprocess
 import sys
 import time
 import traceback
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
+from conftest import PgSchemas
 
 from batcher.errors import ConfigError, LedgerError, TransitionConflict
 from batcher.ledger import PostgresLedger, open_ledger
@@ -34,7 +34,6 @@ from batcher.model import Kind, LedgerRow, NewRow, RunInfo, Stage
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 TTL = 0.5  # real seconds: short, so a dead host's leases expire within the test
 
 # The manifest every host imports, as source so that child processes build
@@ -97,44 +96,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _reachable(url: str) -> str | None:
-    try:
-        conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return PostgresLedger(url).description + f": {type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-async def _drop(url: str, schemas: list[str]) -> None:
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        for name in schemas:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def made_schemas() -> Iterator[list[str]]:
-    why = asyncio.run(_reachable(PG_URL))
-    if why is not None:
-        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
-    made: list[str] = []
-    yield made
-    asyncio.run(_drop(PG_URL, made))
+@pytest.fixture
+def schema_and_url(pg_schemas: PgSchemas) -> tuple[str, str]:
+    return pg_schemas.new()
 
 
 @pytest.fixture
-def schema(made_schemas: list[str]) -> str:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    made_schemas.append(name)
-    return name
+def schema(schema_and_url: tuple[str, str]) -> str:
+    return schema_and_url[0]
 
 
 @pytest.fixture
-def url(schema: str) -> str:
-    return PG_URL + ("&" if "?" in PG_URL else "?") + f"schema={schema}"
+def url(schema_and_url: tuple[str, str]) -> str:
+    return schema_and_url[1]
 
 
 def plain_row(row_id: str, line: int) -> NewRow:
@@ -531,7 +505,7 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr("batcher.ledger.postgres.row_from_record", counting)
+    monkeypatch.setattr("batcher.ledger.codec.row_from_record", counting)
     moved = await a.transition(
         row.row_id, Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s",
         current=row,

@@ -332,19 +332,19 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import batcher.ledger.sqlite as sqlite_module
+    from batcher.ledger import codec
 
     led = SqliteLedger(tmp_path / "l.sqlite")
     await led.open(run_info())
     (row,) = await led.import_rows([new_row(1)])
     decoded: list[str] = []
-    real = sqlite_module.row_from_record
+    real = codec.row_from_record
 
     def counting(r: Any) -> Any:
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr(sqlite_module, "row_from_record", counting)
+    monkeypatch.setattr(codec, "row_from_record", counting)
     moved = await led.transition(
         "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s", current=row
     )

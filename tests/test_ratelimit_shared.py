@@ -22,12 +22,11 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
-import asyncpg
 import pytest
+from conftest import PgSchemas
 
 from batcher.clock import SystemClock
 from batcher.ledger import MemoryLedger, PostgresLedger
@@ -36,7 +35,6 @@ from batcher.model import RunInfo
 from batcher.ratelimit import RateGate
 from batcher.ratelimit_shared import SharedRateGate
 
-PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 CALLERS = 8  # concurrent callers per host, as --concurrency would make
 
 
@@ -186,39 +184,9 @@ async def test_callers_wait_while_the_ledger_is_unreachable_and_go_on_after() ->
 # -- PostgreSQL -----------------------------------------------------------------------
 
 
-async def _reachable(url: str) -> str | None:
-    try:
-        conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-@pytest.fixture(scope="module")
-def pg_schemas() -> Iterator[list[str]]:
-    why = asyncio.run(_reachable(PG_URL))
-    if why is not None:
-        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
-    made: list[str] = []
-    yield made
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(PG_URL, timeout=5)
-        try:
-            for name in made:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
-
-
 @pytest.fixture
-def pg_url(pg_schemas: list[str]) -> str:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    pg_schemas.append(name)
-    return PG_URL + ("&" if "?" in PG_URL else "?") + f"schema={name}"
+def pg_url(pg_schemas: PgSchemas) -> str:
+    return pg_schemas.new()[1]
 
 
 HOSTS_AND_RATES = [(2, 1), (3, 1), (2, 10), (4, 50)]

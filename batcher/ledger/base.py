@@ -222,15 +222,8 @@ class LeasingLedger(Ledger, Protocol):
         """
         ...
 
-    async def claim_slots(
-        self,
-        count: int,
-        *,
-        lead: float,
-        margin: float,
-        rate: float | None = None,
-        pause: float | None = None,
-    ) -> PaceClaim:
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
         """Claim the next ``count`` send slots of the job's shared pace, atomically.
 
         All hosts of a job draw their requests' send times from one schedule

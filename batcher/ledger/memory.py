@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio.lowlevel
+import orjson
 
 from batcher.errors import LedgerError
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
@@ -39,10 +40,10 @@ from batcher.ledger.codec import (
 from batcher.ledger.rules import (
     PaceState,
     Refresh,
-    check_move,
     claim_slots,
     first_earlier,
     import_refresh,
+    plan_move,
     refusal,
 )
 from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update
@@ -263,12 +264,8 @@ class MemoryLedger:
         """
         await anyio.lowlevel.checkpoint()
         self._writer()
-        move = check_move(row_id, expect, to, update or {}, current)
-        detail_copy = json_copy(detail or {}, "event detail") or {}
-        fields: dict[str, Any] = dict(update or {})
-        deltas = (fields.pop("attempts_delta", 0), fields.pop("polls_delta", 0))
-        if "error" in fields:
-            fields["error"] = json_copy(fields["error"], "error")
+        move = plan_move(row_id, expect, to, update, detail, current)
+        deltas = (move.values["attempts_delta"], move.values["polls_delta"])
         cur = self._db.rows.get(row_id)
         if cur is None:
             raise refusal(move, None)
@@ -276,10 +273,10 @@ class MemoryLedger:
             raise refusal(move, cur.stage, cur.version)
         now = self._wall()
         computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1], cur.version + 1)
-        row = moved(cur, to, fields, computed)
+        row = moved(cur, to, move.fields, computed)
         self._db.rows[row_id] = row
-        self._event(row_id, now, cur.stage, to, event, detail_copy)
-        return row if current is None else moved(current, to, fields, computed)
+        self._event(row_id, now, cur.stage, to, event, orjson.loads(move.detail))
+        return row if current is None else moved(current, to, move.fields, computed)
 
     # -- reads -------------------------------------------------------------
 
@@ -441,15 +438,8 @@ class MemoryLedger:
         self._db.leases[row_id] = (worker_id, now + ttl)
         return True
 
-    async def claim_slots(
-        self,
-        count: int,
-        *,
-        lead: float,
-        margin: float,
-        rate: float | None = None,
-        pause: float | None = None,
-    ) -> PaceClaim:
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
         """Claim send slots of the shared pace; see :class:`~batcher.ledger.base.LeasingLedger`."""
         await anyio.lowlevel.checkpoint()
         now = self._hosts(write=True)

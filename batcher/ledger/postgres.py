@@ -42,18 +42,8 @@ import asyncpg
 import orjson
 
 from batcher.errors import LedgerError
+from batcher.ledger import codec
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
-from batcher.ledger.codec import (
-    COMPUTED,
-    SET_COLUMNS,
-    STAGES,
-    dumps_object,
-    moved,
-    new_row_values,
-    row_from_record,
-    transition_values,
-    update_fields,
-)
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
@@ -64,7 +54,7 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
-from batcher.ledger.rules import check_claim, check_move, refusal
+from batcher.ledger.rules import check_claim, plan_move, refusal
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["PostgresLedger"]
@@ -75,7 +65,7 @@ T = TypeVar("T")
 
 _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
 # The columns a transition returns when the caller passed ``current``.
-_COMPUTED = ", ".join(COMPUTED)
+_COMPUTED = ", ".join(codec.COMPUTED)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
@@ -285,7 +275,7 @@ class PostgresLedger:
         loses a deadlock or serialization race against another host's import
         is run again (it changed nothing).
         """
-        prepared = [(new, new_row_values(new)) for new in rows]
+        prepared = [(new, codec.new_row_values(new)) for new in rows]
         pool = self._pool_for(write=True)
         if not prepared:
             return []
@@ -324,37 +314,35 @@ class PostgresLedger:
         :meth:`Ledger.transition`).
         """
         pool = self._pool_for(write=True)
-        move = check_move(row_id, expect, to, update or {}, current)
-        params = transition_values(row_id, to, update or {})
-        params.update(
-            version=move.version,
-            allowed=sorted(s.value for s in move.allowed),
-            event=event,
-            detail=dumps_object(detail or {}, "event detail") or "{}",
-            run_id=self._run_id(),
-            now=self._wall(),
-        )
+        move = plan_move(row_id, expect, to, update, detail, current)
+        params = {
+            **move.values,
+            "allowed": sorted(s.value for s in move.allowed),
+            "event": event,
+            "detail": move.detail,
+            "run_id": self._run_id(),
+            "now": self._wall(),
+        }
         query = self._transition_query(params, full=current is None)
         with self._translate(f"update row {row_id}"):
             found = await pool.fetchrow(query.text, *query.args(params))
             if found is not None:
                 if current is None:
-                    return row_from_record(found)
-                fields = update_fields(update or {}, params.get("error"))
-                return moved(current, to, fields, tuple(found))
+                    return codec.row_from_record(found)
+                return codec.moved(current, to, move.fields, tuple(found))
             got = await pool.fetchrow(self._q["get_stage"].text, row_id)
         # Not in expect (or at another version); or it was when we looked
         # again, after another host moved it away and back: either way this
         # move lost the race.
         if got is None:
             raise refusal(move, None)
-        raise refusal(move, STAGES[got["stage"]], got["version"])
+        raise refusal(move, codec.STAGES[got["stage"]], got["version"])
 
     def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,
         so asyncpg's per-connection statement cache keeps each prepared).
         ``full`` returns the whole row, otherwise only the computed columns."""
-        key = (full, tuple(sorted(k for k in params if k in SET_COLUMNS)))
+        key = (full, tuple(sorted(k for k in params if k in codec.SET_COLUMNS)))
         query = self._transition_cache.get(key)
         if query is None:
             assignments = "".join(f", {col} = :{col}" for col in key[1])
@@ -374,7 +362,7 @@ class PostgresLedger:
         pool = self._pool_for(write=False)
         with self._translate(f"read row {row_id}"):
             found = await pool.fetchrow(self._q["get_row"].text, row_id)
-        return row_from_record(found) if found is not None else None
+        return codec.row_from_record(found) if found is not None else None
 
     async def rows(
         self,
@@ -398,7 +386,7 @@ class PostgresLedger:
                 "limit": self._page_size,
             }
             with self._translate("read rows"):
-                page = [row_from_record(r) for r in await pool.fetch(q.text, *q.args(params))]
+                page = [codec.row_from_record(r) for r in await pool.fetch(q.text, *q.args(params))]
             for row in page:
                 yield row
             if len(page) < self._page_size:
@@ -412,7 +400,7 @@ class PostgresLedger:
             found = await pool.fetch(self._q["counts"].text, include_retired)
         counts = dict.fromkeys(Stage, 0)
         for stage, n in found:
-            counts[STAGES[stage]] = int(n)
+            counts[codec.STAGES[stage]] = int(n)
         return counts
 
     async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
@@ -431,8 +419,8 @@ class PostgresLedger:
             Event(
                 row_id=rid,
                 at=at,
-                from_stage=STAGES[from_stage] if from_stage else None,
-                to_stage=STAGES[to_stage],
+                from_stage=codec.STAGES[from_stage] if from_stage else None,
+                to_stage=codec.STAGES[to_stage],
                 event=event,
                 detail=orjson.loads(detail),
                 run_id=run_id,
@@ -497,7 +485,7 @@ class PostgresLedger:
             if params["limit"] == 0:
                 return []
             found = await pool.fetch(q.text, *q.args(params))
-        return [row_from_record(r) for r in found]
+        return [codec.row_from_record(r) for r in found]
 
     async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
         """Renew the worker's unexpired lease on the row; False when it has none."""
@@ -507,15 +495,8 @@ class PostgresLedger:
         with self._translate(f"renew the lease of worker {worker_id} on row {row_id}"):
             return await pool.fetchval(q.text, *q.args(params)) is not None
 
-    async def claim_slots(
-        self,
-        count: int,
-        *,
-        lead: float,
-        margin: float,
-        rate: float | None = None,
-        pause: float | None = None,
-    ) -> PaceClaim:
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
         """Claim send slots of the shared pace in one statement (one round trip).
 
         See :class:`~batcher.ledger.base.LeasingLedger`. The pace is one row

@@ -1,7 +1,8 @@
 """The ledger's decisions that need no database, shared by every backend.
 
-* :func:`check_move`: whether a transition may be tried at all (a legal move,
-  the caller's row, known update fields), before anything is written;
+* :func:`plan_move`: whether a transition may be tried at all (a legal move,
+  the caller's row, known update fields), and what it writes, before
+  anything is written;
 * :func:`refusal`: what a compare-and-set that matched nothing means, from
   the row as it is now;
 * :func:`import_refresh`: what an import does to a row the ledger already
@@ -23,7 +24,7 @@ from typing import Any
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger.base import PaceClaim
-from batcher.ledger.codec import DELTAS
+from batcher.ledger.codec import DELTAS, dumps_object, transition_values, update_fields
 from batcher.model import (
     UPDATE_COLUMNS,
     LedgerRow,
@@ -40,10 +41,10 @@ __all__ = [
     "PaceState",
     "Refresh",
     "check_claim",
-    "check_move",
     "claim_slots",
     "first_earlier",
     "import_refresh",
+    "plan_move",
     "refusal",
     "slot_spacing",
 ]
@@ -65,13 +66,17 @@ class Move:
     allowed: frozenset[Stage]  # the expected stages from which the move is legal
     to: Stage
     version: int | None  # the version of the caller's copy, if it passed one
+    values: dict[str, Any]  # the statement's named parameters (codec.transition_values)
+    detail: str  # the event's detail as stored (JSON text)
+    fields: dict[str, Any]  # the update's columns as LedgerRow fields, as stored
 
 
-def check_move(
+def plan_move(
     row_id: str,
     expect: Stage | frozenset[Stage],
     to: Stage,
-    update: Update,
+    update: Update | None,
+    detail: Mapping[str, Any] | None,
     current: LedgerRow | None,
 ) -> Move:
     """The move a transition asks for, or LedgerError before anything is written.
@@ -88,6 +93,7 @@ def check_move(
         raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
     if current is not None and current.row_id != row_id:
         raise LedgerError(f"row {row_id}: current is row {current.row_id}")
+    update = update or {}
     unknown = set(update) - UPDATE_COLUMNS - DELTAS
     if unknown:
         raise LedgerError(f"unknown update fields: {sorted(unknown)}")
@@ -95,7 +101,11 @@ def check_move(
         raise LedgerError(
             f"row {row_id}: a move that may stay in {to} needs the caller's row (current=)"
         )
-    return Move(row_id, expected, allowed, to, None if current is None else current.version)
+    version = None if current is None else current.version
+    values = {**transition_values(row_id, to, update), "version": version}
+    detail_json = dumps_object(detail or {}, "event detail") or "{}"
+    fields = update_fields(update, values.get("error"))
+    return Move(row_id, expected, allowed, to, version, values, detail_json, fields)
 
 
 def refusal(move: Move, actual: Stage | None, version: int | None = None) -> LedgerError:

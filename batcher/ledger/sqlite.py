@@ -32,20 +32,10 @@ import anyio.to_thread
 import orjson
 
 from batcher.errors import LedgerError, LedgerLocked
-from batcher.ledger.codec import (
-    COMPUTED,
-    SET_COLUMNS,
-    STAGES,
-    dumps_object,
-    moved,
-    new_row_values,
-    row_from_record,
-    transition_values,
-    update_fields,
-)
+from batcher.ledger import codec
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
-from batcher.ledger.rules import Refresh, check_move, import_refresh, refusal
+from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.writer import GroupCommitWriter, Job
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
@@ -60,7 +50,7 @@ _FIRST_KEY = (-(2**62), "")  # sorts before every (line, row_id)
 _BUSY_TIMEOUT_S = 10.0
 # What a transition returns when the caller passed ``current``: the columns
 # the database computes; every other field of the new row is known already.
-_COMPUTED = ", ".join(COMPUTED)
+_COMPUTED = ", ".join(codec.COMPUTED)
 
 
 @cache
@@ -345,7 +335,7 @@ class SqliteLedger:
         comes valid (it never reached the API) restarts as PENDING with the
         new content. Any other known row is returned as stored.
         """
-        prepared = [(new, new_row_values(new)) for new in rows]
+        prepared = [(new, codec.new_row_values(new)) for new in rows]
         if not prepared:
             return []
 
@@ -368,8 +358,8 @@ class SqliteLedger:
             row = _records(conn.execute(q["insert_row"], params))[0]
             detail = {"line": new.line, **({"error": new.error} if new.error else {})}
             self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
-            return row_from_record(row)
-        stored = row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
+            return codec.row_from_record(row)
+        stored = codec.row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
         fresh_error = None if params["error"] is None else orjson.loads(params["error"])
         decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
         if decision is Refresh.INVALIDATE:
@@ -381,7 +371,7 @@ class SqliteLedger:
             return stored
         row = _records(conn.execute(statement, params))[0]
         self._insert_event(conn, new.row_id, now, stored.stage, to, decision.value, detail_json)
-        return row_from_record(row)
+        return codec.row_from_record(row)
 
     def _leader(self, conn: sqlite3.Connection, params: dict[str, Any]) -> str | None:
         if params["group_key"] is None:
@@ -416,29 +406,25 @@ class SqliteLedger:
         With ``current`` only the computed columns are read back (see
         :meth:`Ledger.transition`).
         """
-        move = check_move(row_id, expect, to, update or {}, current)
-        params = transition_values(row_id, to, update or {})
-        params["version"] = move.version
-        detail_json = dumps_object(detail or {}, "event detail") or "{}"
+        move = plan_move(row_id, expect, to, update, detail, current)
+        params = move.values
         ordered = sorted(move.allowed)
         sql = self._transition_sql(params, full=current is None)
-        # The caller's row and the update's columns, when the row is not read back.
-        known = None
-        if current is not None:
-            known = (current, update_fields(update or {}, params.get("error")))
 
         def refused(conn: sqlite3.Connection) -> LedgerError:
             got = conn.execute(self._q["get_stage"], params).fetchone()
-            return refusal(move, None) if got is None else refusal(move, STAGES[got[0]], got[1])
+            if got is None:
+                return refusal(move, None)
+            return refusal(move, codec.STAGES[got[0]], got[1])
 
         def job(conn: sqlite3.Connection) -> LedgerRow:
             if len(ordered) == 1:
                 from_stage = ordered[0]
             else:
                 got = conn.execute(self._q["get_stage"], params).fetchone()
-                if got is None or STAGES[got[0]] not in move.allowed:
+                if got is None or codec.STAGES[got[0]] not in move.allowed:
                     raise refused(conn)
-                from_stage = STAGES[got[0]]
+                from_stage = codec.STAGES[got[0]]
             now = self._wall()
             params["now"] = now
             params.update(_stage_params((from_stage,)))
@@ -448,11 +434,11 @@ class SqliteLedger:
             found = next(iter(cursor.fetchall()), None)
             if found is None:
                 raise refused(conn)
-            self._insert_event(conn, row_id, now, from_stage, to, event, detail_json)
-            if known is not None:
-                return moved(known[0], to, known[1], found)
+            self._insert_event(conn, row_id, now, from_stage, to, event, move.detail)
+            if current is not None:
+                return codec.moved(current, to, move.fields, found)
             names = [d[0] for d in cursor.description]
-            return row_from_record(dict(zip(names, found, strict=True)))
+            return codec.row_from_record(dict(zip(names, found, strict=True)))
 
         return await self._write(job)
 
@@ -464,7 +450,7 @@ class SqliteLedger:
         statement with a CASE per column. ``full`` returns the whole row,
         otherwise only the computed columns.
         """
-        key = (full, tuple(sorted(k for k in params if k in SET_COLUMNS)))
+        key = (full, tuple(sorted(k for k in params if k in codec.SET_COLUMNS)))
         sql = self._transition_cache.get(key)
         if sql is None:
             assignments = "".join(f", {col} = :{col}" for col in key[1])
@@ -483,7 +469,7 @@ class SqliteLedger:
 
         def job(conn: sqlite3.Connection) -> LedgerRow | None:
             found = _records(conn.execute(self._q["get_row"], {"row_id": row_id}))
-            return row_from_record(found[0]) if found else None
+            return codec.row_from_record(found[0]) if found else None
 
         return await self._read(job)
 
@@ -504,7 +490,8 @@ class SqliteLedger:
             page_params = {**params, "after_line": after[0], "after_row_id": after[1]}
 
             def job(conn: sqlite3.Connection, p: dict[str, Any] = page_params) -> list[LedgerRow]:
-                return [row_from_record(r) for r in _records(conn.execute(self._q["rows_page"], p))]
+                found = _records(conn.execute(self._q["rows_page"], p))
+                return [codec.row_from_record(r) for r in found]
 
             page = await self._read(job)
             for row in page:
@@ -519,7 +506,7 @@ class SqliteLedger:
         def job(conn: sqlite3.Connection) -> dict[Stage, int]:
             counts = dict.fromkeys(Stage, 0)
             for stage, n in conn.execute(self._q["counts"], {"include_retired": include_retired}):
-                counts[STAGES[stage]] = n
+                counts[codec.STAGES[stage]] = n
             return counts
 
         return await self._read(job)
@@ -541,8 +528,8 @@ class SqliteLedger:
                 Event(
                     row_id=rid,
                     at=at,
-                    from_stage=STAGES[from_stage] if from_stage else None,
-                    to_stage=STAGES[to_stage],
+                    from_stage=codec.STAGES[from_stage] if from_stage else None,
+                    to_stage=codec.STAGES[to_stage],
                     event=event,
                     detail=orjson.loads(detail),
                     run_id=run_id,
