@@ -14,6 +14,7 @@ are skipped, saying why, only when that server cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import threading
@@ -108,14 +109,18 @@ class Backend:
         await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
         return led
 
-    async def open_shared(
-        self,
-        *,
-        lock: bool = True,
-        run_id: str | None = None,
-        wall: Callable[[], float] | None = None,
-    ) -> LeasingLedger:
-        led = await self.open(lock=lock, run_id=run_id, wall=wall)
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Ledger]:
+        """A ledger opened for a run, closed (exit code 0) at the end."""
+        led = await self.open()
+        try:
+            yield led
+        finally:
+            await led.close(0)
+
+    async def open_shared(self, **how: Any) -> LeasingLedger:
+        """:meth:`open`, for a ledger that must be shared."""
+        led = await self.open(**how)
         assert is_shared(led)
         return led
 
@@ -150,23 +155,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return _backend(request, tmp_path, shared=False)
 
 
-@pytest.fixture
-async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
-    led = await backend.open()
-    yield led
-    await led.close(0)
-
-
 @pytest.fixture(params=SHARED_BACKENDS)
 def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return _backend(request, tmp_path, shared=True)
 
 
 @pytest.fixture
+async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
+    async with backend.running() as led:
+        yield led
+
+
+@pytest.fixture
 async def shared(shared_backend: Backend) -> AsyncIterator[LeasingLedger]:
-    led = await shared_backend.open_shared()
-    yield led
-    await led.close(0)
+    async with shared_backend.running() as led:
+        assert is_shared(led)
+        yield led
 
 
 def new_row(i: int, **kw: Any) -> NewRow:
