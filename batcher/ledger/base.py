@@ -14,7 +14,8 @@ Two kinds of ledger, told apart by their ``shared`` attribute:
 * a **shared** ledger (``shared`` True: PostgreSQL, ``MemoryLedger(shared=True)``)
   is one job for several runners on several hosts. It is a
   :class:`LeasingLedger`: rows are leased to workers, so no two hosts work
-  on one row at once. :func:`is_shared` tells the type checker so.
+  on one row at once, and the job's rate is kept by one shared pace.
+  :func:`is_shared` tells the type checker so.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ class PaceClaim:
 
 
 class LeasingLedger(Ledger, Protocol):
-    """A ledger several runners can share: work is leased, workers heartbeat.
+    """A ledger several runners can share: work is leased, workers heartbeat,
+    and every host draws its requests' send times from one pace.
 
     A lease says which worker is working on a row and until when; heartbeats
     renew it. When a worker dies its leases run out and any other worker's
@@ -177,6 +179,10 @@ class LeasingLedger(Ledger, Protocol):
     cannot make a lease look fresh or stale. A lease that ran out is gone,
     whether or not another worker took the row yet: neither a heartbeat nor
     :meth:`hold` revives it (the worker may :meth:`lease` the row again).
+
+    The pace (:meth:`claim_slots`) keeps the job's requests under one rate
+    across all hosts; :class:`batcher.ratelimit_shared.SharedRateGate` is the
+    rate gate built on it.
 
     Implemented by the shared ledgers (``shared`` is True): PostgreSQL, where
     hosts share a job, and ``MemoryLedger(shared=True)``, where runners in one

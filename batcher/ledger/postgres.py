@@ -9,10 +9,16 @@ the database rather than by a file lock:
   split the work through leases (:class:`~batcher.ledger.base.LeasingLedger`):
   ``SELECT … FOR UPDATE SKIP LOCKED`` hands each row to one worker, heartbeats
   renew the leases, and a dead host's rows are taken over when they expire.
+* **One clock.** Leases, heartbeats and the shared pace read the database
+  server's clock (the ``ledger_now()`` function), never a host's ``wall``,
+  which only stamps rows, events and runs.
+* **One pace.** The ``ledger_pace`` row is the schedule every host's requests
+  are sent on (:meth:`PostgresLedger.claim_slots`), so the hosts together
+  keep the job's rate.
 * **Compare-and-set in one statement.** A transition locks the row, updates it
-  only if its stage is one of the legal sources, and appends its event, all in
-  one statement (so one round trip and one commit); zero rows is a
-  TransitionConflict, exactly as on SQLite.
+  only if its stage is one of the legal sources (and its version the
+  caller's), and appends its event, all in one statement (so one round trip
+  and one commit); zero rows is a TransitionConflict, exactly as on SQLite.
 * **Idempotent, concurrent import.** Rows are inserted with
   ``ON CONFLICT DO NOTHING``: hosts importing one manifest at once end with one
   copy of each row. A group's leader is its first row by line among the rows
