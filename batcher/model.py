@@ -198,6 +198,10 @@ class LedgerRow:
     retired: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Raised by every write of the row's content (transitions, an import that
+    # fails or restarts it); a compare-and-set with the caller's copy of the
+    # row compares it, so a stale copy never overwrites a newer write.
+    version: int = 0
 
     @property
     def status(self) -> str:
@@ -226,6 +230,7 @@ class LedgerRow:
             "polls": self.polls,
             "retryCount": self.retry_count,
             "leaderRowId": self.leader_row_id,
+            "version": self.version,
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,3 +179,57 @@ def kill_repeatedly(args: list[str], *, seed: int, kills: int,
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         yield
+
+
+# -- PostgreSQL: a fresh schema per test -------------------------------------------
+
+PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
+
+
+class PgSchemas:
+    """Fresh schemas in the database at ``$BATCHER_TEST_PG``, dropped at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.made: list[str] = []
+
+    def new(self) -> tuple[str, str]:
+        """A new schema's name, and the ledger URL that keeps the ledger in it."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        self.made.append(name)
+        return name, self.url + ("&" if "?" in self.url else "?") + f"schema={name}"
+
+    async def drop_all(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url, timeout=5)
+        try:
+            for name in self.made:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def _pg_unreachable(url: str) -> str | None:
+    """None when ``url`` accepts a connection, else why not (password redacted)."""
+    import asyncpg
+
+    from batcher.ledger.postgres_sql import redact_url
+
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        return f"{redact_url(url)}: {type(exc).__name__}"
+    await conn.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_schemas() -> Iterator[PgSchemas]:
+    """Skips the test, saying why, only when the server cannot be reached."""
+    why = asyncio.run(_pg_unreachable(PG_URL))
+    if why is not None:
+        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
+    schemas = PgSchemas(PG_URL)
+    yield schemas
+    asyncio.run(schemas.drop_all())

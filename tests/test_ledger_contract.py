@@ -1,33 +1,35 @@
 """One contract for every ledger backend (memory, SQLite, PostgreSQL).
 
 A new backend joins by adding a name to ``BACKENDS`` and a branch to
-``Backend.make``; every test here must then pass unchanged.
+``Backend.make``; every test here must then pass unchanged. The lease tests
+run on the shared backends only (``SHARED_BACKENDS``): a private ledger has no
+leases.
 
 PostgreSQL runs against ``$BATCHER_TEST_PG`` (default
 postgresql://postgres@127.0.0.1:5432/test), each test in a fresh schema that
-is dropped at the end of the session; its tests are skipped, saying why, only
-when that server cannot be reached.
+is dropped at the end of the session (conftest's ``pg_schemas``); its tests
+are skipped, saying why, only when that server cannot be reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import os
 import random
-import uuid
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from fakeclock import FakeClock
+from conftest import PgSchemas
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
-from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger
+from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger, is_shared
 from batcher.model import (
     LEGAL_MOVES,
     UPDATE_COLUMNS,
@@ -40,8 +42,8 @@ from batcher.model import (
 )
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+SHARED_BACKENDS = ["memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 PAGE = 7  # small pages, so paging is exercised with a few dozen rows
-PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
@@ -49,88 +51,126 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class PgSchemas:
-    """Fresh schemas in the test database, dropped when the session ends."""
+class FakeWall:
+    """Strictly increasing time, safe to call from the writer thread."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.made: list[str] = []
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
 
-    def url_for_new_schema(self) -> str:
-        name = f"t_{uuid.uuid4().hex[:16]}"
-        self.made.append(name)
-        return self.url + ("&" if "?" in self.url else "?") + f"schema={name}"
+    def __call__(self) -> float:
+        with self._lock:
+            self._now += 0.5
+            return self._now
 
-    async def drop_all(self) -> None:
-        conn = await asyncpg.connect(self.url, timeout=5)
-        try:
-            for name in self.made:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
-
-
-async def _reachable(url: str) -> str | None:
-    """None when ``url`` accepts a connection, else why not (password redacted)."""
-    try:
-        conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return PostgresLedger(url).description + f": {type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-@pytest.fixture(scope="session")
-def pg_schemas() -> Iterator[PgSchemas]:
-    why = asyncio.run(_reachable(PG_URL))
-    if why is not None:
-        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
-    schemas = PgSchemas(PG_URL)
-    yield schemas
-    asyncio.run(schemas.drop_all())
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
 
 
 class Backend:
-    """Makes (and re-makes, for a new run) a ledger of one kind on one store."""
+    """Makes (and re-makes, for a new run) a ledger of one kind on one store.
 
-    def __init__(self, name: str, tmp_path: Path, pg_url: str = "") -> None:
+    ``shared`` makes the memory ledger a shared one; each run then gets its
+    own handle on it, as each PostgreSQL run gets its own connections.
+    Leases are judged by the store's clock: :meth:`advance` moves it (the
+    fake wall of the memory store; the database's clock function of the
+    PostgreSQL schema).
+    """
+
+    def __init__(self, name: str, tmp_path: Path, pg_url: str = "", shared: bool = False) -> None:
         self.name = name
-        # Strictly increasing timestamps, read from the writer thread too.
-        self.clock = FakeClock(1_000_000.0, tick=0.5)
+        self.wall = FakeWall()
         self.path = tmp_path / "ledger.sqlite"
         self.pg_url = pg_url
-        self._memory = MemoryLedger(clock=self.clock, page_size=PAGE)
+        self._memory = MemoryLedger(wall=self.wall, page_size=PAGE, shared=shared)
         self._runs = itertools.count(1)
+        self._db_offset = 0.0
 
-    def make(self) -> LeasingLedger:
+    def make(self, wall: Callable[[], float] | None = None) -> Ledger:
+        wall = wall or self.wall
         if self.name == "memory":
-            return self._memory
+            return self._memory.connect(wall=wall) if self._memory.shared else self._memory
         if self.name == "sqlite":
-            return SqliteLedger(self.path, clock=self.clock, page_size=PAGE)
+            return SqliteLedger(self.path, wall=wall, page_size=PAGE)
         if self.name == "postgres":
-            return PostgresLedger(self.pg_url, clock=self.clock, page_size=PAGE)
+            return PostgresLedger(self.pg_url, wall=wall, page_size=PAGE)
         raise AssertionError(self.name)
 
-    async def open(self, *, lock: bool = True, run_id: str | None = None) -> LeasingLedger:
-        led = self.make()
+    async def open(
+        self,
+        *,
+        lock: bool = True,
+        run_id: str | None = None,
+        wall: Callable[[], float] | None = None,
+    ) -> Ledger:
+        led = self.make(wall)
         rid = run_id or f"run-{next(self._runs)}"
         await led.open(RunInfo(rid, 4242, "host-a", 1_000.0, "batcher run m.csv"), lock=lock)
         return led
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Ledger]:
+        """A ledger opened for a run, closed (exit code 0) at the end."""
+        led = await self.open()
+        try:
+            yield led
+        finally:
+            await led.close(0)
+
+    async def open_shared(self, **how: Any) -> LeasingLedger:
+        """:meth:`open`, for a ledger that must be shared."""
+        led = await self.open(**how)
+        assert is_shared(led)
+        return led
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the store's clock (and on the hosts' walls)."""
+        self.wall.advance(seconds)
+        if self.name != "postgres":
+            return
+        self._db_offset += seconds
+        base, _, query = self.pg_url.partition("?")
+        schema = query.rsplit("schema=", 1)[1]
+        conn = await asyncpg.connect(base, timeout=5)
+        try:  # the ledger reads the database's time through this function only
+            await conn.execute(
+                f'CREATE OR REPLACE FUNCTION "{schema}".ledger_now() RETURNS double precision '
+                f"LANGUAGE sql VOLATILE AS $$ SELECT extract(epoch FROM clock_timestamp())"
+                f"::double precision + {self._db_offset!r} $$"
+            )
+        finally:
+            await conn.close()
+
+
+def _backend(request: pytest.FixtureRequest, tmp_path: Path, *, shared: bool) -> Backend:
+    if request.param == "postgres":
+        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
+        return Backend(request.param, tmp_path, schemas.new()[1], shared=shared)
+    return Backend(request.param, tmp_path, shared=shared)
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "postgres":
-        schemas: PgSchemas = request.getfixturevalue("pg_schemas")
-        return Backend(request.param, tmp_path, schemas.url_for_new_schema())
-    return Backend(request.param, tmp_path)
+    return _backend(request, tmp_path, shared=False)
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return _backend(request, tmp_path, shared=True)
 
 
 @pytest.fixture
-async def ledger(backend: Backend) -> AsyncIterator[LeasingLedger]:
-    led = await backend.open()
-    yield led
-    await led.close(0)
+async def ledger(backend: Backend) -> AsyncIterator[Ledger]:
+    async with backend.running() as led:
+        yield led
+
+
+@pytest.fixture
+async def shared(shared_backend: Backend) -> AsyncIterator[LeasingLedger]:
+    async with shared_backend.running() as led:
+        assert is_shared(led)
+        yield led
 
 
 def new_row(i: int, **kw: Any) -> NewRow:
@@ -353,8 +393,10 @@ ILLEGAL_PAIRS = sorted((src, dst) for src in Stage for dst in Stage if dst not i
 async def test_every_legal_move_is_allowed(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(i) for i in range(len(LEGAL_PAIRS))])
     for i, (src, dst) in enumerate(LEGAL_PAIRS):
-        await drive(ledger, f"r{i}", src)
-        row = await ledger.transition(f"r{i}", src, dst, event="move", detail={"n": i})
+        held = await drive(ledger, f"r{i}", src)
+        row = await ledger.transition(
+            f"r{i}", src, dst, event="move", detail={"n": i}, current=held
+        )
         assert row.stage is dst, (src, dst)
         assert (await ledger.get(f"r{i}")) == row
         last = (await ledger.events(f"r{i}"))[-1]
@@ -450,7 +492,8 @@ FULL_UPDATE: Update = {
 async def test_update_sets_columns_and_deltas_add(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1, kind=Kind.FILE)])
     full = Update(**FULL_UPDATE)  # a copy: the test may change it
-    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry")
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, full, event="retry",
+                                  current=await ledger.get("r1"))
     stored = await ledger.get("r1")
     assert stored == row
     for key, value in full.items():
@@ -483,13 +526,15 @@ async def test_many_concurrent_writers_lose_no_update(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(i) for i in range(tasks)])
 
     async def bump(i: int) -> None:
+        row = await ledger.get(f"r{i}")
         for _ in range(per):
-            await ledger.transition(
+            row = await ledger.transition(
                 f"r{i}",
                 Stage.PENDING,
                 Stage.PENDING,
                 {"attempts_delta": 1, "polls_delta": 2},
                 event="tick",
+                current=row,
             )
 
     await asyncio.gather(*(bump(i) for i in range(tasks)))
@@ -597,16 +642,105 @@ async def test_transition_with_current_keeps_the_error_as_stored(ledger: Ledger)
 @pytest.mark.anyio
 async def test_transition_with_current_counts_come_from_the_ledger(ledger: Ledger) -> None:
     (row,) = await ledger.import_rows([new_row(1)])
-    # Both callers hold the same copy (attempts 0); the second must see 2.
     first = await ledger.transition(
         "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1}, event="a", current=row
     )
     second = await ledger.transition(
         "r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1, "polls_delta": 5},
-        event="b", current=row,
+        event="b", current=first,
     )
     assert (first.attempts, second.attempts, second.polls) == (1, 2, 5)
     assert second == await ledger.get("r1")
+
+
+# -- versions: every compare-and-set compares what it replaces ------------------
+
+
+@pytest.mark.anyio
+async def test_every_write_of_a_row_raises_its_version(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    assert row.version == 0
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PENDING, {"attempts_delta": 1},
+                                  event="a", current=row)
+    assert row.version == 1 == (await ledger.get("r1")).version  # type: ignore[union-attr]
+    row = await ledger.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="p")
+    assert row.version == 2
+    # an import that only sees the row leaves it; one that fails it is a write
+    (seen,) = await ledger.import_rows([new_row(1, line=7)])
+    assert seen.version == 2 and seen.line == 7
+    (other,) = await ledger.import_rows([new_row(2)])
+    (failed,) = await ledger.import_rows([new_row(2, error=INVALID)])
+    assert (failed.stage, failed.version) == (Stage.FAILED, other.version + 1)
+    (fixed,) = await ledger.import_rows([new_row(2)])
+    assert (fixed.stage, fixed.version) == (Stage.PENDING, other.version + 2)
+    assert [r.version async for r in ledger.rows()] == [2, 2]
+
+
+@pytest.mark.anyio
+async def test_two_writers_of_one_same_stage_move_from_one_copy_have_one_winner(
+    ledger: Ledger,
+) -> None:
+    (row,) = await ledger.import_rows([new_row(1, kind=Kind.FILE)])
+    row = await ledger.transition(
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-old"}, event="p",
+        current=row,
+    )
+    # Two hosts found the upload URL expired and each made a fresh project.
+    results = await asyncio.gather(
+        *(
+            ledger.transition(
+                "r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                {"api_project_id": f"p-{host}"}, event=f"fresh-{host}", current=row,
+            )
+            for host in ("a", "b")
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, LedgerRow)]
+    losses = [r for r in results if isinstance(r, TransitionConflict)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    stored = await ledger.get("r1")
+    assert stored == wins[0] and stored is not None
+    assert stored.api_project_id in ("p-a", "p-b") and stored.version == row.version + 1
+    assert losses[0].actual == f"project (version {stored.version})"
+    assert losses[0].expected == f"project (version {row.version})"
+    assert [e.event for e in await ledger.events("r1")][-1] == f"fresh-{stored.api_project_id[2:]}"
+
+
+@pytest.mark.anyio
+async def test_a_same_stage_update_from_a_stale_copy_conflicts(ledger: Ledger) -> None:
+    (stale,) = await ledger.import_rows([new_row(1)])
+    await ledger.transition(
+        "r1", Stage.PENDING, Stage.PENDING, {"api_project_id": "p-new"}, event="set",
+        current=stale,
+    )
+    before = await ledger.get("r1")
+    for to, update in (
+        (Stage.PENDING, Update(api_project_id="p-stale")),
+        (Stage.PENDING, Update(attempts_delta=1)),
+        (Stage.PROJECT_CREATED, Update()),  # a stage change from a stale copy, too
+    ):
+        with pytest.raises(TransitionConflict):
+            await ledger.transition("r1", Stage.PENDING, to, update, event="late", current=stale)
+    assert await ledger.get("r1") == before
+    assert [e.event for e in await ledger.events("r1")] == ["imported", "set"]
+
+
+@pytest.mark.anyio
+async def test_a_same_stage_move_without_the_callers_row_is_refused(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
+    for expect in (Stage.PENDING, either):
+        with pytest.raises(LedgerError, match="current") as info:
+            await ledger.transition("r1", expect, Stage.PENDING, {"api_project_id": "x"},
+                                    event="blind")
+        assert not isinstance(info.value, TransitionConflict)
+    with pytest.raises(LedgerError, match="current"):
+        await ledger.transition("r1", either, Stage.PROJECT_CREATED, event="blind")
+    assert await ledger.get("r1") == row
+    # a move to another stage compares the stage, which it changes
+    moved = await ledger.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED, event="p")
+    assert moved.version == row.version + 1
 
 
 @pytest.mark.anyio
@@ -663,7 +797,7 @@ async def test_current_of_another_row_is_refused_before_writing(ledger: Ledger) 
 @pytest.mark.anyio
 async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1)])
-    await ledger.transition(
+    row = await ledger.transition(
         "r1",
         Stage.PENDING,
         Stage.SUBMITTED,
@@ -678,6 +812,7 @@ async def test_events_are_the_rows_history_in_order(backend: Backend, ledger: Le
         {"polls_delta": 1},
         event="polled",
         detail={"apiStatus": "processing"},
+        current=row,
     )
     await ledger.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="complete")
     events = await ledger.events("r1")
@@ -905,6 +1040,48 @@ async def test_bad_json_is_refused_before_anything_is_written(ledger: Ledger) ->
 
 # -- leases -------------------------------------------------------------------
 
+
+@pytest.mark.anyio
+async def test_only_shared_ledgers_lease(backend: Backend, ledger: Ledger) -> None:
+    # PostgreSQL is shared by design; SQLite and MemoryLedger() are one run's.
+    assert ledger.shared is (backend.name == "postgres") is is_shared(ledger)
+    if backend.name == "memory":
+        await ledger.import_rows([new_row(1)])
+        with pytest.raises(LedgerError, match="private"):
+            await ledger.register_worker("a", WORKER_RUN, TTL)  # type: ignore[attr-defined]
+        with pytest.raises(LedgerError, match="private"):
+            await ledger.pending_work()  # type: ignore[attr-defined]
+        with pytest.raises(LedgerError, match="private"):
+            MemoryLedger().connect()
+    if backend.name == "sqlite":
+        assert not hasattr(ledger, "lease")
+
+
+@pytest.mark.anyio
+async def test_runs_on_one_shared_ledger_share_rows_and_split_them(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    other = await shared_backend.open_shared()
+    try:
+        await shared.import_rows([new_row(i) for i in range(1, 5)])
+        # the second run imports the same manifest: one copy of each row
+        assert [r.row_id for r in await other.import_rows([new_row(i) for i in range(1, 5)])] == [
+            "r1", "r2", "r3", "r4"
+        ]
+        assert sum((await other.counts()).values()) == 4
+        await shared.register_worker("a", WORKER_RUN, TTL)
+        await other.register_worker("b", WORKER_RUN, TTL)
+        assert await lease_all(shared, "a", 2) == ["r1", "r2"]
+        assert await lease_all(other, "b") == ["r3", "r4"]
+        moved = await other.transition("r3", Stage.PENDING, Stage.SUBMITTED, event="s")
+        assert await shared.get("r3") == moved
+        # neither run retires what the other has seen
+        assert await shared.finish_import() == 0 and await other.finish_import() == 0
+        runs = {r["run_id"] for r in await other.runs()}
+        assert len(runs) == 2
+    finally:
+        await other.close(0)
+
 TTL = 60.0
 WORKER_RUN = RunInfo("run-w", 4343, "host-b", 1_000.0, "batcher run m.csv")
 
@@ -914,39 +1091,39 @@ async def lease_all(led: LeasingLedger, worker: str, limit: int = 100) -> list[s
 
 
 @pytest.mark.anyio
-async def test_lease_hands_out_free_leaders_in_line_order_once(ledger: LeasingLedger) -> None:
+async def test_lease_hands_out_free_leaders_in_line_order_once(shared: LeasingLedger) -> None:
     # lines run against the row ids: r7 is line 3, r1 line 9; r3 leads r1
-    await ledger.import_rows(
+    await shared.import_rows(
         [new_row(i, line=10 - i, group="g" if i in (1, 3) else f"g{i}") for i in range(7, 0, -1)]
     )
-    assert (await ledger.get("r1")).leader_row_id == "r3"  # type: ignore[union-attr]
-    await ledger.transition(
+    assert (await shared.get("r1")).leader_row_id == "r3"  # type: ignore[union-attr]
+    await shared.transition(
         "r5", Stage.PENDING, Stage.FAILED, {"error": {"code": "x"}}, event="failed"
     )
-    await drive(ledger, "r6", Stage.COMPLETE)
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await ledger.pending_work() == (4, 0)  # r7, r4, r3, r2
-    first = await ledger.lease("a", 2, TTL)
+    await drive(shared, "r6", Stage.COMPLETE)
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await shared.pending_work() == (4, 0)  # r7, r4, r3, r2
+    first = await shared.lease("a", 2, TTL)
     assert [r.row_id for r in first] == ["r7", "r4"]
-    assert first == [await ledger.get("r7"), await ledger.get("r4")]  # leasing is no update
-    assert await lease_all(ledger, "b") == ["r3", "r2"]
-    assert await lease_all(ledger, "a") == []  # nothing free; its own rows are not re-leased
-    assert await lease_all(ledger, "b", 0) == []
-    assert await ledger.pending_work() == (0, 4)
+    assert first == [await shared.get("r7"), await shared.get("r4")]  # leasing is no update
+    assert await lease_all(shared, "b") == ["r3", "r2"]
+    assert await lease_all(shared, "a") == []  # nothing free; its own rows are not re-leased
+    assert await lease_all(shared, "b", 0) == []
+    assert await shared.pending_work() == (0, 4)
     # a row that leaves the active stages is no longer pending work
-    await ledger.transition("r7", Stage.PENDING, Stage.SUBMITTED, event="submitted")
-    await ledger.transition("r7", Stage.SUBMITTED, Stage.COMPLETE, event="done")
-    assert await ledger.pending_work() == (0, 3)
-    assert [e.event for e in await ledger.events("r4")] == ["imported"]  # no takeover
+    await shared.transition("r7", Stage.PENDING, Stage.SUBMITTED, event="submitted")
+    await shared.transition("r7", Stage.SUBMITTED, Stage.COMPLETE, event="done")
+    assert await shared.pending_work() == (0, 3)
+    assert [e.event for e in await shared.events("r4")] == ["imported"]  # no takeover
 
 
 @pytest.mark.anyio
-async def test_retired_rows_are_not_leased(backend: Backend) -> None:
-    led = await backend.open()
+async def test_retired_rows_are_not_leased(shared_backend: Backend) -> None:
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(i) for i in range(1, 4)])
     await led.close(0)
-    led = await backend.open()
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(1), new_row(3)])
     assert await led.finish_import() == 1
     await led.register_worker("a", WORKER_RUN, TTL)
@@ -957,27 +1134,27 @@ async def test_retired_rows_are_not_leased(backend: Backend) -> None:
 
 @pytest.mark.anyio
 async def test_expired_lease_is_taken_over_and_recorded(
-    backend: Backend, ledger: LeasingLedger
+    shared_backend: Backend, shared: LeasingLedger
 ) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 4)])
-    await ledger.transition(
+    await shared.import_rows([new_row(i) for i in range(1, 4)])
+    await shared.transition(
         "r2", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g2"}, event="submitted"
     )
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
-    assert await lease_all(ledger, "b") == []
-    backend.clock.advance(TTL / 2)
-    assert await ledger.heartbeat("b", TTL) == 2
-    assert await lease_all(ledger, "b") == []  # a's leases have not expired yet
-    backend.clock.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
-    assert await ledger.heartbeat("b", TTL) == 1
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
-    assert await ledger.pending_work() == (3, 0)
-    taken = await ledger.lease("b", 10, TTL)
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
+    assert await lease_all(shared, "b") == []
+    await shared_backend.advance(TTL / 2)
+    assert await shared.heartbeat("b", TTL) == 2
+    assert await lease_all(shared, "b") == []  # a's leases have not expired yet
+    await shared_backend.advance(TTL)  # a stopped heartbeating: it is dead, its leases expired
+    assert await shared.heartbeat("b", TTL) == 1
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["b"]
+    assert await shared.pending_work() == (3, 0)
+    taken = await shared.lease("b", 10, TTL)
     assert [r.row_id for r in taken] == ["r1", "r2", "r3"]
     assert taken[1].stage is Stage.SUBMITTED and taken[1].generation_id == "g2"  # resumable
-    last = (await ledger.events("r2"))[-1]
+    last = (await shared.events("r2"))[-1]
     assert (last.from_stage, last.to_stage, last.event) == (
         Stage.SUBMITTED,
         Stage.SUBMITTED,
@@ -985,75 +1162,75 @@ async def test_expired_lease_is_taken_over_and_recorded(
     )
     assert last.detail["previousOwner"] == "a" and last.detail["owner"] == "b"
     assert last.detail["leaseExpiredAt"] < last.at
-    assert await ledger.pending_work() == (0, 3)
+    assert await shared.pending_work() == (0, 3)
     # a comes back: it is live again but the rows stay with b
-    assert await ledger.heartbeat("a", TTL) == 2
-    assert await lease_all(ledger, "a") == []
-    backend.clock.advance(TTL + 1)  # now b dies; a re-takes them
-    assert await lease_all(ledger, "a") == ["r1", "r2", "r3"]
-    assert (await ledger.events("r1"))[-1].detail["previousOwner"] == "b"
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await lease_all(shared, "a") == []
+    await shared_backend.advance(TTL + 1)  # now b dies; a re-takes them
+    assert await lease_all(shared, "a") == ["r1", "r2", "r3"]
+    assert (await shared.events("r1"))[-1].detail["previousOwner"] == "b"
 
 
 @pytest.mark.anyio
 async def test_heartbeat_renews_leases_and_counts_live_workers(
-    backend: Backend, ledger: LeasingLedger
+    shared_backend: Backend, shared: LeasingLedger
 ) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 4)])
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await ledger.heartbeat("a", TTL) == 2
-    assert await lease_all(ledger, "a", 2) == ["r1", "r2"]
-    backend.clock.advance(TTL * 2 / 3)
-    assert await ledger.heartbeat("a", TTL) == 2
-    backend.clock.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
-    assert await ledger.heartbeat("a", TTL) == 1
+    await shared.import_rows([new_row(i) for i in range(1, 4)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await lease_all(shared, "a", 2) == ["r1", "r2"]
+    await shared_backend.advance(TTL * 2 / 3)
+    assert await shared.heartbeat("a", TTL) == 2
+    await shared_backend.advance(TTL * 2 / 3)  # b's heartbeat is older than its ttl now
+    assert await shared.heartbeat("a", TTL) == 1
     # a's first leases would have expired; its heartbeats renewed them
-    await ledger.register_worker("c", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "c") == ["r3"]
-    live = await ledger.live_workers()
+    await shared.register_worker("c", WORKER_RUN, TTL)
+    assert await lease_all(shared, "c") == ["r3"]
+    live = await shared.live_workers()
     assert [(w["worker_id"], w["leases"]) for w in live] == [("a", 2), ("c", 1)]
     assert (live[0]["host"], live[0]["pid"], live[0]["run_id"]) == ("host-b", 4343, "run-w")
     assert live[0]["ttl"] == TTL and live[0]["heartbeat_at"] > live[0]["started_at"]
-    assert await ledger.heartbeat("c", 5.0) == 2
-    backend.clock.advance(10.0)  # c declared a 5 s ttl: dead; a is not
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["a"]
-    assert await lease_all(ledger, "a") == ["r3"]
+    assert await shared.heartbeat("c", 5.0) == 2
+    await shared_backend.advance(10.0)  # c declared a 5 s ttl: dead; a is not
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["a"]
+    assert await lease_all(shared, "a") == ["r3"]
 
 
 @pytest.mark.anyio
-async def test_release_and_deregister_give_rows_back(ledger: LeasingLedger) -> None:
-    await ledger.import_rows([new_row(i) for i in range(1, 5)])
-    await ledger.register_worker("a", WORKER_RUN, TTL)
-    await ledger.register_worker("b", WORKER_RUN, TTL)
-    assert await lease_all(ledger, "a", 3) == ["r1", "r2", "r3"]
-    await ledger.release("a", ["r1", "nope"])
-    await ledger.release("b", ["r2"])  # not b's: left alone
-    assert await ledger.pending_work() == (2, 2)
-    assert await lease_all(ledger, "b") == ["r1", "r4"]
-    await ledger.deregister_worker("a")
-    await ledger.deregister_worker("never-registered")
-    assert await lease_all(ledger, "b") == ["r2", "r3"]
-    assert all(e.event != LEASE_TAKEN_OVER for e in await ledger.events("r2"))  # given back
-    assert [w["worker_id"] for w in await ledger.live_workers()] == ["b"]
+async def test_release_and_deregister_give_rows_back(shared: LeasingLedger) -> None:
+    await shared.import_rows([new_row(i) for i in range(1, 5)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a", 3) == ["r1", "r2", "r3"]
+    await shared.release("a", ["r1", "nope"])
+    await shared.release("b", ["r2"])  # not b's: left alone
+    assert await shared.pending_work() == (2, 2)
+    assert await lease_all(shared, "b") == ["r1", "r4"]
+    await shared.deregister_worker("a")
+    await shared.deregister_worker("never-registered")
+    assert await lease_all(shared, "b") == ["r2", "r3"]
+    assert all(e.event != LEASE_TAKEN_OVER for e in await shared.events("r2"))  # given back
+    assert [w["worker_id"] for w in await shared.live_workers()] == ["b"]
     with pytest.raises(LedgerError, match="not registered"):
-        await ledger.heartbeat("a", TTL)
+        await shared.heartbeat("a", TTL)
     with pytest.raises(LedgerError, match="not registered"):
-        await ledger.lease("a", 1, TTL)
-    await ledger.register_worker("a", WORKER_RUN, TTL)  # registering again is fine
-    assert await ledger.heartbeat("a", TTL) == 2
+        await shared.lease("a", 1, TTL)
+    await shared.register_worker("a", WORKER_RUN, TTL)  # registering again is fine
+    assert await shared.heartbeat("a", TTL) == 2
 
 
 @pytest.mark.anyio
-async def test_concurrent_leases_are_disjoint_and_cover_every_row(ledger: LeasingLedger) -> None:
+async def test_concurrent_leases_are_disjoint_and_cover_every_row(shared: LeasingLedger) -> None:
     n = 60
-    await ledger.import_rows([new_row(i) for i in range(n)])
+    await shared.import_rows([new_row(i) for i in range(n)])
     workers = ["a", "b", "c"]
     for w in workers:
-        await ledger.register_worker(w, WORKER_RUN, TTL)
+        await shared.register_worker(w, WORKER_RUN, TTL)
 
     async def take(worker: str) -> list[str]:
         got: list[str] = []
-        while batch := await lease_all(ledger, worker, 4):
+        while batch := await lease_all(shared, worker, 4):
             got += batch
             await asyncio.sleep(0)
         return got
@@ -1061,18 +1238,191 @@ async def test_concurrent_leases_are_disjoint_and_cover_every_row(ledger: Leasin
     shares = await asyncio.gather(*(take(w) for w in workers))
     flat = [rid for share in shares for rid in share]
     assert len(flat) == len(set(flat)) == n
-    assert await ledger.pending_work() == (0, n)
-    live = {w["worker_id"]: w["leases"] for w in await ledger.live_workers()}
+    assert await shared.pending_work() == (0, n)
+    live = {w["worker_id"]: w["leases"] for w in await shared.live_workers()}
     assert live == {w: len(share) for w, share in zip(workers, shares, strict=True)}
 
 
 @pytest.mark.anyio
-async def test_a_read_only_ledger_refuses_lease_writes(backend: Backend) -> None:
-    led = await backend.open()
+async def test_a_lease_taken_over_after_expiry_is_refused_to_its_old_holder(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1), new_row(2)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    await shared.register_worker("b", WORKER_RUN, TTL)
+    (held,) = await shared.lease("a", 1, TTL)
+    assert await shared.hold("a", "r1", TTL) is True
+    assert await shared.hold("b", "r1", TTL) is False  # not b's
+    await shared_backend.advance(TTL * 0.75)
+    assert await shared.hold("a", "r1", TTL) is True  # renewed: good for TTL from now
+    await shared_backend.advance(TTL * 0.75)
+    assert await lease_all(shared, "b") == ["r2"]  # r1 still a's
+    await shared_backend.advance(TTL + 1)  # a is paused: no heartbeat, no hold
+    assert await shared.heartbeat("b", TTL) == 1
+    (taken,) = await shared.lease("b", 1, TTL)
+    assert taken.row_id == "r1" and (await shared.events("r1"))[-1].event == LEASE_TAKEN_OVER
+    # a wakes up: before its next paid request it asks, and learns the row is gone
+    assert await shared.heartbeat("a", TTL) == 2
+    assert await shared.hold("a", "r1", TTL) is False
+    assert await shared.hold("b", "r1", TTL) is True
+    moved = await shared.transition(
+        "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-b"}, event="b",
+        current=taken,
+    )
+    with pytest.raises(TransitionConflict):  # and a's copy can no longer write
+        await shared.transition(
+            "r1", Stage.PENDING, Stage.PROJECT_CREATED, {"api_project_id": "p-a"}, event="a",
+            current=held,
+        )
+    assert await shared.get("r1") == moved
+    await shared.release("b", ["r1"])
+    assert await shared.hold("b", "r1", TTL) is False  # given back
+    assert await shared.hold("a", "nope", TTL) is False
+
+
+@pytest.mark.anyio
+async def test_a_lease_that_ran_out_is_gone_even_if_nobody_took_it(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1)])
+    await shared.register_worker("a", WORKER_RUN, TTL)
+    assert await lease_all(shared, "a") == ["r1"]
+    await shared_backend.advance(TTL + 1)
+    # neither a heartbeat nor a hold brings an expired lease back ...
+    await shared.heartbeat("a", TTL)
+    assert await shared.hold("a", "r1", TTL) is False
+    assert await shared.pending_work() == (1, 0)
+    # ... but the worker may lease the row again like anyone (no takeover: it was a's)
+    assert await lease_all(shared, "a") == ["r1"]
+    assert [e.event for e in await shared.events("r1")] == ["imported"]
+
+
+@pytest.mark.anyio
+async def test_lease_expiry_is_judged_by_the_ledgers_clock_not_the_hosts(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.import_rows([new_row(1), new_row(2)])
+    # Two hosts whose clocks are far off: one in 1970, one decades ahead.
+    slow = await shared_backend.open_shared(wall=lambda: 1.0)
+    fast = await shared_backend.open_shared(wall=lambda: 4_000_000_000.0)
+    try:
+        await slow.register_worker("slow", WORKER_RUN, TTL)
+        await fast.register_worker("fast", WORKER_RUN, TTL)
+        assert await lease_all(slow, "slow", 1) == ["r1"]
+        assert await fast.heartbeat("fast", TTL) == 2  # the slow host is live
+        assert await lease_all(fast, "fast") == ["r2"]  # r1 is not expired for the ledger
+        assert await fast.pending_work() == (0, 2)
+        assert await slow.hold("slow", "r1", TTL) is True
+        assert {w["worker_id"]: w["leases"] for w in await fast.live_workers()} == {
+            "slow": 1, "fast": 1
+        }
+        await shared_backend.advance(TTL + 1)  # for the ledger, every lease ran out
+        assert await fast.heartbeat("fast", TTL) == 1
+        assert await lease_all(fast, "fast") == ["r1", "r2"]
+        assert await slow.hold("slow", "r1", TTL) is False
+        assert (await fast.events("r1"))[-1].detail["previousOwner"] == "slow"
+    finally:
+        await slow.close(0)
+        await fast.close(0)
+
+
+# -- the shared pace of requests --------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_pace_hands_out_one_schedule_to_every_host(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    with pytest.raises(LedgerError, match="no rate"):
+        await shared.claim_slots(1, lead=0.05, margin=0.0)
+    first = await shared.claim_slots(3, lead=0.05, margin=0.0, rate=10)
+    assert (first.count, first.rate, first.max_rate) == (3, 10, 10)
+    assert first.spacing == pytest.approx(0.1)
+    assert first.first_at == pytest.approx(first.now + 0.05)  # a fresh pace starts now
+    other = await shared_backend.open_shared()
+    try:
+        second = await other.claim_slots(2, lead=0.05, margin=0.0)
+        # the other host's block starts where the first ended (or now, if later)
+        assert second.first_at == pytest.approx(
+            max(first.first_at + 3 * first.spacing, second.now + 0.05)
+        )
+        await shared_backend.advance(100)
+        idle = await other.claim_slots(1, lead=0.05, margin=0.0)
+        assert idle.first_at == pytest.approx(idle.now + 0.05)  # no credit for idle time
+        # rounding: 2.5/s is 2 per second; under one a second, the rate itself
+        assert (await shared.claim_slots(1, lead=0, margin=0.04, rate=2.5)).spacing == (
+            pytest.approx(1.04 / 2)
+        )
+        assert (await shared.claim_slots(1, lead=0, margin=0.0, rate=0.5)).spacing == 2.0
+        with pytest.raises(LedgerError):
+            await shared.claim_slots(1, lead=0, margin=0, rate=0)
+    finally:
+        await other.close(0)
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_never_share_a_slot(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    hosts = [shared] + [await shared_backend.open_shared() for _ in range(2)]
+    await shared.claim_slots(0, lead=0, margin=0.0, rate=20)
+    try:
+
+        async def claim(led: LeasingLedger, n: int) -> list[float]:
+            got: list[float] = []
+            for _ in range(10):
+                c = await led.claim_slots(n, lead=0.01, margin=0.0)
+                got += [c.first_at + i * c.spacing for i in range(c.count)]
+            return got
+
+        blocks = await asyncio.gather(*(claim(led, n) for n, led in enumerate(hosts, 1)))
+        slots = sorted(t for block in blocks for t in block)
+        assert len(slots) == 10 * (1 + 2 + 3)
+        gaps = [b - a for a, b in itertools.pairwise(slots)]
+        assert min(gaps) >= 0.05 - 1e-6  # 1/20 s apart, whoever claimed them
+    finally:
+        for led in hosts[1:]:
+            await led.close(0)
+
+
+@pytest.mark.anyio
+async def test_a_429_pauses_every_host_and_halves_the_rate_once(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    await shared.claim_slots(0, lead=0, margin=0.0, rate=10)
+    hit = await shared.claim_slots(0, lead=0, margin=0.0, pause=5.0)
+    assert hit.rate == 5 and hit.paused_until == pytest.approx(hit.now + 5.0)
+    other = await shared_backend.open_shared()
+    try:
+        # the other host's next slot waits for the pause; the 429s of requests
+        # already in flight answer the same overload: no second cut
+        again = await other.claim_slots(1, lead=0, margin=0.0, pause=5.0)
+        assert again.rate == 5 and again.first_at >= hit.paused_until
+        assert again.paused_until == pytest.approx(again.now + 5.0)
+        assert again.spacing == pytest.approx(0.2)
+        await shared_backend.advance(5 + 4)  # 4 s after the pause: 5 + 10/20 * 4
+        grown = await other.claim_slots(0, lead=0, margin=0.0)
+        assert grown.rate == pytest.approx(5 + (grown.now - again.paused_until) / 2)
+        assert grown.rate == pytest.approx(7, abs=0.5)
+        await shared_backend.advance(20)
+        assert (await shared.claim_slots(0, lead=0, margin=0.0)).rate == 10  # recovered
+        # a new ceiling: higher at once when not recovering, lower at once always
+        assert (await shared.claim_slots(0, lead=0, margin=0.0, rate=40)).rate == 40
+        await shared.claim_slots(0, lead=0, margin=0.0, pause=0.0)
+        cut = await shared.claim_slots(0, lead=0, margin=0.0, rate=100)
+        assert cut.max_rate == 100 and cut.rate == pytest.approx(20, abs=1)  # recovering
+        assert (await other.claim_slots(0, lead=0, margin=0.0, rate=8)).rate == 8
+    finally:
+        await other.close(0)
+
+
+@pytest.mark.anyio
+async def test_a_read_only_ledger_refuses_lease_writes(shared_backend: Backend) -> None:
+    led = await shared_backend.open_shared()
     await led.import_rows([new_row(1)])
     await led.register_worker("a", WORKER_RUN, TTL)
     await led.close(0)
-    ro = await backend.open(lock=False, run_id="status")
+    ro = await shared_backend.open_shared(lock=False, run_id="status")
     assert await ro.pending_work() == (1, 0)
     assert [w["worker_id"] for w in await ro.live_workers()] == ["a"]
     for call in (

@@ -11,6 +11,7 @@ cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -18,21 +19,21 @@ import subprocess
 import sys
 import time
 import traceback
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
+from conftest import PgSchemas
 
 from batcher.errors import ConfigError, LedgerError, TransitionConflict
 from batcher.ledger import PostgresLedger, open_ledger
 from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.ledger.migrations import BOOTSTRAP_SQL, load_migrations
 from batcher.model import Kind, LedgerRow, NewRow, RunInfo, Stage
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get("BATCHER_TEST_PG") or "postgresql://postgres@127.0.0.1:5432/test"
 TTL = 0.5  # real seconds: short, so a dead host's leases expire within the test
 
 # The manifest every host imports, as source so that child processes build
@@ -71,13 +72,16 @@ async def main(url, mode, n):
         for i in range(0, n, 50):
             await led.import_rows(rows[i : i + 50])
         print("retired", await led.finish_import(), flush=True)
-    elif mode == "lease":
+    elif mode in ("lease", "hold"):
         worker = f"worker-{os.getpid()}"
         await led.register_worker(worker, run, 0.5)
         got = await led.lease(worker, n, 0.5)
         print("leased", worker, " ".join(r.row_id for r in got), flush=True)
         while True:  # a live host heartbeats until it is killed
             await led.heartbeat(worker, 0.5)
+            if mode == "hold" and not await led.hold(worker, got[0].row_id, 0.5):
+                print("lost", got[0].row_id, flush=True)  # what it would post is not its own
+                break
             await asyncio.sleep(0.1)
     await led.close(0)
     print("done", flush=True)
@@ -92,44 +96,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _reachable(url: str) -> str | None:
-    try:
-        conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return PostgresLedger(url).description + f": {type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-async def _drop(url: str, schemas: list[str]) -> None:
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        for name in schemas:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def made_schemas() -> Iterator[list[str]]:
-    why = asyncio.run(_reachable(PG_URL))
-    if why is not None:
-        pytest.skip(f"PostgreSQL not reachable ({why}); set BATCHER_TEST_PG to a server URL")
-    made: list[str] = []
-    yield made
-    asyncio.run(_drop(PG_URL, made))
+@pytest.fixture
+def schema_and_url(pg_schemas: PgSchemas) -> tuple[str, str]:
+    return pg_schemas.new()
 
 
 @pytest.fixture
-def schema(made_schemas: list[str]) -> str:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    made_schemas.append(name)
-    return name
+def schema(schema_and_url: tuple[str, str]) -> str:
+    return schema_and_url[0]
 
 
 @pytest.fixture
-def url(schema: str) -> str:
-    return PG_URL + ("&" if "?" in PG_URL else "?") + f"schema={schema}"
+def url(schema_and_url: tuple[str, str]) -> str:
+    return schema_and_url[1]
 
 
 def plain_row(row_id: str, line: int) -> NewRow:
@@ -329,7 +308,8 @@ async def test_a_killed_hosts_rows_are_taken_over_after_its_lease_expires(
         assert [r.row_id for r in await survivor.lease("survivor", 10, TTL)] == ["r0002"]
         await asyncio.sleep(TTL + 0.2)
         await survivor.heartbeat("survivor", TTL)
-        assert await survivor.lease("survivor", 10, TTL) == []  # the child renewed its lease
+        # Its own lease ran out while it slept; the child heartbeats and keeps r0001.
+        assert [r.row_id for r in await survivor.lease("survivor", 10, TTL)] == ["r0002"]
         child.kill()  # the host dies mid-job: no deregistration, no release
     finally:
         child.kill()
@@ -344,6 +324,58 @@ async def test_a_killed_hosts_rows_are_taken_over_after_its_lease_expires(
     assert last.event == LEASE_TAKEN_OVER and last.from_stage is last.to_stage is Stage.PENDING
     assert last.detail["previousOwner"] == dead_worker and last.detail["owner"] == "survivor"
     assert await hosts[2].pending_work() == (0, 2)
+
+
+@pytest.mark.anyio
+async def test_a_host_paused_past_its_ttl_finds_its_row_taken_and_its_copy_useless(
+    url: str, hosts: list[PostgresLedger]
+) -> None:
+    survivor = hosts[0]
+    await survivor.import_rows(manifest(5)[:1])
+    child = Child(url, "hold", 1)  # leases r0001, then heartbeats and holds it
+    try:
+        child.go()
+        word, _, leased = child.line().split(" ", 2)
+        assert (word, leased) == ("leased", "r0001")
+        await survivor.register_worker("survivor", run_info("host-0"), TTL)
+        assert await survivor.lease("survivor", 1, TTL) == []
+        child.proc.send_signal(signal.SIGSTOP)  # the hypervisor pauses the host
+        await asyncio.sleep(TTL + 0.3)
+        (taken,) = await survivor.lease("survivor", 1, TTL)
+        await survivor.transition("r0001", Stage.PENDING, Stage.SUBMITTED,
+                                  {"generation_id": "g-survivor"}, event="submitted",
+                                  current=taken)
+        child.proc.send_signal(signal.SIGCONT)  # it wakes up and checks before posting
+        assert child.line() == "lost r0001"
+        assert (await child.finish())[-1] == "done"
+    finally:
+        child.kill()
+    row = await hosts[1].get("r0001")
+    assert row is not None and row.generation_id == "g-survivor"
+
+
+@pytest.mark.anyio
+async def test_host_clocks_do_not_move_lease_expiry(url: str) -> None:
+    # Real time on the server; one host's clock a day slow, the other's a year fast.
+    slow, fast = PostgresLedger(url, wall=lambda: time.time() - 86_400), PostgresLedger(
+        url, wall=lambda: time.time() + 365 * 86_400
+    )
+    await slow.open(run_info("slow"))
+    await fast.open(run_info("fast"))
+    try:
+        await slow.import_rows(manifest(5)[:1])
+        await slow.register_worker("slow", run_info("slow"), TTL * 4)
+        await fast.register_worker("fast", run_info("fast"), TTL * 4)
+        assert [r.row_id for r in await slow.lease("slow", 1, TTL * 4)] == ["r0001"]
+        assert await fast.lease("fast", 1, TTL * 4) == []  # fresh, whatever fast's clock says
+        assert await fast.heartbeat("fast", TTL * 4) == 2
+        assert await slow.hold("slow", "r0001", TTL)
+        await asyncio.sleep(TTL + 0.3)
+        assert [r.row_id for r in await fast.lease("fast", 1, TTL * 4)] == ["r0001"]
+        assert not await slow.hold("slow", "r0001", TTL)
+    finally:
+        await slow.close(0)
+        await fast.close(0)
 
 
 # -- transitions -------------------------------------------------------------------
@@ -371,6 +403,68 @@ async def test_two_hosts_moving_one_row_one_wins_the_other_conflicts(
 
 
 @pytest.mark.anyio
+async def test_two_hosts_holding_one_copy_cannot_both_replace_a_project(
+    hosts: list[PostgresLedger],
+) -> None:
+    a, b = hosts[0], hosts[1]
+    (row,) = await a.import_rows([NewRow("f1", 1, Kind.FILE, "k", "diffio-3.5")])
+    row = await a.transition("f1", Stage.PENDING, Stage.PROJECT_CREATED,
+                             {"api_project_id": "p-first"}, event="project", current=row)
+    # b took the row over while a was paused; both hold the same copy now.
+    for _ in range(5):
+        results = await asyncio.gather(
+            *(
+                led.transition("f1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                               {"api_project_id": f"p-{name}"}, event=f"fresh-{name}",
+                               current=row)
+                for led, name in ((a, "a"), (b, "b"))
+            ),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if isinstance(r, LedgerRow)]
+        losses = [r for r in results if isinstance(r, TransitionConflict)]
+        assert len(wins) == 1 and len(losses) == 1, results
+        stored = await hosts[2].get("f1")
+        assert stored == wins[0]
+        row = stored
+    # The loser, writing from the copy it had, conflicts again rather than overwrite.
+    with pytest.raises(TransitionConflict, match="version"):
+        await a.transition("f1", Stage.PROJECT_CREATED, Stage.UPLOADED, event="uploaded",
+                           current=dataclasses.replace(row, version=row.version - 1))
+
+
+@pytest.mark.anyio
+async def test_a_ledger_at_version_2_migrates_forward_and_keeps_its_rows(
+    url: str, schema: str
+) -> None:
+    conn = await raw(url, schema)
+    try:  # a ledger as a batcher with two migrations left it
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(BOOTSTRAP_SQL)
+        for mig in load_migrations("postgres")[:2]:
+            await conn.execute(mig.sql)
+            await conn.execute("INSERT INTO ledger_migrations VALUES ($1, $2, 1.0)",
+                               mig.version, mig.name)
+        await conn.execute(
+            "INSERT INTO ledger_rows (row_id, line, kind, stage, model_key, api_project_id, "
+            "idempotency_key, generation_id, created_at, updated_at, seen_seq) "
+            "VALUES ('r1', 1, 'project', 'submitted', 'diffio-3.5', 'p1', 'key-1', 'g1', 1, 2, 1)"
+        )
+    finally:
+        await conn.close()
+    led = PostgresLedger(url)
+    await led.open(run_info("new"))
+    try:
+        row = await led.get("r1")
+        assert row is not None and (row.generation_id, row.version) == ("g1", 0)
+        done = await led.transition("r1", Stage.SUBMITTED, Stage.COMPLETE, event="complete",
+                                    current=row)
+        assert done.version == 1 and done == await led.get("r1")
+    finally:
+        await led.close(0)
+
+
+@pytest.mark.anyio
 async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
     hosts: list[PostgresLedger],
 ) -> None:
@@ -379,9 +473,15 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
     either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
 
     async def bump(led: PostgresLedger, i: int) -> LedgerRow:
-        return await led.transition(
-            "r0001", either, Stage.PROJECT_CREATED, {"attempts_delta": 1}, event=f"m{i}"
-        )
+        while True:  # as a runner would: a lost race is read again and retried
+            row = await led.get("r0001")
+            try:
+                return await led.transition(
+                    "r0001", either, Stage.PROJECT_CREATED, {"attempts_delta": 1},
+                    event=f"m{i}", current=row,
+                )
+            except TransitionConflict:
+                continue
 
     await asyncio.gather(*(bump(a if i % 2 else b, i) for i in range(30)))
     row = await hosts[2].get("r0001")
@@ -395,7 +495,7 @@ async def test_racing_moves_from_a_stage_set_record_the_stage_they_left(
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     hosts: list[PostgresLedger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batcher.ledger.sqlite import _to_row as real  # the codec postgres.py uses
+    from batcher.ledger.codec import row_from_record as real
 
     a, b = hosts[0], hosts[1]
     (row,) = await a.import_rows(manifest(5)[:1])
@@ -405,7 +505,7 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr("batcher.ledger.postgres._to_row", counting)
+    monkeypatch.setattr("batcher.ledger.codec.row_from_record", counting)
     moved = await a.transition(
         row.row_id, Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s",
         current=row,
@@ -464,7 +564,9 @@ async def test_migrations_from_processes_starting_at_once_apply_once(url: str, s
     conn = await raw(url, schema)
     try:
         versions = await conn.fetch("SELECT version, name FROM ledger_migrations ORDER BY 1")
-        assert [tuple(v) for v in versions] == [(1, "initial"), (2, "leases")]
+        assert [tuple(v) for v in versions] == [
+            (1, "initial"), (2, "leases"), (3, "versions_and_pacing")
+        ]
         tables = await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
             schema,
@@ -472,6 +574,7 @@ async def test_migrations_from_processes_starting_at_once_apply_once(url: str, s
         assert [t[0] for t in tables] == [
             "ledger_events",
             "ledger_migrations",
+            "ledger_pace",
             "ledger_rows",
             "ledger_runs",
             "ledger_workers",

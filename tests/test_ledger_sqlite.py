@@ -26,6 +26,7 @@ import pytest
 from batcher.errors import ConfigError, LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import MemoryLedger, SqliteLedger, open_ledger
 from batcher.ledger.lock import RunLock, lock_path_for
+from batcher.ledger.migrations import BOOTSTRAP_SQL, load_migrations
 from batcher.model import Kind, NewRow, RunInfo, Stage
 
 
@@ -331,19 +332,19 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import batcher.ledger.sqlite as sqlite_module
+    from batcher.ledger import codec
 
     led = SqliteLedger(tmp_path / "l.sqlite")
     await led.open(run_info())
     (row,) = await led.import_rows([new_row(1)])
     decoded: list[str] = []
-    real = sqlite_module._to_row
+    real = codec.row_from_record
 
     def counting(r: Any) -> Any:
         decoded.append(r["row_id"])
         return real(r)
 
-    monkeypatch.setattr(sqlite_module, "_to_row", counting)
+    monkeypatch.setattr(codec, "row_from_record", counting)
     moved = await led.transition(
         "r1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g"}, event="s", current=row
     )
@@ -366,11 +367,13 @@ async def test_a_transition_with_current_reads_back_only_the_computed_columns(
 @pytest.mark.anyio
 async def test_migrations_are_recorded_once_and_reopen_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "l.sqlite"  # the folder is created
-    led = SqliteLedger(path, clock=lambda: 1234.5)
+    led = SqliteLedger(path, wall=lambda: 1234.5)
     await led.open(run_info("one"))
     await led.close(0)
     first = tables(path)
-    assert first["migrations"] == [(1, "initial", 1234.5), (2, "leases", 1234.5)]
+    assert first["migrations"] == [
+        (1, "initial", 1234.5), (2, "leases", 1234.5), (3, "row_versions", 1234.5)
+    ]
     assert {t for (t,) in first["tables"]} >= {
         "ledger_rows",
         "ledger_events",
@@ -386,7 +389,7 @@ async def test_migrations_are_recorded_once_and_reopen_is_idempotent(tmp_path: P
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     for run_id in ("two", "three"):
-        led = SqliteLedger(path, clock=lambda: 9999.0)
+        led = SqliteLedger(path, wall=lambda: 9999.0)
         await led.open(run_info(run_id))
         await led.close(0)
     assert tables(path) == first
@@ -420,7 +423,41 @@ async def test_an_old_ledger_is_migrated_by_a_reader_when_no_run_holds_it(
     await reader.open(run_info("status"), lock=False)
     assert [r async for r in reader.rows()] == []
     await reader.close()
-    assert [v for v, _, _ in tables(path)["migrations"]] == [1, 2]
+    assert [v for v, _, _ in tables(path)["migrations"]] == [1, 2, 3]
+
+
+@pytest.mark.anyio
+async def test_a_ledger_written_at_version_2_migrates_forward_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # a ledger as a batcher with 2 migrations left it
+        conn.executescript(BOOTSTRAP_SQL + ";")
+        for mig in load_migrations("sqlite")[:2]:
+            conn.executescript(mig.sql)
+            record = "INSERT INTO ledger_migrations VALUES (?, ?, 1.0)"
+            conn.execute(record, (mig.version, mig.name))
+        conn.execute(
+            "INSERT INTO ledger_rows (row_id, line, kind, stage, model_key, api_project_id, "
+            "idempotency_key, generation_id, created_at, updated_at, lease_owner, lease_expires) "
+            "VALUES ('r1', 1, 'project', 'submitted', 'diffio-3.5', 'p1', 'key-1', 'g1', 1, 2, "
+            "'w-old', 99)"
+        )
+    led = SqliteLedger(path)
+    await led.open(run_info("new"))
+    try:
+        row = await led.get("r1")
+        assert row is not None and (row.stage, row.generation_id, row.version) == (
+            Stage.SUBMITTED, "g1", 0
+        )
+        done = await led.transition("r1", Stage.SUBMITTED, Stage.SUBMITTED, {"polls_delta": 1},
+                                    event="polled", current=row)
+        assert (done.version, done.polls) == (1, 1) and done == await led.get("r1")
+    finally:
+        await led.close(0)
+    assert [v for v, _, _ in tables(path)["migrations"]] == [1, 2, 3]
+    with sqlite3.connect(path) as conn:  # the old lease columns are left as they were
+        assert conn.execute("SELECT lease_owner FROM ledger_rows").fetchall() == [("w-old",)]
 
 
 @pytest.mark.anyio

@@ -132,7 +132,7 @@ async def make_job(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
             tg.start_soon(serve)
             await started.wait()
-            ledger = MemoryLedger(clock=clock, shared=shared)
+            ledger = MemoryLedger(wall=clock, shared=shared)
             await ledger.open(RunInfo.start("test"))
             return Job(tmp_path, manifest, clock, ready[0], ledger)
 

@@ -2,16 +2,27 @@
 
 The ledger is the truth: every step of every row is committed here, in order,
 before the runner acts on it, so an export can be made at any moment and a
-killed run resumes from it. The runner talks only to :class:`LeasingLedger`;
-SQLite, PostgreSQL and the in-memory backend all pass the same contract tests
-(tests/test_ledger_contract.py). The row vocabulary lives in
-:mod:`batcher.model`.
+killed run resumes from it. SQLite, PostgreSQL and the in-memory backend all
+pass the same contract tests (tests/test_ledger_contract.py). The row
+vocabulary lives in :mod:`batcher.model`.
+
+Two kinds of ledger, told apart by their ``shared`` attribute:
+
+* a **private** ledger (``shared`` False: SQLite, ``MemoryLedger()``) belongs
+  to one run at a time; SQLite enforces that with a lock file. It is a
+  :class:`Ledger`.
+* a **shared** ledger (``shared`` True: PostgreSQL, ``MemoryLedger(shared=True)``)
+  is one job for several runners on several hosts. It is a
+  :class:`LeasingLedger`: rows are leased to workers, so no two hosts work
+  on one row at once, and the job's rate is kept by one shared pace.
+  :func:`is_shared` tells the type checker so.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeGuard
 
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
@@ -19,6 +30,8 @@ __all__ = [
     "LEASE_TAKEN_OVER",
     "LeasingLedger",
     "Ledger",
+    "PaceClaim",
+    "is_shared",
 ]
 
 
@@ -30,8 +43,7 @@ class Ledger(Protocol):
     """
 
     description: str
-    # True when several hosts may work on this ledger at once (leases decide
-    # who works on which row); False when one run holds it alone.
+    # True when several runners may share this ledger: then it is a LeasingLedger.
     shared: bool
 
     async def open(self, run: RunInfo, *, lock: bool = True) -> None:
@@ -75,17 +87,26 @@ class Ledger(Protocol):
     ) -> LedgerRow:
         """Compare-and-set a row from ``expect`` to ``to`` and append an event.
 
-        Raises TransitionConflict when the row is missing or not in
-        ``expect``, and LedgerError when ``to`` is not a legal move.
+        What is compared:
 
-        ``current`` is the caller's copy of the row (the row it is moving).
-        With it the ledger does not read the whole row back: it returns
-        ``current`` with ``stage``, the update's columns and what the database
-        computed (``attempts``, ``polls``, ``updated_at``) replaced. The
-        compare-and-set still checks the stored stage, so a stale ``current``
-        conflicts exactly as without it; fields that another writer changed
-        without changing the stage are not seen. Its ``row_id`` must be
-        ``row_id``.
+        * with ``current``, the caller's copy of the row (the row it is
+          moving): the row must be in one of ``expect`` *and* still at
+          ``current.version``. Every write of a row raises its version, so a
+          move from a stale copy conflicts, even one that keeps the stage
+          (two hosts both replacing the project of a PROJECT row: one wins).
+        * without ``current``, only the stage: whoever moves the row first
+          wins and a later mover finds it elsewhere. A move that may keep the
+          stage (``to`` in ``expect``) compares nothing it replaces, so it is
+          refused without ``current`` (LedgerError).
+
+        Raises TransitionConflict when the row is missing, not in ``expect``
+        or at another version, and LedgerError when ``to`` is not a legal
+        move. Each move raises the row's ``version`` by one.
+
+        With ``current`` the ledger does not read the whole row back: it
+        returns ``current`` with ``stage``, the update's columns and what the
+        database computed (``attempts``, ``polls``, ``updated_at``,
+        ``version``) replaced. Its ``row_id`` must be ``row_id``.
         """
         ...
 
@@ -124,18 +145,48 @@ class Ledger(Protocol):
 LEASE_TAKEN_OVER = "leaseTakenOver"
 
 
+@dataclass(frozen=True, slots=True)
+class PaceClaim:
+    """Send slots the shared pace handed to one host, on the ledger's clock.
+
+    The slots are at ``first_at + i * spacing`` for ``i`` in ``range(count)``;
+    no other host holds a slot closer than ``spacing`` to any of them. A slot
+    not used at its time is wasted, never given to anyone else.
+    """
+
+    first_at: float  # the first slot (ledger time, unix seconds)
+    spacing: float  # seconds between consecutive slots of the whole job
+    count: int  # slots in this block (0: the claim only reported or asked)
+    now: float  # the ledger's time when the claim was made
+    rate: float  # requests/s in force now: the job's rate, or less after a 429
+    max_rate: float  # the job's configured rate (the ceiling of ``rate``)
+    paused_until: float  # ledger time before which nobody may send (after a 429)
+
+
 class LeasingLedger(Ledger, Protocol):
-    """A ledger several runners can share: work is leased, workers heartbeat.
+    """A ledger several runners can share: work is leased, workers heartbeat,
+    and every host draws its requests' send times from one pace.
 
     A lease says which worker is working on a row and until when; heartbeats
     renew it. When a worker dies its leases run out and any other worker's
     :meth:`lease` takes those rows over. Leasing never changes a row's stage
     and never bypasses the compare-and-set of :meth:`Ledger.transition`:
     two workers that both believe they hold a row still cannot both move it.
-    Time comes from the ledger's clock; ``ttl`` is in seconds.
+    ``ttl`` is in seconds.
 
-    On PostgreSQL this is how hosts share a job. SQLite and memory ledgers
-    implement the same semantics, so the runner has one code path.
+    Time is the ledger's own (PostgreSQL: the database server's clock), never
+    the caller's ``wall``: a host whose clock is off, or that was paused,
+    cannot make a lease look fresh or stale. A lease that ran out is gone,
+    whether or not another worker took the row yet: neither a heartbeat nor
+    :meth:`hold` revives it (the worker may :meth:`lease` the row again).
+
+    The pace (:meth:`claim_slots`) keeps the job's requests under one rate
+    across all hosts; :class:`batcher.ratelimit_shared.SharedRateGate` is the
+    rate gate built on it.
+
+    Implemented by the shared ledgers (``shared`` is True): PostgreSQL, where
+    hosts share a job, and ``MemoryLedger(shared=True)``, where runners in one
+    process do (in tests). A private ledger has no leases: one run owns it.
     """
 
     async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
@@ -146,7 +197,7 @@ class LeasingLedger(Ledger, Protocol):
         ...
 
     async def heartbeat(self, worker_id: str, ttl: float) -> int:
-        """Renew the worker and every lease it holds until now + ``ttl``.
+        """Renew the worker and every unexpired lease it holds until now + ``ttl``.
 
         Returns how many workers are live (their last heartbeat is younger
         than the ttl they declared), this one included: the runner divides
@@ -162,6 +213,44 @@ class LeasingLedger(Ledger, Protocol):
         they are taken in manifest order. Concurrent callers never get the
         same row. A row taken from another worker whose lease expired gets a
         :data:`LEASE_TAKEN_OVER` event naming that worker.
+        """
+        ...
+
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Whether the worker still holds an unexpired lease on the row; renew it if so.
+
+        Atomic and cheap (one statement): call it right before a request
+        that may cost money. True: the lease now lasts until now + ``ttl``
+        and no other worker can take the row before then. False: the lease
+        expired or another worker took the row over (a host that was paused
+        longer than its ttl); the row is someone else's now, so drop it
+        without sending anything. Unknown rows and workers give False.
+        """
+        ...
+
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
+        """Claim the next ``count`` send slots of the job's shared pace, atomically.
+
+        All hosts of a job draw their requests' send times from one schedule
+        kept in the ledger, on the ledger's clock: consecutive slots are
+        ``(1 + margin) / rate`` seconds apart (``rate`` rounded down to a
+        whole number when it is 1 or more), so no window of one second ever
+        holds more than ``rate`` slots of the whole job, however many hosts
+        share it. The block starts at the end of the schedule, but no sooner
+        than ``lead`` seconds from now (time for the answer to reach the
+        host) nor before a 429 pause ends.
+
+        ``rate``: the job's rate (the ceiling), set as RateGate.set_rate sets
+        one: a lower one holds from this claim on, a higher one at once
+        unless the pace is recovering from a 429. It must be given at least
+        once before slots can be claimed (LedgerError otherwise).
+
+        ``pause``: a 429 seen by this host: nobody gets a slot for ``pause``
+        seconds from now, and the rate is halved (not below
+        ``max(rate/50, min(1, rate))``, at most once per second and not again
+        before the previous pause ended); after the pause it grows back by
+        a twentieth of the ceiling per second.
         """
         ...
 
@@ -186,3 +275,8 @@ class LeasingLedger(Ledger, Protocol):
         done as far as leasing goes.
         """
         ...
+
+
+def is_shared(ledger: Ledger) -> TypeGuard[LeasingLedger]:
+    """Whether ``ledger`` is shared, and so a :class:`LeasingLedger`."""
+    return ledger.shared

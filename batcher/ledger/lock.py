@@ -1,4 +1,4 @@
-"""The run lock: one ``batcher run`` per SQLite ledger (CONTRACT exit 4).
+"""The run lock: one ``batcher run`` per SQLite ledger (a second one exits with code 4).
 
 The lock is ``fcntl.flock`` on a sidecar file ``<ledger>.lock`` that holds the
 holder's pid, host and start time as JSON. The kernel drops a flock when its

@@ -1,4 +1,4 @@
-"""An in-memory ledger: the SQLite ledger's semantics in dicts, for fast tests.
+"""An in-memory ledger: the durable ledgers' semantics in dicts, for fast tests.
 
 It passes the same contract suite as the durable backends
 (tests/test_ledger_contract.py) and holds nothing on disk. Every method starts
@@ -6,84 +6,110 @@ with an anyio checkpoint, then runs without awaiting, so concurrent callers
 interleave the way they do against a real ledger yet each call is atomic.
 Unlike the SQLite ledger it may be opened again after :meth:`close`, with its
 rows kept: that is how a runner test rehearses a resume.
+
+``MemoryLedger()`` is private to one run, as a SQLite ledger is.
+``MemoryLedger(shared=True)`` is shared as a PostgreSQL ledger is: it leases
+rows to workers (:class:`~batcher.ledger.base.LeasingLedger`), and
+:meth:`MemoryLedger.connect` gives another handle on the same rows, which a
+second runner opens with its own run, as a second host connects to the same
+database. Lease expiry and heartbeats read the clock of the store, the
+``wall`` of the ledger that created it, whatever ``wall`` a handle was given:
+that is the shared ledger's equivalent of the database's clock.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio.lowlevel
 import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger.base import LEASE_TAKEN_OVER
-from batcher.model import (
-    ACTIVE_STAGES,
-    UPDATE_COLUMNS,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
+from batcher.errors import LedgerError
+from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
+from batcher.ledger.codec import (
+    REQUEST_FIELDS,
+    inserted_record,
+    json_copy,
+    moved,
+    new_row_values,
+    row_from_record,
 )
+from batcher.ledger.rules import (
+    PaceState,
+    Refresh,
+    claim_slots,
+    first_earlier,
+    import_refresh,
+    plan_move,
+    refusal,
+)
+from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update
 from batcher.model import Event as LedgerEvent
 
 __all__ = ["MemoryLedger"]
 
-_DELTAS = frozenset({"attempts_delta", "polls_delta"})
-_INVALID_ROW = "invalidRow"
 
+@dataclass(eq=False)
+class _Store:
+    """What a database would hold; every handle of a shared ledger holds the same one."""
 
-def _json_copy(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
-    """A JSON round trip, so memory stores exactly what SQLite would."""
-    if value is None:
-        return None
-    try:
-        copied = orjson.loads(orjson.dumps(value))
-    except TypeError as exc:
-        raise LedgerError(f"{what} is not JSON-serializable: {exc}") from exc
-    if not isinstance(copied, dict):
-        raise LedgerError(f"{what} must be a JSON object")
-    return copied
+    clock: Callable[[], float]  # the store's own time: leases and heartbeats
+    rows: dict[str, LedgerRow] = field(default_factory=dict)
+    # row_id -> the highest import epoch that saw it (every run that opens
+    # for writing takes the next epoch, as on PostgreSQL)
+    seen: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, set[str]] = field(default_factory=dict)
+    events: dict[str, list[LedgerEvent]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # row -> (owner, expires)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    epoch: int = 0
+    pace: PaceState = field(default_factory=PaceState)
 
 
 class MemoryLedger:
     """A :class:`~batcher.ledger.base.Ledger` held in dicts.
 
-    ``shared=True`` makes it a ledger several runners share, as several hosts
-    share a PostgreSQL one: they lease its rows (in-process tests of hosts).
+    With ``shared=True`` it is also a :class:`~batcher.ledger.base.LeasingLedger`;
+    otherwise its lease methods raise LedgerError, as a private ledger has
+    none.
     """
 
     def __init__(
         self,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         page_size: int = 500,
         shared: bool = False,
     ) -> None:
-        self.description = "memory"
         self.shared = shared
-        self._clock = clock
+        self.description = "memory (shared)" if shared else "memory"
+        self._wall = wall
         self._page_size = page_size
-        self._rows: dict[str, LedgerRow] = {}
-        self._seen: dict[str, str] = {}  # row_id -> run_id of the last import that saw it
-        self._groups: dict[str, set[str]] = {}
-        self._events: dict[str, list[LedgerEvent]] = {}
-        self._runs: dict[str, dict[str, Any]] = {}
-        self._leases: dict[str, tuple[str, float]] = {}  # row_id -> (owner, expires)
-        self._workers: dict[str, dict[str, Any]] = {}
+        self._db = _Store(clock=wall)
         self._run: RunInfo | None = None
         self._writable = False
+        self._epoch = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._run is None else ("open" if self._writable else "read-only")
-        return f"<MemoryLedger {state} rows={len(self._rows)}>"
+        return f"<MemoryLedger {state} rows={len(self._db.rows)}{' shared' if self.shared else ''}>"
+
+    def connect(self, *, wall: Callable[[], float] | None = None) -> MemoryLedger:
+        """Another handle on this shared ledger's rows, for another runner.
+
+        Open it with that runner's own run. ``wall`` stamps the rows and
+        events it writes (this handle's ``wall`` by default); leases keep
+        the store's clock.
+        """
+        if not self.shared:
+            raise LedgerError("a private memory ledger has no other connections")
+        other = MemoryLedger(wall=wall or self._wall, page_size=self._page_size, shared=True)
+        other._db = self._db
+        return other
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -95,7 +121,9 @@ class MemoryLedger:
         self._run = run
         self._writable = lock
         if lock:
-            self._runs.setdefault(
+            self._db.epoch += 1
+            self._epoch = self._db.epoch
+            self._db.runs.setdefault(
                 run.run_id,
                 {
                     "run_id": run.run_id,
@@ -113,7 +141,7 @@ class MemoryLedger:
         await anyio.lowlevel.checkpoint()
         run, self._run = self._run, None
         if run is not None and self._writable:
-            self._runs[run.run_id].update(ended_at=self._clock(), exit_code=exit_code)
+            self._db.runs[run.run_id].update(ended_at=self._wall(), exit_code=exit_code)
         self._writable = False
 
     def _writer(self) -> RunInfo:
@@ -132,93 +160,63 @@ class MemoryLedger:
     async def import_rows(self, rows: Sequence[NewRow]) -> list[LedgerRow]:
         """Insert new rows, mark all seen in this run; see the Protocol."""
         await anyio.lowlevel.checkpoint()
-        run = self._writer()
-        out: list[LedgerRow] = []
-        for new in rows:
-            out.append(self._import_one(new, run.run_id))
-        return out
+        self._writer()
+        return [self._import_one(new) for new in rows]
 
-    def _import_one(self, new: NewRow, run_id: str) -> LedgerRow:
-        now = self._clock()
-        error = _json_copy(new.error, "error")
-        cur = self._rows.get(new.row_id)
-        self._seen[new.row_id] = run_id
+    def _import_one(self, new: NewRow) -> LedgerRow:
+        now = self._wall()
+        values = new_row_values(new)
+        cur = self._db.rows.get(new.row_id)
+        self._db.seen[new.row_id] = max(self._db.seen.get(new.row_id, 0), self._epoch)
         if cur is None:
-            stage = Stage.FAILED if error is not None else Stage.PENDING
-            row = LedgerRow(
-                row_id=new.row_id,
-                line=new.line,
-                stage=stage,
-                error=error,
-                created_at=now,
-                updated_at=now,
-                **self._request_fields(new, run_id),
-            )
-            self._store(row)
+            stage = Stage.FAILED if new.error is not None else Stage.PENDING
+            row = self._fresh(values, stage, new, now)
+            self._keep(row)
             detail: dict[str, Any] = {"line": new.line}
-            if error is not None:
-                detail["error"] = error
+            if row.error is not None:
+                detail["error"] = row.error
             self._event(row.row_id, now, None, stage, "imported", detail)
             return row
         row = replace(cur, line=new.line, retired=False)
-        if error is not None:
-            if row.stage is Stage.PENDING or (row.stage is Stage.FAILED and row.error != error):
-                self._event(row.row_id, now, row.stage, Stage.FAILED, "invalid", error)
-                row = replace(row, stage=Stage.FAILED, error=error, updated_at=now)
-        elif (
-            row.stage is Stage.FAILED
-            and row.error is not None
-            and row.error.get("code") == _INVALID_ROW
-            and row.generation_id is None
-        ):
+        error = json_copy(new.error, "error")
+        decision = import_refresh(row.stage, row.error, row.generation_id, error)
+        if decision is Refresh.INVALIDATE:
+            self._event(row.row_id, now, row.stage, Stage.FAILED, decision.value, error or {})
+            row = replace(row, stage=Stage.FAILED, error=error, updated_at=now,
+                          version=row.version + 1)
+        elif decision is Refresh.REVALIDATE:
+            fresh = self._fresh(values, Stage.PENDING, new, now)
+            request = {name: getattr(fresh, name) for name in REQUEST_FIELDS}
             row = replace(row, stage=Stage.PENDING, error=None, updated_at=now,
-                          **self._request_fields(new, run_id))
-            self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, "revalidated", {})
-        self._store(row, previous=cur)
+                          version=row.version + 1, **request)
+            self._event(row.row_id, now, Stage.FAILED, Stage.PENDING, decision.value, {})
+        self._keep(row, previous=cur)
         return row
 
-    def _request_fields(self, new: NewRow, run_id: str) -> dict[str, Any]:
-        """What a manifest row says about its request, as LedgerRow fields."""
-        return {
-            "kind": new.kind,
-            "idempotency_key": new.idempotency_key,
-            "model_key": new.model_key,
-            "api_project_id": new.api_project_id,
-            "sampling": _json_copy(new.sampling, "sampling") or {},
-            "params": _json_copy(new.params, "params") or {},
-            "source_path": new.source_path,
-            "source_sha256": new.source_sha256,
-            "source_size": new.source_size,
-            "output_rel": new.output_rel,
-            "explicit_key": new.explicit_key,
-            "request_digest": new.request_digest,
-            "group": new.group,
-            "leader_row_id": self._leader(new, run_id),
-        }
+    def _fresh(
+        self, values: dict[str, Any], stage: Stage, new: NewRow, now: float
+    ) -> LedgerRow:
+        """The row a database would hold after inserting ``values``."""
+        leader = self._leader(new)
+        return row_from_record(inserted_record(values, stage, leader, now))
 
-    def _leader(self, new: NewRow, run_id: str) -> str | None:
+    def _leader(self, new: NewRow) -> str | None:
+        """The group's first row seen by an import since this run opened."""
         if new.group is None:
             return None
-        best: LedgerRow | None = None
-        for rid in self._groups.get(new.group, ()):
-            r = self._rows[rid]
-            if (
-                rid == new.row_id
-                or r.retired
-                or self._seen.get(rid) != run_id
-                or r.line >= new.line
-            ):
-                continue
-            if best is None or (r.line, r.row_id) < (best.line, best.row_id):
-                best = r
-        return best.row_id if best else None
+        candidates = (
+            (r.line, r.row_id)
+            for r in (self._db.rows[rid] for rid in self._db.groups.get(new.group, ()))
+            if not r.retired and self._db.seen.get(r.row_id, 0) >= self._epoch
+        )
+        return first_earlier(candidates, new.line, new.row_id)
 
-    def _store(self, row: LedgerRow, previous: LedgerRow | None = None) -> None:
+    def _keep(self, row: LedgerRow, previous: LedgerRow | None = None) -> None:
         if previous is not None and previous.group is not None and previous.group != row.group:
-            self._groups[previous.group].discard(row.row_id)
+            self._db.groups[previous.group].discard(row.row_id)
         if row.group is not None:
-            self._groups.setdefault(row.group, set()).add(row.row_id)
-        self._rows[row.row_id] = row
+            self._db.groups.setdefault(row.group, set()).add(row.row_id)
+        self._db.rows[row.row_id] = row
 
     def _event(
         self,
@@ -230,18 +228,18 @@ class MemoryLedger:
         detail: Mapping[str, Any],
     ) -> None:
         run_id = self._run.run_id if self._run else ""
-        self._events.setdefault(row_id, []).append(
+        self._db.events.setdefault(row_id, []).append(
             LedgerEvent(row_id, at, from_stage, to_stage, event, detail, run_id)
         )
 
     async def finish_import(self) -> int:
-        """Retire rows the current run's import did not see."""
+        """Retire rows no import since this run opened has seen (see PostgresLedger)."""
         await anyio.lowlevel.checkpoint()
-        run = self._writer()
+        self._writer()
         retired = 0
-        for rid, row in self._rows.items():
-            if not row.retired and self._seen.get(rid) != run.run_id:
-                self._rows[rid] = replace(row, retired=True)
+        for rid, row in self._db.rows.items():
+            if not row.retired and self._db.seen.get(rid, 0) < self._epoch:
+                self._db.rows[rid] = replace(row, retired=True)
                 retired += 1
         return retired
 
@@ -266,35 +264,19 @@ class MemoryLedger:
         """
         await anyio.lowlevel.checkpoint()
         self._writer()
-        changes: dict[str, Any] = dict(update or {})
-        unknown = set(changes) - UPDATE_COLUMNS - _DELTAS
-        if unknown:
-            raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-        expected = stage_set(expect)
-        allowed = legal_sources(expected, to)
-        if not allowed:
-            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
-        if current is not None and current.row_id != row_id:
-            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        detail_copy = _json_copy(detail or {}, "event detail") or {}
-        if "error" in changes:
-            changes["error"] = _json_copy(changes["error"], "error")
-        cur = self._rows.get(row_id)
-        if cur is None or cur.stage not in expected:
-            raise TransitionConflict(
-                row_id, describe_stages(expected), cur.stage.value if cur else None
-            )
-        if cur.stage not in allowed:
-            raise LedgerError(f"row {row_id}: illegal move {cur.stage} -> {to}")
-        now = self._clock()
-        attempts = cur.attempts + changes.pop("attempts_delta", 0)
-        polls = cur.polls + changes.pop("polls_delta", 0)
-        row = replace(cur, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
-        self._rows[row_id] = row
-        self._event(row_id, now, cur.stage, to, event, detail_copy)
-        if current is None:
-            return row
-        return replace(current, stage=to, attempts=attempts, polls=polls, updated_at=now, **changes)
+        move = plan_move(row_id, expect, to, update, detail, current)
+        deltas = (move.values["attempts_delta"], move.values["polls_delta"])
+        cur = self._db.rows.get(row_id)
+        if cur is None:
+            raise refusal(move, None)
+        if cur.stage not in move.allowed or move.version not in (None, cur.version):
+            raise refusal(move, cur.stage, cur.version)
+        now = self._wall()
+        computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1], cur.version + 1)
+        row = moved(cur, to, move.fields, computed)
+        self._db.rows[row_id] = row
+        self._event(row_id, now, cur.stage, to, event, orjson.loads(move.detail))
+        return row if current is None else moved(current, to, move.fields, computed)
 
     # -- reads -------------------------------------------------------------
 
@@ -302,7 +284,7 @@ class MemoryLedger:
         """One row, or None."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        return self._rows.get(row_id)
+        return self._db.rows.get(row_id)
 
     async def rows(
         self,
@@ -318,7 +300,7 @@ class MemoryLedger:
             page = sorted(
                 (
                     r
-                    for r in self._rows.values()
+                    for r in self._db.rows.values()
                     if (stages is None or r.stage in stages)
                     and (include_retired or not r.retired)
                     and (after is None or (r.line, r.row_id) > after)
@@ -336,7 +318,7 @@ class MemoryLedger:
         await anyio.lowlevel.checkpoint()
         self._reader()
         counts = dict.fromkeys(Stage, 0)
-        for row in self._rows.values():
+        for row in self._db.rows.values():
             if include_retired or not row.retired:
                 counts[row.stage] += 1
         return counts
@@ -348,7 +330,7 @@ class MemoryLedger:
         # By code, the smallest message as the example (as the SQL backends).
         tally: dict[str, int] = {}
         example: dict[str, str] = {}
-        for row in self._rows.values():
+        for row in self._db.rows.values():
             if row.stage is Stage.FAILED and not row.retired:
                 err = row.error or {}
                 code, message = str(err.get("code") or ""), str(err.get("message") or "")
@@ -361,36 +343,45 @@ class MemoryLedger:
         """A row's history, oldest first."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        return list(self._events.get(row_id, ()))
+        return list(self._db.events.get(row_id, ()))
 
     async def runs(self) -> list[dict[str, Any]]:
         """Every run, oldest first."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        ordered = sorted(self._runs.values(), key=lambda r: (r["started_at"], r["run_id"]))
+        ordered = sorted(self._db.runs.values(), key=lambda r: (r["started_at"], r["run_id"]))
         return [dict(r) for r in ordered]
 
     # -- leases (LeasingLedger) ----------------------------------------------
+
+    def _hosts(self, *, write: bool) -> float:
+        """Check that leases may be used now; the store's time."""
+        if write:
+            self._writer()
+        else:
+            self._reader()
+        if not self.shared:
+            raise LedgerError(f"{self.description} is private to one run: it has no leases")
+        return self._db.clock()
 
     def _leasable(self, row: LedgerRow) -> bool:
         return row.stage in ACTIVE_STAGES and not row.retired and row.leader_row_id is None
 
     def _known_worker(self, worker_id: str) -> dict[str, Any]:
-        worker = self._workers.get(worker_id)
+        worker = self._db.workers.get(worker_id)
         if worker is None:
             raise LedgerError(f"worker {worker_id} is not registered")
         return worker
 
     def _live(self, now: float) -> list[dict[str, Any]]:
-        return [w for w in self._workers.values() if w["heartbeat_at"] + w["ttl"] >= now]
+        return [w for w in self._db.workers.values() if w["heartbeat_at"] + w["ttl"] >= now]
 
     async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
         """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
         await anyio.lowlevel.checkpoint()
-        self._writer()
-        now = self._clock()
-        started = self._workers.get(worker_id, {}).get("started_at", now)
-        self._workers[worker_id] = {
+        now = self._hosts(write=True)
+        started = self._db.workers.get(worker_id, {}).get("started_at", now)
+        self._db.workers[worker_id] = {
             "worker_id": worker_id,
             "host": run.host,
             "pid": run.pid,
@@ -403,33 +394,31 @@ class MemoryLedger:
     async def heartbeat(self, worker_id: str, ttl: float) -> int:
         """Renew the worker and its leases; return the number of live workers."""
         await anyio.lowlevel.checkpoint()
-        self._writer()
+        now = self._hosts(write=True)
         worker = self._known_worker(worker_id)
-        now = self._clock()
         worker.update(heartbeat_at=now, ttl=float(ttl))
-        for rid, (owner, _) in self._leases.items():
-            if owner == worker_id:
-                self._leases[rid] = (owner, now + ttl)
+        for rid, (owner, expires) in self._db.leases.items():
+            if owner == worker_id and expires >= now:  # one that ran out is not revived
+                self._db.leases[rid] = (owner, now + ttl)
         return len(self._live(now))
 
     async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
         """Lease up to ``limit`` free rows in manifest order to the worker."""
         await anyio.lowlevel.checkpoint()
-        self._writer()
+        now = self._hosts(write=True)
         self._known_worker(worker_id)
-        now = self._clock()
         free = sorted(
             (
                 r
-                for r in self._rows.values()
+                for r in self._db.rows.values()
                 if self._leasable(r)
-                and (r.row_id not in self._leases or self._leases[r.row_id][1] < now)
+                and (r.row_id not in self._db.leases or self._db.leases[r.row_id][1] < now)
             ),
             key=lambda r: (r.line, r.row_id),
         )[: max(limit, 0)]
         for row in free:
-            previous = self._leases.get(row.row_id)
-            self._leases[row.row_id] = (worker_id, now + ttl)
+            previous = self._db.leases.get(row.row_id)
+            self._db.leases[row.row_id] = (worker_id, now + ttl)
             if previous is not None and previous[0] != worker_id:
                 detail = {
                     "previousOwner": previous[0],
@@ -439,32 +428,53 @@ class MemoryLedger:
                 self._event(row.row_id, now, row.stage, row.stage, LEASE_TAKEN_OVER, detail)
         return free
 
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Renew the worker's unexpired lease on the row; False when it has none."""
+        await anyio.lowlevel.checkpoint()
+        now = self._hosts(write=True)
+        lease = self._db.leases.get(row_id)
+        if lease is None or lease[0] != worker_id or lease[1] < now:
+            return False
+        self._db.leases[row_id] = (worker_id, now + ttl)
+        return True
+
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
+        """Claim send slots of the shared pace; see :class:`~batcher.ledger.base.LeasingLedger`."""
+        await anyio.lowlevel.checkpoint()
+        now = self._hosts(write=True)
+        self._db.pace, claim = claim_slots(
+            self._db.pace, now, count=count, lead=lead, margin=margin, rate=rate, pause=pause
+        )
+        return claim
+
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""
         await anyio.lowlevel.checkpoint()
-        self._writer()
+        self._hosts(write=True)
         for rid in row_ids:
-            held = self._leases.get(rid)
+            held = self._db.leases.get(rid)
             if held is not None and held[0] == worker_id:
-                del self._leases[rid]
+                del self._db.leases[rid]
 
     async def deregister_worker(self, worker_id: str) -> None:
         """Release the worker's leases and forget it."""
         await anyio.lowlevel.checkpoint()
-        self._writer()
-        for rid in [rid for rid, (owner, _) in self._leases.items() if owner == worker_id]:
-            del self._leases[rid]
-        self._workers.pop(worker_id, None)
+        self._hosts(write=True)
+        for rid in [rid for rid, (owner, _) in self._db.leases.items() if owner == worker_id]:
+            del self._db.leases[rid]
+        self._db.workers.pop(worker_id, None)
 
     async def live_workers(self) -> list[dict[str, Any]]:
         """Live workers, oldest first, with the number of leases each holds."""
         await anyio.lowlevel.checkpoint()
-        self._reader()
-        now = self._clock()
+        now = self._hosts(write=False)
         out = []
         for w in sorted(self._live(now), key=lambda w: (w["started_at"], w["worker_id"])):
             held = sum(
-                1 for owner, exp in self._leases.values() if owner == w["worker_id"] and exp >= now
+                1
+                for owner, exp in self._db.leases.values()
+                if owner == w["worker_id"] and exp >= now
             )
             out.append({**w, "leases": held})
         return out
@@ -472,13 +482,12 @@ class MemoryLedger:
     async def pending_work(self) -> tuple[int, int]:
         """(rows free to lease, rows under an unexpired lease)."""
         await anyio.lowlevel.checkpoint()
-        self._reader()
-        now = self._clock()
+        now = self._hosts(write=False)
         free = held = 0
-        for row in self._rows.values():
+        for row in self._db.rows.values():
             if not self._leasable(row):
                 continue
-            lease = self._leases.get(row.row_id)
+            lease = self._db.leases.get(row.row_id)
             if lease is None or lease[1] < now:
                 free += 1
             else:

@@ -30,6 +30,7 @@ __all__ = [
     "load_migrations",
     "load_queries",
     "migrate_sqlite",
+    "named_statements",
     "pending_migrations",
     "split_statements",
 ]
@@ -84,17 +85,21 @@ def load_migrations(dialect: str) -> tuple[Migration, ...]:
     return tuple(found)
 
 
-@cache
-def load_queries() -> dict[str, str]:
-    """The named statements of ``queries.sql``."""
-    text = resources.files("batcher.ledger").joinpath("sql", "queries.sql").read_text("utf-8")
+def named_statements(file_name: str) -> dict[str, str]:
+    """The ``-- name:`` blocks of ``sql/<file_name>``, without their semicolons."""
+    text = resources.files("batcher.ledger").joinpath("sql", file_name).read_text("utf-8")
     marks = list(_NAME.finditer(text))
     queries: dict[str, str] = {}
     for i, mark in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        body = text[mark.end() : end].strip().rstrip(";").strip()
-        queries[mark["name"]] = body
+        queries[mark["name"]] = text[mark.end() : end].strip().rstrip(";").strip()
     return queries
+
+
+@cache
+def load_queries() -> dict[str, str]:
+    """The named statements of ``queries.sql``."""
+    return named_statements("queries.sql")
 
 
 def split_statements(sql: str) -> list[str]:
@@ -135,7 +140,7 @@ def pending_migrations(dialect: str, applied: Iterable[int]) -> list[Migration]:
     return [mig for mig in known if mig.version not in done]
 
 
-def migrate_sqlite(conn: sqlite3.Connection, clock: Callable[[], float]) -> list[int]:
+def migrate_sqlite(conn: sqlite3.Connection, wall: Callable[[], float]) -> list[int]:
     """Bring a SQLite ledger up to date; return the versions applied now.
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). Each
@@ -153,7 +158,7 @@ def migrate_sqlite(conn: sqlite3.Connection, clock: Callable[[], float]) -> list
                 continue
             for stmt in mig.statements():
                 conn.execute(stmt)
-            conn.execute(RECORD_SQL, {"v": mig.version, "n": mig.name, "at": clock()})
+            conn.execute(RECORD_SQL, {"v": mig.version, "n": mig.name, "at": wall()})
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:

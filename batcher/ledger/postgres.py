@@ -9,10 +9,16 @@ the database rather than by a file lock:
   split the work through leases (:class:`~batcher.ledger.base.LeasingLedger`):
   ``SELECT … FOR UPDATE SKIP LOCKED`` hands each row to one worker, heartbeats
   renew the leases, and a dead host's rows are taken over when they expire.
+* **One clock.** Leases, heartbeats and the shared pace read the database
+  server's clock (the ``ledger_now()`` function), never a host's ``wall``,
+  which only stamps rows, events and runs.
+* **One pace.** The ``ledger_pace`` row is the schedule every host's requests
+  are sent on (:meth:`PostgresLedger.claim_slots`), so the hosts together
+  keep the job's rate.
 * **Compare-and-set in one statement.** A transition locks the row, updates it
-  only if its stage is one of the legal sources, and appends its event, all in
-  one statement (so one round trip and one commit); zero rows is a
-  TransitionConflict, exactly as on SQLite.
+  only if its stage is one of the legal sources (and its version the
+  caller's), and appends its event, all in one statement (so one round trip
+  and one commit); zero rows is a TransitionConflict, exactly as on SQLite.
 * **Idempotent, concurrent import.** Rows are inserted with
   ``ON CONFLICT DO NOTHING``: hosts importing one manifest at once end with one
   copy of each row. A group's leader is its first row by line among the rows
@@ -41,8 +47,9 @@ import anyio
 import asyncpg
 import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger.base import LEASE_TAKEN_OVER
+from batcher.errors import LedgerError
+from batcher.ledger import codec
+from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
@@ -53,29 +60,8 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
-
-# The row codec is SQLite's on purpose: both backends store the same column
-# values (JSON as text, error code/message copies), so an export is the same.
-from batcher.ledger.sqlite import (
-    _changes,
-    _dumps,
-    _moved,
-    _new_row_params,
-    _to_row,
-    _transition_params,
-)
-from batcher.model import (
-    UPDATE_COLUMNS,
-    Event,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
-)
+from batcher.ledger.rules import check_claim, plan_move, refusal
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["PostgresLedger"]
 
@@ -83,12 +69,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STAGES: dict[str, Stage] = {s.value: s for s in Stage}
 _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
-_DELTAS = frozenset({"attempts_delta", "polls_delta"})
-_SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
 # The columns a transition returns when the caller passed ``current``.
-_COMPUTED = "updated_at, attempts, polls"
+_COMPUTED = ", ".join(codec.COMPUTED)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
@@ -111,7 +94,7 @@ class PostgresLedger:
         self,
         url: str,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         pool_size: int = 4,
         page_size: int = 500,
         connect_timeout: float = 10.0,
@@ -119,7 +102,7 @@ class PostgresLedger:
         self._url = PgUrl.parse(url)
         self.description = self._url.shown
         self.shared = True
-        self._clock = clock
+        self._wall = wall
         self._pool_size = pool_size
         self._page_size = page_size
         self._connect_timeout = connect_timeout
@@ -239,7 +222,7 @@ class PostgresLedger:
                     raise LedgerError(f"no batcher ledger in {self.description}")
                 if not pending_migrations("postgres", done):
                     return
-            applied = await migrate_postgres(conn, self._clock, self._url.schema)
+            applied = await migrate_postgres(conn, self._wall, self._url.schema)
             if applied:
                 log.info("ledger.migrated", extra={"ledger": self.description, "versions": applied})
             if lock:
@@ -279,7 +262,7 @@ class PostgresLedger:
                     params = {
                         "run_id": self._run.run_id,
                         "exit_code": exit_code,
-                        "ended_at": self._clock(),
+                        "ended_at": self._wall(),
                     }
                     with self._translate("record the end of the run"):
                         await pool.execute(q.text, *q.args(params))
@@ -298,7 +281,7 @@ class PostgresLedger:
         loses a deadlock or serialization race against another host's import
         is run again (it changed nothing).
         """
-        prepared = [(new, _new_row_params(new)) for new in rows]
+        prepared = [(new, codec.new_row_values(new)) for new in rows]
         pool = self._pool_for(write=True)
         if not prepared:
             return []
@@ -306,7 +289,7 @@ class PostgresLedger:
 
         async def attempt_once() -> list[LedgerRow]:
             async with pool.acquire() as conn, conn.transaction():
-                return await batch.run(conn, prepared, self._clock())
+                return await batch.run(conn, prepared, self._wall())
 
         return await self._retrying("import rows", attempt_once)
 
@@ -337,43 +320,35 @@ class PostgresLedger:
         :meth:`Ledger.transition`).
         """
         pool = self._pool_for(write=True)
-        expected = stage_set(expect)
-        allowed = legal_sources(expected, to)
-        if not allowed:
-            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
-        if current is not None and current.row_id != row_id:
-            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        params = _transition_params(row_id, to, update or {})
-        params.update(
-            allowed=sorted(s.value for s in allowed),
-            event=event,
-            detail=_dumps(detail or {}, "event detail") or "{}",
-            run_id=self._run_id(),
-            now=self._clock(),
-        )
+        move = plan_move(row_id, expect, to, update, detail, current)
+        params = {
+            **move.values,
+            "allowed": sorted(s.value for s in move.allowed),
+            "event": event,
+            "detail": move.detail,
+            "run_id": self._run_id(),
+            "now": self._wall(),
+        }
         query = self._transition_query(params, full=current is None)
         with self._translate(f"update row {row_id}"):
             found = await pool.fetchrow(query.text, *query.args(params))
             if found is not None:
                 if current is None:
-                    return _to_row(dict(found))
-                changes = _changes(update or {}, params.get("error"))
-                return _moved(current, to, changes, tuple(found))
-            got = await pool.fetchval(self._q["get_stage"].text, row_id)
+                    return codec.row_from_record(found)
+                return codec.moved(current, to, move.fields, tuple(found))
+            got = await pool.fetchrow(self._q["get_stage"].text, row_id)
+        # Not in expect (or at another version); or it was when we looked
+        # again, after another host moved it away and back: either way this
+        # move lost the race.
         if got is None:
-            raise TransitionConflict(row_id, describe_stages(expected), None)
-        actual = _STAGES[got]
-        if actual in expected and actual not in allowed:
-            raise LedgerError(f"row {row_id}: illegal move {actual} -> {to}")
-        # Not in expect; or it was when we looked again, after another host
-        # moved it away and back: either way this move lost the race.
-        raise TransitionConflict(row_id, describe_stages(expected), actual.value)
+            raise refusal(move, None)
+        raise refusal(move, codec.STAGES[got["stage"]], got["version"])
 
     def _transition_query(self, params: Mapping[str, Any], *, full: bool) -> Query:
         """The statement for the columns ``params`` sets (one text per column set,
         so asyncpg's per-connection statement cache keeps each prepared).
         ``full`` returns the whole row, otherwise only the computed columns."""
-        key = (full, tuple(sorted(k for k in params if k in _SET_COLUMNS)))
+        key = (full, tuple(sorted(k for k in params if k in codec.SET_COLUMNS)))
         query = self._transition_cache.get(key)
         if query is None:
             assignments = "".join(f", {col} = :{col}" for col in key[1])
@@ -393,7 +368,7 @@ class PostgresLedger:
         pool = self._pool_for(write=False)
         with self._translate(f"read row {row_id}"):
             found = await pool.fetchrow(self._q["get_row"].text, row_id)
-        return _to_row(dict(found)) if found is not None else None
+        return codec.row_from_record(found) if found is not None else None
 
     async def rows(
         self,
@@ -417,7 +392,7 @@ class PostgresLedger:
                 "limit": self._page_size,
             }
             with self._translate("read rows"):
-                page = [_to_row(dict(r)) for r in await pool.fetch(q.text, *q.args(params))]
+                page = [codec.row_from_record(r) for r in await pool.fetch(q.text, *q.args(params))]
             for row in page:
                 yield row
             if len(page) < self._page_size:
@@ -431,7 +406,7 @@ class PostgresLedger:
             found = await pool.fetch(self._q["counts"].text, include_retired)
         counts = dict.fromkeys(Stage, 0)
         for stage, n in found:
-            counts[_STAGES[stage]] = int(n)
+            counts[codec.STAGES[stage]] = int(n)
         return counts
 
     async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
@@ -450,8 +425,8 @@ class PostgresLedger:
             Event(
                 row_id=rid,
                 at=at,
-                from_stage=_STAGES[from_stage] if from_stage else None,
-                to_stage=_STAGES[to_stage],
+                from_stage=codec.STAGES[from_stage] if from_stage else None,
+                to_stage=codec.STAGES[to_stage],
                 event=event,
                 detail=orjson.loads(detail),
                 run_id=run_id,
@@ -480,7 +455,6 @@ class PostgresLedger:
             "host": run.host,
             "pid": run.pid,
             "run_id": run.run_id,
-            "now": self._clock(),
             "ttl": float(ttl),
         }
         await self._exec("register_worker", params, f"register worker {worker_id}")
@@ -489,7 +463,7 @@ class PostgresLedger:
         """Renew the worker and its leases; return the number of live workers."""
         pool = self._pool_for(write=True)
         q = self._q["heartbeat"]
-        params = {"worker_id": worker_id, "now": self._clock(), "ttl": float(ttl)}
+        params = {"worker_id": worker_id, "ttl": float(ttl)}
 
         async def attempt_once() -> asyncpg.Record | None:
             return await pool.fetchrow(q.text, *q.args(params))
@@ -516,9 +490,34 @@ class PostgresLedger:
                 raise LedgerError(f"worker {worker_id} is not registered")
             if params["limit"] == 0:
                 return []
-            params["now"] = self._clock()
             found = await pool.fetch(q.text, *q.args(params))
-        return [_to_row(dict(r)) for r in found]
+        return [codec.row_from_record(r) for r in found]
+
+    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
+        """Renew the worker's unexpired lease on the row; False when it has none."""
+        pool = self._pool_for(write=True)
+        q = self._q["hold"]
+        params = {"worker_id": worker_id, "row_id": row_id, "ttl": float(ttl)}
+        with self._translate(f"renew the lease of worker {worker_id} on row {row_id}"):
+            return await pool.fetchval(q.text, *q.args(params)) is not None
+
+    async def claim_slots(self, count: int, *, lead: float, margin: float,
+                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
+        """Claim send slots of the shared pace in one statement (one round trip).
+
+        See :class:`~batcher.ledger.base.LeasingLedger`. The pace is one row
+        that every claim locks for the length of a single UPDATE.
+        """
+        pool = self._pool_for(write=True)
+        check_claim(count, lead, margin, rate, pause)
+        q = self._q["pace_claim"]
+        params = {"count": int(count), "lead": float(lead), "margin": float(margin),
+                  "rate": rate, "pause": pause}
+        with self._translate("claim send slots"):
+            found = await pool.fetchrow(q.text, *q.args(params))
+        if found is None:
+            raise LedgerError("the shared pace has no rate yet: the first claim must give one")
+        return PaceClaim(**dict(found))
 
     async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
         """Give back the worker's leases on ``row_ids``."""
@@ -547,13 +546,13 @@ class PostgresLedger:
         """Live workers, oldest first, with the number of leases each holds."""
         pool = self._pool_for(write=False)
         with self._translate("read workers"):
-            found = await pool.fetch(self._q["live_workers"].text, self._clock())
+            found = await pool.fetch(self._q["live_workers"].text)
         return [{**dict(r), "leases": int(r["leases"])} for r in found]
 
     async def pending_work(self) -> tuple[int, int]:
         """(rows free to lease, rows under an unexpired lease)."""
         pool = self._pool_for(write=False)
         with self._translate("count pending work"):
-            found = await pool.fetchrow(self._q["pending_work"].text, self._clock())
+            found = await pool.fetchrow(self._q["pending_work"].text)
         assert found is not None  # an aggregate always returns a row
         return int(found["free"]), int(found["held"])

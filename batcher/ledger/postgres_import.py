@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 import orjson
 
+from batcher.ledger.codec import row_from_record
 from batcher.ledger.postgres_sql import Query
-from batcher.ledger.sqlite import _to_row
+from batcher.ledger.rules import Refresh, first_earlier, import_refresh
 from batcher.model import LedgerRow, NewRow, Stage
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ __all__ = ["BatchImport"]
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 Record = asyncpg.Record
 
-_STAGES: dict[str, Stage] = {s.value: s for s in Stage}
-_INVALID_ROW = "invalidRow"
 _INSERT_COLUMNS = (
     "row_id", "line", "kind", "stage", "idempotency_key", "model_key", "api_project_id",
     "sampling", "params", "source_path", "source_sha256", "source_size", "output_rel",
@@ -102,7 +101,7 @@ class BatchImport:
         for new, p in prepared:
             rid = p["row_id"]
             if rid in inserted:
-                out.append(_to_row(dict(inserted[rid])))
+                out.append(row_from_record(inserted[rid]))
             else:
                 out.append(await self._refresh(conn, new, p, marked[rid], leaders, now))
         return out
@@ -133,11 +132,9 @@ class BatchImport:
             group = p["group_key"]
             if group is None:
                 continue
-            earlier = [
-                (line, rid) for line, rid in seen[group] if line < p["line"] and rid != p["row_id"]
-            ]
-            if earlier:
-                leaders[p["row_id"]] = min(earlier)[1]
+            leader = first_earlier(seen[group], p["line"], p["row_id"])
+            if leader is not None:
+                leaders[p["row_id"]] = leader
             seen[group].append((p["line"], p["row_id"]))
         return leaders
 
@@ -152,31 +149,21 @@ class BatchImport:
     ) -> LedgerRow:
         """A known row: fail it if it turned invalid, restart it if it came valid."""
         q = self.queries
-        stage = _STAGES[row["stage"]]
-        full = {**params, "now": now}
-        if new.error is not None:
-            stored = orjson.loads(row["error"]) if row["error"] is not None else None
-            if stage is Stage.PENDING or (
-                stage is Stage.FAILED and stored != orjson.loads(params["error"])
-            ):
-                found = await conn.fetchrow(q["mark_invalid"].text, *q["mark_invalid"].args(full))
-                if found is not None:
-                    await self._event(
-                        conn, new.row_id, now, stage, Stage.FAILED, "invalid", params["error"]
-                    )
-                    row = found
-        elif (
-            stage is Stage.FAILED
-            and row["error_code"] == _INVALID_ROW
-            and row["generation_id"] is None
-        ):
-            full["leader_row_id"] = leaders.get(new.row_id)
-            rv = q["revalidate_row"]
-            found = await conn.fetchrow(rv.text, *rv.args(full))
-            if found is not None:
-                await self._event(conn, new.row_id, now, stage, Stage.PENDING, "revalidated", "{}")
-                row = found
-        return _to_row(dict(row))
+        stored = row_from_record(row)
+        fresh_error = None if params["error"] is None else orjson.loads(params["error"])
+        decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
+        if decision is Refresh.INVALIDATE:
+            to, statement, detail = Stage.FAILED, q["mark_invalid"], params["error"]
+        elif decision is Refresh.REVALIDATE:
+            to, statement, detail = Stage.PENDING, q["revalidate_row"], "{}"
+        else:
+            return stored
+        values = {**params, "now": now, "leader_row_id": leaders.get(new.row_id)}
+        found = await conn.fetchrow(statement.text, *statement.args(values))
+        if found is None:  # the statements re-check the stage (the row is locked: never)
+            return stored
+        await self._event(conn, new.row_id, now, stored.stage, to, decision.value, detail)
+        return row_from_record(found)
 
     async def _event(
         self,

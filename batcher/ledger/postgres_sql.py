@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -31,6 +30,7 @@ from batcher.ledger.migrations import (
     BOOTSTRAP_SQL,
     load_migrations,
     load_queries,
+    named_statements,
     pending_migrations,
 )
 from batcher.model import ACTIVE_STAGES
@@ -55,7 +55,6 @@ MIGRATION_LOCK = 0xC907_2C21
 ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STAGES))
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
-_NAME = re.compile(r"^--\s*name:\s*(?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _SCHEMA = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SECRET_PARAMS = frozenset({"password", "sslpassword"})
 _SCHEMES = ("postgresql", "postgres")
@@ -177,15 +176,8 @@ def positional(sql: str) -> Query:
 @cache
 def load_pg_queries() -> dict[str, str]:
     """``queries.sql`` and ``postgres_queries.sql``, the latter winning on a name."""
-    text = resources.files("batcher.ledger").joinpath("sql", "postgres_queries.sql")
-    own = text.read_text("utf-8")
-    marks = list(_NAME.finditer(own))
-    queries = dict(load_queries())
-    for i, mark in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(own)
-        body = own[mark.end() : end].strip().rstrip(";").strip()
-        queries[mark["name"]] = body.replace("{active}", ACTIVE_SQL)
-    return queries
+    own = named_statements("postgres_queries.sql")
+    return {**load_queries(), **{k: v.replace("{active}", ACTIVE_SQL) for k, v in own.items()}}
 
 
 # -- migrations ------------------------------------------------------------------
@@ -211,7 +203,7 @@ async def applied_versions(conn: asyncpg.Connection[Any]) -> list[int] | None:
 
 
 async def migrate_postgres(
-    conn: asyncpg.Connection[Any], clock: Callable[[], float], schema: str | None
+    conn: asyncpg.Connection[Any], wall: Callable[[], float], schema: str | None
 ) -> list[int]:
     """Bring the ledger in ``conn``'s search_path up to date; the versions applied now.
 
@@ -238,6 +230,6 @@ async def migrate_postgres(
                 await conn.execute(mig.sql)
             except asyncpg.PostgresError as exc:
                 raise LedgerError(f"migration {mig.version} ({mig.name}) failed: {exc}") from exc
-            await conn.execute(_RECORD, mig.version, mig.name, clock())
+            await conn.execute(_RECORD, mig.version, mig.name, wall())
         applied_now.append(mig.version)
     return applied_now

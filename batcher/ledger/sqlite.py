@@ -13,16 +13,13 @@ Threads and connections:
 Durability: ``synchronous=FULL``. In WAL mode NORMAL survives a process crash
 but may lose the last commits on power loss; a lost "project created" or
 "submitted" commit would make the resume create a second project and post a
-second generation, i.e. pay twice (DESIGN.md invariants 2 and 3). FULL fsyncs
-the WAL on every commit, and group commit spreads that fsync over every
-transition in the batch.
+second generation, i.e. pay twice. FULL fsyncs the WAL on every commit, and
+group commit spreads that fsync over every transition in the batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import operator
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -34,24 +31,13 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
-from batcher.ledger import sqlite_leases
+from batcher.errors import LedgerError, LedgerLocked
+from batcher.ledger import codec
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
+from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.writer import GroupCommitWriter, Job
-from batcher.model import (
-    UPDATE_COLUMNS,
-    Event,
-    Kind,
-    LedgerRow,
-    NewRow,
-    RunInfo,
-    Stage,
-    Update,
-    describe_stages,
-    legal_sources,
-    stage_set,
-)
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["SqliteLedger"]
 
@@ -59,60 +45,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STAGES: dict[str, Stage] = {s.value: s for s in Stage}
-_KINDS: dict[str, Kind] = {k.value: k for k in Kind}
 _ALL_STAGES: tuple[Stage, ...] = tuple(Stage)
-_DELTAS = frozenset({"attempts_delta", "polls_delta"})
-_INVALID_ROW = "invalidRow"
 _FIRST_KEY = (-(2**62), "")  # sorts before every (line, row_id)
 _BUSY_TIMEOUT_S = 10.0
 # What a transition returns when the caller passed ``current``: the columns
 # the database computes; every other field of the new row is known already.
-_COMPUTED = "updated_at, attempts, polls"
-
-
-# -- conversions -----------------------------------------------------------
-
-
-def _dumps(value: Mapping[str, Any] | None, what: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise LedgerError(f"{what} must be a JSON object")
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as exc:
-        raise LedgerError(f"{what} is not JSON-serializable: {exc}") from exc
-
-
-def _transition_params(row_id: str, to: Stage, update: Update) -> dict[str, Any]:
-    """The named parameters of a transition statement (shared with PostgreSQL)."""
-    fields: dict[str, Any] = dict(update)
-    unknown = set(fields) - UPDATE_COLUMNS - _DELTAS
-    if unknown:
-        raise LedgerError(f"unknown update fields: {sorted(unknown)}")
-    params: dict[str, Any] = {
-        "row_id": row_id,
-        "to_stage": to.value,
-        "attempts_delta": int(fields.pop("attempts_delta", 0)),
-        "polls_delta": int(fields.pop("polls_delta", 0)),
-    }
-    if "error" in fields:
-        params.update(_error_columns(fields.pop("error"), "error"))
-    params.update(fields)
-    return params
-
-
-def _error_columns(error: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """The error column and its code/message copies (for error_summary)."""
-    if error is None:
-        return {"error": None, "error_code": None, "error_message": None}
-    code, message = error.get("code"), error.get("message")
-    return {
-        "error": _dumps(error, what),
-        "error_code": None if code is None else str(code),
-        "error_message": None if message is None else str(message),
-    }
+_COMPUTED = ", ".join(codec.COMPUTED)
 
 
 @cache
@@ -126,108 +64,6 @@ def _records(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     case-insensitive scan, which costs more than the UPDATE that made them.)"""
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
-
-
-def _to_row(r: Mapping[str, Any]) -> LedgerRow:
-    error = r["error"]
-    return LedgerRow(
-        row_id=r["row_id"],
-        line=r["line"],
-        kind=_KINDS[r["kind"]],
-        stage=_STAGES[r["stage"]],
-        idempotency_key=r["idempotency_key"],
-        model_key=r["model_key"],
-        api_project_id=r["api_project_id"],
-        generation_id=r["generation_id"],
-        api_status=r["api_status"],
-        sampling=orjson.loads(r["sampling"]),
-        params=orjson.loads(r["params"]),
-        source_path=r["source_path"],
-        source_sha256=r["source_sha256"],
-        source_size=r["source_size"],
-        output_rel=r["output_rel"],
-        output_path=r["output_path"],
-        output_sha256=r["output_sha256"],
-        output_size=r["output_size"],
-        upload_url=r["upload_url"],
-        upload_method=r["upload_method"],
-        upload_expires_at=r["upload_expires_at"],
-        content_type=r["content_type"],
-        error=orjson.loads(error) if error is not None else None,
-        attempts=r["attempts"],
-        polls=r["polls"],
-        retry_count=r["retry_count"],
-        base_key=r["base_key"],
-        explicit_key=bool(r["explicit_key"]),
-        request_digest=r["request_digest"],
-        group=r["group_key"],
-        leader_row_id=r["leader_row_id"],
-        retired=bool(r["retired"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-    )
-
-
-def _new_row_params(new: NewRow) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "row_id": new.row_id,
-        "line": new.line,
-        "kind": Kind(new.kind).value,
-        "idempotency_key": new.idempotency_key,
-        "model_key": new.model_key,
-        "api_project_id": new.api_project_id,
-        "sampling": _dumps(new.sampling, "sampling"),
-        "params": _dumps(new.params, "params"),
-        "source_path": new.source_path,
-        "source_sha256": new.source_sha256,
-        "source_size": new.source_size,
-        "output_rel": new.output_rel,
-        "explicit_key": bool(new.explicit_key),
-        "request_digest": new.request_digest,
-        "group_key": new.group,
-        "leader_row_id": None,
-    }
-    params.update(_error_columns(new.error, "error"))
-    return params
-
-
-def _changes(update: Update, error_json: str | None) -> dict[str, Any]:
-    """The update's columns as :class:`LedgerRow` fields, as :meth:`get` reads them.
-
-    ``error_json`` is the error column as written: decoding it gives the
-    stored value (a JSON copy), not the caller's mapping.
-    """
-    changes: dict[str, Any] = {k: v for k, v in update.items() if k not in _DELTAS}
-    if "error" in changes:
-        changes["error"] = orjson.loads(error_json) if error_json is not None else None
-    return changes
-
-
-# LedgerRow's fields in __init__ order. _moved rebuilds a row positionally:
-# dataclasses.replace costs 5.7 us for this 35-field class (it checks every
-# field by name), this 3.0 us; the row is built on the writer thread, which
-# holds the GIL that every other caller waits for.
-_ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LedgerRow))
-_ROW_VALUES = operator.attrgetter(*_ROW_FIELDS)
-_ROW_INDEX: dict[str, int] = {name: i for i, name in enumerate(_ROW_FIELDS)}
-_STAGE, _UPDATED_AT, _ATTEMPTS, _POLLS = (
-    _ROW_INDEX[name] for name in ("stage", "updated_at", "attempts", "polls")
-)
-
-
-def _moved(
-    current: LedgerRow, to: Stage, changes: Mapping[str, Any], computed: Sequence[Any]
-) -> LedgerRow:
-    """``current`` after a transition to ``to``; ``computed`` is (updated_at, attempts, polls).
-
-    The same row as ``dataclasses.replace(current, stage=to, ..., **changes)``.
-    """
-    values = list(_ROW_VALUES(current))
-    for name, value in changes.items():
-        values[_ROW_INDEX[name]] = value
-    values[_STAGE] = to
-    values[_UPDATED_AT], values[_ATTEMPTS], values[_POLLS] = computed
-    return LedgerRow(*values)
 
 
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
@@ -249,7 +85,11 @@ def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
 
 
 class SqliteLedger:
-    """A :class:`~batcher.ledger.base.Ledger` in one SQLite file.
+    """A :class:`~batcher.ledger.base.Ledger` in one SQLite file, private to one run.
+
+    A run holds the file's lock (:mod:`batcher.ledger.lock`) while it writes,
+    so nobody else competes for its rows: there are no leases here. (Ledgers
+    written before leases were dropped keep their lease tables, unused.)
 
     ``batch_size`` caps the jobs of one group commit; ``page_size`` is the
     number of rows :meth:`rows` reads per query. An instance is opened once
@@ -260,14 +100,14 @@ class SqliteLedger:
         self,
         path: Path,
         *,
-        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
         batch_size: int = 512,
         page_size: int = 500,
     ) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
         self.shared = False
-        self._clock = clock
+        self._wall = wall
         self._batch_size = batch_size
         self._page_size = page_size
         self._q = load_queries()
@@ -341,7 +181,7 @@ class SqliteLedger:
                 raise LedgerError(f"{self.path}: cannot use WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
             self._refuse_foreign(conn)
-            applied = migrate_sqlite(conn, self._clock)
+            applied = migrate_sqlite(conn, self._wall)
             if applied:
                 log.info("ledger.migrated", extra={"ledger": str(self.path), "versions": applied})
             conn.execute(
@@ -398,7 +238,7 @@ class SqliteLedger:
             conn = _connect(self.path, query_only=False)
             try:
                 conn.execute("PRAGMA synchronous = FULL")
-                migrate_sqlite(conn, self._clock)
+                migrate_sqlite(conn, self._wall)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -426,7 +266,7 @@ class SqliteLedger:
                     try:
                         await writer.submit(
                             lambda conn: conn.execute(
-                                self._q["end_run"], {**params, "ended_at": self._clock()}
+                                self._q["end_run"], {**params, "ended_at": self._wall()}
                             )
                         )
                     finally:
@@ -495,7 +335,7 @@ class SqliteLedger:
         comes valid (it never reached the API) restarts as PENDING with the
         new content. Any other known row is returned as stored.
         """
-        prepared = [(new, _new_row_params(new)) for new in rows]
+        prepared = [(new, codec.new_row_values(new)) for new in rows]
         if not prepared:
             return []
 
@@ -508,38 +348,30 @@ class SqliteLedger:
         self, conn: sqlite3.Connection, new: NewRow, params: dict[str, Any]
     ) -> LedgerRow:
         q = self._q
-        now = self._clock()
+        now = self._wall()
         params["now"] = now
         params["run_id"] = self._run_id()
-        existing = _records(conn.execute(q["get_row"], params))
-        cur = existing[0] if existing else None
-        if cur is None:
+        if conn.execute(q["get_stage"], params).fetchone() is None:
             stage = Stage.FAILED if new.error is not None else Stage.PENDING
             params["stage"] = stage.value
             params["leader_row_id"] = self._leader(conn, params)
             row = _records(conn.execute(q["insert_row"], params))[0]
             detail = {"line": new.line, **({"error": new.error} if new.error else {})}
             self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
-            return _to_row(row)
-        row = _records(conn.execute(q["mark_seen"], params))[0]
-        stored_error = orjson.loads(row["error"]) if row["error"] is not None else None
-        stage = _STAGES[row["stage"]]
-        if new.error is not None:
-            fresh = orjson.loads(params["error"])
-            if stage is Stage.PENDING or (stage is Stage.FAILED and stored_error != fresh):
-                row = _records(conn.execute(q["mark_invalid"], params))[0]
-                self._insert_event(
-                    conn, new.row_id, now, stage, Stage.FAILED, "invalid", params["error"]
-                )
-        elif (
-            stage is Stage.FAILED
-            and row["error_code"] == _INVALID_ROW
-            and row["generation_id"] is None
-        ):
+            return codec.row_from_record(row)
+        stored = codec.row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
+        fresh_error = None if params["error"] is None else orjson.loads(params["error"])
+        decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
+        if decision is Refresh.INVALIDATE:
+            to, statement, detail_json = Stage.FAILED, q["mark_invalid"], params["error"]
+        elif decision is Refresh.REVALIDATE:
             params["leader_row_id"] = self._leader(conn, params)
-            row = _records(conn.execute(q["revalidate_row"], params))[0]
-            self._insert_event(conn, new.row_id, now, stage, Stage.PENDING, "revalidated", "{}")
-        return _to_row(row)
+            to, statement, detail_json = Stage.PENDING, q["revalidate_row"], "{}"
+        else:
+            return stored
+        row = _records(conn.execute(statement, params))[0]
+        self._insert_event(conn, new.row_id, now, stored.stage, to, decision.value, detail_json)
+        return codec.row_from_record(row)
 
     def _leader(self, conn: sqlite3.Connection, params: dict[str, Any]) -> str | None:
         if params["group_key"] is None:
@@ -574,26 +406,26 @@ class SqliteLedger:
         With ``current`` only the computed columns are read back (see
         :meth:`Ledger.transition`).
         """
-        expected = stage_set(expect)
-        allowed = legal_sources(expected, to)
-        if not allowed:
-            raise LedgerError(f"row {row_id}: illegal move {describe_stages(expected)} -> {to}")
-        if current is not None and current.row_id != row_id:
-            raise LedgerError(f"row {row_id}: current is row {current.row_id}")
-        params = _transition_params(row_id, to, update or {})
-        detail_json = _dumps(detail or {}, "event detail") or "{}"
-        ordered = sorted(allowed)
+        move = plan_move(row_id, expect, to, update, detail, current)
+        params = move.values
+        ordered = sorted(move.allowed)
         sql = self._transition_sql(params, full=current is None)
-        # The caller's row and the update's columns, when the row is not read back.
-        known = None if current is None else (current, _changes(update or {}, params.get("error")))
+
+        def refused(conn: sqlite3.Connection) -> LedgerError:
+            got = conn.execute(self._q["get_stage"], params).fetchone()
+            if got is None:
+                return refusal(move, None)
+            return refusal(move, codec.STAGES[got[0]], got[1])
 
         def job(conn: sqlite3.Connection) -> LedgerRow:
             if len(ordered) == 1:
                 from_stage = ordered[0]
             else:
                 got = conn.execute(self._q["get_stage"], params).fetchone()
-                from_stage = _check_stage(row_id, expected, allowed, to, got)
-            now = self._clock()
+                if got is None or codec.STAGES[got[0]] not in move.allowed:
+                    raise refused(conn)
+                from_stage = codec.STAGES[got[0]]
+            now = self._wall()
             params["now"] = now
             params.update(_stage_params((from_stage,)))
             cursor = conn.execute(sql, params)
@@ -601,14 +433,12 @@ class SqliteLedger:
             # it is reset and no statement is left running at RELEASE.
             found = next(iter(cursor.fetchall()), None)
             if found is None:
-                got = conn.execute(self._q["get_stage"], params).fetchone()
-                _check_stage(row_id, expected, allowed, to, got)
-                raise LedgerError(f"row {row_id}: compare-and-set failed in stage {got[0]}")
-            self._insert_event(conn, row_id, now, from_stage, to, event, detail_json)
-            if known is not None:
-                return _moved(known[0], to, known[1], found)
+                raise refused(conn)
+            self._insert_event(conn, row_id, now, from_stage, to, event, move.detail)
+            if current is not None:
+                return codec.moved(current, to, move.fields, found)
             names = [d[0] for d in cursor.description]
-            return _to_row(dict(zip(names, found, strict=True)))
+            return codec.row_from_record(dict(zip(names, found, strict=True)))
 
         return await self._write(job)
 
@@ -620,7 +450,7 @@ class SqliteLedger:
         statement with a CASE per column. ``full`` returns the whole row,
         otherwise only the computed columns.
         """
-        key = (full, tuple(sorted(k for k in params if k in _SET_COLUMNS)))
+        key = (full, tuple(sorted(k for k in params if k in codec.SET_COLUMNS)))
         sql = self._transition_cache.get(key)
         if sql is None:
             assignments = "".join(f", {col} = :{col}" for col in key[1])
@@ -639,7 +469,7 @@ class SqliteLedger:
 
         def job(conn: sqlite3.Connection) -> LedgerRow | None:
             found = _records(conn.execute(self._q["get_row"], {"row_id": row_id}))
-            return _to_row(found[0]) if found else None
+            return codec.row_from_record(found[0]) if found else None
 
         return await self._read(job)
 
@@ -660,7 +490,8 @@ class SqliteLedger:
             page_params = {**params, "after_line": after[0], "after_row_id": after[1]}
 
             def job(conn: sqlite3.Connection, p: dict[str, Any] = page_params) -> list[LedgerRow]:
-                return [_to_row(r) for r in _records(conn.execute(self._q["rows_page"], p))]
+                found = _records(conn.execute(self._q["rows_page"], p))
+                return [codec.row_from_record(r) for r in found]
 
             page = await self._read(job)
             for row in page:
@@ -675,7 +506,7 @@ class SqliteLedger:
         def job(conn: sqlite3.Connection) -> dict[Stage, int]:
             counts = dict.fromkeys(Stage, 0)
             for stage, n in conn.execute(self._q["counts"], {"include_retired": include_retired}):
-                counts[_STAGES[stage]] = n
+                counts[codec.STAGES[stage]] = n
             return counts
 
         return await self._read(job)
@@ -697,8 +528,8 @@ class SqliteLedger:
                 Event(
                     row_id=rid,
                     at=at,
-                    from_stage=_STAGES[from_stage] if from_stage else None,
-                    to_stage=_STAGES[to_stage],
+                    from_stage=codec.STAGES[from_stage] if from_stage else None,
+                    to_stage=codec.STAGES[to_stage],
                     event=event,
                     detail=orjson.loads(detail),
                     run_id=run_id,
@@ -714,68 +545,6 @@ class SqliteLedger:
         """Every run recorded in this ledger, oldest first."""
         return await self._read(lambda conn: _records(conn.execute(self._q["runs"])))
 
-    # -- leases (LeasingLedger; see batcher.ledger.sqlite_leases) ---------------
-
-    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
-        """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
-        await self._write(
-            lambda conn: sqlite_leases.register_worker(conn, worker_id, run, ttl, self._clock())
-        )
-
-    async def heartbeat(self, worker_id: str, ttl: float) -> int:
-        """Renew the worker and its leases; return the number of live workers."""
-        return await self._write(
-            lambda conn: sqlite_leases.heartbeat(conn, worker_id, ttl, self._clock())
-        )
-
-    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
-        """Lease up to ``limit`` free rows in manifest order to the worker."""
-        run_id = self._run_id()
-        return await self._write(
-            lambda conn: sqlite_leases.lease(
-                conn, worker_id, limit, ttl, self._clock(), run_id, _to_row
-            )
-        )
-
-    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
-        """Give back the worker's leases on ``row_ids``."""
-        ids = list(row_ids)
-        await self._write(lambda conn: sqlite_leases.release(conn, worker_id, ids))
-
-    async def deregister_worker(self, worker_id: str) -> None:
-        """Release the worker's leases and forget it."""
-        await self._write(lambda conn: sqlite_leases.deregister_worker(conn, worker_id))
-
-    async def live_workers(self) -> list[dict[str, Any]]:
-        """Live workers, oldest first, with the number of leases each holds."""
-        return await self._read(lambda conn: sqlite_leases.live_workers(conn, self._clock()))
-
-    async def pending_work(self) -> tuple[int, int]:
-        """(rows free to lease, rows under an unexpired lease)."""
-        return await self._read(lambda conn: sqlite_leases.pending_work(conn, self._clock()))
-
 
 def _json(value: Mapping[str, Any]) -> str:
     return orjson.dumps(value).decode()
-
-
-def _check_stage(
-    row_id: str,
-    expected: frozenset[Stage],
-    allowed: frozenset[Stage],
-    to: Stage,
-    got: tuple[Any, ...] | None,
-) -> Stage:
-    """The row's stage if the move may go ahead, else the right error."""
-    if got is None:
-        raise TransitionConflict(row_id, describe_stages(expected), None)
-    actual = _STAGES[got[0]]
-    if actual not in expected:
-        raise TransitionConflict(row_id, describe_stages(expected), actual.value)
-    if actual not in allowed:
-        raise LedgerError(f"row {row_id}: illegal move {actual} -> {to}")
-    return actual
-
-
-# The columns a transition may set: the Update's, with error's two copies.
-_SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}

@@ -32,6 +32,7 @@ __all__ = [
     "OUTPUT_CLEANUP_FAILED",
     "POLL_RETRY_SCHEDULED",
     "POLL_UNKNOWN_STATUS",
+    "RATE_CLAIM_FAILED",
     "RATE_LIMITED",
     "RATE_SHARE_CHANGED",
     "REPORT_COUNTS_FAILED",
@@ -76,6 +77,7 @@ WORKER_JOINED = "worker.joined"  # worker, live
 WORKER_LEAVE_FAILED = "worker.leave_failed"  # worker, error
 WORKER_HEARTBEAT_FAILED = "worker.heartbeat_failed"  # worker, error
 RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --rate
+RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
@@ -93,7 +95,8 @@ EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, RATE_LIMITED, WORKER_JOINED,
-    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, LEDGER_ROWS_RETIRED,
+    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
+    LEDGER_ROWS_RETIRED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
     API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
 })

@@ -18,13 +18,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, TypeGuard
+from typing import Protocol
 
 import anyio
 
 from ..clock import Clock
 from ..errors import LedgerError
-from ..ledger.base import LeasingLedger, Ledger
+from ..ledger.base import LeasingLedger, Ledger, is_shared
 from ..model import LedgerRow, RunInfo
 from ..ops.logs import (
     RATE_SHARE_CHANGED,
@@ -36,7 +36,7 @@ from ..ops.logs import (
 from ..ratelimit import RateGate
 from ..settings import Settings
 
-__all__ = ["Dispatch", "Membership", "Shared", "Solo", "is_shared", "membership_for"]
+__all__ = ["Dispatch", "Membership", "Shared", "Solo", "membership_for"]
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ class Membership(Protocol):
     def release(self, row_id: str) -> None:
         """This run is done with the row (finished, or dropped by a halt)."""
         ...
-
-
-def is_shared(ledger: Ledger) -> TypeGuard[LeasingLedger]:
-    """True when several hosts share ``ledger``: it leases rows to workers."""
-    return ledger.shared
 
 
 class Solo:

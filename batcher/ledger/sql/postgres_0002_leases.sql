@@ -2,8 +2,8 @@
 -- that several hosts can share. sqlite_0002_leases.sql adds the same lease
 -- columns and workers table; seen_seq exists only here (see below).
 
--- The worker holding the row, and until when (unix seconds, the holders'
--- clocks: keep hosts NTP-synced, skew must stay well under the lease ttl).
+-- The worker holding the row, and until when (unix seconds; since migration 3
+-- on the database's clock, ledger_now(), whatever the hosts' clocks say).
 ALTER TABLE ledger_rows ADD COLUMN lease_owner TEXT;
 ALTER TABLE ledger_rows ADD COLUMN lease_expires DOUBLE PRECISION;
 

@@ -79,21 +79,25 @@ SELECT nextval('ledger_import_epoch');
 
 -- name: transition
 -- The compare-and-set and its event, one statement. cur locks the row and
--- reads its stage as of the lock (a concurrent move has committed or not),
--- so the event names the stage this move really left. {assignments} becomes
--- ", <column> = :<column>" for each column the update names; the names come
--- from base.UPDATE_COLUMNS only. {returning} is * or, when the caller holds
--- the row, only the columns the database computes.
+-- reads its stage and version as of the lock (a concurrent move has
+-- committed or not), so the event names the stage this move really left.
+-- :version is the version of the caller's copy of the row, or NULL when it
+-- passed none. {assignments} becomes ", <column> = :<column>" for each
+-- column the update names; the names come from model.UPDATE_COLUMNS only.
+-- {returning} is * or, when the caller holds the row, only the columns the
+-- database computes.
 WITH cur AS (
-    SELECT row_id, stage FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
+    SELECT row_id, stage, version FROM ledger_rows WHERE row_id = :row_id::text FOR UPDATE
 ), moved AS (
     UPDATE ledger_rows r SET
         stage = :to_stage::text,
         updated_at = :now::float8,
         attempts = r.attempts + :attempts_delta::int,
-        polls = r.polls + :polls_delta::int{assignments}
+        polls = r.polls + :polls_delta::int,
+        version = r.version + 1{assignments}
     FROM cur
     WHERE r.row_id = cur.row_id AND cur.stage = ANY(:allowed::text[])
+      AND (:version::int IS NULL OR cur.version = :version::int)
     RETURNING r.*, cur.stage AS from_stage
 ), logged AS (
     INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
@@ -111,38 +115,58 @@ WHERE (line, row_id) > (:after_line::int, :after_row_id::text)
 ORDER BY line, row_id
 LIMIT :limit::int;
 
+-- Leases and workers. Every time here is the database's (ledger_now(), read
+-- once per statement in the CTE t), never a host's.
+
 -- name: register_worker
 INSERT INTO ledger_workers (worker_id, host, pid, run_id, started_at, heartbeat_at, ttl)
-VALUES (:worker_id::text, :host::text, :pid::int, :run_id::text, :now::float8,
-        :now::float8, :ttl::float8)
+SELECT :worker_id::text, :host::text, :pid::int, :run_id::text, t.now, t.now, :ttl::float8
+FROM (SELECT ledger_now() AS now) AS t
 ON CONFLICT (worker_id) DO UPDATE SET
     host = EXCLUDED.host, pid = EXCLUDED.pid, run_id = EXCLUDED.run_id,
     heartbeat_at = EXCLUDED.heartbeat_at, ttl = EXCLUDED.ttl;
 
 -- name: heartbeat
--- One statement: touch the worker, renew its leases (locked by row_id), and
--- count the live workers. The count reads the table as it was before this
--- statement, so the caller is counted by name.
-WITH touched AS (
-    UPDATE ledger_workers SET heartbeat_at = :now::float8, ttl = :ttl::float8
-    WHERE worker_id = :worker_id::text
+-- One statement: touch the worker, renew its unexpired leases (locked by
+-- row_id), and count the live workers. A lease that ran out is not revived:
+-- another worker may be taking it over. The count reads the table as it was
+-- before this statement, so the caller is counted by name.
+WITH t AS (
+    SELECT ledger_now() AS now
+), touched AS (
+    UPDATE ledger_workers SET heartbeat_at = t.now, ttl = :ttl::float8
+    FROM t WHERE worker_id = :worker_id::text
     RETURNING worker_id
 ), held AS (
-    SELECT row_id FROM ledger_rows
-    WHERE lease_owner = :worker_id::text AND EXISTS (SELECT 1 FROM touched)
+    SELECT row_id FROM ledger_rows, t
+    WHERE lease_owner = :worker_id::text AND lease_expires >= t.now
+      AND EXISTS (SELECT 1 FROM touched)
     ORDER BY row_id
-    FOR UPDATE
+    FOR UPDATE OF ledger_rows
 ), renewed AS (
-    UPDATE ledger_rows r SET lease_expires = :now::float8 + :ttl::float8
-    FROM held WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text
+    UPDATE ledger_rows r SET lease_expires = t.now + :ttl::float8
+    FROM held, t
+    WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text
+      AND r.lease_expires >= t.now
     RETURNING r.row_id
 )
 SELECT
     (SELECT COUNT(*) FROM touched) AS registered,
     (SELECT COUNT(*) FROM renewed) AS renewed,
-    (SELECT COUNT(*) FROM ledger_workers
-     WHERE heartbeat_at + ttl >= :now::float8
+    (SELECT COUNT(*) FROM ledger_workers, t
+     WHERE heartbeat_at + ttl >= t.now
         OR worker_id IN (SELECT worker_id FROM touched)) AS live;
+
+-- name: hold
+-- The worker's lease on one row, renewed if it is still the worker's and
+-- unexpired; no row returned otherwise. The UPDATE locks the row, so a
+-- concurrent lease() either took it first (the owner differs now) or skips it.
+WITH t AS (SELECT ledger_now() AS now)
+UPDATE ledger_rows r SET lease_expires = t.now + :ttl::float8
+FROM t
+WHERE r.row_id = :row_id::text AND r.lease_owner = :worker_id::text
+  AND r.lease_expires >= t.now
+RETURNING r.row_id;
 
 -- name: worker_known
 SELECT 1 FROM ledger_workers WHERE worker_id = :worker_id::text;
@@ -152,23 +176,25 @@ SELECT 1 FROM ledger_workers WHERE worker_id = :worker_id::text;
 -- passed over, so concurrent callers get disjoint rows without waiting.
 -- FOR UPDATE re-checks the WHERE on the newest version of each row, so a
 -- row leased by someone else since this statement began is not taken.
-WITH picked AS (
+WITH t AS (
+    SELECT ledger_now() AS now
+), picked AS (
     SELECT row_id, lease_owner AS previous_owner, lease_expires AS previous_expires
     FROM ledger_rows
     WHERE NOT retired AND leader_row_id IS NULL
       AND stage IN ({active})
-      AND (lease_owner IS NULL OR lease_expires < :now::float8)
+      AND (lease_owner IS NULL OR lease_expires < (SELECT now FROM t))
     ORDER BY line, row_id
     LIMIT :limit::int
     FOR UPDATE SKIP LOCKED
 ), leased AS (
     UPDATE ledger_rows r
-    SET lease_owner = :worker_id::text, lease_expires = :now::float8 + :ttl::float8
-    FROM picked WHERE r.row_id = picked.row_id
-    RETURNING r.*, picked.previous_owner, picked.previous_expires
+    SET lease_owner = :worker_id::text, lease_expires = t.now + :ttl::float8
+    FROM picked, t WHERE r.row_id = picked.row_id
+    RETURNING r.*, picked.previous_owner, picked.previous_expires, t.now AS leased_at
 ), taken_over AS (
     INSERT INTO ledger_events (row_id, at, from_stage, to_stage, event, detail, run_id)
-    SELECT row_id, :now::float8, stage, stage, :event::text,
+    SELECT row_id, leased_at, stage, stage, :event::text,
            json_build_object(
                'previousOwner', previous_owner,
                'leaseExpiredAt', previous_expires,
@@ -204,16 +230,63 @@ FROM held WHERE r.row_id = held.row_id AND r.lease_owner = :worker_id::text;
 DELETE FROM ledger_workers WHERE worker_id = :worker_id::text;
 
 -- name: live_workers
+WITH t AS (SELECT ledger_now() AS now)
 SELECT w.worker_id, w.host, w.pid, w.run_id, w.started_at, w.heartbeat_at, w.ttl,
        (SELECT COUNT(*) FROM ledger_rows r
-        WHERE r.lease_owner = w.worker_id AND r.lease_expires >= :now::float8) AS leases
-FROM ledger_workers w
-WHERE w.heartbeat_at + w.ttl >= :now::float8
+        WHERE r.lease_owner = w.worker_id AND r.lease_expires >= t.now) AS leases
+FROM ledger_workers w, t
+WHERE w.heartbeat_at + w.ttl >= t.now
 ORDER BY w.started_at, w.worker_id;
 
 -- name: pending_work
+WITH t AS (SELECT ledger_now() AS now)
 SELECT
-    COUNT(*) FILTER (WHERE lease_owner IS NULL OR lease_expires < :now::float8) AS free,
-    COUNT(*) FILTER (WHERE lease_owner IS NOT NULL AND lease_expires >= :now::float8) AS held
-FROM ledger_rows
+    COUNT(*) FILTER (WHERE lease_owner IS NULL OR lease_expires < t.now) AS free,
+    COUNT(*) FILTER (WHERE lease_owner IS NOT NULL AND lease_expires >= t.now) AS held
+FROM ledger_rows, t
 WHERE NOT retired AND leader_row_id IS NULL AND stage IN ({active});
+
+-- name: pace_claim
+-- One claim on the shared pace (rules.claim_slots is the same in Python, for
+-- the memory ledger; both pass one contract). locked takes the row's lock
+-- first, so the time is read after any wait for it. :rate (a new ceiling)
+-- and :pause (a 429's pause) are NULL when the host has none to report.
+WITH locked AS (
+    SELECT * FROM ledger_pace WHERE id = 1 FOR UPDATE
+), cur AS (
+    -- grown: the rate last set, plus a twentieth of the ceiling per second
+    -- since then, counted from the end of the last pause
+    SELECT locked.*, t.now, COALESCE(:rate::float8, locked.max_rate) AS top,
+           LEAST(locked.max_rate, locked.rate + locked.max_rate / 20
+                 * GREATEST(0, t.now - GREATEST(locked.rate_at, locked.paused_until))) AS grown
+    FROM locked, (SELECT ledger_now() AS now) AS t
+), configured AS (
+    -- a new ceiling holds at once, unless the rate is recovering from a 429
+    SELECT cur.*,
+           CASE WHEN grown IS NULL THEN top
+                WHEN :rate::float8 IS NULL THEN grown
+                WHEN grown < max_rate THEN LEAST(grown, :rate::float8)
+                ELSE :rate::float8 END AS r0,
+           (:pause::float8 IS NOT NULL AND now >= paused_until AND now >= last_cut + 1) AS cut
+    FROM cur
+), decided AS (
+    SELECT configured.*,
+           CASE WHEN cut THEN GREATEST(GREATEST(top / 50, LEAST(1, top)), r0 / 2)
+                ELSE r0 END AS r,
+           CASE WHEN :pause::float8 IS NULL THEN paused_until
+                ELSE GREATEST(paused_until, now + :pause::float8) END AS until
+    FROM configured
+), slots AS (
+    SELECT decided.*,
+           (1 + :margin::float8) / CASE WHEN r < 1 THEN r ELSE floor(r + 1e-9) END AS spacing,
+           GREATEST(next_at, now + :lead::float8, until) AS first_at
+    FROM decided
+)
+UPDATE ledger_pace p SET
+    next_at = s.first_at + :count::int * s.spacing,
+    max_rate = s.top, rate = s.r, rate_at = s.now, paused_until = s.until,
+    last_cut = CASE WHEN s.cut THEN s.now ELSE p.last_cut END
+FROM slots s
+WHERE p.id = 1 AND s.top IS NOT NULL
+RETURNING s.first_at, s.spacing, :count::int AS count, s.now, s.r AS rate,
+          s.top AS max_rate, s.until AS paused_until;

@@ -7,7 +7,7 @@
 SELECT * FROM ledger_rows WHERE row_id = :row_id;
 
 -- name: get_stage
-SELECT stage FROM ledger_rows WHERE row_id = :row_id;
+SELECT stage, version FROM ledger_rows WHERE row_id = :row_id;
 
 -- name: insert_row
 INSERT INTO ledger_rows (
@@ -41,7 +41,7 @@ RETURNING *;
 -- Only rows that never reached the API (pending) or have already failed.
 UPDATE ledger_rows
 SET stage = 'failed', error = :error, error_code = :error_code,
-    error_message = :error_message, updated_at = :now
+    error_message = :error_message, updated_at = :now, version = version + 1
 WHERE row_id = :row_id AND stage IN ('pending', 'failed')
 RETURNING *;
 
@@ -56,22 +56,26 @@ SET kind = :kind, stage = 'pending', idempotency_key = :idempotency_key,
     source_size = :source_size, output_rel = :output_rel, error = NULL,
     error_code = NULL, error_message = NULL, explicit_key = :explicit_key,
     request_digest = :request_digest, group_key = :group_key,
-    leader_row_id = :leader_row_id, updated_at = :now
+    leader_row_id = :leader_row_id, updated_at = :now, version = version + 1
 WHERE row_id = :row_id AND stage = 'failed' AND error_code = 'invalidRow'
   AND generation_id IS NULL
 RETURNING *;
 
 -- name: transition
--- The compare-and-set. {assignments} becomes ", <column> = :<column>" for each
--- column the update names; the names come from base.UPDATE_COLUMNS only.
--- {returning} is * or, when the caller holds the row, only the columns the
--- database computes (decoding the whole row was most of a transition's CPU).
+-- The compare-and-set: the stage and, when the caller passed its copy of the
+-- row, the version it read (:version NULL otherwise). {assignments} becomes
+-- ", <column> = :<column>" for each column the update names; the names come
+-- from model.UPDATE_COLUMNS only. {returning} is * or, when the caller holds
+-- the row, only the columns the database computes (decoding the whole row
+-- was most of a transition's CPU).
 UPDATE ledger_rows SET
     stage = :to_stage,
     updated_at = :now,
     attempts = attempts + :attempts_delta,
-    polls = polls + :polls_delta{assignments}
+    polls = polls + :polls_delta,
+    version = version + 1{assignments}
 WHERE row_id = :row_id AND stage IN (:s0, :s1, :s2, :s3, :s4, :s5, :s6)
+  AND (:version IS NULL OR version = :version)
 RETURNING {returning};
 
 -- name: insert_event

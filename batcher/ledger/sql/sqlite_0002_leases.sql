@@ -1,7 +1,8 @@
 -- Migration 2 (SQLite): leases and worker heartbeats, as in
--- postgres_0002_leases.sql. One SQLite run holds the file lock, so leases
--- here are bookkeeping that keeps one code path in the runner; the columns
--- and semantics are the PostgreSQL ledger's.
+-- postgres_0002_leases.sql. No longer used: one SQLite run holds the file
+-- lock, so nobody competes for its rows and the SQLite ledger has no leases.
+-- Kept so that ledgers at every version migrate the same way; the tables
+-- and columns stay, empty.
 
 ALTER TABLE ledger_rows ADD COLUMN lease_owner TEXT;
 ALTER TABLE ledger_rows ADD COLUMN lease_expires DOUBLE PRECISION;
