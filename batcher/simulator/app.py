@@ -2,7 +2,7 @@
 
 Routes::
 
-    /v1/{endpoint}                 the Diffio API (api.py)
+    /v1/{endpoint}                 the Diffio API (routes.py)
     /_storage/upload/{project}     signed PUT of a project's file (storage.py)
     /_storage/download/{gen}/...   signed GET of a restored file (storage.py)
     GET  /_sim/stats               SimStats as JSON           (no auth)
@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from batcher.errors import ConfigError
-from batcher.simulator.api import ApiRoutes
+from batcher.simulator.routes import ApiRoutes
 from batcher.simulator.config import KeySpec, SimConfig
 from batcher.simulator.state import SimState
 from batcher.simulator.stats import SimStats, StatsRecorder
