@@ -1,4 +1,4 @@
-"""The simulator's /v1 API over real HTTP: every return code of the seed's
+"""The simulator serving the seed API over real HTTP: every return code of the seed's
 table, every idempotency case, progress over (fake) time, billing and the
 signed storage URLs."""
 
@@ -111,7 +111,7 @@ class Harness:
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
     clock, wall = FakeClock(1000.0), FakeClock(WALL0)
-    sim = Simulator(SimConfig(duration=(10.0, 10.0)), clock=clock, wall=wall)
+    sim = Simulator(SimConfig(api="seed", duration=(10.0, 10.0)), clock=clock, wall=wall)
     async with run_simulator(sim), aiohttp.ClientSession() as http:
         yield Harness(sim, http, clock, wall)
 

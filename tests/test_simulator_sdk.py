@@ -63,7 +63,7 @@ class SimProcess:
 
 @pytest.fixture
 def sim() -> Iterator[SimProcess]:
-    process = SimProcess("--duration", "0.3,0.6", "--seed", "7")
+    process = SimProcess("--api", "seed", "--duration", "0.3,0.6", "--seed", "7")
     try:
         yield process
     finally:
