@@ -4,24 +4,13 @@ signed storage URLs."""
 
 from __future__ import annotations
 
-import io
-import json
-import wave
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
+from sim_harness import KEY, Harness, serve, wav_bytes
 
-from batcher.simulator import (
-    KeySpec,
-    SimConfig,
-    Simulator,
-    derived_generation_id,
-    restored_audio,
-    run_simulator,
-)
+from batcher.simulator import KeySpec, SimConfig, derived_generation_id, restored_audio
 
 
 @pytest.fixture
@@ -31,99 +20,12 @@ def anyio_backend() -> str:
 
 pytestmark = pytest.mark.anyio
 
-KEY = "sim-key"
-WALL0 = 1_790_000_000.0  # 2026-09-21T...Z, inside one monthly period
-
-
-class FakeClock:
-    """A settable time source for ``clock`` or ``wall``."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: Any
-    text: str
-
-
-@dataclass
-class Harness:
-    sim: Simulator
-    http: aiohttp.ClientSession
-    clock: FakeClock
-    wall: FakeClock
-
-    @property
-    def base(self) -> str:
-        assert self.sim.base_url is not None
-        return self.sim.base_url
-
-    async def call(
-        self,
-        endpoint: str,
-        body: Any = None,
-        *,
-        key: str | None = KEY,
-        header: str = "Authorization",
-        method: str = "POST",
-        raw: bytes | None = None,
-    ) -> Reply:
-        headers = {}
-        if key is not None:
-            headers[header] = f"Bearer {key}" if header == "Authorization" else key
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        async with self.http.request(
-            method, f"{self.base}/{endpoint}", data=data, headers=headers
-        ) as resp:
-            text = await resp.text()
-            try:
-                parsed = json.loads(text) if text else None
-            except ValueError:
-                parsed = None
-            return Reply(resp.status, parsed, resp.headers, text)
-
-    async def project(self, audio: bytes | None = None, *, key: str = KEY) -> str:
-        """A project created by create_project and, with ``audio``, uploaded."""
-        reply = await self.call("create_project", {"fileName": "a.wav"}, key=key)
-        assert reply.status == 200, reply.text
-        if audio is not None:
-            async with self.http.put(reply.body["uploadUrl"], data=audio) as resp:
-                assert resp.status == 200
-        project_id: str = reply.body["apiProjectId"]
-        return project_id
-
-    async def generate(self, project_id: str, model: str = "diffio-3.5", **fields: Any) -> Reply:
-        return await self.call(f"{model}-generation", {"apiProjectId": project_id, **fields})
 
 
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
-    clock, wall = FakeClock(1000.0), FakeClock(WALL0)
-    sim = Simulator(SimConfig(api="seed", duration=(10.0, 10.0)), clock=clock, wall=wall)
-    async with run_simulator(sim), aiohttp.ClientSession() as http:
-        yield Harness(sim, http, clock, wall)
-
-
-def wav_bytes(seconds: float, rate: int = 100) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(1)
-        w.setframerate(rate)
-        w.writeframes(bytes(int(seconds * rate)))
-    return out.getvalue()
+    async with serve(SimConfig(api="seed", duration=(10.0, 10.0))) as harness:
+        yield harness
 
 
 # -- 200 / 204 / 405 / 404 -------------------------------------------------
