@@ -27,14 +27,14 @@ answer lost after it is stored.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from typing import Any
 
 from aiohttp import web
 
 from batcher.simulator.state import SimState
-from batcher.simulator.uploads import EdgeRefusal, UploadSession, etag_of
+from batcher.simulator.uploads import EdgeRefusal, UploadSession
+from batcher.simulator.wire import json_object, roll
 
 __all__ = ["EDGE_PREFIX", "EdgeRoutes"]
 
@@ -80,7 +80,9 @@ class EdgeRoutes:
         session = self._session(request)
         if action == "parts":
             return await self._part(request, session, rest)
-        body = await _json_object(request)
+        body = await json_object(request)
+        if body is None:
+            raise EdgeRefusal(400, "bad_request", "the body must be a JSON object")
         handler = {"start": self._start, "complete": self._complete, "abort": self._abort}
         return web.json_response(handler[action](session, body)), 200
 
@@ -137,7 +139,7 @@ class EdgeRoutes:
         upload.check_part(number, length)
         # Streamed, because client_max_size only guards JSON bodies.
         data = b"".join([chunk async for chunk in request.content.iter_chunked(1 << 16)])
-        if _roll(self.rng, cfg.part_error_rate):
+        if roll(self.rng, cfg.part_error_rate):
             state.stats.bump("part_errors_injected")
             raise EdgeRefusal(500, "internal_error",
                               "internal error (injected by the simulator); the part was not stored")
@@ -145,7 +147,7 @@ class EdgeRoutes:
         state.stats.bump("parts_received")
         if again:
             state.stats.bump("parts_resent")
-        if _roll(self.rng, cfg.part_lost_rate):
+        if roll(self.rng, cfg.part_lost_rate):
             # The part is stored; the client never hears so.
             state.stats.bump("part_responses_lost")
             if request.transport is not None:
@@ -157,11 +159,11 @@ class EdgeRoutes:
         upload = self.state.uploads.upload_of(session, body.get("uploadId"))
         if upload.status != "completed":
             self._refuse_if_confirmed(session)
-        data, repeat = upload.complete(body.get("parts"))
-        if not repeat:
+        data = upload.complete(body.get("parts"))
+        if data is not None:
             self.state.store_object(session.api_project_id, data)
             self.state.stats.bump("uploads_completed")
-        return {"objectKey": session.object_key, "sizeBytes": len(data), "etag": etag_of(data)}
+        return {"objectKey": session.object_key, "sizeBytes": upload.size, "etag": upload.etag}
 
     def _abort(self, session: UploadSession, body: dict[str, Any]) -> dict[str, Any]:
         upload = self.state.uploads.upload_of(session, body.get("uploadId"))
@@ -169,21 +171,3 @@ class EdgeRoutes:
             upload.abort()
             self.state.stats.bump("uploads_aborted")
         return {}
-
-
-def _roll(rng: random.Random, rate: float) -> bool:
-    # No draw at rate 0, so turning a fault off keeps the other draws in step.
-    return rate > 0 and rng.random() < rate
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise EdgeRefusal(400, "bad_request", "the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise EdgeRefusal(400, "bad_request", "the body must be a JSON object")
-    return body

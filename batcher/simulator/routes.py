@@ -3,8 +3,8 @@
 Order for every request: route (404; which routes exist depends on the API
 generation served, see ``endpoints.py``), method (OPTIONS 204, else 405
 unless POST), latency, auth (401/403), rate limit (429), injected 500 / HTML
-502, JSON (400), then the endpoint: field validation (400), a retired model
-(410), existence and ownership (404/403), upload confirmation (409), idempotency
+502, JSON (400), then the endpoint: a retired model (410), field validation
+(400), existence and ownership (404/403), upload confirmation (409), idempotency
 replay, spend limit (402), create. Lost and truncated answers are decided
 after the work is done, which is the point of them.
 """
@@ -22,6 +22,7 @@ from batcher.simulator.endpoints import Body, Call, Endpoint, Endpoints, endpoin
 from batcher.simulator.model import Refusal
 from batcher.simulator.state import SimState
 from batcher.simulator.window import RateLimiter
+from batcher.simulator.wire import json_object, roll
 
 __all__ = ["ApiRoutes", "presented_key"]
 
@@ -70,10 +71,6 @@ class ApiRoutes:
         """Register ``/v1/…`` (every method, every path below it) on ``app``."""
         app.router.add_route("*", "/v1/{endpoint:.*}", self.dispatch)
 
-    def _roll(self, rate: float) -> bool:
-        # No draw at rate 0, so turning a fault off keeps the other draws in step.
-        return rate > 0 and self.rng.random() < rate
-
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         """Answer one API request and count it."""
         name = request.match_info["endpoint"]
@@ -106,24 +103,26 @@ class ApiRoutes:
             await asyncio.sleep(self.rng.uniform(low, high))
         key = self._authenticate(key, endpoint)
         self._rate_limit(key)
-        if self._roll(cfg.error_rate):
+        if roll(self.rng, cfg.error_rate):
             self.state.stats.bump("errors_injected")
             raise Refusal(500, "Internal server error (injected by the simulator).",
                           "internalError")
-        if self._roll(cfg.html_rate):
+        if roll(self.rng, cfg.html_rate):
             self.state.stats.bump("html_errors_injected")
             return web.Response(status=502, text=HTML_502, content_type="text/html"), 502
-        body = await self._read_json(request)
+        body = await json_object(request)
+        if body is None:
+            raise Refusal(400, "Invalid JSON body.", "invalidJson")
         call = Call(key, body, str(request.url.origin()), request.match_info["endpoint"],
                     endpoint.model_key)
         result = endpoint.handler(self.endpoints, call)
-        if endpoint.model_key is not None and self._roll(self.state.config.lost_rate):
+        if endpoint.model_key is not None and roll(self.rng, self.state.config.lost_rate):
             # The generation exists and is charged; the client never hears of it.
             self.state.stats.bump("lost_responses")
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=200), "lost"
-        if self._roll(self.state.config.truncated_rate):
+        if roll(self.rng, self.state.config.truncated_rate):
             self.state.stats.bump("truncated_responses")
             raw = json.dumps(result).encode()
             cut = raw[: max(1, len(raw) // 2)]
@@ -151,15 +150,3 @@ class ApiRoutes:
             self.state.stats.bump("rate_limited")
             raise Refusal(429, "Rate limit exceeded.", "rateLimited",
                           headers={"Retry-After": str(retry_after)})
-
-    async def _read_json(self, request: web.Request) -> Body:
-        raw = await request.read()
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise Refusal(400, "Invalid JSON body.", "invalidJson") from None
-        if not isinstance(body, dict):
-            raise Refusal(400, "Invalid JSON body.", "invalidJson")
-        return body

@@ -93,8 +93,12 @@ class MultipartUpload:
     part_size: int
     parts: dict[int, Part] = field(default_factory=dict)
     status: str = "open"  # open | completed | aborted
-    # The receipts of the completion that succeeded, to answer a repeat.
+    # Once completed: the receipts that completed it (to answer a repeat) and
+    # the object's size and etag. The parts themselves are dropped then, so
+    # a large file is not held twice.
     receipts: list[tuple[int, str]] | None = None
+    size: int = 0
+    etag: str = ""
 
     def check_part(self, number: int, length: int) -> None:
         """Refuse a part before its bytes are read: number, size, upload limit."""
@@ -119,18 +123,24 @@ class MultipartUpload:
         self.parts[number] = part
         return part.etag, again
 
-    def complete(self, receipts: Any) -> tuple[bytes, bool]:
-        """Assemble the object from ``receipts``; returns it and whether this is a repeat."""
+    def complete(self, receipts: Any) -> bytes | None:
+        """Assemble the object from ``receipts`` and return it; None for a repeat.
+
+        A repeat (the same receipts again, as after a lost answer) changes
+        nothing; ``size`` and ``etag`` describe the object either way.
+        """
         listed = parse_receipts(receipts)
         if self.status == "completed":
             if listed != self.receipts:
                 raise EdgeRefusal(409, "upload_completed",
                                   "this upload was already completed with other parts")
-            return self._assemble(listed), True
+            return None
         self._check_open()
         data = self._assemble(listed)
         self.status, self.receipts = "completed", listed
-        return data, False
+        self.size, self.etag = len(data), etag_of(data)
+        self.parts.clear()
+        return data
 
     def abort(self) -> None:
         """Drop the parts; the upload id is gone afterwards."""
