@@ -14,24 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from fakeclock import FakeClock
 
 from batcher.simulator import SimConfig, Simulator, run_simulator
 
 KEY = "sim-key"
 WALL0 = 1_790_000_000.0  # 2026-09-21T...Z, inside one monthly period
-
-
-class FakeClock:
-    """A settable time source for ``clock`` or ``wall``."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -169,9 +157,10 @@ class Harness:
 
 @asynccontextmanager
 async def serve(config: SimConfig) -> AsyncIterator[Harness]:
-    """A simulator with ``config`` on loopback, fake clocks at 1000 s and WALL0."""
-    clock, wall = FakeClock(1000.0), FakeClock(WALL0)
-    sim = Simulator(config, clock=clock, wall=wall)
+    """A simulator with ``config`` on loopback; its clock starts at 1000 s, its wall at WALL0."""
+    clock, wall = FakeClock(), FakeClock()
+    clock.t, wall.t = 1000.0, WALL0
+    sim = Simulator(config, clock=clock.now, wall=wall.now)
     async with run_simulator(sim), aiohttp.ClientSession() as http:
         yield Harness(sim, http, clock, wall)
 

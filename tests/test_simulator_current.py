@@ -213,17 +213,17 @@ async def test_progress_adds_stage_stage_progress_and_queue_while_running(h: Har
     assert queued[2]["stage"] == "queued"
     assert queued[2]["stageProgress"] == {"preProcessing": 0, "inference": 0}
     assert "position 3" in queued[2]["queue"]["message"]  # type: ignore[index]
-    h.clock.advance(0.5)  # half of the 1 s in the queue
+    await h.clock.advance(0.5)  # half of the 1 s in the queue
     assert (await progress(gids[2]))["queue"] == {
         "position": 2, "message": "Waiting for a worker: position 2 in the queue"}
-    h.clock.advance(1.5)  # 20 %: preprocessing half done
+    await h.clock.advance(1.5)  # 20 %: preprocessing half done
     running = await progress(gids[2])
     assert running["status"] == "processing" and running["stage"] == "preProcessing"
     assert running["stageProgress"] == {"preProcessing": 50, "inference": 0}
     assert running["queue"]["position"] == 0  # type: ignore[index]
-    h.clock.advance(4.5)  # 65 %
+    await h.clock.advance(4.5)  # 65 %
     assert (await progress(gids[2]))["stage"] == "inference"
-    h.clock.advance(10)
+    await h.clock.advance(10)
     done = await progress(gids[2])
     assert done["status"] == "complete" and done["stage"] == "complete"
     assert "stageProgress" not in done and "queue" not in done
@@ -233,7 +233,7 @@ async def test_progress_adds_stage_stage_progress_and_queue_while_running(h: Har
 async def test_failed_generations_report_stage_failed() -> None:
     async with serve(SimConfig(duration=(10.0, 10.0), failure_rate=1.0)) as h:
         gid = (await h.generate(await h.confirmed_project(), FLASH)).body["generationId"]
-        h.clock.advance(10)
+        await h.clock.advance(10)
         body = (await h.call("get_generation_progress", {"generationId": gid})).body
         assert body["status"] == "failed" and body["stage"] == "failed"
         assert body["error"] and "queue" not in body
@@ -242,18 +242,18 @@ async def test_failed_generations_report_stage_failed() -> None:
 async def test_download_drops_bucket_and_lasts_six_hours(h: Harness) -> None:
     pid = await h.confirmed_project(b"payload")
     gid = (await h.generate(pid, FLASH)).body["generationId"]
-    h.clock.advance(10)
+    await h.clock.advance(10)
     body = {"generationId": gid, "apiProjectId": pid}
     download = await h.call("get_generation_download", body)
     assert download.status == 200
     assert "bucket" not in download.body
     assert download.body["mimeType"] == "audio/mpeg"
     url = download.body["downloadUrl"]
-    h.wall.advance(6 * 3600 - 1)
+    await h.wall.advance(6 * 3600 - 1)
     async with h.http.get(url) as resp:
         assert resp.status == 200
         assert await resp.read() == restored_audio(b"payload")
-    h.wall.advance(2)
+    await h.wall.advance(2)
     async with h.http.get(url) as resp:
         assert resp.status == 410
     assert h.sim.stats.signed_url_requests_with_key == 0
@@ -267,7 +267,7 @@ async def test_generations_of_retired_models_stay_pollable_and_downloadable() ->
         pid = await h.project(b"old audio")
         gid = (await h.generate(pid, "diffio-3.5", idempotencyKey="row-1")).body["generationId"]
         h.sim.update_config(api="current")
-        h.clock.advance(10)
+        await h.clock.advance(10)
         body = {"generationId": gid, "apiProjectId": pid}
         progress = await h.call("get_generation_progress", body)
         assert progress.status == 200 and progress.body["status"] == "complete"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from fakeclock import FakeClock
 
 from batcher.simulator import KeySpec, SimConfig, Simulator, run_simulator
 
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.anyio
 
 AUTH = {"Authorization": "Bearer sim-key"}
 GEN = "diffio-4.6-flash-generation"  # the faults are the same in both API generations
-
-
-class FakeClock:
-    def __init__(self, start: float = 500.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -126,12 +119,13 @@ async def test_faults_replay_with_the_same_seed(http: aiohttp.ClientSession) -> 
 
 async def test_rate_limit_answers_429_with_retry_after(http: aiohttp.ClientSession) -> None:
     clock = FakeClock()
-    sim = Simulator(SimConfig(rate_limit=3), clock=clock)
+    clock.t = 500.0
+    sim = Simulator(SimConfig(rate_limit=3), clock=clock.now)
     sim.set_key("other", KeySpec())
     async with run_simulator(sim):
         statuses = []
         for offset in (0.0, 0.2, 0.4, 0.5):
-            clock.now = 500.0 + offset
+            clock.t = 500.0 + offset
             status, _, _ = await post(http, sim, "list_projects", {})
             statuses.append(status)
         assert statuses == [200, 200, 200, 429]
@@ -143,7 +137,7 @@ async def test_rate_limit_answers_429_with_retry_after(http: aiohttp.ClientSessi
         # The limit is per key.
         status, _, _ = await post(http, sim, "list_projects", {}, {"X-Api-Key": "other"})
         assert status == 200
-        clock.now = 501.0  # the request at 500.0 left the window
+        clock.t = 501.0  # the request at 500.0 left the window
         assert (await post(http, sim, "list_projects", {}))[0] == 200
         stats = sim.stats
         assert stats.rate_limited == 2
@@ -153,15 +147,15 @@ async def test_rate_limit_answers_429_with_retry_after(http: aiohttp.ClientSessi
 
 
 async def test_window_stat_is_exact_and_half_open(http: aiohttp.ClientSession) -> None:
-    clock = FakeClock(0.0)
-    sim = Simulator(SimConfig(), clock=clock)
+    clock = FakeClock()
+    sim = Simulator(SimConfig(), clock=clock.now)
     async with run_simulator(sim):
         # 11 requests 0.1 s apart: any half-open 1 s window holds at most 10.
         for i in range(11):
-            clock.now = i / 10
+            clock.t = i / 10
             await post(http, sim, "list_projects", {})
         assert sim.stats.max_requests_per_second_by_key == {"sim-key": 10}
-        clock.now = 1.05  # now (0.05, 1.05] holds 0.1 .. 1.0 and this one: 11
+        clock.t = 1.05  # now (0.05, 1.05] holds 0.1 .. 1.0 and this one: 11
         await post(http, sim, "list_projects", {}, {"X-Api-Key": "unknown"})
         stats = sim.stats
         assert stats.max_requests_per_second == 11

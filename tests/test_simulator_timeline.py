@@ -46,16 +46,16 @@ async def test_observers_get_one_timeline_per_new_generation_matching_progress()
         assert (timeline.api_project_id, timeline.model_key) == (pid, "diffio-4.6-flash")
         assert timeline.has_video is False
         assert [(c.status, c.at, c.wall) for c in timeline.changes] == [
-            ("queued", 1000.0, h.wall.now),
-            ("processing", 1001.0, h.wall.now + 1),
-            ("complete", 1010.0, h.wall.now + 10),
+            ("queued", 1000.0, h.wall.t),
+            ("processing", 1001.0, h.wall.t + 1),
+            ("complete", 1010.0, h.wall.t + 10),
         ]
         body = {"generationId": timeline.generation_id}
         for change in timeline.changes:
-            h.clock.now = math.nextafter(change.at, -math.inf)
+            h.clock.t = math.nextafter(change.at, -math.inf)
             before = (await h.call("get_generation_progress", body)).body["status"]
             assert before != change.status or change.status == "queued"
-            h.clock.now = change.at
+            h.clock.t = change.at
             assert (await h.call("get_generation_progress", body)).body["status"] == change.status
 
 

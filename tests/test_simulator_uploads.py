@@ -231,9 +231,9 @@ async def test_sessions_expire_by_their_lifetime_even_a_lifetime_changed_live(
     created = await h.session(4)
     upload = created["upload"]
     uid = (await h.edge(upload, "POST", "start")).body["uploadId"]
-    h.wall.advance(3599)
+    await h.wall.advance(3599)
     assert (await h.edge(upload, "PUT", "parts/1", data=b"0123", upload_id=uid)).status == 200
-    h.wall.advance(1)
+    await h.wall.advance(1)
     late = await h.edge(upload, "PUT", "parts/1", data=b"0123", upload_id=uid)
     assert (late.status, late.body["error"]["code"]) == (403, "upload_session_expired")
     fresh = (await h.session(4))["upload"]
@@ -247,7 +247,7 @@ async def test_sessions_expire_by_their_lifetime_even_a_lifetime_changed_live(
 async def test_a_completed_upload_outlives_its_session(h: Harness) -> None:
     created = await h.session(4)
     await h.upload(created, b"0123")
-    h.wall.advance(7200)
+    await h.wall.advance(7200)
     done = await h.call("complete_project_upload", {"apiProjectId": created["apiProjectId"]})
     assert done.status == 200
 
