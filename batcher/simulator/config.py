@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.bandwidth import parse_rate
 from batcher.errors import ConfigError
 from batcher.simulator.catalog import API_GENERATIONS, ApiGeneration, api_for_model
 
@@ -33,7 +34,6 @@ DEFAULT_API_KEY = "sim-key"
 MIB = 1024 * 1024
 # Download URL lifetimes when ``download_ttl`` is not set, per API generation.
 _DOWNLOAD_TTL: dict[ApiGeneration, float] = {"seed": 7200.0, "current": 6 * 3600.0}
-_SIZE_UNITS = {"": 1, "K": 1024, "M": MIB, "G": 1024 * MIB}
 
 Range = tuple[float, float]
 
@@ -248,23 +248,20 @@ def parse_range(name: str, value: Any) -> Range:
 
 
 def parse_size(name: str, value: Any) -> int:
-    """A byte count: a whole number, or a string with a K, M or G suffix (powers of 1024)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number of bytes, got {value!r}")
+    """A byte count: a whole number, or text with a K, M or G suffix (powers of 1024)."""
+    problem = f"{name} must be a whole number of bytes such as 4096 or 32M, got {value!r}"
     if isinstance(value, str):
-        text = value.strip().upper().removesuffix("B").removesuffix("I")
-        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
-        digits = text[: len(text) - len(unit)].strip()
-        if not digits.isdigit():
-            raise ConfigError(f"{name} must be a byte count such as 4096 or 32M, got {value!r}")
-        size = int(digits) * _SIZE_UNITS[unit]
-    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        size = int(value)
+        try:
+            number = parse_rate(value)  # the same suffixes as --max-bandwidth
+        except ValueError:
+            raise ConfigError(problem) from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
     else:
-        raise ConfigError(f"{name} must be a whole number of bytes, got {value!r}")
-    if size < 1:
-        raise ConfigError(f"{name} must be at least 1 byte, got {value!r}")
-    return size
+        raise ConfigError(problem)
+    if not number.is_integer() or number < 1:
+        raise ConfigError(problem)
+    return int(number)
 
 
 def _coerce(attr: str, value: Any) -> Any:
