@@ -27,8 +27,8 @@ dispatcher), ``endpoints`` (what each endpoint does), ``edge`` (the upload
 host), ``uploads`` (sessions and multipart rules), ``storage`` (signed URLs),
 ``state`` (ownership, idempotency, billing), ``model`` (records and ageing),
 ``catalog`` (models per generation), ``views`` (answer shapes), ``timeline``
-(the events hook), ``config``, ``stats``, ``billing``, ``window``, ``audio``,
-``server`` and ``cli``.
+(the events hook), ``wire`` (JSON bodies, fault rolls), ``config``, ``stats``,
+``billing``, ``window``, ``audio``, ``server`` and ``cli``.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ created and charged; replays of an existing generation tell nothing::
     sim.add_observer(Printer())
 
 Times come in both of the simulator's clocks: ``at`` on the injected
-monotonic clock (the one :meth:`Generation.phase
+monotonic clock (``Simulator.state.clock``, the one :meth:`Generation.phase
 <batcher.simulator.model.Generation.phase>` reads: asking for progress at
-``at`` or later shows the new status), and ``wall`` in unix seconds for
-timestamps in payloads. Statuses use the progress vocabulary (``queued``,
-``processing``, ``complete``, ``failed``); a webhook says ``error`` where
-progress says ``failed``. Changes that fall on the same instant (a zero
+``at`` or later shows the new status), and ``wall`` in unix seconds
+(``Simulator.state.wall``) for timestamps in payloads. Statuses use the
+progress vocabulary (``queued``, ``processing``, ``complete``, ``failed``); a
+webhook says ``error`` where progress says ``failed``. Changes that fall on the same instant (a zero
 duration) are all listed, in order.
 
 Observers are called synchronously inside the request that created the
