@@ -184,9 +184,10 @@ async def _run(
         base: str = settings.api_base
         key: str = settings.api_key
         if settings.simulate:
-            from .simulator import KeySpec, SimConfig, run_simulator
+            from .simulator import KeySpec, run_config, run_simulator
 
-            cfg = sim_config if sim_config is not None else SimConfig()
+            # The API generation that serves the run's model (--sim-config may be a mapping).
+            cfg = run_config(sim_config, settings.model)
             key = key or SIM_KEY
             keys = dict(cfg.api_keys)
             keys.setdefault(key, KeySpec())

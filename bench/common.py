@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.settings import DEFAULT_MODEL
+from batcher.simulator.catalog import api_for_model
+
 __all__ = [
     "API_KEY",
     "PYTHON",
@@ -201,7 +204,7 @@ class SimProcess:
 
     def __enter__(self) -> SimProcess:
         argv = [PYTHON, "-m", "batcher", "simulate", "--port", "0", "--auto-create-projects",
-                *self.args]
+                "--api", api_for_model(DEFAULT_MODEL), *self.args]
         self._err = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err,
                                       text=True, env=child_env())

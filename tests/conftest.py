@@ -77,10 +77,14 @@ class SimProcess:
                 self.proc.wait()
 
 
-def start_simulator(*args: str) -> SimProcess:
-    """Start `python -m batcher simulate --port 0 ARGS` and wait for its URL."""
+def start_simulator(*args: str, api: str = "seed") -> SimProcess:
+    """Start `python -m batcher simulate --port 0 --api API ARGS` and wait for its URL.
+
+    ``api`` is the API generation served; seed by default, because the runner
+    these tests drive speaks the seed API's model by default.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batcher", "simulate", "--port", "0", *args],
+        [sys.executable, "-m", "batcher", "simulate", "--port", "0", "--api", api, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 30
@@ -103,11 +107,11 @@ def start_simulator(*args: str) -> SimProcess:
 
 @pytest.fixture
 def simulator() -> Iterator[Any]:
-    """A factory: sim = simulator('--duration', '0.2,0.5'); stopped at teardown."""
+    """A factory: sim = simulator('--duration', '0.2,0.5', api='seed'); stopped at teardown."""
     started: list[SimProcess] = []
 
-    def factory(*args: str) -> SimProcess:
-        sim = start_simulator(*args)
+    def factory(*args: str, api: str = "seed") -> SimProcess:
+        sim = start_simulator(*args, api=api)
         started.append(sim)
         return sim
 

@@ -85,6 +85,15 @@ class FakeClock:
                 self._sleepers.remove(sleeper)
                 heapq.heapify(self._sleepers)
 
+    @property
+    def t(self) -> float:
+        """The current fake time; setting it is :meth:`set_time`."""
+        return self.now()
+
+    @t.setter
+    def t(self, value: float) -> None:
+        self.set_time(value)
+
     def next_due(self) -> float | None:
         """When the earliest sleeper wakes, or None when nobody sleeps."""
         return self._sleepers[0].due if self._sleepers else None

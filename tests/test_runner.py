@@ -34,8 +34,8 @@ from batcher.ops.logs import RATE_LIMITED, REQUEST_RETRY_SCHEDULED, RUN_HALTED
 from batcher.ratelimit import RateGate
 from batcher.run import Runner, RunResult
 from batcher.run.stats import RunStats
-from batcher.settings import Settings
-from batcher.simulator import KeySpec, SimConfig, Simulator, run_simulator
+from batcher.settings import DEFAULT_MODEL, Settings
+from batcher.simulator import KeySpec, SimConfig, Simulator, run_config, run_simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -118,7 +118,8 @@ async def make_job(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                        shared: bool = False) -> Job:
             manifest = tmp_path / "m.csv"
             manifest.write_text(text)
-            cfg = config or SimConfig(duration=(3.0, 9.0))
+            # The API generation that serves the runner's default model, as run --simulate picks.
+            cfg = run_config(config or SimConfig(duration=(3.0, 9.0)), DEFAULT_MODEL)
             ready: list[Simulator] = []
             started = anyio.Event()
             stop = anyio.Event()

@@ -1,28 +1,16 @@
-"""The simulator's /v1 API over real HTTP: every return code of the seed's
+"""The simulator serving the seed API over real HTTP: every return code of the seed's
 table, every idempotency case, progress over (fake) time, billing and the
 signed storage URLs."""
 
 from __future__ import annotations
 
-import io
-import json
-import wave
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
-from fakeclock import FakeClock
+from sim_harness import KEY, Harness, serve, wav_bytes
 
-from batcher.simulator import (
-    KeySpec,
-    SimConfig,
-    Simulator,
-    derived_generation_id,
-    restored_audio,
-    run_simulator,
-)
+from batcher.simulator import KeySpec, SimConfig, derived_generation_id, restored_audio
 
 
 @pytest.fixture
@@ -32,86 +20,12 @@ def anyio_backend() -> str:
 
 pytestmark = pytest.mark.anyio
 
-KEY = "sim-key"
-WALL0 = 1_790_000_000.0  # 2026-09-21T...Z, inside one monthly period
-
-
-@dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: Any
-    text: str
-
-
-@dataclass
-class Harness:
-    sim: Simulator
-    http: aiohttp.ClientSession
-    clock: FakeClock
-    wall: FakeClock
-
-    @property
-    def base(self) -> str:
-        assert self.sim.base_url is not None
-        return self.sim.base_url
-
-    async def call(
-        self,
-        endpoint: str,
-        body: Any = None,
-        *,
-        key: str | None = KEY,
-        header: str = "Authorization",
-        method: str = "POST",
-        raw: bytes | None = None,
-    ) -> Reply:
-        headers = {}
-        if key is not None:
-            headers[header] = f"Bearer {key}" if header == "Authorization" else key
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        async with self.http.request(
-            method, f"{self.base}/{endpoint}", data=data, headers=headers
-        ) as resp:
-            text = await resp.text()
-            try:
-                parsed = json.loads(text) if text else None
-            except ValueError:
-                parsed = None
-            return Reply(resp.status, parsed, resp.headers, text)
-
-    async def project(self, audio: bytes | None = None, *, key: str = KEY) -> str:
-        """A project created by create_project and, with ``audio``, uploaded."""
-        reply = await self.call("create_project", {"fileName": "a.wav"}, key=key)
-        assert reply.status == 200, reply.text
-        if audio is not None:
-            async with self.http.put(reply.body["uploadUrl"], data=audio) as resp:
-                assert resp.status == 200
-        project_id: str = reply.body["apiProjectId"]
-        return project_id
-
-    async def generate(self, project_id: str, model: str = "diffio-3.5", **fields: Any) -> Reply:
-        return await self.call(f"{model}-generation", {"apiProjectId": project_id, **fields})
 
 
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
-    clock, wall = FakeClock(1000.0), FakeClock(WALL0)
-    sim = Simulator(SimConfig(duration=(10.0, 10.0)), clock=clock, wall=wall)
-    async with run_simulator(sim), aiohttp.ClientSession() as http:
-        yield Harness(sim, http, clock, wall)
-
-
-def wav_bytes(seconds: float, rate: int = 100) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(1)
-        w.setframerate(rate)
-        w.writeframes(bytes(int(seconds * rate)))
-    return out.getvalue()
+    async with serve(SimConfig(api="seed", duration=(10.0, 10.0))) as harness:
+        yield harness
 
 
 # -- 200 / 204 / 405 / 404 -------------------------------------------------
@@ -182,7 +96,7 @@ async def test_the_whole_happy_path_answers_every_field(h: Harness) -> None:
     assert [(g["generationId"], g["status"], g["modelKey"]) for g in gens.body["generations"]] == [
         (gid, "queued", "diffio-3.5")]
 
-    h.clock.advance(10.0)
+    await h.clock.advance_to(h.clock.now() + 10.0)
     progress = await h.call("get_generation_progress", {"generationId": gid, "apiProjectId": pid})
     assert progress.status == 200
     assert progress.body["status"] == "complete"
@@ -372,11 +286,11 @@ async def test_replay_answers_current_status_and_is_not_charged(h: Harness) -> N
     assert first.body["status"] == "queued" and "idempotentReplay" not in first.body
     gid = first.body["generationId"]
     assert gid == derived_generation_id(KEY, pid, "row-1")
-    h.clock.advance(5.0)
+    await h.clock.advance_to(h.clock.now() + 5.0)
     again = await h.generate(pid, idempotencyKey="row-1")
     assert again.body == {"generationId": gid, "apiProjectId": pid, "modelKey": "diffio-3.5",
                           "status": "processing", "idempotentReplay": True}
-    h.clock.advance(5.0)
+    await h.clock.advance_to(h.clock.now() + 5.0)
     assert (await h.generate(pid, idempotencyKey="row-1")).body["status"] == "complete"
     stats = h.sim.stats
     assert (stats.generations_created, stats.generations_replayed, stats.charges) == (1, 2, 1)
@@ -440,7 +354,7 @@ async def test_a_charge_after_a_failed_generation_is_a_retry_not_extra(h: Harnes
     h.sim.update_config(failure_rate=1.0)
     pid = await h.project()
     await h.generate(pid, idempotencyKey="k")
-    h.clock.advance(10.0)
+    await h.clock.advance_to(h.clock.now() + 10.0)
     failed = await h.generate(pid, idempotencyKey="k")
     assert failed.body["status"] == "failed"  # a failed generation replays as failed
     h.sim.update_config(failure_rate=0.0)
@@ -456,7 +370,7 @@ async def test_progress_moves_queued_processing_complete(h: Harness) -> None:
     gid = (await h.generate(pid)).body["generationId"]
     seen = []
     for step in (0.0, 2.0, 3.0, 5.0):
-        h.clock.advance(step)
+        await h.clock.advance_to(h.clock.now() + step)
         body = (await h.call("get_generation_progress", {"generationId": gid})).body
         seen.append((body["status"], body["preProcessing"]["status"], body["inference"]["status"]))
         assert body["error"] is None and body["errorDetails"] is None
@@ -472,7 +386,7 @@ async def test_a_failed_generation_names_its_error_and_stage(h: Harness) -> None
     h.sim.update_config(failure_rate=1.0, seed=3)
     pid = await h.project()
     gid = (await h.generate(pid)).body["generationId"]
-    h.clock.advance(10.0)
+    await h.clock.advance_to(h.clock.now() + 10.0)
     body = (await h.call("get_generation_progress", {"generationId": gid})).body
     assert body["status"] == "failed"
     assert body["error"] and body["errorDetails"]
@@ -524,7 +438,7 @@ async def test_spend_limit_402_carries_the_full_body(h: Harness) -> None:
     }
     # A replay is free and never refused for spend.
     assert (await h.generate(pid, idempotencyKey="a")).status == 200
-    h.clock.advance(10.0)
+    await h.clock.advance_to(h.clock.now() + 10.0)
     reply = await h.generate(pid, idempotencyKey="b")
     assert (reply.body["usedUsd"], reply.body["pendingUsd"]) == (0.06, 0.0)
     h.sim.update_config(api_keys={KEY: {"spend_limit_usd": 1.0}})
@@ -548,7 +462,7 @@ async def test_upload_url_expires_and_checks_its_signature(h: Harness) -> None:
     url = created["uploadUrl"]
     async with h.http.put(url.replace("sig=", "sig=0"), data=b"x") as resp:
         assert resp.status == 403
-    h.wall.advance(3601)
+    await h.wall.advance_to(h.wall.now() + 3601)
     async with h.http.put(url, data=b"x") as resp:
         assert resp.status == 403
         assert (await resp.json())["code"] == "urlExpired"
@@ -560,7 +474,7 @@ async def test_upload_url_expires_and_checks_its_signature(h: Harness) -> None:
 async def test_download_url_expires_and_api_keys_sent_to_storage_are_counted(h: Harness) -> None:
     pid = await h.project(b"abc")
     gid = (await h.generate(pid)).body["generationId"]
-    h.clock.advance(10)
+    await h.clock.advance_to(h.clock.now() + 10)
     body = {"generationId": gid, "apiProjectId": pid}
     url = (await h.call("get_generation_download", body)).body["downloadUrl"]
     async with h.http.get(url, headers={"X-Api-Key": KEY}) as resp:
@@ -568,7 +482,7 @@ async def test_download_url_expires_and_api_keys_sent_to_storage_are_counted(h: 
     assert h.sim.stats.signed_url_requests_with_key == 1
     async with h.http.get(url.replace("sig=", "sig=f")) as resp:
         assert resp.status == 403
-    h.wall.advance(7201)
+    await h.wall.advance_to(h.wall.now() + 7201)
     async with h.http.get(url) as resp:
         assert resp.status == 410
     fresh = (await h.call("get_generation_download", body)).body["downloadUrl"]

@@ -21,6 +21,7 @@ def anyio_backend() -> str:
 pytestmark = pytest.mark.anyio
 
 AUTH = {"Authorization": "Bearer sim-key"}
+GEN = "diffio-4.6-flash-generation"  # the faults are the same in both API generations
 
 
 @pytest.fixture
@@ -42,15 +43,15 @@ async def test_lost_response_cuts_the_connection_after_charging(
         sim.add_project("sim-key", "p1")
         body = {"apiProjectId": "p1", "idempotencyKey": "row-1"}
         with pytest.raises(aiohttp.ClientConnectionError):
-            await post(http, sim, "diffio-3.5-generation", body)
+            await post(http, sim, GEN, body)
         stats = sim.stats
         assert (stats.generations_created, stats.charges, stats.lost_responses) == (1, 1, 1)
-        assert stats.status_count("diffio-3.5-generation", "lost") == 1
+        assert stats.status_count(GEN, "lost") == 1
         # Other endpoints are never lost.
         status, _, _ = await post(http, sim, "list_projects", {})
         assert status == 200
         sim.update_config(lost_rate=0.0)
-        status, _, text = await post(http, sim, "diffio-3.5-generation", body)
+        status, _, text = await post(http, sim, GEN, body)
         assert status == 200 and json.loads(text)["idempotentReplay"] is True
         assert (sim.stats.charges, sim.stats.extra_charges) == (1, 0)
 
@@ -60,7 +61,7 @@ async def test_injected_500_happens_before_anything_is_created(
 ) -> None:
     async with run_simulator(SimConfig(error_rate=1.0)) as sim:
         sim.add_project("sim-key", "p1")
-        status, ctype, text = await post(http, sim, "diffio-3.5-generation", {"apiProjectId": "p1"})
+        status, ctype, text = await post(http, sim, GEN, {"apiProjectId": "p1"})
         assert (status, ctype) == (500, "application/json")
         assert json.loads(text)["code"] == "internalError"
         status, _, _ = await post(http, sim, "create_project", {"fileName": "a.wav"})
@@ -76,7 +77,7 @@ async def test_injected_500_happens_before_anything_is_created(
 async def test_html_502_page(http: aiohttp.ClientSession) -> None:
     async with run_simulator(SimConfig(html_rate=1.0)) as sim:
         sim.add_project("sim-key", "p1")
-        status, ctype, text = await post(http, sim, "diffio-3.5-generation", {"apiProjectId": "p1"})
+        status, ctype, text = await post(http, sim, GEN, {"apiProjectId": "p1"})
         assert (status, ctype) == (502, "text/html")
         assert "<h1>502 Bad Gateway</h1>" in text
         assert sim.stats.generations_created == 0
@@ -87,14 +88,14 @@ async def test_truncated_json_is_a_200_after_the_work(http: aiohttp.ClientSessio
     async with run_simulator(SimConfig(truncated_rate=1.0)) as sim:
         sim.add_project("sim-key", "p1")
         body = {"apiProjectId": "p1", "idempotencyKey": "k"}
-        status, ctype, text = await post(http, sim, "diffio-3.5-generation", body)
+        status, ctype, text = await post(http, sim, GEN, body)
         assert (status, ctype) == (200, "application/json")
         assert text.startswith('{"generationId"')
         with pytest.raises(json.JSONDecodeError):
             json.loads(text)
         assert (sim.stats.generations_created, sim.stats.truncated_responses) == (1, 1)
         sim.update_config(truncated_rate=0)
-        status, _, text = await post(http, sim, "diffio-3.5-generation", body)
+        status, _, text = await post(http, sim, GEN, body)
         assert json.loads(text)["idempotentReplay"] is True
 
 
@@ -145,8 +146,8 @@ async def test_rate_limit_answers_429_with_retry_after(http: aiohttp.ClientSessi
 
 
 async def test_window_stat_is_exact_and_half_open(http: aiohttp.ClientSession) -> None:
-    clock = FakeClock(0.0)
-    sim = Simulator(SimConfig(), clock=clock)
+    clock = FakeClock()
+    sim = Simulator(SimConfig(), clock=clock.now)
     async with run_simulator(sim):
         # 11 requests 0.1 s apart: any half-open 1 s window holds at most 10.
         for i in range(11):

@@ -1,10 +1,22 @@
-"""The official Diffio SDK (diffio==0.1.92), unchanged, against the simulator
-running as a separate process (``python -m batcher.simulator``)."""
+"""The official Diffio SDKs, unchanged, against the simulator running as a
+separate process (``python -m batcher.simulator``): 0.1.92 (installed by the
+test extra) against the seed API, 0.3.10 against the current API.
+
+The two SDK versions cannot share one environment, so 0.3.10 lives in its own
+directory at the repository's root, installed the way CI installs it::
+
+    python -m pip install --upgrade --target .diffio-0.3.10 diffio==0.3.10
+
+and its flow (``sdk_current_flow.py``) runs in a subprocess with that
+directory first on PYTHONPATH. Without the directory the test is skipped,
+unless BATCHER_REQUIRE_SDK_CURRENT is set (CI sets it), where it fails.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +33,8 @@ from diffio import DiffioApiError, DiffioClient  # type: ignore[import-untyped]
 from batcher.simulator import restored_audio
 
 PREFIX = "Diffio simulator listening on "
+SDK_CURRENT_DIR = Path(__file__).resolve().parents[1] / ".diffio-0.3.10"
+SDK_CURRENT_FLOW = Path(__file__).with_name("sdk_current_flow.py")
 
 
 class SimProcess:
@@ -63,7 +77,7 @@ class SimProcess:
 
 @pytest.fixture
 def sim() -> Iterator[SimProcess]:
-    process = SimProcess("--duration", "0.3,0.6", "--seed", "7")
+    process = SimProcess("--api", "seed", "--duration", "0.3,0.6", "--seed", "7")
     try:
         yield process
     finally:
@@ -157,3 +171,81 @@ def test_bad_settings_exit_2_before_listening(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "error_rate" in done.stderr and done.stdout == ""
+
+
+# -- SDK 0.3.10 against the current API -------------------------------------
+
+
+def sdk_current_dir() -> Path:
+    """Where SDK 0.3.10 is installed; skip (or fail, under CI) when it is not."""
+    if (SDK_CURRENT_DIR / "diffio" / "__init__.py").is_file():
+        return SDK_CURRENT_DIR
+    reason = (f"SDK 0.3.10 is not installed in {SDK_CURRENT_DIR.name}/; run: python -m pip "
+              f"install --upgrade --target {SDK_CURRENT_DIR.name} diffio==0.3.10")
+    if os.environ.get("BATCHER_REQUIRE_SDK_CURRENT"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def test_sdk_0310_flow_against_the_current_api(tmp_path: Path) -> None:
+    sdk = sdk_current_dir()
+    audio = write_wav(tmp_path / "song.wav", 0.6)  # 9644 bytes: 10 parts of 1 KiB
+    process = SimProcess("--api", "current", "--part-size", "1K", "--duration", "0.3,0.6",
+                         "--seed", "7")
+    try:
+        path = os.pathsep.join(p for p in (str(sdk), os.environ.get("PYTHONPATH", "")) if p)
+        done = subprocess.run(
+            [sys.executable, str(SDK_CURRENT_FLOW), process.base_url, str(tmp_path)],
+            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        stats = process.control("/_sim/stats")
+    finally:
+        assert process.stop() == 0
+    seen = json.loads(done.stdout)
+    size = len(audio)
+
+    assert seen["version"] == "0.3.10"
+    project = seen["project"]
+    assert (project["partSizeBytes"], project["maxBytes"]) == (1024, 2 * 1024 ** 3)
+    assert project["edgeBaseUrl"] == process.root + "/edge"
+    assert project["objectPath"].endswith("/original/song.wav")
+    assert project["completion"] == ["uploaded", size] and project["again"] == size
+
+    gen_id, model, status = seen["generation"]
+    assert (model, status) == ("diffio-4.6-flash", "queued")
+    assert seen["alias"] == [gen_id, "diffio-4.6-flash", True]
+    progress = seen["progress"]
+    assert progress[-1]["status"] == seen["done"] == "complete"
+    assert progress[-1]["stage"] == "complete" and progress[-1]["queue"] is None
+    running = [p for p in progress if p["status"] in ("queued", "processing")]
+    assert running, progress
+    assert all(isinstance(p["queue"]["position"], int) and p["queue"]["message"]
+               and set(p["stageProgress"]) == {"preProcessing", "inference"} for p in running)
+    assert seen["download"][:2] == ["audio", "audio/mpeg"]
+    assert Path(seen["restored"]).read_bytes() == restored_audio(audio)
+
+    assert "diffio-4.6-flash" in seen["retired_refused_locally"]
+    retired = seen["retired"]
+    assert retired["statusCode"] == 410
+    assert retired["body"]["code"] == "model_retired"
+    assert retired["body"]["retiredModel"] == "diffio-3.5"
+    assert retired["body"]["supportedModels"] == ["diffio-4.6-flash", "diffio-4.6-pro"]
+    assert retired["message"] == retired["body"]["error"]
+
+    assert seen["retried_completion"] == size
+    failed = seen["failed_upload"]
+    assert failed["statusCode"] == 500
+    assert failed["body"]["error"]["code"] == "internal_error"
+    assert failed["message"] == failed["body"]["error"]["message"]
+
+    assert stats["api_keys_at_upload_host"] == 0
+    assert stats["signed_url_requests_with_key"] == 0
+    assert (stats["projects_created"], stats["projects_confirmed"]) == (3, 2)
+    assert (stats["uploads_completed"], stats["uploads_aborted"]) == (2, 1)
+    assert stats["parts_received"] == 20 and stats["part_errors_injected"] >= 2
+    assert stats["requests_by_endpoint"]["edge:abort"] == {"200": 1}
+    assert (stats["generations_created"], stats["charges"], stats["extra_charges"]) == (1, 1, 0)
+    assert stats["retired_model_refusals"] == 1
+    assert stats["downloads"] == 1
+    assert list(stats["user_agents"]) == ["diffio-python/0.3.10"]

@@ -23,6 +23,7 @@ from batcher.simulator import (
 )
 from batcher.simulator.billing import SpendBook
 from batcher.simulator.cli import add_arguments, build_config
+from batcher.simulator.config import download_ttl_for
 from batcher.simulator.model import Generation
 from batcher.simulator.window import RateLimiter, SlidingWindow
 
@@ -31,6 +32,7 @@ from batcher.simulator.window import RateLimiter, SlidingWindow
 
 def test_defaults_make_a_friendly_demo() -> None:
     cfg = SimConfig()
+    assert cfg.api == "current"
     assert cfg.api_keys == {"sim-key": KeySpec()}
     assert cfg.duration == (1.0, 3.0)
     assert (cfg.error_rate, cfg.lost_rate, cfg.failure_rate) == (0.0, 0.0, 0.0)
@@ -63,6 +65,17 @@ def test_from_mapping_accepts_file_shapes() -> None:
         {"api_keys": {"k": {"active": "yes"}}},
         {"seed": 1.5},
         {"auto_create_projects": "true"},
+        {"api": "v2"},
+        {"api": 1},
+        {"part_size": 0},
+        {"part_size": "12X"},
+        {"part_size": 1.5},
+        {"max_upload_bytes": True},
+        {"part_error_rate": 2},
+        {"part_lost_rate": -1},
+        {"part_latency": "2,1"},
+        {"upload_session_ttl": -1},
+        {"download_ttl": "soon"},
     ],
 )
 def test_bad_settings_are_config_errors(bad: dict[str, object]) -> None:
@@ -76,6 +89,22 @@ def test_patched_merges_keys_and_none_removes_one() -> None:
     cfg = cfg.patched({"api_keys": {"sim-key": {"active": False}, "k2": None}})
     assert cfg.api_keys == {"sim-key": KeySpec(active=False, spend_limit_usd=5.0)}
     assert cfg.to_dict()["api_keys"]["sim-key"]["spend_limit_usd"] == 5.0
+
+
+def test_upload_knobs_take_byte_sizes_and_defaults_follow_the_api() -> None:
+    cfg = SimConfig.from_mapping({
+        "api": "SEED", "part-size": "4K", "max_upload_bytes": "1G", "edge_part_size": "2MiB",
+        "part_latency": 0.5, "part_error_rate": 0.25, "upload_session_ttl": 60,
+    })
+    assert (cfg.api, cfg.part_size, cfg.max_upload_bytes) == ("seed", 4096, 1024 ** 3)
+    assert (cfg.edge_part_size, cfg.part_latency) == (2 * 1024 ** 2, (0.5, 0.5))
+    assert (cfg.part_error_rate, cfg.upload_session_ttl) == (0.25, 60.0)
+    assert cfg.patched({"edge_part_size": 0}).edge_part_size is None
+    assert SimConfig().part_size == 32 * 1024 ** 2
+    assert download_ttl_for(SimConfig(api="seed")) == 7200.0
+    assert download_ttl_for(SimConfig()) == 6 * 3600.0
+    assert download_ttl_for(SimConfig(download_ttl=5.0)) == 5.0
+    assert SimConfig.from_mapping(SimConfig(api="seed").to_dict()) == SimConfig(api="seed")
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -97,6 +126,24 @@ def test_cli_layers_defaults_file_and_flags(tmp_path: Path) -> None:
     }
     assert build_config(_args()).api_keys == {"sim-key": KeySpec()}
     assert set(build_config(_args("--api-key", "a", "--api-key", "b")).api_keys) == {"a", "b"}
+
+
+def test_cli_api_and_upload_host_flags(tmp_path: Path) -> None:
+    assert build_config(_args()).api == "current"
+    toml = tmp_path / "sim.toml"
+    toml.write_text('api = "seed"\npart_size = "8K"\n')
+    from_file = build_config(_args("--config", str(toml)))
+    assert (from_file.api, from_file.part_size) == ("seed", 8192)
+    cfg = build_config(_args("--config", str(toml), "--api", "current", "--part-size", "1M",
+                             "--edge-part-size", "512K", "--max-upload-bytes", "3G",
+                             "--upload-session-ttl", "30", "--part-error-rate", "0.1",
+                             "--part-lost-rate", "0.2", "--part-latency", "0.01,0.02"))
+    assert (cfg.api, cfg.part_size, cfg.edge_part_size) == ("current", 1 << 20, 512 << 10)
+    assert (cfg.max_upload_bytes, cfg.upload_session_ttl) == (3 << 30, 30.0)
+    assert (cfg.part_error_rate, cfg.part_lost_rate, cfg.part_latency) == (0.1, 0.2, (0.01, 0.02))
+    for bad in (("--api", "v3"), ("--part-size", "0"), ("--part-lost-rate", "1.5")):
+        with pytest.raises(SystemExit):
+            _args(*bad)
 
 
 def test_cli_rejects_bad_flags_and_files(tmp_path: Path) -> None:

@@ -1,12 +1,34 @@
 """The embedded Diffio API simulator (``batcher simulate``, ``batcher run --simulate``).
 
-An in-memory, aiohttp.web implementation of the seed-era Diffio API
-(../shared/DIFFIO-API.md sections 1-5 and 7) with fault injection and the
-counters batcher's own tests check (``SimStats``)::
+An in-memory, aiohttp.web implementation of the Diffio API in either of its
+generations, on one port, with fault injection and the counters batcher's
+own tests check (``SimStats``):
+
+- ``api="current"`` (the default): diffio-4.6-flash/-pro (4.5 names are
+  aliases), 410 ``model_retired`` for every other model, uploads in parts on
+  the upload host under ``/edge`` with an upload token, then
+  ``complete_project_upload`` before a generation may start;
+- ``api="seed"``: diffio-3.5 (3.4 its alias) and the 2.0 models, one signed
+  PUT per upload.
+
+::
 
     async with run_simulator(SimConfig(duration=(0.1, 0.2))) as sim:
         ...  # talk to sim.base_url with the key "sim-key"
         assert sim.stats.extra_charges == 0
+
+``api_for_model`` says which generation serves a model; ``run_config`` builds
+the config ``batcher run --simulate`` uses. ``Simulator.add_observer`` is the
+events hook: observers learn each new generation's planned status changes
+(``timeline.py``).
+
+Modules: ``app`` (the Simulator and its routes), ``routes`` (the /v1
+dispatcher), ``endpoints`` (what each endpoint does), ``edge`` (the upload
+host), ``uploads`` (sessions and multipart rules), ``storage`` (signed URLs),
+``state`` (ownership, idempotency, billing), ``model`` (records and ageing),
+``catalog`` (models per generation), ``views`` (answer shapes), ``timeline``
+(the events hook), ``wire`` (JSON bodies, fault rolls), ``config``, ``stats``,
+``billing``, ``window``, ``audio``, ``server`` and ``cli``.
 """
 
 from __future__ import annotations
@@ -18,22 +40,31 @@ from batcher.simulator.audio import (
     restored_source_digest,
     wav_duration_seconds,
 )
-from batcher.simulator.config import DEFAULT_API_KEY, KeySpec, SimConfig
+from batcher.simulator.catalog import CURRENT_MODELS, ApiGeneration, api_for_model
+from batcher.simulator.config import DEFAULT_API_KEY, KeySpec, SimConfig, run_config
 from batcher.simulator.server import run_simulator
 from batcher.simulator.state import derived_generation_id
 from batcher.simulator.stats import SimStats, logical_request_key
+from batcher.simulator.timeline import GenerationObserver, GenerationTimeline, StatusChange
 
 __all__ = [
+    "CURRENT_MODELS",
     "DEFAULT_API_KEY",
+    "ApiGeneration",
+    "GenerationObserver",
+    "GenerationTimeline",
     "KeySpec",
     "SimConfig",
     "SimStats",
     "Simulator",
+    "StatusChange",
+    "api_for_model",
     "derived_generation_id",
     "logical_request_key",
     "project_source_bytes",
     "restored_audio",
     "restored_source_digest",
+    "run_config",
     "run_simulator",
     "wav_duration_seconds",
 ]

@@ -2,13 +2,18 @@
 
 Routes::
 
-    /v1/{endpoint}                 the Diffio API (api.py)
-    /_storage/upload/{project}     signed PUT of a project's file (storage.py)
+    /v1/{endpoint}                 the Diffio API of the generation served
+                                   (routes.py dispatches, endpoints.py answers)
+    /edge/v1/uploads/...           the current API's upload host (edge.py)
+    /_storage/upload/{project}     the seed's signed PUT of a project's file (storage.py)
     /_storage/download/{gen}/...   signed GET of a restored file (storage.py)
     GET  /_sim/stats               SimStats as JSON           (no auth)
     GET  /_sim/config              the knobs as JSON          (no auth)
-    POST /_sim/config              patch knobs, e.g. {"error_rate": 0}
+    POST /_sim/config              patch knobs, e.g. {"error_rate": 0} or {"api": "seed"}
     POST /_sim/projects            add a ready project {"apiKey", "apiProjectId", "audioBase64"?}
+
+Every request but the ``/_sim`` ones has its User-Agent counted
+(``SimStats.user_agents``).
 """
 
 from __future__ import annotations
@@ -18,17 +23,20 @@ import binascii
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from batcher.errors import ConfigError
-from batcher.simulator.api import ApiRoutes
 from batcher.simulator.config import KeySpec, SimConfig
+from batcher.simulator.edge import EdgeRoutes
+from batcher.simulator.endpoints import Endpoints
+from batcher.simulator.routes import ApiRoutes
 from batcher.simulator.state import SimState
 from batcher.simulator.stats import SimStats, StatsRecorder
 from batcher.simulator.storage import StorageRoutes, UrlSigner
+from batcher.simulator.timeline import GenerationObserver
 from batcher.simulator.window import RateLimiter
 
 __all__ = ["Simulator"]
@@ -58,14 +66,18 @@ class Simulator:
         self._recorder = StatsRecorder()
         self.state = SimState(self._config, self._recorder, self._rng, clock, wall)
         self._storage = StorageRoutes(self.state, UrlSigner(self._rng.randbytes(32)))
-        self._api = ApiRoutes(self.state, self._storage, RateLimiter(), self._rng)
+        self._api = ApiRoutes(
+            self.state, Endpoints(self.state, self._storage), RateLimiter(), self._rng
+        )
+        self._edge = EdgeRoutes(self.state, self._rng)
         #: ``http://HOST:PORT/v1`` once served by ``run_simulator``.
         self.base_url: str | None = None
         self.app = self._build_app()
 
     def __repr__(self) -> str:
         return (
-            f"Simulator(base_url={self.base_url!r}, projects={len(self.state.projects)},"
+            f"Simulator(api={self._config.api!r}, base_url={self.base_url!r},"
+            f" projects={len(self.state.projects)},"
             f" generations={len(self.state.generations)}, keys={len(self._config.api_keys)})"
         )
 
@@ -88,6 +100,10 @@ class Simulator:
         """
         self.state.add_project(api_key, api_project_id, audio)
 
+    def add_observer(self, observer: GenerationObserver) -> None:
+        """Tell ``observer`` each new generation's planned timeline (see ``timeline.py``)."""
+        self.state.observers.append(observer)
+
     def update_config(self, **changes: Any) -> SimConfig:
         """Change knobs mid-run (``SimConfig.patched`` semantics); returns the new config."""
         return self._apply(self._config.patched(changes))
@@ -106,8 +122,9 @@ class Simulator:
     # -- the application ---------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_JSON_BODY)
+        app = web.Application(client_max_size=_MAX_JSON_BODY, middlewares=[self._count_agent])
         self._api.add_to(app)
+        self._edge.add_to(app)
         self._storage.add_to(app)
         app.router.add_get("/_sim/stats", self._get_stats)
         app.router.add_get("/_sim/config", self._get_config)
@@ -115,6 +132,16 @@ class Simulator:
         app.router.add_post("/_sim/projects", self._post_project)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
+
+    @web.middleware
+    async def _count_agent(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if not request.path.startswith("/_sim/"):
+            self._recorder.user_agent(request.headers.get("User-Agent"))
+        return await handler(request)
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.to_dict())

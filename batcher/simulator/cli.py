@@ -1,8 +1,9 @@
 """``batcher simulate``: serve the simulator until SIGINT/SIGTERM.
 
 Settings are layered: defaults, then ``--config FILE`` (JSON or TOML), then
-the flags. The first line of stdout is the base URL, flushed, so a parent
-process can read it and start talking.
+the flags. ``--api`` picks the API generation served (current by default).
+The first line of stdout is the base URL, flushed, so a parent process can
+read it and start talking.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import sys
 from typing import Any
 
 from batcher.errors import ConfigError
-from batcher.simulator.config import DEFAULT_API_KEY, SimConfig, load_config_file, parse_range
+from batcher.simulator.catalog import API_GENERATIONS, MODEL_ENDPOINTS, ApiGeneration
+from batcher.simulator.config import (
+    DEFAULT_API_KEY,
+    SimConfig,
+    load_config_file,
+    parse_range,
+    parse_size,
+)
+from batcher.simulator.edge import EDGE_PREFIX
 from batcher.simulator.server import run_simulator
 
 __all__ = ["add_arguments", "build_config", "main"]
@@ -24,6 +33,13 @@ __all__ = ["add_arguments", "build_config", "main"]
 def _range(text: str) -> tuple[float, float]:
     try:
         return parse_range("range", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size("size", text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -50,9 +66,10 @@ def _positive(text: str) -> float:
 
 # flag dest -> SimConfig field, for the knobs that map one to one
 _KNOBS = (
-    "latency", "error_rate", "lost_rate", "html_rate", "truncated_rate", "rate_limit",
+    "api", "latency", "error_rate", "lost_rate", "html_rate", "truncated_rate", "rate_limit",
     "duration", "failure_rate", "price_per_second", "flat_price", "upload_ttl",
-    "download_ttl", "seed", "auto_create_projects",
+    "download_ttl", "seed", "auto_create_projects", "part_size", "max_upload_bytes",
+    "upload_session_ttl", "edge_part_size", "part_error_rate", "part_lost_rate", "part_latency",
 )
 
 
@@ -64,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--api-key", dest="api_keys", action="append", metavar="KEY",
         help=f"accept KEY (active, read+write); repeatable [{DEFAULT_API_KEY}]")
     add("--config", metavar="FILE", help="JSON or TOML file of settings (flags override it)")
+    add("--api", choices=API_GENERATIONS,
+        help="API generation to serve: current (diffio-4.6 models, uploads in parts, 410 for "
+             "retired models) or seed (diffio-3.5/2.0 models, one signed PUT) [current]")
     g = parser.add_argument_group("faults and behaviour (each overrides --config)")
     g.add_argument("--latency", type=_range, metavar="MIN,MAX",
                    help="extra seconds before every API answer [0]")
@@ -90,12 +110,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flat-price", type=_positive, metavar="USD",
                    help="price of a generation whose project holds no readable WAV [0.06]")
     g.add_argument("--upload-ttl", type=_positive, metavar="S",
-                   help="lifetime of signed upload URLs [3600]")
+                   help="lifetime of the seed's signed upload URLs [3600]")
     g.add_argument("--download-ttl", type=_positive, metavar="S",
-                   help="lifetime of signed download URLs [7200]")
+                   help="lifetime of signed download URLs [7200 seed, 21600 current]")
     g.add_argument("--seed", type=int, help="seed of the random source [0]")
     g.add_argument("--auto-create-projects", action="store_true", default=None,
                    help="create unknown apiProjectIds on generation requests")
+    u = parser.add_argument_group(
+        "upload host (current API; BYTES take K, M, G suffixes; each overrides --config)")
+    u.add_argument("--part-size", type=_size, metavar="BYTES",
+                   help="partSizeBytes of the upload sessions create_project hands out [32M]")
+    u.add_argument("--edge-part-size", type=_size, metavar="BYTES",
+                   help="partSizeBytes in the upload host's start answer, overriding the "
+                        "session's [the session's]")
+    u.add_argument("--max-upload-bytes", type=_size, metavar="BYTES",
+                   help="maxBytes of an upload; larger files and parts past it are "
+                        "refused [2G]")
+    u.add_argument("--upload-session-ttl", type=_positive, metavar="S",
+                   help="lifetime of an upload session; changing it live also moves the "
+                        "expiry of sessions already handed out [3600]")
+    u.add_argument("--part-error-rate", type=_share, metavar="P",
+                   help="share of part PUTs answered 500 before the part is stored [0]")
+    u.add_argument("--part-lost-rate", type=_share, metavar="P",
+                   help="share of part PUTs stored, then the connection is cut without "
+                        "an answer [0]")
+    u.add_argument("--part-latency", type=_range, metavar="MIN,MAX",
+                   help="extra seconds before every part PUT is answered [0]")
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
@@ -122,6 +162,14 @@ def build_config(args: argparse.Namespace) -> SimConfig:
     return config
 
 
+def _served(api: ApiGeneration, origin: str) -> str:
+    models = ", ".join(sorted(set(MODEL_ENDPOINTS[api].values())))
+    line = f"API: {api} (models {models})"
+    if api == "current":
+        line += f"; upload host {origin}{EDGE_PREFIX}"
+    return line
+
+
 async def _serve(config: SimConfig, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -131,6 +179,7 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
         async with run_simulator(config, host, port) as sim:
             print(f"Diffio simulator listening on {sim.base_url}", flush=True)
             origin = (sim.base_url or "").removesuffix("/v1")
+            print(_served(config.api, origin), flush=True)
             print(f"stats: GET {origin}/_sim/stats; knobs: POST {origin}/_sim/config", flush=True)
             await stop.wait()
     finally:

@@ -16,11 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.bandwidth import parse_rate
 from batcher.errors import ConfigError
+from batcher.simulator.catalog import API_GENERATIONS, ApiGeneration, api_for_model
 
-__all__ = ["DEFAULT_API_KEY", "KeySpec", "SimConfig", "load_config_file"]
+__all__ = [
+    "DEFAULT_API_KEY",
+    "KeySpec",
+    "SimConfig",
+    "download_ttl_for",
+    "load_config_file",
+    "parse_size",
+    "run_config",
+]
 
 DEFAULT_API_KEY = "sim-key"
+MIB = 1024 * 1024
+# Download URL lifetimes when ``download_ttl`` is not set, per API generation.
+_DOWNLOAD_TTL: dict[ApiGeneration, float] = {"seed": 7200.0, "current": 6 * 3600.0}
 
 Range = tuple[float, float]
 
@@ -72,6 +85,9 @@ class SimConfig:
     seeded random source; ranges are ``(min, max)`` seconds drawn uniformly.
     """
 
+    # Which API generation is served: "current" (4.6 models, uploads in parts)
+    # or "seed" (3.5 models, one signed PUT). Switchable while serving.
+    api: ApiGeneration = "current"
     # API keys accepted, key -> its state, permissions and spend limit.
     api_keys: Mapping[str, KeySpec] = field(default_factory=_default_keys)
     # Extra wait before every /v1 answer (seconds).
@@ -94,9 +110,25 @@ class SimConfig:
     price_per_second: float = 0.001
     # USD per generation when the project holds no readable WAV.
     flat_price: float = 0.06
-    # Lifetime of signed upload / download URLs (seconds).
+    # Lifetime of the seed's signed upload URLs (seconds).
     upload_ttl: float = 3600.0
-    download_ttl: float = 7200.0
+    # Lifetime of signed download URLs; None: 2 h (seed) or 6 h (current).
+    download_ttl: float | None = None
+    # The current API's upload sessions: partSizeBytes and maxBytes that
+    # create_project hands out, and how long a session lasts. The lifetime is
+    # read live, so shortening it expires sessions already handed out.
+    part_size: int = 32 * MIB
+    max_upload_bytes: int = 2048 * MIB
+    upload_session_ttl: float = 3600.0
+    # partSizeBytes in the upload host's start answer, overriding the
+    # session's (None: the start answer repeats the session's).
+    edge_part_size: int | None = None
+    # Faults of the upload host's part PUTs: a share answered 500 before the
+    # part is stored, a share whose answer is lost after it is stored, and
+    # extra seconds before each part is answered.
+    part_error_rate: float = 0.0
+    part_lost_rate: float = 0.0
+    part_latency: Range = (0.0, 0.0)
     # Seed of the one random source (ids, durations, failures, faults).
     seed: int = 0
     # Create unknown apiProjectIds on a generation request (batcher run --simulate).
@@ -149,9 +181,35 @@ class SimConfig:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig))
-_RATES = frozenset({"error_rate", "lost_rate", "html_rate", "truncated_rate", "failure_rate"})
-_RANGES = frozenset({"latency", "duration"})
-_AMOUNTS = frozenset({"price_per_second", "flat_price", "upload_ttl", "download_ttl"})
+_RATES = frozenset({
+    "error_rate", "lost_rate", "html_rate", "truncated_rate", "failure_rate",
+    "part_error_rate", "part_lost_rate",
+})
+_RANGES = frozenset({"latency", "duration", "part_latency"})
+_AMOUNTS = frozenset({"price_per_second", "flat_price", "upload_ttl", "upload_session_ttl"})
+_SIZES = frozenset({"part_size", "max_upload_bytes"})
+
+
+def download_ttl_for(config: SimConfig) -> float:
+    """Seconds a fresh download URL stays valid under ``config``."""
+    if config.download_ttl is not None:
+        return config.download_ttl
+    return _DOWNLOAD_TTL[config.api]
+
+
+def run_config(base: SimConfig | Mapping[str, Any] | None, model_key: str) -> SimConfig:
+    """The config of the simulator ``batcher run --simulate`` starts.
+
+    ``base`` is a config, a ``--sim-config`` file's mapping, or None for the
+    defaults; the API generation is the one that serves ``model_key``.
+    """
+    if base is None:
+        config = SimConfig()
+    elif isinstance(base, SimConfig):
+        config = base
+    else:
+        config = SimConfig.from_mapping(base)
+    return dataclasses.replace(config, api=api_for_model(model_key))
 
 
 def _norm(name: str) -> str:
@@ -189,7 +247,35 @@ def parse_range(name: str, value: Any) -> Range:
     return (low, high)
 
 
+def parse_size(name: str, value: Any) -> int:
+    """A byte count: a whole number, or text with a K, M or G suffix (powers of 1024)."""
+    problem = f"{name} must be a whole number of bytes such as 4096 or 32M, got {value!r}"
+    if isinstance(value, str):
+        try:
+            number = parse_rate(value)  # the same suffixes as --max-bandwidth
+        except ValueError:
+            raise ConfigError(problem) from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ConfigError(problem)
+    if not number.is_integer() or number < 1:
+        raise ConfigError(problem)
+    return int(number)
+
+
 def _coerce(attr: str, value: Any) -> Any:
+    if attr == "api":
+        api = value.strip().lower() if isinstance(value, str) else value
+        if api not in API_GENERATIONS:
+            raise ConfigError(f"api must be one of {', '.join(API_GENERATIONS)}, got {value!r}")
+        return api
+    if attr in _SIZES:
+        return parse_size(attr, value)
+    if attr == "edge_part_size":
+        return None if value is None or value == 0 else parse_size(attr, value)
+    if attr == "download_ttl":
+        return None if value is None else _number(attr, value, minimum=0.0)
     if attr in _RATES:
         rate = _number(attr, value, minimum=0.0)
         if rate > 1.0:

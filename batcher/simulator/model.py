@@ -2,12 +2,16 @@
 
 A generation's status is not stored: it is a pure function of the injected
 clock (seconds since it was created against its drawn duration), so a test
-that moves the clock moves every generation with it.
+that moves the clock moves every generation with it. The clock times at
+which the status changes (``processing_at``, ``ends_at``) are the same
+numbers :meth:`Generation.phase` compares against, so an observer told
+"processing at t" sees ``processing`` when it asks at t.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,11 +64,29 @@ class Project:
     upload_expected: bool
     audio: bytes | None = None
     generation_ids: list[str] = field(default_factory=list)
+    # True for projects of the current API: their upload counts only once
+    # complete_project_upload has confirmed it (``confirmed``).
+    needs_confirmation: bool = False
+    confirmed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """True once the project's file is in place for a generation.
+
+        Seed projects are ready when the signed PUT arrived; current ones
+        when complete_project_upload confirmed the finished upload; projects
+        that exist "already" always are.
+        """
+        if not self.upload_expected:
+            return True
+        if self.needs_confirmation:
+            return self.confirmed
+        return self.audio is not None
 
     @property
     def status(self) -> str:
-        """``uploading`` until the signed PUT arrived, then ``uploaded``."""
-        return "uploading" if self.upload_expected and self.audio is None else "uploaded"
+        """``uploading`` until the project is :attr:`ready`, then ``uploaded``."""
+        return "uploaded" if self.ready else "uploading"
 
     def source(self) -> str:
         """sha256 hex of the uploaded bytes, or the project id when there are none."""
@@ -107,6 +129,13 @@ class Generation:
     charge_usd: float
     logical_key: str
     source_bytes: bytes
+    # 1 + the generations (of every key) still queued when this one was created.
+    queue_position: int = 1
+
+    @property
+    def processing_at(self) -> float:
+        """Clock time at which it leaves the queue (``processing``)."""
+        return self.started + QUEUED_END * self.duration
 
     @property
     def ends_at(self) -> float:
@@ -114,22 +143,39 @@ class Generation:
         fraction = PRE_END if self.failed_stage == "preProcessing" else 1.0
         return self.started + fraction * self.duration
 
+    def final_phase(self) -> Phase:
+        """The terminal phase it reaches at :attr:`ends_at`."""
+        return self.phase(math.inf)
+
+    def queue_ahead(self, now: float) -> int:
+        """Its place in the queue at ``now``: 1 is next; 0 once it has left the queue.
+
+        The place it took at creation shrinks evenly until ``processing_at``.
+        """
+        if now >= self.processing_at:
+            return 0
+        span = self.processing_at - self.started
+        left = 1.0 if span <= 0 else min(1.0, (self.processing_at - now) / span)
+        return max(1, math.ceil(self.queue_position * left))
+
     def phase(self, now: float) -> Phase:
         """Where this generation is at clock time ``now``."""
         d = self.duration
         elapsed = max(0.0, now - self.started)
         frac = 1.0 if d <= 0 else min(1.0, elapsed / d)
         fail_at = PRE_END if self.failed_stage == "preProcessing" else 1.0
-        if self.failed_stage is not None and frac >= fail_at:
-            return self._failed(fail_at * d)
-        if frac >= 1.0:
+        # Terminal and queue boundaries compare clock times, not fractions, so
+        # float rounding cannot put ``phase(ends_at)`` a hair before the end.
+        if now >= self.ends_at:
+            if self.failed_stage is not None:
+                return self._failed(fail_at * d)
             done = {name: _stage(self, name, "complete", 100) for name in STAGES}
             return Phase("complete", 100, done, None, None, d)
-        if frac < QUEUED_END:
+        if now < self.processing_at:
             idle = {name: _stage(self, name, "pending", 0) for name in STAGES}
             return Phase("queued", 0, idle, None, None, None)
-        if frac < PRE_END:
-            pre = round(100 * (frac - QUEUED_END) / (PRE_END - QUEUED_END))
+        if now < self.started + PRE_END * d:
+            pre = round(100 * max(0.0, frac - QUEUED_END) / (PRE_END - QUEUED_END))
             stages = {
                 "preProcessing": _stage(self, "preProcessing", "running", pre),
                 "inference": _stage(self, "inference", "pending", 0),

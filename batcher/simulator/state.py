@@ -1,13 +1,15 @@
 """The simulator's in-memory API state and its rules.
 
-Ownership, idempotency, billing and the spend limit live here, free of HTTP:
-the handlers in ``api.py`` validate the request shape and call in, and every
-refusal comes back as a :class:`~batcher.simulator.model.Refusal`.
+Ownership, idempotency, upload confirmation, billing and the spend limit
+live here, free of HTTP: the handlers in ``endpoints.py`` and ``edge.py``
+validate the request shape and call in, and every refusal comes back as a
+:class:`~batcher.simulator.model.Refusal`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,8 +18,10 @@ from typing import Any
 from batcher.simulator.audio import wav_duration_seconds
 from batcher.simulator.billing import SpendBook
 from batcher.simulator.config import KeySpec, SimConfig
-from batcher.simulator.model import STAGES, Generation, Project, Refusal
+from batcher.simulator.model import QUEUED_END, STAGES, Generation, Project, Refusal
 from batcher.simulator.stats import StatsRecorder, logical_request_key
+from batcher.simulator.timeline import GenerationObserver, notify
+from batcher.simulator.uploads import UploadBook, UploadSession
 
 __all__ = ["MIN_BILLED_SECONDS", "SimState", "derived_generation_id", "iso"]
 
@@ -64,8 +68,13 @@ class SimState:
         self.generations: dict[str, Generation] = {}
         # logical request key -> its generations, oldest first
         self.logical: dict[str, list[str]] = {}
+        self.uploads = UploadBook()
+        #: Told each new generation's timeline (see ``timeline.py``).
+        self.observers: list[GenerationObserver] = []
         self._users: dict[str, str] = {}
         self._book = SpendBook()
+        # Clock times at which the generations still queued leave the queue.
+        self._queue: list[float] = []
 
     # -- keys and projects -------------------------------------------------
 
@@ -77,8 +86,9 @@ class SimState:
         """A stable pseudonymous user id for object paths (never the key itself)."""
         return self._users.setdefault(api_key, f"user-{len(self._users) + 1}")
 
-    def _new_id(self, prefix: str) -> str:
-        return f"{prefix}-{self.rng.getrandbits(96):024x}"
+    def new_id(self, prefix: str, bits: int = 96) -> str:
+        """A fresh random id such as ``proj-…`` (from the seeded random source)."""
+        return f"{prefix}-{self.rng.getrandbits(bits):0{bits // 4}x}"
 
     def create_project(
         self,
@@ -88,11 +98,12 @@ class SimState:
         content_type: str,
         content_length: float | None,
         params: dict[str, Any],
+        needs_confirmation: bool = False,
     ) -> Project:
-        """A new project waiting for its upload."""
+        """A new project waiting for its upload (and, in the current API, its confirmation)."""
         now = self.wall()
         project = Project(
-            api_project_id=self._new_id("proj"),
+            api_project_id=self.new_id("proj"),
             owner=owner,
             file_name=file_name,
             content_type=content_type,
@@ -101,9 +112,47 @@ class SimState:
             created_wall=now,
             updated_wall=now,
             upload_expected=True,
+            needs_confirmation=needs_confirmation,
         )
         self.projects[project.api_project_id] = project
         self.stats.bump("projects_created")
+        return project
+
+    def open_session(self, project: Project, object_key: str) -> UploadSession:
+        """The upload session create_project hands out in the current API."""
+        cfg = self.config
+        session = UploadSession(
+            session_id=self.new_id("upls"),
+            token=self.new_id("upt", 192),
+            api_project_id=project.api_project_id,
+            object_key=object_key,
+            part_size=cfg.part_size,
+            max_bytes=cfg.max_upload_bytes,
+            created_wall=self.wall(),
+        )
+        return self.uploads.open_session(session)
+
+    def store_object(self, api_project_id: str, data: bytes) -> None:
+        """A multipart upload completed: the project's file is stored, not yet confirmed."""
+        project = self.projects[api_project_id]
+        project.audio = data
+        project.updated_wall = self.wall()
+
+    def confirm_upload(self, owner: str, api_project_id: str) -> Project:
+        """complete_project_upload: 409 ``UPLOAD_MISSING`` until an upload completed.
+
+        Idempotent; projects that need no confirmation (seed uploads, projects
+        that exist "already") answer as confirmed once their file is there.
+        """
+        project = self.project_for(owner, api_project_id)
+        self.stats.bump("complete_project_upload_calls")
+        if project.ready:
+            return project
+        if project.audio is None:
+            raise Refusal(409, "Upload has not completed yet.", "UPLOAD_MISSING")
+        project.confirmed = True
+        project.updated_wall = self.wall()
+        self.stats.bump("projects_confirmed")
         return project
 
     def add_project(self, owner: str, api_project_id: str, audio: bytes | None) -> Project:
@@ -213,6 +262,10 @@ class SimState:
         check), spend limit, create.
         """
         project = self.project_for(owner, api_project_id, create=self.config.auto_create_projects)
+        if self.config.api == "current" and not project.ready:
+            self.stats.bump("generations_upload_missing")
+            raise Refusal(409, "Upload the project file before creating a generation.",
+                          "UPLOAD_MISSING")
         gen_id = None
         if idempotency_key is not None:
             gen_id = derived_generation_id(owner, api_project_id, idempotency_key)
@@ -229,7 +282,7 @@ class SimState:
         estimate = self.estimate_usd(project)
         self._check_spend(owner, estimate)
         return self._create(project, owner, model_key, sampling, params, idempotency_key,
-                            gen_id or self._new_id("gen"), estimate), False
+                            gen_id or self.new_id("gen"), estimate), False
 
     def _create(
         self,
@@ -248,9 +301,10 @@ class SimState:
         failed_stage = None
         if cfg.failure_rate > 0 and self.rng.random() < cfg.failure_rate:
             failed_stage = self.rng.choice(STAGES)
-        if project.upload_expected and project.audio is None:
+        if not project.ready:
             self.stats.bump("generations_without_upload")
         logical = logical_request_key(model_key, project.source(), sampling, params)
+        now = self.clock()
         gen = Generation(
             generation_id=gen_id,
             api_project_id=project.api_project_id,
@@ -259,16 +313,16 @@ class SimState:
             idempotency_key=idempotency_key,
             sampling=sampling,
             params=params,
-            started=self.clock(),
+            started=now,
             created_wall=self.wall(),
             duration=duration,
             failed_stage=failed_stage,
             charge_usd=charge,
             logical_key=logical,
             source_bytes=project.source_bytes(),
+            queue_position=self._join_queue(now, now + QUEUED_END * duration),
         )
         earlier = self.logical.setdefault(logical, [])
-        now = self.clock()
         if not earlier:
             kind = "first"
         elif any(self.generations[g].phase(now).status != "failed" for g in earlier):
@@ -282,4 +336,12 @@ class SimState:
         self._book.record(gen, _period(gen.created_wall)[0].timestamp())
         self.stats.bump("generations_created")
         self.stats.charge(owner, charge, logical, kind=kind)
+        notify(self.observers, gen)
         return gen
+
+    def _join_queue(self, now: float, leaves_at: float) -> int:
+        """A new generation's place in the queue: 1 + those of every key still in it."""
+        while self._queue and self._queue[0] <= now:
+            heapq.heappop(self._queue)
+        heapq.heappush(self._queue, leaves_at)
+        return len(self._queue)

@@ -7,6 +7,10 @@ The counters that matter most for batcher's invariants:
   runner it stays 0 whatever faults were injected.
 - ``signed_url_requests_with_key``: a signed storage URL received an API key
   header. Must stay 0.
+- ``api_keys_at_upload_host``: an API key reached the upload host (current
+  API), where only upload tokens are taken. Must stay 0.
+- ``parts_resent``: a part number stored again in the same upload (a retry,
+  or a resume that could not know the part had landed).
 - ``max_requests_per_second_by_key``: the most requests seen in any sliding
   1 s window, exact (see ``window.py``).
 """
@@ -26,7 +30,7 @@ __all__ = ["SimStats", "StatsRecorder", "canonical_json", "logical_request_key"]
 
 
 def _canonical(value: Any) -> Any:
-    # 7 and 7.0 are the same seed (CONTRACT.md); bools stay bools.
+    # 7 and 7.0 are the same seed, as in the manifest's rules; bools stay bools.
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
@@ -81,6 +85,25 @@ class SimStats:
     lost_responses: int = 0
     rate_limited: int = 0
     spend_limit_refusals: int = 0
+    # The current API: 410s for retired models, and generations refused
+    # because their project's upload was not confirmed (409 UPLOAD_MISSING).
+    retired_model_refusals: int = 0
+    generations_upload_missing: int = 0
+    # The current API's uploads: edge calls and complete_project_upload.
+    uploads_started: int = 0
+    uploads_completed: int = 0
+    uploads_aborted: int = 0
+    parts_received: int = 0
+    parts_resent: int = 0
+    part_errors_injected: int = 0
+    part_responses_lost: int = 0
+    upload_sessions_expired: int = 0
+    api_keys_at_upload_host: int = 0
+    complete_project_upload_calls: int = 0
+    projects_confirmed: int = 0
+    # User-Agent header value -> requests (API, upload host and storage);
+    # "(none)" counts requests without one.
+    user_agents: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (what ``GET /_sim/stats`` answers)."""
@@ -102,6 +125,11 @@ class StatsRecorder:
         self.charges_by_key: Counter[str] = Counter()
         self.usd_by_key: defaultdict[str, float] = defaultdict(float)
         self.charges_by_request: Counter[str] = Counter()
+        self.user_agents: Counter[str] = Counter()
+
+    def user_agent(self, value: str | None) -> None:
+        """A request (to any route but the control ones) came with this User-Agent."""
+        self.user_agents[value if value else "(none)"] += 1
 
     def arrival(self, api_key: str | None, now: float) -> None:
         """An API request arrived (before any check, 401s and 429s included)."""
@@ -116,6 +144,8 @@ class StatsRecorder:
 
     def bump(self, counter: str, amount: int = 1) -> None:
         """Add to a plain counter named after a :class:`SimStats` field."""
+        if counter not in _PLAIN_COUNTERS:
+            raise ValueError(f"no SimStats counter named {counter!r}")
         self.counts[counter] += amount
 
     def charge(self, api_key: str, usd: float, logical_key: str, *, kind: str) -> None:
@@ -131,31 +161,22 @@ class StatsRecorder:
 
     def snapshot(self) -> SimStats:
         """A consistent copy of every counter."""
-        c = self.counts
         usd = {k: round(v, 6) for k, v in self.usd_by_key.items()}
         return SimStats(
-            requests=c["requests"],
             requests_by_endpoint={k: dict(v) for k, v in self.by_endpoint.items()},
             max_requests_per_second=self.all_keys_window.peak,
             max_requests_per_second_by_key={k: w.peak for k, w in self.windows.items()},
-            projects_created=c["projects_created"],
-            uploads=c["uploads"],
-            downloads=c["downloads"],
-            generations_created=c["generations_created"],
-            generations_replayed=c["generations_replayed"],
-            generations_without_upload=c["generations_without_upload"],
-            charges=c["charges"],
             charged_usd=round(sum(self.usd_by_key.values()), 6),
             charges_by_key=dict(self.charges_by_key),
             charged_usd_by_key=usd,
             charges_by_request=dict(self.charges_by_request),
-            extra_charges=c["extra_charges"],
-            retry_charges=c["retry_charges"],
-            signed_url_requests_with_key=c["signed_url_requests_with_key"],
-            errors_injected=c["errors_injected"],
-            html_errors_injected=c["html_errors_injected"],
-            truncated_responses=c["truncated_responses"],
-            lost_responses=c["lost_responses"],
-            rate_limited=c["rate_limited"],
-            spend_limit_refusals=c["spend_limit_refusals"],
+            user_agents=dict(self.user_agents),
+            **{name: self.counts[name] for name in _PLAIN_COUNTERS},
         )
+
+
+# The SimStats fields that are plain counters, kept in ``StatsRecorder.counts``.
+_PLAIN_COUNTERS = tuple(
+    f.name for f in dataclasses.fields(SimStats) if f.type in ("int", int)
+    and not f.name.startswith("max_requests_per_second")
+)

@@ -80,9 +80,9 @@ class StorageRoutes:
         query = self.signer.query("upload", api_project_id, expires)
         return f"{origin}{UPLOAD_PREFIX}{api_project_id}?{query}", float(math.floor(expires))
 
-    def download_url(self, origin: str, generation_id: str) -> str:
-        """A fresh signed download URL for a complete generation."""
-        expires = self.state.wall() + self.state.config.download_ttl
+    def download_url(self, origin: str, generation_id: str, ttl: float) -> str:
+        """A fresh signed download URL for a complete generation, valid ``ttl`` seconds."""
+        expires = self.state.wall() + ttl
         query = self.signer.query("download", generation_id, expires)
         return f"{origin}{DOWNLOAD_PREFIX}{generation_id}/restored.mp3?{query}"
 

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from batcher.simulator.api import presented_key
 from batcher.simulator.model import Refusal
+from batcher.simulator.routes import presented_key
 from batcher.simulator.webhooks.records import MODES, WebhookEndpoint, api_key_id
 from batcher.simulator.webhooks.sender import WebhookSender
 from batcher.webhooks.errors import EventError
