@@ -215,31 +215,22 @@ def validate_row(
             )
     output = _text(present["output"], "output") if "output" in present else None
 
+    path: Path | None = None
+    file_rel: str | None = None
     if project is not None:
         if output is not None:
             raise RowProblem("output applies only to file rows; remove it or use file", "output")
-        return ManifestRow(
-            line=line,
-            physical_line=physical,
-            kind=Kind.API_PROJECT,
-            api_project_id=_text(project, "apiProjectId"),
-            file=None,
-            file_rel=None,
-            id=row_id,
-            sampling=sampling,
-            params=params,
-            idempotency_key=key,
-            model=model,
-            output=None,
-        )
-    file_rel = PurePosixPath(_text(file, "file")).as_posix()
-    path = base / file_rel
-    _check_regular_file(path)
+        kind, api_project_id = Kind.API_PROJECT, _text(project, "apiProjectId")
+    else:
+        kind, api_project_id = Kind.FILE, None
+        file_rel = PurePosixPath(_text(file, "file")).as_posix()
+        path = base / file_rel
+        _check_regular_file(path)
     return ManifestRow(
         line=line,
         physical_line=physical,
-        kind=Kind.FILE,
-        api_project_id=None,
+        kind=kind,
+        api_project_id=api_project_id,
         file=path,
         file_rel=file_rel,
         id=row_id,
@@ -250,8 +241,9 @@ def validate_row(
         output=output,
     )
 
+
 def _no_source(present: Mapping[str, Any], typos: Sequence[tuple[str, str]],
-           typo_of: Callable[[str], str | None]) -> str:
+               typo_of: Callable[[str], str | None]) -> str:
     message = "has neither apiProjectId nor file"
     if present:
         names = list(present)

@@ -236,6 +236,29 @@ async def test_the_spend_limit_halts_submissions_finishes_what_is_in_flight_then
     assert (stats.charges, stats.extra_charges) == (6, 0)
 
 
+async def test_a_key_revoked_mid_run_stops_everything_and_the_rerun_only_polls(
+        make_job: Any) -> None:
+    job = await make_job(project_rows(6), SimConfig(duration=(30.0, 40.0),
+                                                    auto_create_projects=True))
+
+    async def revoke_once_all_are_posted() -> None:
+        await until(lambda: job.sim.stats.generations_created == 6)
+        job.sim.update_config(api_keys={KEY: KeySpec(active=False)})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(revoke_once_all_are_posted)
+        result = await job.run()
+    assert result is not None and result.exit_code == 3
+    assert result.counts["submitted"] == 6  # polls met the 403: the rows wait, resumable
+    assert result.halt_error is not None and result.halt_error.halts_run
+
+    job.sim.update_config(api_keys={KEY: KeySpec()})
+    again = await job.run()
+    assert again is not None and again.exit_code == 0
+    assert again.stats.submitted == 0  # nothing posted again: every row was polled
+    assert (job.sim.stats.charges, job.sim.stats.extra_charges) == (6, 0)
+
+
 # ------------------------------------------------------------------ followers
 
 

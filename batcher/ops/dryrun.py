@@ -27,6 +27,7 @@ from ..spend import MIN_BILLED_SECONDS, audio_seconds
 
 __all__ = ["Plan", "make_plan", "print_plan"]
 
+
 @dataclass(slots=True)
 class Plan:
     """The counts and the estimate of a dry run."""

@@ -29,21 +29,13 @@ from ..settings import Settings
 from .hosts import Membership
 from .stats import RunStats
 
-__all__ = ["HaltState", "RunContext", "StopRun"]
+__all__ = ["HaltState", "RunContext"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # --halt-after judges the failure share only after this many finished rows.
 HALT_AFTER_MIN_SAMPLE = 20
-
-
-class StopRun(Exception):
-    """Internal: a halt that stops the whole run now (a bad key, a request bug).
-
-    The stage that meets the halting error records it, then raises this; the
-    worker that catches it cancels the run.
-    """
 
 
 @dataclass(slots=True)
@@ -106,7 +98,10 @@ class RunContext:
             self.client.stop_generations()
 
     def cancel(self) -> None:
-        """Cancel the whole run (after a hard halt)."""
+        """Cancel the whole run (a hard halt, once its error is recorded).
+
+        Every stage task stops at its next wait; the workers need not return.
+        """
         if self.scope is not None:
             self.scope.cancel()
 
@@ -165,7 +160,7 @@ class RunContext:
                 await self.move(current, current.stage, {"error": err.to_record()}, "halted")
             self.drop(row.row_id)
             if err.halts_run:
-                raise StopRun() from err
+                self.cancel()
             return
         current = await self.ledger.get(row.row_id)
         await self.fail(current or row, err.to_record())

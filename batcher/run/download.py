@@ -18,7 +18,7 @@ from ..model import LedgerRow, Stage
 from ..ops.logs import DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
 from ..retry import retrying
-from .context import RunContext, StopRun
+from .context import RunContext
 
 __all__ = ["Downloader"]
 
@@ -38,11 +38,7 @@ class Downloader:
         """Download each row received, until the stream ends or the run stops."""
         async with recv:
             async for row in recv:
-                try:
-                    await self.download(row)
-                except StopRun:
-                    self.ctx.cancel()
-                    return
+                await self.download(row)
 
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""
@@ -80,7 +76,8 @@ class Downloader:
         except ApiError as err:
             if err.halts_run:
                 ctx.halt(err)
-                raise StopRun() from err
+                ctx.cancel()
+                return
             await ctx.fail(row, err.to_record())
             return
         await ctx.move(row, Stage.COMPLETE, {

@@ -28,7 +28,7 @@ from ..model import Kind, LedgerRow, Stage
 from ..ops.logs import UPLOAD_URL_EXPIRED, event
 from ..retry import retrying
 from ..spend import SpendCap
-from .context import RunContext, StopRun
+from .context import RunContext
 from .poll import Polling
 
 __all__ = ["Submitter"]
@@ -57,11 +57,7 @@ class Submitter:
                 if self.ctx.halted:
                     self.ctx.drop(row.row_id)
                     continue
-                try:
-                    await self.submit(row)
-                except StopRun:
-                    self.ctx.cancel()
-                    return
+                await self.submit(row)
 
     # ------------------------------------------------------------------ spend
 
