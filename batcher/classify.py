@@ -20,6 +20,8 @@ answer                  result
 405                     ``RequestBug`` (halts loudly: a bug in the runner)
 408                     ``ServerError`` code ``requestTimeout`` (retryable)
 409                     ``Conflict`` with the body's ``code``
+410 ``model_retired``   ``ModelRetired`` (halts: the model is no longer
+                        served; names the supported models)
 429                     ``RateLimited`` with ``retry_after``
 5xx                     ``ServerError``
 anything else           ``DecodeError``
@@ -28,6 +30,10 @@ anything else           ``DecodeError``
 An HTML page (a proxy's or load balancer's error page) on any status keeps
 that status' class, with a message saying "HTML page" and its first 200
 characters.
+
+Error bodies come in two shapes: the API's ``{"error": "message", "code":
+"…"}`` and the upload host's ``{"error": {"code": "…", "message": "…"}}``;
+both give the same message and code (:func:`error_text`).
 
 The 403 decision: the seed documents three 403 causes — key not active, key
 lacks write permission, key does not own the project. Only the last is about
@@ -55,13 +61,14 @@ from batcher.errors import (
     ClientError,
     Conflict,
     DecodeError,
+    ModelRetired,
     RateLimited,
     RequestBug,
     ServerError,
     SpendLimit,
 )
 
-__all__ = ["classify", "parse_retry_after"]
+__all__ = ["classify", "error_text", "parse_retry_after"]
 
 _SNIPPET = 200
 
@@ -136,13 +143,47 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _is_ownership_403(body: Mapping[str, Any], text: str) -> bool:
-    code = body.get("code")
-    if isinstance(code, str) and code.lower() in _OWNERSHIP_CODES:
+def error_text(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(message, code) of an error body in either shape, each None when absent.
+
+    ``{"error": "msg", "code": "c"}`` (the API) and ``{"error": {"code": "c",
+    "message": "msg"}}`` (the upload host); a top-level ``code`` wins over a
+    nested one, a nested ``message`` is the message.
+    """
+    error = body.get("error")
+    message: Any = error
+    code: Any = body.get("code")
+    if isinstance(error, Mapping):
+        message = error.get("message")
+        if not isinstance(code, str) or not code:
+            code = error.get("code")
+    return (message if isinstance(message, str) and message else None,
+            code if isinstance(code, str) and code else None)
+
+
+def _is_ownership_403(code: str | None, message: str | None, text: str) -> bool:
+    if code is not None and code.lower() in _OWNERSHIP_CODES:
         return True
-    message = body.get("error")
-    haystack = (message if isinstance(message, str) else text).lower()
+    haystack = (message if message is not None else text).lower()
     return any(phrase in haystack for phrase in _OWNERSHIP_WORDING)
+
+
+def _model_retired(message: str, body: Mapping[str, Any], kw: dict[str, Any]) -> ModelRetired:
+    """The 410 ``model_retired`` answer, as one line naming what to use instead."""
+    retired = body.get("retiredModel")
+    retired = retired if isinstance(retired, str) and retired else None
+    listed = body.get("supportedModels")
+    supported = tuple(m for m in listed if isinstance(m, str)) if isinstance(listed, list) else ()
+    endpoint = str(kw.get("endpoint", ""))
+    name = retired or endpoint.removesuffix("-generation") or "this model"
+    line = f"the API has retired model {name}"
+    if supported:
+        line += f"; it serves {', '.join(supported)}: use --model {supported[0]}"
+        line += " (or the rows' model column)"
+    else:
+        line += f" ({message})"
+    return ModelRetired(line, retired_model=name, supported_models=supported,
+                        code="model_retired", **kw)
 
 
 def classify(
@@ -184,15 +225,15 @@ def classify(
     parsed = None if html else _json_object(body)
     data: dict[str, Any] = parsed or {}
     text = _snippet(body)
+    body_message, body_code = error_text(data)
     if html:
         message = f"HTTP {status}: HTML page instead of JSON: {text!r}"
-    elif isinstance(data.get("error"), str) and data["error"]:
-        message = str(data["error"])
+    elif body_message is not None:
+        message = body_message
     elif parsed is None and body.strip():
         message = f"HTTP {status}: {text!r}"
     else:
         message = f"Request failed with status {status}"
-    body_code = data.get("code") if isinstance(data.get("code"), str) else None
     kw: dict[str, Any] = {"status": status, "body": data, "endpoint": endpoint}
 
     if status == 401:
@@ -200,7 +241,7 @@ def classify(
     if status == 402:
         return SpendLimit(message, code=body_code or "spendLimitExceeded", **kw)
     if status == 403:
-        if _is_ownership_403(data, text):
+        if _is_ownership_403(body_code, body_message, text):
             return ClientError(message, code="notOwner", **kw)
         return AuthError(message, code=body_code or "forbidden", **kw)
     if status == 405:
@@ -211,6 +252,8 @@ def classify(
         return ServerError(message, code=body_code or "requestTimeout", **kw)
     if status == 409:
         return Conflict(message, code=body_code or "conflict", **kw)
+    if status == 410 and body_code == "model_retired":
+        return _model_retired(message, data, kw)
     if status == 429:
         retry_after = parse_retry_after(_header(headers, "Retry-After"), now=now)
         return RateLimited(message, retry_after=retry_after, code=body_code or "rateLimited", **kw)

@@ -37,6 +37,8 @@ errors around outputs in ``outputs.py``, the databases' in ``ledger/``::
             ├── AuthError        401, and 403 on the key itself (halts the run)
             ├── SpendLimit       402 (halts submissions; body figures kept)
             ├── Conflict         409 (idempotencyKeyConflict, not ready yet, …)
+            ├── ModelRetired     410 model_retired: the API no longer serves the
+            │                    model (halts the run; names the supported ones)
             └── ClientError      other 4xx: the row is wrong (not retried)
                 ├── UrlExpired   a signed storage URL refused: ask for a new one
                 └── RequestBug   405 or a redirect: our request is malformed
@@ -74,6 +76,7 @@ __all__ = [
     "ListenAddressError",
     "LocalFileError",
     "ManifestError",
+    "ModelRetired",
     "OutputPathError",
     "RateLimited",
     "RefusalReason",
@@ -384,6 +387,30 @@ class Conflict(StatusError):
     """409: ``idempotencyKeyConflict`` (row fails) or a resource not ready yet."""
 
     code = "conflict"
+
+
+class ModelRetired(StatusError):
+    """410 ``model_retired``: the API no longer serves the model; halt the run.
+
+    Every later row with that model would get the same answer, and nothing
+    was charged: the run halts (exit 3), rows stay pending, and the same
+    command resumes once the model is changed. ``retired_model`` and
+    ``supported_models`` come from the answer's ``retiredModel`` and
+    ``supportedModels``; the message names both, in one line.
+    """
+
+    halts_submissions = True
+    halts_run = True
+    code = "model_retired"
+
+    def __init__(self, message: str, *, retired_model: str,
+                 supported_models: tuple[str, ...], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retired_model = retired_model
+        self.supported_models = supported_models
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ClientError(StatusError):

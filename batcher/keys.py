@@ -1,11 +1,12 @@
 """Idempotency keys and row identities, as pure functions of a row's content.
 
-DESIGN.md invariant 1: a derived key is a hash of the canonical request
-content (model, source, sampling, params, key namespace); never random, never
-time-based. The same content gives the same key on every machine and run, so a
-resumed run re-posts with the key the API already knows and is not charged
-again. Numbers compare by value (``7 == 7.0``), dict key order does not
-matter, and ``diffio-3.4`` is the API's alias of ``diffio-3.5``.
+A derived key is a hash of the canonical request content (model, source,
+sampling, params, key namespace); never random, never time-based. The same
+content gives the same key on every machine and run, so a resumed run
+re-posts with the key the API already knows and is not charged again.
+Numbers compare by value (``7 == 7.0``), dict key order does not matter, and
+a model alias is its target (``diffio-4.5-flash`` is ``diffio-4.6-flash``,
+``diffio-3.4`` is ``diffio-3.5``: see :mod:`batcher.models`).
 
 A row's default *identity* (``rowId``) is derived the same way but from what
 the user wrote (the file path rather than the file's bytes), so editing an
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from .models import normalize_model
 
 __all__ = [
     "KEY_PREFIX",
@@ -52,8 +55,6 @@ _INT_MAX = 2**64 - 1
 # orjson refuses to write deeper than 254 levels, and recursing deeper than
 # Python's stack allows would raise RecursionError: refuse early, as a value.
 _MAX_DEPTH = 128
-
-_MODEL_ALIASES = {"diffio-3.4": "diffio-3.5"}
 
 _CHUNK = 1 << 20
 
@@ -119,11 +120,6 @@ def canonical_json(obj: Any) -> bytes:
     except orjson.JSONEncodeError as exc:
         # Types were checked above, so what is left is a bad value (surrogates).
         raise ValueError(str(exc)) from exc
-
-
-def normalize_model(model: str) -> str:
-    """The model key the API stores: ``diffio-3.4`` is an alias of ``diffio-3.5``."""
-    return _MODEL_ALIASES.get(model, model)
 
 
 def _source_json(source: Source) -> dict[str, str]:

@@ -29,6 +29,8 @@ __all__ = [
     "RunInfo",
     "Stage",
     "Update",
+    "UploadPart",
+    "UploadSession",
     "contract_status",
     "describe_stages",
     "legal_sources",
@@ -132,6 +134,49 @@ def status_counts(by_stage: Mapping[Stage, int]) -> dict[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadSession:
+    """Where and how a file row's bytes go up in parts (the current API).
+
+    ``create_project`` hands it out; the ledger keeps it with the project, so
+    a killed run goes on with the same session while it is valid. ``token``
+    is the upload host's credential for this one upload (never the API key);
+    it is kept out of reprs and of the row's history. ``expires_at`` is the
+    API's ISO-8601 time, or None when it gave none.
+    """
+
+    session_id: str
+    edge_base_url: str
+    token: str = field(repr=False)
+    part_size: int
+    max_bytes: int | None = None
+    expires_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The session as the ledger stores it (a JSON object)."""
+        return {"sessionId": self.session_id, "edgeBaseUrl": self.edge_base_url,
+                "uploadToken": self.token, "partSizeBytes": self.part_size,
+                "maxBytes": self.max_bytes, "expiresAt": self.expires_at}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UploadSession:
+        """The session :meth:`to_json` wrote."""
+        return cls(session_id=str(data["sessionId"]), edge_base_url=str(data["edgeBaseUrl"]),
+                   token=str(data["uploadToken"]), part_size=int(data["partSizeBytes"]),
+                   max_bytes=data.get("maxBytes"), expires_at=data.get("expiresAt"))
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPart:
+    """One part the upload host confirmed: its number (from 1), its etag,
+    and the size and sha256 of the bytes that were sent."""
+
+    number: int
+    etag: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewRow:
     """A manifest row as the planner hands it to the ledger.
 
@@ -186,6 +231,13 @@ class LedgerRow:
     upload_method: str | None = None
     upload_expires_at: str | None = None
     content_type: str | None = None
+    # The current API's upload session of the project, and the multipart
+    # upload started in it (its confirmed parts are kept beside the row).
+    upload_session: UploadSession | None = None
+    upload_id: str | None = None
+    # The fleet queue position the last progress answer gave (1 is next),
+    # while the generation waits; None once out of the queue or unknown.
+    queue_position: int | None = None
     error: Mapping[str, Any] | None = None
     attempts: int = 0
     polls: int = 0
@@ -252,6 +304,9 @@ class Update(TypedDict, total=False):
     upload_method: str | None
     upload_expires_at: str | None
     content_type: str | None
+    upload_session: UploadSession | None
+    upload_id: str | None
+    queue_position: int | None
     error: Mapping[str, Any] | None
     attempts_delta: int  # added to attempts
     polls_delta: int  # added to polls

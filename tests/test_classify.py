@@ -10,13 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.classify import classify, parse_retry_after
+from batcher.classify import classify, error_text, parse_retry_after
 from batcher.errors import (
     ApiError,
     AuthError,
     ClientError,
     Conflict,
     DecodeError,
+    ModelRetired,
     RateLimited,
     RequestBug,
     ServerError,
@@ -309,3 +310,47 @@ def test_classify_never_raises_and_returns_dict_only_for_2xx(
         assert isinstance(result, ApiError)
         if isinstance(result, RateLimited) and result.retry_after is not None:
             assert result.retry_after >= 0
+
+
+# -- today's API: 410 model_retired, and the upload host's error shape ----------
+
+
+def test_410_model_retired_halts_the_run_with_one_line_naming_what_to_use() -> None:
+    body = {"error": "diffio-3.5 has been retired. Use diffio-4.6-flash or diffio-4.6-pro.",
+            "code": "model_retired", "retiredModel": "diffio-3.5",
+            "supportedModels": ["diffio-4.6-flash", "diffio-4.6-pro"]}
+    e = err(410, body)
+    assert isinstance(e, ModelRetired) and e.halts_run and e.halts_submissions
+    assert not e.retryable and e.code == "model_retired" and e.status == 410
+    assert (e.retired_model, e.supported_models) == (
+        "diffio-3.5", ("diffio-4.6-flash", "diffio-4.6-pro"))
+    line = str(e)
+    assert "\n" not in line and "diffio-3.5" in line
+    assert "diffio-4.6-flash, diffio-4.6-pro" in line and "--model diffio-4.6-flash" in line
+    assert e.to_record()["httpStatus"] == 410
+
+
+def test_410_without_the_list_still_names_the_model_and_other_410s_are_row_errors() -> None:
+    e = err(410, {"error": "gone", "code": "model_retired"})
+    assert isinstance(e, ModelRetired) and e.supported_models == ()
+    assert "diffio-3.5" in str(e) and "gone" in str(e)  # the endpoint's model, the API's words
+    other = err(410, {"error": "gone for good"})
+    assert type(other) is ClientError and other.code == "http410" and not other.halts_run
+
+
+@pytest.mark.parametrize("status, kind, code", [
+    (401, AuthError, "invalid_token"), (404, ClientError, "no_such_upload"),
+    (409, Conflict, "upload_completed"), (500, ServerError, "internal_error"),
+])
+def test_the_upload_hosts_error_shape_gives_the_same_message_and_code(
+        status: int, kind: type[ApiError], code: str) -> None:
+    e = err(status, {"error": {"code": code, "message": "what went wrong"}})
+    assert type(e) is kind and e.code == code and e.message == "what went wrong"
+
+
+def test_error_text_reads_both_shapes() -> None:
+    assert error_text({"error": "msg", "code": "c"}) == ("msg", "c")
+    assert error_text({"error": {"code": "c", "message": "msg"}}) == ("msg", "c")
+    assert error_text({"error": {"message": "msg"}, "code": "top"}) == ("msg", "top")
+    assert error_text({"error": {}, "code": 7}) == (None, None)
+    assert error_text({}) == (None, None)

@@ -39,6 +39,8 @@ from batcher.model import (
     RunInfo,
     Stage,
     Update,
+    UploadPart,
+    UploadSession,
 )
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -482,6 +484,10 @@ FULL_UPDATE: Update = {
     "upload_expires_at": "2030-01-01T00:00:00Z",
     "content_type": "audio/wav",
     "leader_row_id": "r0",
+    "upload_session": UploadSession("upls-1", "https://edge.example/x", "tok-1", 1024,
+                                    max_bytes=4096, expires_at="2030-01-01T00:00:00Z"),
+    "upload_id": "upl-1",
+    "queue_position": 4,
     "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
     "attempts_delta": 3,
     "polls_delta": 2,
@@ -1435,3 +1441,76 @@ async def test_a_read_only_ledger_refuses_lease_writes(shared_backend: Backend) 
         with pytest.raises(LedgerError):
             await call()
     await ro.close()
+
+
+# -- upload sessions and their parts -----------------------------------------
+
+
+SESSION = UploadSession("upls-9", "http://edge.test/edge", "secret-token", 8,
+                        max_bytes=64, expires_at="2030-01-01T00:00:00Z")
+
+
+async def _uploading(led: Ledger, upload_id: str = "upl-a") -> LedgerRow:
+    """Row r1, a file row in PROJECT with ``SESSION`` and ``upload_id`` started."""
+    (row,) = await led.import_rows([new_row(1, kind=Kind.FILE, api_project_id=None)])
+    row = await led.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED,
+                               {"api_project_id": "proj-x", "upload_session": SESSION},
+                               event="projectCreated", current=row)
+    return await led.transition("r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                                {"upload_id": upload_id}, event="uploadStarted", current=row)
+
+
+@pytest.mark.anyio
+async def test_an_upload_session_is_kept_with_the_project_and_read_back(
+        backend: Backend) -> None:
+    async with backend.running() as led:
+        row = await _uploading(led)
+        assert (row.upload_session, row.upload_id) == (SESSION, "upl-a")
+        assert await led.get("r1") == row
+    # and by the next run, from the store
+    async with backend.running() as led:
+        stored = await led.get("r1")
+        assert stored is not None and stored.upload_session == SESSION
+        assert stored.upload_session.token == "secret-token" and stored.upload_id == "upl-a"
+        # the token stays out of reprs (and so out of logs of the row)
+        assert "secret-token" not in repr(stored)
+
+
+@pytest.mark.anyio
+async def test_parts_are_recorded_per_upload_by_number_and_replaced_when_sent_again(
+        backend: Backend) -> None:
+    async with backend.running() as led:
+        await _uploading(led)
+        for n in (2, 1, 3):
+            await led.record_part("r1", "upl-a", UploadPart(n, f"e{n}", 8, f"s{n}"))
+        await led.record_part("r1", "upl-a", UploadPart(2, "e2-again", 8, "s2-again"))
+    async with backend.running() as led:
+        parts = await led.upload_parts("r1", "upl-a")
+        assert parts == [UploadPart(1, "e1", 8, "s1"), UploadPart(2, "e2-again", 8, "s2-again"),
+                         UploadPart(3, "e3", 8, "s3")]
+        assert await led.upload_parts("r1", "upl-other") == []
+        assert await led.upload_parts("r2", "upl-a") == []
+
+
+@pytest.mark.anyio
+async def test_a_part_of_another_upload_or_a_row_moved_on_is_refused(ledger: Ledger) -> None:
+    row = await _uploading(ledger)
+    with pytest.raises(TransitionConflict):
+        await ledger.record_part("r1", "upl-stale", UploadPart(1, "e", 8, "s"))
+    with pytest.raises(TransitionConflict):
+        await ledger.record_part("nope", "upl-a", UploadPart(1, "e", 8, "s"))
+    # a fresh upload in the same session: parts of the old one are not its parts
+    row = await ledger.transition("r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                                  {"upload_id": "upl-b"}, event="uploadStarted", current=row)
+    with pytest.raises(TransitionConflict):
+        await ledger.record_part("r1", "upl-a", UploadPart(1, "e", 8, "s"))
+    await ledger.record_part("r1", "upl-b", UploadPart(1, "e", 8, "s"))
+    await ledger.transition("r1", Stage.PROJECT_CREATED, Stage.UPLOADED,
+                            {"upload_session": None, "upload_id": None}, event="uploaded",
+                            current=row)
+    with pytest.raises(TransitionConflict):
+        await ledger.record_part("r1", "upl-b", UploadPart(2, "e", 8, "s"))
+    assert await ledger.upload_parts("r1", "upl-a") == []
+    assert [p.number for p in await ledger.upload_parts("r1", "upl-b")] == [1]
+    await ledger.forget_parts("r1")
+    assert await ledger.upload_parts("r1", "upl-b") == []

@@ -26,7 +26,7 @@ import pytest
 from batcher.errors import ConfigError, LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import MemoryLedger, SqliteLedger, open_ledger
 from batcher.ledger.lock import RunLock, lock_path_for
-from batcher.ledger.migrations import BOOTSTRAP_SQL, load_migrations
+from batcher.ledger.migrations import BOOTSTRAP_SQL, load_migrations, pending_migrations
 from batcher.model import Kind, NewRow, RunInfo, Stage
 
 
@@ -371,9 +371,11 @@ async def test_migrations_are_recorded_once_and_reopen_is_idempotent(tmp_path: P
     await led.open(run_info("one"))
     await led.close(0)
     first = tables(path)
-    assert first["migrations"] == [
+    assert first["migrations"][:3] == [
         (1, "initial", 1234.5), (2, "leases", 1234.5), (3, "row_versions", 1234.5)
     ]
+    assert first["migrations"] == [(m.version, m.name, 1234.5)
+                                   for m in load_migrations("sqlite")]
     assert {t for (t,) in first["tables"]} >= {
         "ledger_rows",
         "ledger_events",
@@ -423,7 +425,8 @@ async def test_an_old_ledger_is_migrated_by_a_reader_when_no_run_holds_it(
     await reader.open(run_info("status"), lock=False)
     assert [r async for r in reader.rows()] == []
     await reader.close()
-    assert [v for v, _, _ in tables(path)["migrations"]] == [1, 2, 3]
+    assert [v for v, _, _ in tables(path)["migrations"]] == [
+        m.version for m in load_migrations("sqlite")]
 
 
 @pytest.mark.anyio
@@ -455,7 +458,8 @@ async def test_a_ledger_written_at_version_2_migrates_forward_and_keeps_its_rows
         assert (done.version, done.polls) == (1, 1) and done == await led.get("r1")
     finally:
         await led.close(0)
-    assert [v for v, _, _ in tables(path)["migrations"]] == [1, 2, 3]
+    assert [v for v, _, _ in tables(path)["migrations"]] == [
+        m.version for m in load_migrations("sqlite")]
     with sqlite3.connect(path) as conn:  # the old lease columns are left as they were
         assert conn.execute("SELECT lease_owner FROM ledger_rows").fetchall() == [("w-old",)]
 
@@ -546,3 +550,15 @@ async def test_an_unwritable_place_is_a_ledger_error(tmp_path: Path) -> None:
         await SqliteLedger(blocker / "l.sqlite").open(run_info())
     with pytest.raises(LedgerError, match=r"not a batcher ledger|cannot"):
         await SqliteLedger(blocker).open(run_info())
+
+
+def test_a_migration_number_missing_from_a_ledger_is_applied_when_it_appears() -> None:
+    # Numbers are handed out to changes made side by side, so a ledger may
+    # have recorded a later one first; what is not recorded is still to do.
+    known = [m.version for m in load_migrations("sqlite")]
+    assert known[0] == 1 and len(set(known)) == len(known)
+    done = [v for v in known if v != 2]
+    assert [m.version for m in pending_migrations("sqlite", done)] == [2]
+    assert pending_migrations("sqlite", known) == []
+    with pytest.raises(LedgerError, match="newer than this batcher knows"):
+        pending_migrations("sqlite", [*known, max(known) + 1])

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
-from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
 __all__ = [
     "LEASE_TAKEN_OVER",
@@ -108,6 +108,24 @@ class Ledger(Protocol):
         database computed (``attempts``, ``polls``, ``updated_at``,
         ``version``) replaced. Its ``row_id`` must be ``row_id``.
         """
+        ...
+
+    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
+        """Keep a part the upload host confirmed, once committed.
+
+        Kept only while the row is in PROJECT with ``upload_id`` as its
+        ``upload_id``: anything else (a fresh project, a row moved on, another
+        host's upload) raises TransitionConflict and records nothing. A part
+        number recorded again replaces the earlier record.
+        """
+        ...
+
+    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
+        """The parts recorded for the row's upload ``upload_id``, by number."""
+        ...
+
+    async def forget_parts(self, row_id: str) -> None:
+        """Drop every part recorded for the row (its upload is confirmed)."""
         ...
 
     async def get(self, row_id: str) -> LedgerRow | None:

@@ -18,7 +18,16 @@ from typing import Any, Protocol
 import orjson
 
 from batcher.errors import LedgerError
-from batcher.model import UPDATE_COLUMNS, Kind, LedgerRow, NewRow, Stage, Update
+from batcher.model import (
+    UPDATE_COLUMNS,
+    Kind,
+    LedgerRow,
+    NewRow,
+    Stage,
+    Update,
+    UploadPart,
+    UploadSession,
+)
 
 __all__ = [
     "COMPUTED",
@@ -33,6 +42,8 @@ __all__ = [
     "json_copy",
     "moved",
     "new_row_values",
+    "part_from_record",
+    "part_values",
     "row_from_record",
     "transition_values",
     "update_fields",
@@ -124,6 +135,7 @@ def inserted_record(
         "generation_id": None, "api_status": None, "output_path": None,
         "output_sha256": None, "output_size": None, "upload_url": None,
         "upload_method": None, "upload_expires_at": None, "content_type": None,
+        "upload_session": None, "upload_id": None, "queue_position": None,
         "attempts": 0, "polls": 0, "retry_count": 0, "base_key": None, "retired": False,
         "version": 0,
         **values,
@@ -164,6 +176,9 @@ def row_from_record(r: Record) -> LedgerRow:
         upload_method=r["upload_method"],
         upload_expires_at=r["upload_expires_at"],
         content_type=r["content_type"],
+        upload_session=_session_from_column(r["upload_session"]),
+        upload_id=r["upload_id"],
+        queue_position=r["queue_position"],
         error=orjson.loads(error) if error is not None else None,
         attempts=r["attempts"],
         polls=r["polls"],
@@ -194,8 +209,35 @@ def transition_values(row_id: str, to: Stage, update: Update) -> dict[str, Any]:
     }
     if "error" in fields:
         values.update(error_columns(fields.pop("error")))
+    if "upload_session" in fields:
+        values["upload_session"] = _session_column(fields.pop("upload_session"))
     values.update(fields)
     return values
+
+
+def _session_column(session: UploadSession | None) -> str | None:
+    """The upload_session column: the session as a JSON object, or NULL."""
+    if session is None:
+        return None
+    if not isinstance(session, UploadSession):
+        raise LedgerError("upload_session must be an UploadSession")
+    return orjson.dumps(session.to_json()).decode()
+
+
+def _session_from_column(text: str | None) -> UploadSession | None:
+    return None if text is None else UploadSession.from_json(orjson.loads(text))
+
+
+def part_values(row_id: str, upload_id: str, part: UploadPart, now: float) -> dict[str, Any]:
+    """The named parameters of the ``record_part`` statement."""
+    return {"row_id": row_id, "upload_id": upload_id, "part_number": part.number,
+            "etag": part.etag, "size": part.size, "sha256": part.sha256, "now": now}
+
+
+def part_from_record(r: Record) -> UploadPart:
+    """Decode one ``ledger_upload_parts`` record."""
+    return UploadPart(number=r["part_number"], etag=r["etag"], size=r["size"],
+                      sha256=r["sha256"])
 
 
 def update_fields(update: Update, error_json: str | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import anyio.lowlevel
 import orjson
 
-from batcher.errors import LedgerError
+from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.codec import (
     REQUEST_FIELDS,
@@ -46,7 +46,7 @@ from batcher.ledger.rules import (
     plan_move,
     refusal,
 )
-from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update
+from batcher.model import ACTIVE_STAGES, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.model import Event as LedgerEvent
 
 __all__ = ["MemoryLedger"]
@@ -68,6 +68,8 @@ class _Store:
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     epoch: int = 0
     pace: PaceState = field(default_factory=PaceState)
+    # (row_id, upload_id) -> part number -> the part
+    parts: dict[tuple[str, str], dict[int, UploadPart]] = field(default_factory=dict)
 
 
 class MemoryLedger:
@@ -277,6 +279,32 @@ class MemoryLedger:
         self._db.rows[row_id] = row
         self._event(row_id, now, cur.stage, to, event, orjson.loads(move.detail))
         return row if current is None else moved(current, to, move.fields, computed)
+
+    # -- upload parts ------------------------------------------------------
+
+    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
+        """Keep a confirmed part of the row's current upload; see the Protocol."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        row = self._db.rows.get(row_id)
+        if row is None or row.stage is not Stage.PROJECT_CREATED or row.upload_id != upload_id:
+            raise TransitionConflict(row_id, f"project (upload {upload_id})",
+                                     None if row is None else row.stage.value)
+        self._db.parts.setdefault((row_id, upload_id), {})[part.number] = part
+
+    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
+        """The recorded parts of one upload, by number."""
+        await anyio.lowlevel.checkpoint()
+        self._reader()
+        parts = self._db.parts.get((row_id, upload_id), {})
+        return [parts[n] for n in sorted(parts)]
+
+    async def forget_parts(self, row_id: str) -> None:
+        """Drop the row's recorded parts."""
+        await anyio.lowlevel.checkpoint()
+        self._writer()
+        for key in [k for k in self._db.parts if k[0] == row_id]:
+            del self._db.parts[key]
 
     # -- reads -------------------------------------------------------------
 

@@ -7,6 +7,13 @@ one version or the next, never in between (the sqlite-utils way). A ledger
 whose recorded version is newer than any file here was written by a newer
 batcher and is refused rather than guessed at.
 
+Numbers are handed out ahead of time to changes developed side by side, so
+the numbers present may have a gap (1, 2, 3, 5) until the missing change
+lands; a ledger records each version it applied, and a migration missing
+from it is applied when it appears, even below the ledger's highest version.
+Every migration therefore adds to the schema without depending on another
+one it does not name.
+
 Queries live in ``queries.sql`` as ``-- name: <name>`` blocks with ``:named``
 parameters, shared by every backend (PostgreSQL rewrites the parameters).
 """
@@ -73,15 +80,20 @@ def _sql_files() -> Iterable[tuple[str, str]]:
 
 @cache
 def load_migrations(dialect: str) -> tuple[Migration, ...]:
-    """Every migration for ``dialect``, in version order; versions must be 1..N."""
+    """Every migration for ``dialect``, in version order.
+
+    Versions are unique and start at 1 (the initial schema); later numbers
+    may have gaps (see the module docstring).
+    """
     found = []
     for name, text in _sql_files():
         m = _FILE.match(name)
         if m and m["dialect"] == dialect:
             found.append(Migration(int(m["version"]), m["name"], text))
     found.sort(key=lambda mig: mig.version)
-    if [mig.version for mig in found] != list(range(1, len(found) + 1)):
-        raise LedgerError(f"{dialect} migrations are not numbered 1..N: {found!r}")
+    versions = [mig.version for mig in found]
+    if len(set(versions)) != len(versions) or (versions and versions[0] != 1):
+        raise LedgerError(f"{dialect} migrations must have unique numbers from 1: {versions}")
     return tuple(found)
 
 
@@ -128,13 +140,18 @@ def _has_code(text: str) -> bool:
 
 
 def pending_migrations(dialect: str, applied: Iterable[int]) -> list[Migration]:
-    """Migrations not yet applied; refuses a ledger from a newer batcher."""
+    """Migrations not yet applied; refuses a ledger from a newer batcher.
+
+    A ledger that records a version this batcher has no file for was written
+    by a newer one: refused rather than guessed at.
+    """
     known = load_migrations(dialect)
     done = set(applied)
-    latest = known[-1].version if known else 0
-    if done and max(done) > latest:
+    unknown = done - {mig.version for mig in known}
+    if unknown:
+        latest = known[-1].version if known else 0
         raise LedgerError(
-            f"ledger schema version {max(done)} is newer than this batcher knows "
+            f"ledger schema version {max(unknown)} is newer than this batcher knows "
             f"({latest}); upgrade batcher"
         )
     return [mig for mig in known if mig.version not in done]

@@ -47,7 +47,7 @@ import anyio
 import asyncpg
 import orjson
 
-from batcher.errors import LedgerError
+from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import codec
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.migrations import pending_migrations
@@ -61,7 +61,7 @@ from batcher.ledger.postgres_sql import (
     positional,
 )
 from batcher.ledger.rules import check_claim, plan_move, refusal
-from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
 __all__ = ["PostgresLedger"]
 
@@ -360,6 +360,32 @@ class PostgresLedger:
             query = positional(text)
             self._transition_cache[key] = query
         return query
+
+    # -- upload parts ------------------------------------------------------
+
+    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
+        """Keep a confirmed part of the row's current upload; see the Protocol."""
+        params = codec.part_values(row_id, upload_id, part, self._wall())
+        status = await self._exec("record_part", params, f"record a part of row {row_id}")
+        if status.rsplit(" ", 1)[-1] != "0":
+            return
+        pool = self._pool_for(write=True)
+        with self._translate(f"read row {row_id}"):
+            got = await pool.fetchrow(self._q["get_stage"].text, row_id)
+        raise TransitionConflict(row_id, f"project (upload {upload_id})",
+                                 None if got is None else str(got["stage"]))
+
+    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
+        """The recorded parts of one upload, by number."""
+        pool = self._pool_for(write=False)
+        q = self._q["upload_parts"]
+        with self._translate(f"read the parts of row {row_id}"):
+            found = await pool.fetch(q.text, *q.args({"row_id": row_id, "upload_id": upload_id}))
+        return [codec.part_from_record(r) for r in found]
+
+    async def forget_parts(self, row_id: str) -> None:
+        """Drop the row's recorded parts."""
+        await self._exec("forget_parts", {"row_id": row_id}, f"forget the parts of row {row_id}")
 
     # -- reads -------------------------------------------------------------
 

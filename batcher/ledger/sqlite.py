@@ -31,13 +31,13 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from batcher.errors import LedgerError, LedgerLocked
+from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import codec
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.writer import GroupCommitWriter, Job
-from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update
+from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
 __all__ = ["SqliteLedger"]
 
@@ -461,6 +461,36 @@ class SqliteLedger:
             )
             self._transition_cache[key] = sql
         return sql
+
+    # -- upload parts ------------------------------------------------------
+
+    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
+        """Keep a confirmed part of the row's current upload; see the Protocol."""
+        params = codec.part_values(row_id, upload_id, part, self._wall())
+
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute(self._q["record_part"], params).rowcount == 1:
+                return
+            got = conn.execute(self._q["get_stage"], params).fetchone()
+            raise TransitionConflict(row_id, f"project (upload {upload_id})",
+                                     None if got is None else str(got[0]))
+
+        await self._write(job)
+
+    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
+        """The recorded parts of one upload, by number."""
+        params = {"row_id": row_id, "upload_id": upload_id}
+
+        def job(conn: sqlite3.Connection) -> list[UploadPart]:
+            found = _records(conn.execute(self._q["upload_parts"], params))
+            return [codec.part_from_record(r) for r in found]
+
+        return await self._read(job)
+
+    async def forget_parts(self, row_id: str) -> None:
+        """Drop the row's recorded parts."""
+        params = {"row_id": row_id}
+        await self._write(lambda conn: conn.execute(self._q["forget_parts"], params))
 
     # -- reads -------------------------------------------------------------
 

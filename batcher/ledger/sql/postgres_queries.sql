@@ -290,3 +290,16 @@ FROM slots s
 WHERE p.id = 1 AND s.top IS NOT NULL
 RETURNING s.first_at, s.spacing, :count::int AS count, s.now, s.r AS rate,
           s.top AS max_rate, s.until AS paused_until;
+
+-- name: record_part
+-- As in queries.sql, with the types spelt out: parameters in a SELECT list
+-- would otherwise be taken as text.
+INSERT INTO ledger_upload_parts (row_id, upload_id, part_number, etag, size, sha256, at)
+SELECT :row_id::text, :upload_id::text, :part_number::int, :etag::text, :size::bigint,
+       :sha256::text, :now::double precision
+WHERE EXISTS (
+    SELECT 1 FROM ledger_rows
+    WHERE row_id = :row_id::text AND stage = 'project' AND upload_id = :upload_id::text
+)
+ON CONFLICT (row_id, upload_id, part_number) DO UPDATE
+SET etag = excluded.etag, size = excluded.size, sha256 = excluded.sha256, at = excluded.at;

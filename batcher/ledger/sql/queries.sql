@@ -129,3 +129,24 @@ WHERE run_id = :run_id;
 -- name: runs
 SELECT run_id, pid, host, started_at, ended_at, exit_code, command
 FROM ledger_runs ORDER BY started_at, run_id;
+
+-- name: record_part
+-- A part the upload host confirmed, kept only while the row is still
+-- uploading that very upload (a stale writer records nothing). A part sent
+-- again replaces the earlier record of its number.
+INSERT INTO ledger_upload_parts (row_id, upload_id, part_number, etag, size, sha256, at)
+SELECT :row_id, :upload_id, :part_number, :etag, :size, :sha256, :now
+WHERE EXISTS (
+    SELECT 1 FROM ledger_rows
+    WHERE row_id = :row_id AND stage = 'project' AND upload_id = :upload_id
+)
+ON CONFLICT (row_id, upload_id, part_number) DO UPDATE
+SET etag = excluded.etag, size = excluded.size, sha256 = excluded.sha256, at = excluded.at;
+
+-- name: upload_parts
+SELECT part_number, etag, size, sha256 FROM ledger_upload_parts
+WHERE row_id = :row_id AND upload_id = :upload_id
+ORDER BY part_number;
+
+-- name: forget_parts
+DELETE FROM ledger_upload_parts WHERE row_id = :row_id;
