@@ -15,8 +15,7 @@ from .errors import (
 )
 from .run import RunResult
 from .settings import Settings
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ApiError",

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from .bandwidth import Bandwidth
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
 from .ledger import open_ledger
@@ -202,7 +203,8 @@ async def _run(
         gate = RateGate(settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
-                              timeout=settings.timeout, on_request=stats.on_request)
+                              timeout=settings.timeout, on_request=stats.on_request,
+                              bandwidth=Bandwidth(settings.max_bandwidth))
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
                         stats=stats, run_info=info)
         if progress == "off":

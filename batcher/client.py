@@ -13,12 +13,19 @@ afterwards, which would bunch requests past the gate's margin). A 429 is
 reported to the gate here, so every caller slows down, and nobody else needs
 to call :meth:`RateGate.on_rate_limited`.
 
-Signed storage URLs (upload, download) are not the API: ``client.storage``
-(:mod:`batcher.storage`) sends and fetches file bytes there, without the API
-key and without the rate gate, under the same concurrency cap.
+File bytes are not the API's business: ``client.storage``
+(:mod:`batcher.storage`) sends them to the upload host or a signed URL and
+fetches outputs from signed URLs, without the API key and without the rate
+gate, under the same concurrency cap and the run's byte budget.
+
+Both generations of the API are understood: ``create_project`` answers with
+an upload session (today's API: upload in parts, then
+``complete_project_upload``) or with one signed upload URL (the seed era),
+and :class:`ProjectCreated` carries whichever came.
 
 The API key lives in one headers mapping; it is never put in a message, and
-answers are scrubbed of it before they are classified.
+answers are scrubbed of it before they are classified. Every request names
+batcher and its version in ``User-Agent``.
 
 The API's status words for a generation become one :class:`GenerationStatus`
 here; the word as sent is kept beside it for the ledger.
@@ -36,6 +43,7 @@ import aiohttp
 import anyio
 import orjson
 
+from batcher.bandwidth import Bandwidth
 from batcher.classify import classify
 from batcher.errors import (
     ApiError,
@@ -45,8 +53,10 @@ from batcher.errors import (
     RateLimited,
     SubmissionsStopped,
 )
+from batcher.model import UploadSession
 from batcher.ratelimit import RateGate
 from batcher.storage import TRANSPORT_EXCEPTIONS, RequestCallback, Storage, Transport
+from batcher.version import USER_AGENT
 
 __all__ = [
     "DiffioClient",
@@ -55,6 +65,7 @@ __all__ = [
     "GenerationStatus",
     "Progress",
     "ProjectCreated",
+    "UploadConfirmed",
     "normalize_base_url",
 ]
 
@@ -87,14 +98,28 @@ _STATUS_WORDS: Mapping[str, GenerationStatus] = {
 
 @dataclass(frozen=True, slots=True)
 class ProjectCreated:
-    """Answer of ``create_project``: where and how to upload the file."""
+    """Answer of ``create_project``: where and how to upload the file.
+
+    Exactly one of ``upload`` (today's API: an upload session, the file goes
+    up in parts) and ``upload_url`` (the seed era: one PUT) is set.
+    """
 
     api_project_id: str
-    upload_url: str
+    upload_url: str | None
     upload_method: str
     object_path: str | None
     bucket: str | None
     expires_at: str | None
+    upload: UploadSession | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadConfirmed:
+    """Answer of ``complete_project_upload``: the project's file is in place."""
+
+    api_project_id: str
+    status: str
+    size_bytes: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +142,9 @@ class Progress:
     """Answer of ``get_generation_progress``.
 
     ``api_status`` is the overall status word as sent, ``status`` what it
-    means; ``progress`` is the inference stage's percentage.
+    means; ``progress`` is the inference stage's percentage. Today's API may
+    add ``stage`` (the stage under way), ``stage_progress`` (percent per
+    stage) and ``queue`` (``queue_position``, 1 being next, and a message).
     """
 
     generation_id: str
@@ -127,6 +154,10 @@ class Progress:
     progress: int | None
     error: str | None
     error_details: str | None
+    stage: str | None = None
+    stage_progress: Mapping[str, int] | None = None
+    queue_position: int | None = None
+    queue_message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +198,7 @@ def _is_http_url(value: str) -> bool:
 
 
 class DiffioClient:
-    """Client for the Diffio API (seed era), one attempt per method call.
+    """Client for the Diffio API (either generation), one attempt per method call.
 
     ``session`` is owned by the caller (the CLI), shared with everything
     else; its connector limit should be at least the ``cap``'s total tokens.
@@ -176,7 +207,8 @@ class DiffioClient:
     calling task. ``timeout`` bounds an API request in all, and a storage
     transfer's connect and each read. ``on_request`` is called after each
     HTTP attempt with the endpoint, the status (``None`` when no answer
-    arrived) and the seconds it took, for metrics.
+    arrived) and the seconds it took, for metrics. ``bandwidth`` is the run's
+    byte budget for file transfers (None: no cap).
     """
 
     __slots__ = (
@@ -201,6 +233,7 @@ class DiffioClient:
         cap: anyio.CapacityLimiter,
         timeout: float = 60.0,
         on_request: RequestCallback | None = None,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         if not api_key or any(c.isspace() or ord(c) < 32 for c in api_key):
             raise ConfigError("the API key is empty or contains whitespace or control characters")
@@ -216,12 +249,13 @@ class DiffioClient:
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "application/json",
+            "User-Agent": USER_AGENT,
         }
         self._gate = gate
         self._api_timeout = aiohttp.ClientTimeout(total=timeout)
         self._transport = Transport(session=session, cap=cap, timeout=timeout, clock=gate.clock,
-                                    secret=api_key, on_request=on_request)
-        self.storage = Storage(self._transport)
+                                    on_request=on_request)
+        self.storage = Storage(self._transport, bandwidth)
 
     @property
     def base_url(self) -> str:
@@ -236,22 +270,54 @@ class DiffioClient:
     async def create_project(
         self, *, file_name: str, content_type: str, content_length: int
     ) -> ProjectCreated:
-        """``POST create_project``: a project and a signed upload URL for one file."""
+        """``POST create_project``: a project and where its file goes.
+
+        Today's API answers an ``upload`` session (parts on the upload
+        host); the seed era a signed ``uploadUrl``. A file over the API's
+        upload limit may be refused here already (413).
+        """
         endpoint = "create_project"
         obj = await self._call(
             endpoint,
             {"fileName": file_name, "contentType": content_type, "contentLength": content_length},
         )
+        project_id = _required_str(obj, "apiProjectId", endpoint)
+        session = obj.get("upload")
+        if isinstance(session, dict):
+            upload = _upload_session(session, endpoint)
+            return ProjectCreated(
+                api_project_id=project_id, upload_url=None, upload_method="PUT",
+                object_path=_optional_str(obj, "objectPath") or _optional_str(session,
+                                                                              "objectKey"),
+                bucket=None,
+                expires_at=_optional_str(obj, "expiresAt") or upload.expires_at,
+                upload=upload,
+            )
         upload_url = _required_str(obj, "uploadUrl", endpoint)
         if not _is_http_url(upload_url):
             _bad_answer(endpoint, obj, f"uploadUrl is not an http(s) URL: {upload_url[:100]!r}")
         return ProjectCreated(
-            api_project_id=_required_str(obj, "apiProjectId", endpoint),
+            api_project_id=project_id,
             upload_url=upload_url,
             upload_method=(_optional_str(obj, "uploadMethod") or "PUT").upper(),
             object_path=_optional_str(obj, "objectPath"),
             bucket=_optional_str(obj, "bucket"),
             expires_at=_optional_str(obj, "expiresAt"),
+        )
+
+    async def complete_project_upload(self, *, api_project_id: str) -> UploadConfirmed:
+        """``POST complete_project_upload``: confirm the project's upload (today's API).
+
+        Idempotent: confirming again answers the same. Until the upload host
+        has completed the upload the API answers 409 ``UPLOAD_MISSING``.
+        """
+        endpoint = "complete_project_upload"
+        obj = await self._call(endpoint, {"apiProjectId": api_project_id})
+        size = obj.get("sizeBytes")
+        return UploadConfirmed(
+            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
+            status=_optional_str(obj, "status") or "uploaded",
+            size_bytes=size if isinstance(size, int) and not isinstance(size, bool) else None,
         )
 
     async def create_generation(
@@ -301,6 +367,9 @@ class DiffioClient:
         if isinstance(progress, bool) or not isinstance(progress, int | float):
             progress = None
         status = _required_str(obj, "status", endpoint)
+        queue = obj.get("queue")
+        queue = queue if isinstance(queue, dict) else {}
+        stages = obj.get("stageProgress")
         return Progress(
             generation_id=_optional_str(obj, "generationId") or generation_id,
             api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
@@ -309,6 +378,11 @@ class DiffioClient:
             progress=None if progress is None else int(progress),
             error=_optional_str(obj, "error"),
             error_details=_optional_str(obj, "errorDetails"),
+            stage=_optional_str(obj, "stage"),
+            stage_progress={k: int(v) for k, v in stages.items() if _is_number(v)}
+            if isinstance(stages, dict) else None,
+            queue_position=_queue_position(queue.get("position")),
+            queue_message=_optional_str(queue, "message"),
         )
 
     async def get_download(
@@ -390,7 +464,7 @@ class DiffioClient:
                     headers = resp.headers
             except TRANSPORT_EXCEPTIONS as exc:
                 self._transport.report(endpoint, None, start)
-                raise self._transport.error(exc, endpoint) from exc
+                raise self._transport.error(exc, endpoint, secret=self._key_bytes.decode()) from exc
             self._transport.report(endpoint, status, start)
         finally:
             cap.release()
@@ -405,7 +479,38 @@ class DiffioClient:
             raise result
         return result
 
-    # -- signed storage URLs --------------------------------------------------
+
+
+def _upload_session(data: Mapping[str, Any], endpoint: str) -> UploadSession:
+    """The ``upload`` object of create_project, checked as the SDK reads it."""
+    edge = _required_str(data, "edgeBaseUrl", endpoint)
+    if not _is_http_url(edge):
+        _bad_answer(endpoint, data, f"edgeBaseUrl is not an http(s) URL: {edge[:100]!r}")
+    part_size = data.get("partSizeBytes")
+    if isinstance(part_size, bool) or not isinstance(part_size, int) or part_size <= 0:
+        _bad_answer(endpoint, data, "upload.partSizeBytes is not a positive whole number")
+    max_bytes = data.get("maxBytes")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        max_bytes = None
+    return UploadSession(
+        session_id=_optional_str(data, "uploadSessionId") or "",
+        edge_base_url=edge.rstrip("/"),
+        token=_required_str(data, "uploadToken", endpoint),
+        part_size=part_size,
+        max_bytes=max_bytes,
+        expires_at=_optional_str(data, "expiresAt"),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _queue_position(value: Any) -> int | None:
+    """A queue position of 1 or more (0 or nothing: not waiting in a queue)."""
+    if not _is_number(value) or value < 1:
+        return None
+    return int(value)
 
 
 def _required_str(obj: Mapping[str, Any], key: str, endpoint: str) -> str:

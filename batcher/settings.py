@@ -1,6 +1,6 @@
 """Run settings: built once from flags, environment and job file, then frozen.
 
-Precedence (issue 6): command-line flag > environment (``BATCHER_*``) > job
+Precedence: command-line flag > environment (``BATCHER_*``) > job
 file > default. The API key is kept out of every repr.
 """
 
@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .bandwidth import parse_rate
 from .errors import ConfigError
 
 __all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings", "resolve"]
 
-DEFAULT_MODEL = "diffio-3.5"
+DEFAULT_MODEL = "diffio-3.5"  # TEMPORARY: flipped to models.DEFAULT_MODEL last
 DEFAULT_BASE_URL = "https://api.diffio.ai/v1"
 
 
@@ -62,6 +63,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("progress_every", float, 10.0, "seconds between plain progress lines off a tty"),
     OptionSpec("lease_ttl", float, 15.0, "shared (PostgreSQL) ledger: seconds a host's leases "
                "outlive its last heartbeat before other hosts take its rows over"),
+    OptionSpec("max_bandwidth", str, None, "most bytes per second for uploads and downloads "
+               "together, with a K, M or G suffix (512K, 10M) [no cap]"),
 )
 ENV_NAMES: Mapping[str, str] = {spec.name: spec.env for spec in OPTION_SPECS}
 _SPECS = {spec.name: spec for spec in OPTION_SPECS}
@@ -93,6 +96,8 @@ class Settings:
     metrics: Path | None = None
     progress_every: float = 10.0
     lease_ttl: float = 15.0
+    # Bytes per second for file transfers, up and down together (None: no cap).
+    max_bandwidth: float | None = None
     job_file: Path | None = None
 
     def with_changes(self, **changes: Any) -> Settings:
@@ -192,7 +197,7 @@ def resolve(
             continue
         raw = env.get(spec.env)
         if raw in (None, "") and spec.name == "api_base":
-            # CONTRACT.md's own variable is environment too: it beats the job file.
+            # The documented DIFFIO_API_BASE_URL is environment too: it beats the job file.
             raw = env.get("DIFFIO_API_BASE_URL")
         if raw not in (None, ""):
             values[spec.name] = _coerce(spec, raw, f"environment {spec.env}")
@@ -210,6 +215,11 @@ def resolve(
     api_base = values.pop("api_base") or env.get("DIFFIO_API_BASE_URL") or DEFAULT_BASE_URL
     report = values.pop("report")
     metrics = values.pop("metrics")
+    bandwidth = values.pop("max_bandwidth")
+    try:
+        max_bandwidth = None if bandwidth in (None, "") else parse_rate(str(bandwidth))
+    except ValueError as exc:
+        raise ConfigError(f"--max-bandwidth: {exc}") from None
     settings = Settings(
         manifest=manifest,
         ledger=ledger,
@@ -221,6 +231,7 @@ def resolve(
         simulate=simulate,
         report=Path(report) if report else None,
         metrics=Path(metrics) if metrics else None,
+        max_bandwidth=max_bandwidth,
         job_file=job_file,
         **values,
     )
@@ -246,6 +257,8 @@ def _validate(s: Settings) -> None:
                           "generation costs (the API publishes no prices)")
     if s.price_per_minute is not None and s.price_per_minute < 0:
         raise ConfigError(f"--price-per-minute must not be negative, got {s.price_per_minute}")
+    if s.max_bandwidth is not None and not s.max_bandwidth > 0:
+        raise ConfigError(f"--max-bandwidth must be above 0, got {s.max_bandwidth}")
     if s.lease_ttl < 3:
         raise ConfigError(f"--lease-ttl must be at least 3 seconds, got {s.lease_ttl}")
     if s.halt_after is not None and not 0 <= s.halt_after <= 100:

@@ -44,6 +44,9 @@ __all__ = [
     "ROW_SOURCE_CHANGED",
     "RUN_HALTED",
     "RUN_PROGRESS",
+    "UPLOAD_ABANDONED",
+    "UPLOAD_RESTARTED",
+    "UPLOAD_RESUMED",
     "UPLOAD_URL_EXPIRED",
     "WEBHOOK_ACCEPTED",
     "WEBHOOK_REFUSED",
@@ -71,6 +74,9 @@ POLL_RETRY_SCHEDULED = "poll.retry_scheduled"  # row, code: polled again later
 POLL_UNKNOWN_STATUS = "poll.unknown_status"  # row, status: a status word batcher does not know
 DOWNLOAD_RETRY_SCHEDULED = "download.retry_scheduled"  # row, code, attempt, wait
 UPLOAD_URL_EXPIRED = "upload.url_expired"  # row: a fresh project is created
+UPLOAD_RESUMED = "upload.resumed"  # row, parts: a killed upload goes on from its next part
+UPLOAD_RESTARTED = "upload.restarted"  # row, code: a new upload in the same session
+UPLOAD_ABANDONED = "upload.abandoned"  # row, code: an upload given up is aborted at the host
 RATE_LIMITED = "rate.limited"  # retry_after, pause, rate: a 429 paused and slowed everyone
 # -- several hosts ------------------------------------------------------------------
 WORKER_JOINED = "worker.joined"  # worker, live
@@ -94,7 +100,8 @@ WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: an
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
-    DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, RATE_LIMITED, WORKER_JOINED,
+    DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
+    UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
     LEDGER_ROWS_RETIRED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,

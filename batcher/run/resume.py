@@ -11,6 +11,7 @@ it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ..client import GenerationStatus
 from ..errors import TransitionConflict
@@ -26,9 +27,42 @@ from ..ops.logs import (
 from ..outputs import output_intact
 from .context import RunContext
 
-__all__ = ["Resume"]
+__all__ = ["Resume", "source_change", "source_key"]
 
 log = logging.getLogger(__name__)
+
+
+def source_change(row: LedgerRow, *, key: str, sha: str, size: int | None
+                  ) -> tuple[Update, dict[str, Any]]:
+    """The move of a file row whose bytes changed to a new request, and its event detail.
+
+    Nothing of the old request is kept: the new key, a fresh project to come,
+    no generation, no upload session. The old ones go to the event's detail.
+    """
+    reset: Update = {
+        "idempotency_key": key, "base_key": None, "retry_count": 0,
+        "source_sha256": sha, "source_size": size,
+        "api_project_id": None, "generation_id": None, "api_status": None,
+        "upload_url": None, "upload_method": None, "upload_expires_at": None,
+        "upload_session": None, "upload_id": None, "queue_position": None,
+        "output_path": None, "output_sha256": None, "output_size": None, "error": None,
+    }
+    detail = {"oldSha256": row.source_sha256, "newSha256": sha,
+              "oldKey": row.idempotency_key, "oldProjectId": row.api_project_id,
+              "oldGenerationId": row.generation_id, "oldStage": row.stage.value}
+    return reset, detail
+
+
+def source_key(row: LedgerRow, sha: str, namespace: str) -> str:
+    """The key of a file row whose file now holds the bytes ``sha``.
+
+    An explicit key stays the row's (the first one, before any
+    ``--retry-failed`` suffix); a derived one is derived from the new bytes.
+    """
+    if row.explicit_key and row.idempotency_key:
+        return row.base_key or row.idempotency_key
+    return derive_key(model=row.model_key, source=FileSource(sha), sampling=row.sampling,
+                      params=row.params, namespace=namespace)
 
 
 class Resume:
@@ -90,9 +124,9 @@ class Resume:
         history (event ``sourceChanged``).
         """
         self.ctx.stats.source_changed += 1
-        detail = {"oldSha256": row.source_sha256, "newSha256": new.source_sha256,
-                  "oldKey": row.idempotency_key, "oldProjectId": row.api_project_id,
-                  "oldGenerationId": row.generation_id, "oldStage": row.stage.value}
+        assert new.idempotency_key is not None and new.source_sha256 is not None
+        reset, detail = source_change(row, key=new.idempotency_key, sha=new.source_sha256,
+                                      size=new.source_size)
         in_flight = row.stage in (Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED)
         log.warning(
             "%s changed on disk since its row was keyed (%s -> %s)%s; "
@@ -102,13 +136,6 @@ class Resume:
             "abandoned" if in_flight else "",
             extra=event(ROW_SOURCE_CHANGED, row=row.row_id),
         )
-        reset: Update = {
-            "idempotency_key": new.idempotency_key, "base_key": None, "retry_count": 0,
-            "source_sha256": new.source_sha256, "source_size": new.source_size,
-            "api_project_id": None, "generation_id": None, "api_status": None,
-            "upload_url": None, "upload_method": None, "upload_expires_at": None,
-            "output_path": None, "output_sha256": None, "output_size": None, "error": None,
-        }
         return await self.ctx.move(row, Stage.PENDING, reset, "sourceChanged", detail)
 
     async def _check_follower(self, new: NewRow, row: LedgerRow) -> None:
@@ -161,11 +188,15 @@ class Resume:
             to = Stage.SUBMITTED
             if last is GenerationStatus.COMPLETE and row.kind is Kind.FILE:
                 to = Stage.GENERATED
-        elif row.kind is Kind.FILE and row.api_project_id and row.upload_url is None:
+        elif (row.kind is Kind.FILE and row.api_project_id and row.upload_url is None
+              and row.upload_session is None):
+            # Neither an upload URL nor an upload session left: the upload
+            # was confirmed (both are cleared then) before the row failed.
             to = Stage.UPLOADED
         else:
             to = Stage.PENDING
         update = {"error": None}
         if to is Stage.PENDING and row.kind is Kind.FILE:
-            update.update({"api_project_id": None, "upload_url": None})
+            update.update({"api_project_id": None, "upload_url": None, "upload_session": None,
+                           "upload_id": None})
         return await self.ctx.move(row, to, update, "retryFailed", {"oldError": error})

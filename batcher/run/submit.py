@@ -1,42 +1,28 @@
-"""The submit stage: create the project, upload the file, post the generation.
+"""The submit stage: post the generation (a file row once :mod:`.upload` has it up).
 
-A row is posted only with its ledger key, and a file row only after its
-project id is committed: a re-post after any crash is a free replay (the API
-derives the generation from key and project), never a second charge.
+A row is posted only with its ledger key, and a file row only once its
+project id is committed and its upload confirmed with the bytes it was keyed
+on: a re-post after any crash is a free replay (the API derives the
+generation from key and project), never a second charge.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import mimetypes
-from datetime import datetime
-from pathlib import Path
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import (
-    ApiError,
-    LocalFileError,
-    RunHalted,
-    SubmissionsStopped,
-    TransportError,
-    UrlExpired,
-)
+from ..errors import ApiError, LocalFileError, RunHalted, SubmissionsStopped, TransportError
 from ..model import Kind, LedgerRow, Stage
-from ..ops.logs import UPLOAD_URL_EXPIRED, event
-from ..retry import retrying
 from ..spend import SpendCap
 from .context import RunContext
 from .poll import Polling
+from .upload import Uploader
 
 __all__ = ["Submitter"]
 
 log = logging.getLogger(__name__)
-
-# An upload URL that keeps expiring gets this many fresh projects, no more.
-FRESH_PROJECT_LIMIT = 3
 
 
 class Submitter:
@@ -45,6 +31,7 @@ class Submitter:
     def __init__(self, ctx: RunContext, polling: Polling) -> None:
         self.ctx = ctx
         self.polling = polling
+        self.uploader = Uploader(ctx)
         self.spend: SpendCap | None = None
         settings = ctx.settings
         if settings.price_per_minute is not None:
@@ -95,7 +82,7 @@ class Submitter:
         ctx = self.ctx
         try:
             if row.kind is Kind.FILE:
-                uploaded = await self._ensure_uploaded(row)
+                uploaded = await self.uploader.ensure_uploaded(row)
                 if uploaded is None:
                     return
                 row = uploaded
@@ -142,85 +129,3 @@ class Submitter:
         }, "replayed" if accepted.replay else "submitted",
             {"generationId": accepted.generation_id, "replay": accepted.replay})
         await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None)
-
-    async def _ensure_uploaded(self, row: LedgerRow) -> LedgerRow | None:
-        """Create the project (durably) and upload the file; None when failed.
-
-        An upload URL refused as expired gets a fresh project: no generation
-        exists on the old one (one is posted only after UPLOADED is
-        committed), so a fresh project costs nothing. At most
-        FRESH_PROJECT_LIMIT of them.
-        """
-        ctx = self.ctx
-        assert row.source_path is not None
-        path = Path(row.source_path)
-        current = row
-        fresh = 0
-
-        async def attempt() -> LedgerRow:
-            nonlocal current, fresh
-            if current.stage is Stage.PENDING or (
-                current.stage is Stage.PROJECT_CREATED and self._upload_expired(current)
-            ):
-                fresh += 1
-                current = await self._create_project(current, path)
-            if current.stage is not Stage.PROJECT_CREATED:
-                return current
-            assert current.upload_url is not None
-            try:
-                await ctx.call(current.row_id, functools.partial(
-                    ctx.client.storage.upload, url=current.upload_url,
-                    method=current.upload_method or "PUT", path=path,
-                    content_type=current.content_type or "application/octet-stream",
-                    size=current.source_size or 0))
-            except UrlExpired:
-                log.info("upload URL of row %s expired: a fresh project", current.row_id,
-                         extra=event(UPLOAD_URL_EXPIRED, row=current.row_id))
-                current = await ctx.move(current, Stage.PROJECT_CREATED,
-                                         {"upload_expires_at": "expired"}, "uploadExpired")
-                raise
-            return await ctx.move(current, Stage.UPLOADED, {"upload_url": None}, "uploaded")
-
-        def decide(err: ApiError, made: int) -> float | None:
-            return 0.0 if isinstance(err, UrlExpired) and fresh < FRESH_PROJECT_LIMIT else None
-
-        try:
-            return await retrying(attempt, decide, clock=ctx.clock)
-        except UrlExpired:
-            await ctx.fail(current, {"code": "uploadExpired", "httpStatus": None,
-                                     "message": "upload URL expired on "
-                                     f"{FRESH_PROJECT_LIMIT} fresh projects"})
-            return None
-
-    async def _create_project(self, row: LedgerRow, path: Path) -> LedgerRow:
-        ctx = self.ctx
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        size = row.source_size
-        if size is None:
-            size = (await anyio.Path(path).stat()).st_size
-        created = await ctx.call(row.row_id, lambda: ctx.client.create_project(
-            file_name=path.name, content_type=ctype, content_length=size))
-        # The project id is durable before anything else happens: a generation
-        # is keyed on (key, project), so a second project would be a second charge.
-        return await ctx.move(row, Stage.PROJECT_CREATED, {
-            "api_project_id": created.api_project_id,
-            "upload_url": created.upload_url,
-            "upload_method": created.upload_method,
-            "upload_expires_at": created.expires_at,
-            "content_type": ctype,
-        }, "projectCreated", {"apiProjectId": created.api_project_id})
-
-    def _upload_expired(self, row: LedgerRow) -> bool:
-        if row.upload_url is None:
-            return True
-        stamp = row.upload_expires_at
-        if not stamp:
-            return False
-        if stamp == "expired":
-            return True
-        try:
-            when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return False
-        # A margin so an upload does not start on a URL about to lapse.
-        return when <= self.ctx.wall() + 30
