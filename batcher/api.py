@@ -212,7 +212,7 @@ async def _run(
         from .ops.progress import ProgressReporter
 
         reporter = ProgressReporter(stats, every=settings.progress_every,
-                                    json=progress == "json")
+                                    json=progress == "json", bandwidth=settings.max_bandwidth)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reporter.run)
             try:

@@ -34,7 +34,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar = {"ledger": "PATH_OR_URL", "model": "KEY", "rate": "R",
                    "concurrency": "N", "poll_interval": "S", "out": "DIR",
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
-                   "max_spend": "USD", "report": "FILE", "metrics": "FILE"}.get(
+                   "max_spend": "USD", "report": "FILE", "metrics": "FILE",
+                   "max_bandwidth": "RATE"}.get(
                        spec.name, spec.name.upper())
         default = "" if spec.default in (None, "") else f" [default: {spec.default}]"
         p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,

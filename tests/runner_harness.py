@@ -29,7 +29,7 @@ from batcher.ratelimit import RateGate
 from batcher.run import Runner, RunResult
 from batcher.run.stats import RunStats
 from batcher.settings import DEFAULT_MODEL, Settings
-from batcher.simulator import SimConfig, Simulator, run_config, run_simulator
+from batcher.simulator import ApiGeneration, SimConfig, Simulator, run_config, run_simulator
 
 KEY = "sim-key"
 # Inside one monthly billing period of the simulator's wall clock.
@@ -102,19 +102,22 @@ async def until(predicate: Callable[[], bool]) -> None:
 @asynccontextmanager
 async def job_maker(tmp_path: Path, *, model: str = DEFAULT_MODEL
                     ) -> AsyncIterator[Callable[..., Awaitable[Job]]]:
-    """``job = await make(manifest_text, sim_config, shared=False)``: the simulator
-    (the API generation that serves ``model``) serves in this process until the
-    block ends, and the clock autojumps."""
+    """``job = await make(manifest_text, sim_config, shared=False, api=None)``: the
+    simulator serves in this process until the block ends, and the clock
+    autojumps. It serves the API generation that serves ``model``, as ``run
+    --simulate`` picks it, unless ``api`` names one."""
     clock = FakeClock(T0)
     async with clock.autojump(), anyio.create_task_group() as tg:
         stops: list[anyio.Event] = []
 
         async def make(text: str, config: SimConfig | None = None, *,
-                       shared: bool = False) -> Job:
+                       shared: bool = False, api: ApiGeneration | None = None) -> Job:
             manifest = tmp_path / "m.csv"
             manifest.write_text(text)
             # The API generation that serves the model, as run --simulate picks.
             cfg = run_config(config or SimConfig(duration=(3.0, 9.0)), model)
+            if api is not None:
+                cfg = replace(cfg, api=api)
             ready: list[Simulator] = []
             started = anyio.Event()
             stop = anyio.Event()

@@ -45,8 +45,10 @@ from batcher.errors import (
     TransportError,
     UrlExpired,
 )
+from batcher.model import UploadPart, UploadSession
 from batcher.outputs import fetch_to_file, temp_path
 from batcher.ratelimit import RateGate
+from batcher.version import USER_AGENT
 
 KEY = "diffio_live_TOPSECRET_k3y_0123456789"
 
@@ -809,3 +811,162 @@ async def test_download_refused_port(make: Callable[..., Harness], tmp_path: Pat
         await fetch_to_file(make().client.storage, f"http://127.0.0.1:{refused_port()}/x",
                             tmp_path / "x.mp3", "r")
     assert os.listdir(tmp_path) == []
+
+
+# -- today's API: upload sessions, parts, confirmation, progress extras ------------------
+
+SESSION_ANSWER = {
+    "apiProjectId": "proj-9",
+    "objectPath": "users/u/projects/proj-9/original/a.wav",
+    "expiresAt": "2030-01-01T00:00:00Z",
+    "upload": {"uploadSessionId": "upls-1", "edgeBaseUrl": "EDGE/", "uploadToken": "tok-123",
+               "objectKey": "users/u/projects/proj-9/original/a.wav",
+               "partSizeBytes": 1024, "maxBytes": 4096, "expiresAt": "2030-01-01T00:00:00Z"},
+}
+
+
+@pytest.mark.anyio
+async def test_create_project_reads_an_upload_session(server: Server,
+                                                      make: Callable[..., Harness]) -> None:
+    answer = orjson.loads(orjson.dumps(SESSION_ANSWER))
+    answer["upload"]["edgeBaseUrl"] = server.url + "/edge/"
+    server.json("/v1/create_project", answer)
+    created = await make().client.create_project(file_name="a.wav", content_type="audio/wav",
+                                                 content_length=3000)
+    assert created.upload_url is None and created.upload is not None
+    session = created.upload
+    assert (session.session_id, session.edge_base_url, session.token) == (
+        "upls-1", server.url + "/edge", "tok-123")
+    assert (session.part_size, session.max_bytes, session.expires_at) == (
+        1024, 4096, "2030-01-01T00:00:00Z")
+    assert "tok-123" not in repr(created) and "tok-123" not in repr(session)
+    # A seed-era answer still reads as a URL.
+    server.json("/v1/create_project", PROJECT)
+    seed = await make().client.create_project(file_name="a.wav", content_type="audio/wav",
+                                              content_length=3)
+    assert seed.upload is None and seed.upload_url == PROJECT["uploadUrl"]
+
+
+@pytest.mark.anyio
+async def test_every_request_names_batcher_in_user_agent(server: Server,
+                                                         make: Callable[..., Harness],
+                                                         tmp_path: Path) -> None:
+    server.json("/v1/create_project", PROJECT)
+    server.json("/v1/complete_project_upload",
+                {"apiProjectId": "proj-1", "status": "uploaded", "sizeBytes": 3})
+    server.routes["/upload"] = _upload_handler(server)
+    h = make()
+    await h.client.create_project(file_name="a.wav", content_type="audio/wav", content_length=3)
+    confirmed = await h.client.complete_project_upload(api_project_id="proj-1")
+    assert (confirmed.api_project_id, confirmed.status, confirmed.size_bytes) == (
+        "proj-1", "uploaded", 3)
+    path = tmp_path / "a.wav"
+    path.write_bytes(b"abc")
+    await h.client.storage.upload(url=server.url + "/upload", method="PUT", path=path,
+                                  content_type="audio/wav", size=3)
+    assert [s.headers.get("User-Agent") for s in server.seen] == [USER_AGENT] * 3
+    assert USER_AGENT.startswith("batcher/")
+
+
+def _edge(server: Server, *, part_status: int = 200, error: dict[str, Any] | None = None
+          ) -> None:
+    """An upload host under /edge that records what it gets and answers like the real one."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await server.record(request)
+        action = request.path.split("/v1/uploads/", 1)[1]
+        if action.startswith("parts/"):
+            if part_status != 200:
+                return web.json_response(error, status=part_status)
+            return web.json_response({"partNumber": int(action[6:]),
+                                      "etag": hashlib.md5(body).hexdigest()})
+        if action == "start":
+            return web.json_response({"uploadId": "upl-1", "partSizeBytes": 512})
+        return web.json_response({})
+
+    for action in ("start", "parts/1", "parts/2", "complete", "abort"):
+        server.routes[f"/edge/v1/uploads/{action}"] = answer
+
+
+@pytest.mark.anyio
+async def test_the_upload_host_gets_the_token_never_the_key(
+        server: Server, make: Callable[..., Harness], tmp_path: Path) -> None:
+    _edge(server)
+    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    path = tmp_path / "a.wav"
+    data = os.urandom(900)
+    path.write_bytes(data)
+    h = make()
+    started = await h.client.storage.start_upload(session)
+    assert (started.upload_id, started.part_size) == ("upl-1", 512)  # the host's size wins
+    digest = hashlib.sha256()
+    etag = await h.client.storage.put_part(session, "upl-1", 2, path=path, offset=512,
+                                           length=388, digests=(digest,))
+    assert etag == hashlib.md5(data[512:]).hexdigest()
+    assert digest.hexdigest() == hashlib.sha256(data[512:]).hexdigest()  # what was sent
+    await h.client.storage.complete_upload(session, "upl-1", [UploadPart(2, etag, 388, "s")])
+    await h.client.storage.abort_upload(session, "upl-1")
+    start, part, complete, abort = server.seen
+    assert start.method == "POST" and orjson.loads(start.body) == {}
+    assert part.method == "PUT" and part.path == "/edge/v1/uploads/parts/2?uploadId=upl-1"
+    assert part.headers["Content-Length"] == "388" and part.body == data[512:]
+    assert orjson.loads(complete.body) == {"uploadId": "upl-1",
+                                           "parts": [{"partNumber": 2, "etag": etag}]}
+    assert orjson.loads(abort.body) == {"uploadId": "upl-1"}
+    for seen in server.seen:
+        assert seen.headers["Authorization"] == "Bearer tok-123"
+        assert not any(KEY in v for v in seen.headers.values())
+    assert h.gate.granted == 0  # the upload host is not the API
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("status", "code", "cls"), [
+    (403, "upload_session_expired", UrlExpired), (401, "invalid_token", UrlExpired),
+    (404, "no_such_upload", ClientError), (409, "upload_confirmed", Conflict),
+    (500, "internal_error", ServerError), (413, "payload_too_large", ClientError),
+])
+async def test_upload_host_errors_in_its_own_shape(
+        server: Server, make: Callable[..., Harness], tmp_path: Path, status: int, code: str,
+        cls: type[ApiError]) -> None:
+    _edge(server, part_status=status, error={"error": {"code": code, "message": "why not"}})
+    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    path = tmp_path / "a.wav"
+    path.write_bytes(b"x" * 10)
+    with pytest.raises(cls) as info:
+        await make().client.storage.put_part(session, "upl-1", 1, path=path, offset=0,
+                                             length=10)
+    assert type(info.value) is cls and info.value.code == code
+    assert info.value.http_status == status and "why not" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_part_of_a_file_that_became_shorter_is_a_changed_file(
+        server: Server, make: Callable[..., Harness], tmp_path: Path) -> None:
+    _edge(server)
+    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    path = tmp_path / "a.wav"
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(LocalFileError) as info:
+        await make().client.storage.put_part(session, "upl-1", 1, path=path, offset=0,
+                                             length=500)
+    assert info.value.code == "fileChanged"
+
+
+@pytest.mark.anyio
+async def test_get_progress_reads_stage_and_queue(server: Server,
+                                                  make: Callable[..., Harness]) -> None:
+    server.json("/v1/get_generation_progress", {
+        "generationId": "gen-1", "apiProjectId": "proj-1", "status": "queued",
+        "hasVideo": False, "stage": "preProcessing",
+        "stageProgress": {"preProcessing": 0, "inference": 0},
+        "queue": {"position": 7, "message": "Waiting for a worker"},
+        "preProcessing": {"status": "pending", "progress": 0},
+        "inference": {"status": "pending", "progress": 0}})
+    got = await make().client.get_progress(generation_id="gen-1", api_project_id="proj-1")
+    assert (got.stage, got.queue_position, got.queue_message) == (
+        "preProcessing", 7, "Waiting for a worker")
+    assert got.stage_progress == {"preProcessing": 0, "inference": 0}
+    server.json("/v1/get_generation_progress", {
+        "generationId": "gen-1", "status": "processing", "queue": {"position": 0}})
+    out = await make().client.get_progress(generation_id="gen-1", api_project_id=None)
+    assert out.queue_position is None and out.stage is None

@@ -30,6 +30,7 @@ from batcher.keys import (
     normalize_model,
     sha256_file,
 )
+from batcher.models import DEFAULT_MODEL, SUPPORTED_MODELS, is_retired
 
 KEY_RE = re.compile(r"bk1-[0-9a-f]{64}\Z")
 ROW_ID_RE = re.compile(r"r-[0-9a-f]{20}\Z")
@@ -167,6 +168,26 @@ def test_normalize_model_maps_the_alias_only() -> None:
     assert normalize_model("diffio-3.4") == "diffio-3.5"
     assert normalize_model("diffio-3.5") == "diffio-3.5"
     assert normalize_model("diffio-2.0") == "diffio-2.0"
+    assert normalize_model("diffio-4.5-flash") == "diffio-4.6-flash"
+    assert normalize_model("diffio-4.5-pro") == "diffio-4.6-pro"
+    assert normalize_model("diffio-4.6-pro") == "diffio-4.6-pro"
+
+
+def test_the_4_5_names_are_the_4_6_requests_and_flash_is_not_pro() -> None:
+    flash = derive_key(**_request(model="diffio-4.6-flash"))
+    assert derive_key(**_request(model="diffio-4.5-flash")) == flash
+    assert derive_key(**_request(model="diffio-4.5-pro")) == derive_key(
+        **_request(model="diffio-4.6-pro")) != flash
+    assert _row_id(model="diffio-4.5-flash") == _row_id(model="diffio-4.6-flash")
+
+
+def test_the_retired_models_are_every_model_but_the_served_ones() -> None:
+    assert SUPPORTED_MODELS == ("diffio-4.6-flash", "diffio-4.6-pro")
+    assert DEFAULT_MODEL == "diffio-4.6-flash"
+    for served in ("diffio-4.6-flash", "diffio-4.6-pro", "diffio-4.5-flash", "diffio-4.5-pro"):
+        assert not is_retired(served)
+    for gone in ("diffio-3.5", "diffio-3.4", "diffio-2", "diffio-4.0-flash", "x"):
+        assert is_retired(gone)
 
 
 def test_derive_key_is_pinned() -> None:

@@ -53,3 +53,20 @@ def test_key_never_in_repr(tmp_path: Path) -> None:
     s = resolve(source=tmp_path / "m.csv", flags={}, env={"DIFFIO_API_KEY": "sekrit-123"})
     assert "sekrit-123" not in repr(s)
     assert "sekrit-123" not in str(s.describe())
+
+
+def test_max_bandwidth_takes_suffixes_from_flag_environment_or_job(tmp_path: Path) -> None:
+    env = {"DIFFIO_API_KEY": "k"}
+    m = tmp_path / "m.csv"
+    m.write_text("apiProjectId\np\n")
+    assert resolve(source=m, flags={}, env=env).max_bandwidth is None
+    assert resolve(source=m, flags={"max_bandwidth": "10M"}, env=env).max_bandwidth == 10 * 2**20
+    assert resolve(source=m, flags={}, env={**env, "BATCHER_MAX_BANDWIDTH": "512K"}
+                   ).max_bandwidth == 512 * 1024
+    job = _job(tmp_path, '[job]\nmanifest = "m.csv"\nmax_bandwidth = "1.5G"\n')
+    assert resolve(source=job, flags={}, env=env).max_bandwidth == 1.5 * 2**30
+    job = _job(tmp_path, '[job]\nmanifest = "m.csv"\nmax_bandwidth = 250000\n')
+    assert resolve(source=job, flags={}, env=env).max_bandwidth == 250000.0
+    for bad in ("fast", "0", "-1M"):
+        with pytest.raises(ConfigError, match="--max-bandwidth"):
+            resolve(source=m, flags={"max_bandwidth": bad}, env=env)

@@ -10,6 +10,8 @@ charges, the headers that reached the upload host) and what the ledger holds.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,13 @@ import pytest
 from conftest import write_wav
 from runner_harness import job_maker, until
 
-from batcher.model import Stage
+from batcher.errors import ModelRetired
+from batcher.ledger import SqliteLedger
+from batcher.model import RunInfo, Stage
+from batcher.ops.logs import RUN_HALTED
+from batcher.ops.progress import progress_json, progress_line
+from batcher.ops.status import status_main
+from batcher.run.stats import RunStats
 from batcher.run.upload import plan_parts
 from batcher.simulator import KeySpec, SimConfig, restored_audio
 from batcher.version import USER_AGENT
@@ -334,3 +342,103 @@ async def test_a_part_changed_on_disk_after_it_was_sent_is_caught_on_resume(
     assert restores(row, original)
     (changed,) = [e for e in await job.ledger.events(row.row_id) if e.event == "sourceChanged"]
     assert "changed on disk since it was sent" in changed.detail["why"]
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("rows", ["project", "file"])
+async def test_a_retired_model_halts_at_once_naming_the_supported_ones(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, rows: str) -> None:
+    for i in range(3):
+        write_wav(tmp_path / f"t{i}.wav", seconds=0.3, freq=300 + 100 * i)
+    text = ("apiProjectId\np-1\np-2\np-3\n" if rows == "project"
+            else "file\nt0.wav\nt1.wav\nt2.wav\n")
+    async with job_maker(tmp_path, model="diffio-3.5") as make:
+        job = await make(text, config(auto_create_projects=True), api="current")
+        result = await job.run()
+        assert result is not None and result.exit_code == 3
+        assert result.counts == {"pending": 3, "submitted": 0, "complete": 0, "failed": 0}
+        assert isinstance(result.halt_error, ModelRetired)
+        line = str(result.halt_error)
+        assert "diffio-3.5" in line and "diffio-4.6-flash, diffio-4.6-pro" in line
+        stats = job.sim.stats
+        assert stats.charges == 0 and 1 <= stats.retired_model_refusals <= 3
+        halted = [r for r in caplog.records if getattr(r, "event", "") == RUN_HALTED]
+        assert len(halted) == 1 and "diffio-4.6-flash" in halted[0].getMessage()
+        # Resumable: against an API that serves the model, the same rows go on
+        # from where they were, and pay once each.
+        job.sim.update_config(api="seed")
+        result = await job.run()
+        assert result is not None and result.exit_code == 0, result.summary()
+        assert (job.sim.stats.charges, job.sim.stats.extra_charges) == (3, 0)
+
+
+async def test_the_4_5_names_are_the_4_6_request_one_key_one_charge(
+        make_job: Any, tmp_path: Path) -> None:
+    write_wav(tmp_path / "take.wav", seconds=0.5)
+    job = await make_job("file,model\ntake.wav,diffio-4.5-flash\n", config())
+    first = await job.run()
+    assert first is not None and first.exit_code == 0
+    (row,) = await job.rows()
+    key = row.idempotency_key
+    # The manifest names the 4.6 model now: the same request, nothing to do.
+    job.manifest.write_text("file,model\ntake.wav,diffio-4.6-flash\n")
+    again = await job.run()
+    assert again is not None and again.exit_code == 0
+    rows = await job.rows()
+    assert [r.idempotency_key for r in rows if not r.retired] == [key]
+    assert (job.sim.stats.charges, job.sim.stats.generations_created) == (1, 1)
+
+
+# ------------------------------------------------------------------ the API's queue
+
+
+async def test_queue_positions_are_kept_shown_in_progress_and_in_status(
+        make_job: Any, tmp_path: Path) -> None:
+    job = await make_job("apiProjectId\n" + "".join(f"p-{i}\n" for i in range(6)),
+                         SimConfig(duration=(100.0, 120.0), auto_create_projects=True))
+    ledger = SqliteLedger(tmp_path / "l.sqlite", wall=job.clock)
+    await ledger.open(RunInfo.start("test"))
+
+    def polled_all() -> bool:
+        return job.sim.stats.status_count("get_generation_progress", 200) >= 6
+
+    try:
+        assert await job.run(ledger=ledger, stop_when=polled_all) is None
+    finally:
+        await ledger.close(130)
+    rows = [row async for row in _rows(tmp_path / "l.sqlite")]
+    positions = sorted(r.queue_position for r in rows if r.queue_position is not None)
+    assert positions and positions[0] >= 1, [r.queue_position for r in rows]
+    out = io.StringIO()
+    assert await status_main(str(tmp_path / "l.sqlite"), True, out) == 0
+    queued = json.loads(out.getvalue())["queued"]
+    assert queued == {"count": len(positions), "front": positions[0], "back": positions[-1]}
+    out = io.StringIO()
+    await status_main(str(tmp_path / "l.sqlite"), False, out)
+    assert f"queued at the API: {len(positions)} generations" in out.getvalue()
+
+
+async def _rows(path: Path) -> AsyncIterator[Any]:
+    ledger = SqliteLedger(path)
+    await ledger.open(RunInfo.reader(), lock=False)
+    try:
+        async for row in ledger.rows():
+            yield row
+    finally:
+        await ledger.close()
+
+
+def test_the_progress_line_shows_the_queue_and_the_upload_time_at_the_cap() -> None:
+    stats = RunStats(rows_total=10)
+    assert "queued" not in progress_line(stats) and "uploads" not in progress_line(stats, 1024)
+    stats.queue.update({"r1": 4, "r2": 2})
+    stats.upload_bytes, stats.uploaded_bytes = 10 * 2**20, 4 * 2**20
+    line = progress_line(stats, 2**20)
+    assert "2 queued at the API (next at position 2)" in line
+    assert "uploads 6.0 MiB left (~6s at 1.0 MiB/s)" in line
+    assert "uploads" not in progress_line(stats)  # no cap, no transfer time
+    record = json.loads(progress_json(stats, 2**20))
+    assert (record["queued"], record["queueFront"], record["uploadBytesLeft"],
+            record["uploadSecondsLeft"]) == (2, 2, 6 * 2**20, 6.0)

@@ -10,20 +10,25 @@ the longest known (high).
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import anyio
 
+from ..bandwidth import format_rate
 from ..client import GenerationStatus
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
 from ..model import Kind, Stage
+from ..models import SUPPORTED_MODELS, is_retired
 from ..run import RunResult
 from ..run.stats import RunStats
+from ..run.upload import DOCUMENTED_UPLOAD_LIMIT
 from ..settings import Settings
 from ..spend import MIN_BILLED_SECONDS, audio_seconds
+from .progress import format_bytes, format_duration
 
 __all__ = ["Plan", "make_plan", "print_plan"]
 
@@ -40,6 +45,12 @@ class Plan:
     invalid: int = 0
     known_seconds: list[float] = field(default_factory=list)
     unknown: int = 0
+    # Bytes of the files still to upload.
+    upload_bytes: int = 0
+    # Rows by model, for models today's API has retired.
+    retired: Counter[str] = field(default_factory=Counter)
+    # (line, path, size) of files over the documented upload limit.
+    oversized: list[tuple[int, str, int]] = field(default_factory=list)
 
     def minutes(self) -> float:
         return sum(self.known_seconds) / 60.0
@@ -68,6 +79,11 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
             if new.error is not None:
                 plan.invalid += 1
                 continue
+            if is_retired(new.model_key):
+                plan.retired[new.model_key] += 1
+            size = new.source_size or 0
+            if new.kind is Kind.FILE and size > DOCUMENTED_UPLOAD_LIMIT:
+                plan.oversized.append((new.line, new.source_path or "", size))
             row = await ledger.get(new.row_id)
             stage = row.stage if row is not None else Stage.PENDING
             changed = row is not None and new.kind is Kind.FILE and \
@@ -81,6 +97,8 @@ async def make_plan(settings: Settings, ledger: Ledger, stats: RunStats,
                       and GenerationStatus.of(row.api_status) is GenerationStatus.FAILED)
             if row is None or changed or unposted or repaid:
                 plan.new += 1
+                if new.kind is Kind.FILE and stage in (Stage.PENDING, Stage.PROJECT_CREATED):
+                    plan.upload_bytes += size
                 if new.kind is Kind.FILE and new.source_path:
                     secs = await anyio.to_thread.run_sync(audio_seconds, Path(new.source_path))
                     if secs is None:
@@ -121,7 +139,22 @@ def print_plan(plan: Plan, settings: Settings, stream: TextIO) -> None:
         lines.append(("estimated cost high", f"${high:,.2f}"))
     else:
         lines.append(("estimated cost", "unknown (give --price-per-minute USD)"))
+    lines.append(("bytes to upload", format_bytes(plan.upload_bytes)))
+    if settings.max_bandwidth is not None:
+        seconds = plan.upload_bytes / settings.max_bandwidth
+        lines.append((f"upload time at {format_rate(settings.max_bandwidth)}",
+                      format_duration(seconds)))
     width = max(len(k) for k, _ in lines)
     print(f"plan for {settings.manifest} (dry run: no API request was made)", file=stream)
     for key, value in lines:
         print(f"  {key.ljust(width)}  {value}", file=stream)
+    for model, n in sorted(plan.retired.items()):
+        print(f"warning: {n} row{'s' if n != 1 else ''} use{'s' if n == 1 else ''} {model}, "
+              f"which today's Diffio API has retired (it serves {', '.join(SUPPORTED_MODELS)}): "
+              "against it the run halts at once, exit 3, nothing charged; use --model "
+              f"{SUPPORTED_MODELS[0]}, or an API that still serves {model}", file=stream)
+    for line, path, size in plan.oversized:
+        print(f"warning: {path} (row {line}) is {format_bytes(size)}, over the "
+              f"{format_bytes(DOCUMENTED_UPLOAD_LIMIT)} the API takes in one upload: "
+              "its row will fail as invalidRow", file=stream)
+

@@ -13,43 +13,78 @@ from typing import TextIO
 import anyio
 import orjson
 
+from ..bandwidth import format_rate
 from ..run.stats import RunStats
 from .logs import RUN_PROGRESS
 
-__all__ = ["ProgressReporter", "progress_json", "progress_line"]
+__all__ = ["ProgressReporter", "format_bytes", "format_duration", "progress_json",
+           "progress_line"]
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``, ``12s``: a duration for people."""
+    whole = int(seconds)
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
 
 
 def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
+    return "?" if seconds is None else format_duration(seconds)
 
 
-def progress_line(stats: RunStats) -> str:
-    """One line: done / failed / in flight, request rate, 429s, ETA."""
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``: a byte count for people."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover
+
+
+def _extras(stats: RunStats, bandwidth: float | None) -> list[str]:
+    """What today's API and a bandwidth cap add: the API's queue, the upload time left."""
+    parts = []
+    if stats.queue:
+        parts.append(f"{len(stats.queue)} queued at the API (next at position "
+                     f"{min(stats.queue.values())})")
+    left = stats.upload_seconds_left(bandwidth)
+    if left is not None and bandwidth is not None:
+        parts.append(f"uploads {format_bytes(stats.upload_bytes - stats.uploaded_bytes)} left "
+                     f"(~{_eta(left)} at {format_rate(bandwidth)})")
+    return parts
+
+
+def progress_line(stats: RunStats, bandwidth: float | None = None) -> str:
+    """One line: done / failed / in flight, request rate, 429s, ETA; the API's
+    queue and, under ``--max-bandwidth`` (``bandwidth`` bytes/s), the upload time left."""
     todo = stats.rows_total - stats.rows_skipped - stats.rows_invalid
     return (
         f"progress: {stats.done}/{todo} done, {stats.failed} failed, "
         f"{max(stats.in_flight, 0)} in flight, {stats.request_rate():.1f} req/s, "
         f"{stats.rate_limited} 429s, ETA {_eta(stats.eta())}"
+        + "".join(f", {part}" for part in _extras(stats, bandwidth))
     )
 
 
-def progress_json(stats: RunStats) -> str:
+def progress_json(stats: RunStats, bandwidth: float | None = None) -> str:
     """The progress line as one JSON object, shaped as --log-json's records are."""
     todo = stats.rows_total - stats.rows_skipped - stats.rows_invalid
     eta = stats.eta()
+    upload_eta = stats.upload_seconds_left(bandwidth)
     return orjson.dumps({
         "ts": round(time.time(), 3), "level": "info", "logger": __name__,
-        "event": RUN_PROGRESS, "message": progress_line(stats),
+        "event": RUN_PROGRESS, "message": progress_line(stats, bandwidth),
         "done": stats.done, "todo": todo, "failed": stats.failed,
         "inFlight": max(stats.in_flight, 0), "requestsPerSecond": round(stats.request_rate(), 2),
         "rateLimited": stats.rate_limited, "etaSeconds": None if eta is None else round(eta, 1),
+        "queued": len(stats.queue),
+        "queueFront": min(stats.queue.values()) if stats.queue else None,
+        "uploadBytesLeft": max(stats.upload_bytes - stats.uploaded_bytes, 0),
+        "uploadSecondsLeft": None if upload_eta is None else round(upload_eta, 1),
     }).decode()
 
 
@@ -57,8 +92,10 @@ class ProgressReporter:
     """Shows progress until stopped; chooses bar or lines by the stream."""
 
     def __init__(self, stats: RunStats, *, every: float = 10.0,
-                 stream: TextIO | None = None, json: bool = False) -> None:
+                 stream: TextIO | None = None, json: bool = False,
+                 bandwidth: float | None = None) -> None:
         self.stats = stats
+        self.bandwidth = bandwidth
         self.every = max(every, 0.2)
         self.stream = stream or sys.stderr
         self._json = json
@@ -72,7 +109,8 @@ class ProgressReporter:
         else:
             while True:
                 await anyio.sleep(self.every)
-                line = progress_json(self.stats) if self._json else progress_line(self.stats)
+                line = (progress_json(self.stats, self.bandwidth) if self._json
+                        else progress_line(self.stats, self.bandwidth))
                 print(line, file=self.stream, flush=True)
 
     async def _run_bar(self) -> None:
@@ -94,7 +132,8 @@ class ProgressReporter:
                 progress.update(
                     task, total=todo or None, completed=s.done + s.failed,
                     detail=(f"failed {s.failed} · in flight {max(s.in_flight, 0)} · "
-                            f"{s.request_rate():.1f} req/s · 429s {s.rate_limited}"),
+                            f"{s.request_rate():.1f} req/s · 429s {s.rate_limited}"
+                            + "".join(f" · {part}" for part in _extras(s, self.bandwidth))),
                 )
                 await anyio.sleep(0.25)
 

@@ -1,4 +1,4 @@
-"""``batcher status``: counts by status, the most common errors, the last run."""
+"""``batcher status``: counts by status, the most common errors, the API's queue, the last run."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         by_stage = await ledger.counts()
         errors = await ledger.error_summary(5)
         runs = await ledger.runs()
+        # Where submitted generations wait in the API's queue, as last polled.
+        queued = [row.queue_position async for row in ledger.rows(
+            stages=frozenset({Stage.SUBMITTED})) if row.queue_position is not None]
     finally:
         await ledger.close(None)
     by_status = status_counts(by_stage)
@@ -53,6 +56,8 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
             "ledger": url, "total": total, "byStatus": by_status,
             "byStage": {s.value: n for s, n in by_stage.items()},
             "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],
+            "queued": {"count": len(queued), "front": min(queued, default=None),
+                       "back": max(queued, default=None)},
             "lastRun": last,
         }, default=str).decode() + "\n")
         return 0
@@ -63,6 +68,11 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
     detail = [(s.value, str(by_stage.get(s, 0))) for s in Stage if by_stage.get(s)]
     if detail:
         print("stages: " + ", ".join(f"{k} {v}" for k, v in detail), file=stream)
+    if queued:
+        first, back = min(queued), max(queued)
+        where = f"position {first}" if first == back else f"positions {first}-{back}"
+        print(f"queued at the API: {len(queued)} generations ({where}, 1 is next; "
+              "as last polled)", file=stream)
     if errors:
         print("most common errors:", file=stream)
         for code, message, n in errors:

@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ..client import GenerationStatus
 from ..clock import Clock
 from ..errors import ApiError, TransitionConflict
-from ..model import Kind, LedgerRow, Stage
+from ..model import Kind, LedgerRow, Stage, Update
 from ..ops.logs import (
     POLL_RETRY_SCHEDULED,
     POLL_UNKNOWN_STATUS,
@@ -62,9 +62,10 @@ class PollItem:
     # from it, so no read is needed per poll.
     row: LedgerRow | None = None
     resumed: bool = False
-    # The API status last written to the ledger: a change is written, a
-    # repeat is not.
+    # The API status and queue position last written to the ledger: a
+    # change is written, a repeat is not.
     status: str | None = None
+    queue: int | None = None
 
 
 class DelayModel:
@@ -263,7 +264,7 @@ class Polling:
         assert row.generation_id is not None
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
                         submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
-                        status=row.api_status)
+                        status=row.api_status, queue=row.queue_position)
         self.poller.add(item, due_in=0.0 if resumed else None)
 
     async def _check(self, item: PollItem) -> bool:
@@ -280,7 +281,8 @@ class Polling:
         try:
             return await self.after_status(item.row, progress.status, progress.api_status,
                                            error=progress.error,
-                                           details=progress.error_details, poll=item)
+                                           details=progress.error_details, poll=item,
+                                           queue=progress.queue_position)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
             log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
@@ -313,24 +315,33 @@ class Polling:
         error: str | None = None,
         details: str | None = None,
         poll: PollItem | None,
+        queue: int | None = None,
     ) -> bool:
         """Act on a generation's status; True when the row needs no more polling.
 
-        ``api_status`` is the word the API sent, written to the ledger.
+        ``api_status`` is the word the API sent, written to the ledger, with
+        ``queue``, the generation's place in the API's queue while it waits
+        (1 is next; None once out of it).
         """
         ctx = self.ctx
+        if status is not GenerationStatus.RUNNING or queue is None:
+            ctx.stats.queue.pop(row.row_id, None)
+        else:
+            ctx.stats.queue[row.row_id] = queue
         if status is GenerationStatus.COMPLETE:
             # Only a generation seen unfinished before says how long one takes:
             # one done at its first poll only bounds it by the wait we chose
             # (plus queueing), and learning that bound ratchets the wait up.
             if poll is not None and not poll.resumed and poll.polls > 1:
                 self.poller.delays.observe(ctx.clock.now() - poll.submitted_at)
+            done: Update = {"api_status": api_status}
+            if row.queue_position is not None:
+                done["queue_position"] = None
             if row.kind is Kind.FILE:
-                row = await ctx.move(row, Stage.GENERATED, {"api_status": api_status},
-                                     "generated")
+                row = await ctx.move(row, Stage.GENERATED, done, "generated")
                 await self._to_download(row)
             else:
-                await ctx.move(row, Stage.COMPLETE, {"api_status": api_status}, "complete")
+                await ctx.move(row, Stage.COMPLETE, done, "complete")
                 ctx.stats.done += 1
                 ctx.stats.in_flight -= 1
             return True
@@ -357,8 +368,9 @@ class Polling:
         if poll is None:
             self.watch(row, resumed=False)
             return True
-        if api_status != poll.status:
-            poll.status = api_status
-            poll.row = await ctx.move(row, Stage.SUBMITTED, {"api_status": api_status},
-                                      "progress")
+        if api_status != poll.status or queue != poll.queue:
+            poll.status, poll.queue = api_status, queue
+            poll.row = await ctx.move(row, Stage.SUBMITTED, {
+                "api_status": api_status, "queue_position": queue}, "progress",
+                {"queue": queue} if queue is not None else None)
         return False

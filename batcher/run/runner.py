@@ -42,7 +42,7 @@ from ..clock import Clock, SystemClock, WallTime
 from ..errors import BatcherError
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
-from ..model import LedgerRow, RunInfo, Stage, status_counts
+from ..model import Kind, LedgerRow, RunInfo, Stage, status_counts
 from ..ops.logs import LEDGER_ROWS_RETIRED, event
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy
@@ -185,6 +185,8 @@ class Runner:
                 self.membership.release(row.row_id)
                 return
             self.stats.in_flight += 1
+            if row.kind is Kind.FILE and row.stage is not Stage.UPLOADED:
+                self.stats.upload_bytes += row.source_size or 0
             assert self._submit_send is not None
             await _put(self._submit_send, row)
         elif row.stage is Stage.SUBMITTED:

@@ -33,6 +33,12 @@ class RunStats:
     estimated_spend: float = 0.0
     halted: str | None = None
     source_changed: int = 0
+    # Generations waiting in the API's queue: row -> position (1 is next).
+    queue: dict[str, int] = field(default_factory=dict)
+    # File bytes this run has to upload, and has uploaded (or found sent by
+    # an earlier run), for the transfer time left under --max-bandwidth.
+    upload_bytes: int = 0
+    uploaded_bytes: int = 0
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
@@ -70,6 +76,13 @@ class RunStats:
             return None if todo > 0 else 0.0
         return self.elapsed() / finished * todo
 
+    def upload_seconds_left(self, bytes_per_second: float | None) -> float | None:
+        """Seconds the uploads left take at ``bytes_per_second`` (None: no cap, or none left)."""
+        left = self.upload_bytes - self.uploaded_bytes
+        if bytes_per_second is None or left <= 0:
+            return None
+        return left / bytes_per_second
+
     def snapshot(self) -> dict[str, Any]:
         """Plain values for a report."""
         return {
@@ -89,5 +102,6 @@ class RunStats:
             "estimatedSpendUsd": round(self.estimated_spend, 4),
             "halted": self.halted,
             "sourceChanged": self.source_changed,
+            "bytesUploaded": self.uploaded_bytes,
             "durationSeconds": round(self.elapsed(), 3),
         }

@@ -66,7 +66,17 @@ from ..ops.logs import (
 from .context import RunContext
 from .resume import source_change, source_key
 
-__all__ = ["FRESH_PROJECT_LIMIT", "SOURCE_CHANGE_LIMIT", "Uploader", "plan_parts"]
+__all__ = [
+    "DOCUMENTED_UPLOAD_LIMIT",
+    "FRESH_PROJECT_LIMIT",
+    "SOURCE_CHANGE_LIMIT",
+    "Uploader",
+    "plan_parts",
+]
+
+#: The most bytes today's API takes in one upload, as documented (its
+#: sessions' ``maxBytes`` default); the dry run warns about larger files.
+DOCUMENTED_UPLOAD_LIMIT = 2 * 1024**3
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +174,7 @@ class Uploader:
                     if restarted is None:
                         return None
                     row = restarted
+                    ctx.stats.upload_bytes += row.source_size or 0
                     continue
                 expired = stop
                 fresh += 1
@@ -174,6 +185,7 @@ class Uploader:
                     return None
                 log.info("upload of row %s cannot go on (%s): a fresh project", row.row_id,
                          expired.why, extra=event(UPLOAD_URL_EXPIRED, row=row.row_id))
+                ctx.stats.upload_bytes += row.source_size or 0  # all of it goes again
                 row = await self._create_project(row)
         return row
 
@@ -237,6 +249,7 @@ class Uploader:
             if err.code == "fileChanged":
                 raise _SourceMoved(err.message) from err
             raise
+        ctx.stats.uploaded_bytes += row.source_size or 0
         # Sent, but not the bytes that were keyed: nothing is posted on it.
         self._check_sent(row, sent.hexdigest())
         return await ctx.move(row, Stage.UPLOADED, {"upload_url": None}, "uploaded",
@@ -283,6 +296,7 @@ class Uploader:
                              extra=event(UPLOAD_RESTARTED, row=row.row_id, code=code))
                     row = await ctx.move(row, Stage.PROJECT_CREATED, {"upload_id": None},
                                          "uploadRestarted", {"oldUploadId": upload_id})
+                    ctx.stats.upload_bytes += row.source_size or 0
                     continue
                 if isinstance(err, UrlExpired):
                     return await self._after_expiry(row, session, err)
@@ -318,6 +332,7 @@ class Uploader:
                                        "was sent")
                 parts.append(known)
                 resumed += 1
+                ctx.stats.uploaded_bytes += length
                 continue
             if resumed and len(parts) == resumed:
                 log.info("upload of row %s goes on from part %d", row.row_id, number,
@@ -327,6 +342,7 @@ class Uploader:
             part, total = await self._send_part(row, session, upload_id, number, offset,
                                                 length, total)
             await ctx.ledger.record_part(row.row_id, upload_id, part)
+            ctx.stats.uploaded_bytes += length
             parts.append(part)
         return parts, total.hexdigest()
 
