@@ -15,10 +15,10 @@ from typing import Any
 
 from .bandwidth import parse_rate
 from .errors import ConfigError
+from .models import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings", "resolve"]
 
-DEFAULT_MODEL = "diffio-3.5"  # TEMPORARY: flipped to models.DEFAULT_MODEL last
 DEFAULT_BASE_URL = "https://api.diffio.ai/v1"
 
 

@@ -221,15 +221,18 @@ def test_crash_campaign_sigkill_20_times_pays_each_request_once(
     assert stats["generations_created"] == 200 and stats["charges"] == 200
 
 
-def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simulator: Any
-                                                          ) -> None:
-    sim = simulator("--duration", "0.3,1", "--latency", "0.01,0.03", "--seed", "12")
+@pytest.mark.parametrize("api", ["current", "seed"])
+def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simulator: Any,
+                                                          api: str) -> None:
+    sim = simulator("--duration", "0.3,1", "--latency", "0.01,0.03", "--seed", "12", api=api)
     manifest, files = file_manifest(tmp_path, 36)
+    model = ["--model", "diffio-3.5"] if api == "seed" else []
     args = run_args(manifest, sim.base_url, "--rate", "25", "--poll-interval", "0.2",
-                    "--concurrency", "8")
+                    "--concurrency", "8", *model)
     # The simulator's stats at each kill of a live process.
     at_kills = [sim.stats() for _ in kill_repeatedly(args, seed=6, kills=16, window=(0.3, 1.0))]
-    phases = [(s["uploads"], s["downloads"]) for s in at_kills]
+    # Files in place at the API: one PUT each (seed), or confirmed uploads in parts.
+    phases = [(s["uploads"] + s["projects_confirmed"], s["downloads"]) for s in at_kills]
     assert len(at_kills) >= 10, phases
     # Kills landed while files were still being uploaded, and while results
     # were being downloaded.
@@ -251,7 +254,9 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     assert stats["extra_charges"] == 0
     assert stats["generations_created"] == 36 and stats["charges"] == 36
     assert stats["generations_without_upload"] == 0
-    assert stats["signed_url_requests_with_key"] == 0
+    assert stats["signed_url_requests_with_key"] == stats["api_keys_at_upload_host"] == 0
+    if api == "current":
+        assert stats["projects_confirmed"] == 36 and stats["generations_upload_missing"] == 0
 
 
 def test_sigterm_exits_130_with_a_consistent_ledger_and_the_rerun_completes(
@@ -696,8 +701,8 @@ def test_the_api_key_appears_nowhere_after_a_faulty_run(tmp_path: Path, simulato
     assert files_containing(tmp_path, CANARY) == []
     stats = sim.stats()
     assert stats["errors_injected"] + stats["lost_responses"] > 0
-    assert stats["uploads"] == 6 and stats["downloads"] >= 6
-    assert stats["signed_url_requests_with_key"] == 0
+    assert stats["projects_confirmed"] == 6 and stats["downloads"] >= 6
+    assert stats["signed_url_requests_with_key"] == stats["api_keys_at_upload_host"] == 0
 
 
 class EchoesTheKey(FakeDiffio):

@@ -152,12 +152,13 @@ def _storage_endpoints(sim: Any) -> set[str]:
 
 def test_expired_upload_url_means_a_fresh_project_not_a_second_charge(
         tmp_path: Path, simulator: Any) -> None:
+    # The seed era's signed upload URL (today's upload sessions: tests/test_uploads.py).
     # Every upload URL is born expired until the first refusal; then normal.
-    sim = simulator("--duration", "0.1,0.2", "--upload-ttl", "0")
+    sim = simulator("--duration", "0.1,0.2", "--upload-ttl", "0", api="seed")
     manifest = file_manifest(tmp_path, [("take.wav", 300.0)])
     watcher = _flip_when(sim, "upload", 403, {"upload_ttl": 3600})
     # --rate 1 spaces the next create_project a second after the refusal.
-    done = run_batcher(*args_for(manifest, sim, "--rate", "1"))
+    done = run_batcher(*args_for(manifest, sim, "--rate", "1", "--model", "diffio-3.5"))
     watcher.join(timeout=1)
     assert done.returncode == 0, done.stdout + done.stderr
     stats = sim.stats()

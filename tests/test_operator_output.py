@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 from conftest import batcher_env, export_records, run_args, run_batcher, wait_for
 
+from batcher.settings import DEFAULT_MODEL
+
 SUMMARY = re.compile(r"^batcher: (\d+) rows: (\d+) complete, (\d+) failed, (\d+) pending, "
                      r"(\d+) submitted ")
 PROGRESS = re.compile(r"^progress: (\d+)/(\d+) done, (\d+) failed, (\d+) in flight, "
-                      r"[\d.]+ req/s, (\d+) 429s, ETA \S+$")
+                      r"[\d.]+ req/s, (\d+) 429s, ETA [^,\s]+(, [^,]+ queued at the API .+)?$")
 
 
 def _manifest(path: Path, good: int, *, bad: bool = False) -> Path:
@@ -116,7 +118,7 @@ def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -
     assert r["errorsByCode"] == {"notFound": 1}
     assert r["requests"] == sim_stats["requests"] == sum(r["requestsByEndpoint"].values())
     by_endpoint = r["requestsByEndpoint"]
-    assert by_endpoint["diffio-3.5-generation"] == 4
+    assert by_endpoint[f"{DEFAULT_MODEL}-generation"] == 4
     assert by_endpoint["no-such-model-generation"] == 1
     assert by_endpoint["get_generation_progress"] == r["polls"]
     assert r["polls"] == sum(rec["polls"] for rec in records) >= 4

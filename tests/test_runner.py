@@ -59,7 +59,7 @@ async def test_file_and_project_rows_complete_each_paid_once(make_job: Any,
     assert result is not None and result.exit_code == 0
     assert result.counts == {"pending": 0, "submitted": 0, "complete": 4, "failed": 0}
     stats = job.sim.stats
-    assert (stats.charges, stats.extra_charges, stats.uploads) == (4, 0, 2)
+    assert (stats.charges, stats.extra_charges, stats.projects_confirmed) == (4, 0, 2)
     rows = {row.line: row for row in await job.rows()}
     for line in (3, 4):
         out = anyio.Path(rows[line].output_path)

@@ -23,7 +23,7 @@ def test_defaults_beside_the_manifest(tmp_path: Path) -> None:
     s = resolve(source=m, flags={}, env={"DIFFIO_API_KEY": "k"})
     assert s.ledger == str(tmp_path / "cat.ledger.sqlite")
     assert s.out == tmp_path / "cat.out"
-    assert (s.rate, s.concurrency, s.poll_interval, s.model) == (10.0, 16, 5.0, "diffio-3.5")
+    assert (s.rate, s.concurrency, s.poll_interval, s.model) == (10.0, 16, 5.0, "diffio-4.6-flash")
 
 
 def test_precedence(tmp_path: Path) -> None:

@@ -149,15 +149,21 @@ class Uploader:
         """
         ctx = self.ctx
         fresh = changes = 0
+        # A URL or session handed out in this run is tried whatever its expiry
+        # says (our clock may be off); one kept from an earlier run is judged
+        # by its expiry first.
+        kept = row.stage is Stage.PROJECT_CREATED
         while row.stage is not Stage.UPLOADED:
             if ctx.halted:
                 raise SubmissionsStopped("not uploaded: the run stopped submitting")
             try:
                 if row.stage is Stage.PENDING:
                     row = await self._create_project(row)
+                    kept = False
                 elif row.upload_session is not None:
-                    row = await self._upload_in_parts(row, row.upload_session)
-                elif row.upload_url is not None and not self._expired(row.upload_expires_at):
+                    row = await self._upload_in_parts(row, row.upload_session, judge=kept)
+                elif row.upload_url is not None and not (
+                        kept and self._expired(row.upload_expires_at)):
                     row = await self._upload_in_one(row, row.upload_url)
                 else:
                     raise _FreshProject(None, "the upload URL expired")
@@ -187,6 +193,7 @@ class Uploader:
                          expired.why, extra=event(UPLOAD_URL_EXPIRED, row=row.row_id))
                 ctx.stats.upload_bytes += row.source_size or 0  # all of it goes again
                 row = await self._create_project(row)
+                kept = False
         return row
 
     # -- create_project ----------------------------------------------------------
@@ -257,10 +264,13 @@ class Uploader:
 
     # -- today's API: parts on the upload host -----------------------------------
 
-    async def _upload_in_parts(self, row: LedgerRow, session: UploadSession) -> LedgerRow:
+    async def _upload_in_parts(self, row: LedgerRow, session: UploadSession, *,
+                               judge: bool) -> LedgerRow:
+        """Start or go on with the upload; ``judge``: a session kept from an
+        earlier run, which is not started on when its expiry is near."""
         ctx = self.ctx
         storage = ctx.client.storage
-        if self._expired(session.expires_at):
+        if judge and self._expired(session.expires_at):
             return await self._after_expiry(row, session, None)
         restarts = 0
         while True:
