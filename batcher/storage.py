@@ -66,7 +66,10 @@ __all__ = [
 RequestCallback = Callable[[str, int | None, float], None]
 """``on_request(endpoint, status or None on transport failure, seconds)``."""
 
-_CHUNK = 1 << 20
+# File bytes move in chunks this large: every transfer in flight holds about
+# one chunk being read and one being written, whatever the file's size.
+_UPLOAD_CHUNK = 256 * 1024
+_DOWNLOAD_CHUNK = 256 * 1024
 # Floor on upload throughput used to size an upload's total timeout: a
 # stalled upload must end, but a large one on a slow link must not. Under a
 # bandwidth cap the floor is a share of the cap, as transfers share it.
@@ -277,7 +280,7 @@ class Storage:
                     if not 200 <= status < 300:
                         body = await resp.content.read(_ERROR_BODY_LIMIT)
                         raise _storage_error(status, resp.headers, body, endpoint)
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                    async for chunk in resp.content.iter_chunked(_DOWNLOAD_CHUNK):
                         if bandwidth is not None:
                             await bandwidth.take(len(chunk))
                         await write(chunk)
@@ -372,17 +375,22 @@ async def _file_chunks(
     except OSError as exc:
         raise LocalFileError(f"cannot read {path}: {exc.strerror or exc}",
                              code="fileUnreadable") from exc
+    # Read into one buffer of this upload's (the worker threads allocate
+    # nothing, so their malloc arenas do not grow), then copy out on the
+    # loop: the transport may keep a chunk after write() returns.
+    buffer = memoryview(bytearray(min(_UPLOAD_CHUNK, max(length, 1))))
     async with f:
         try:
             if offset:
                 await f.seek(offset)
             left = length
             while left > 0:
-                data = await f.read(min(_CHUNK, left))
-                if not data:
+                got = await f.readinto(buffer[: min(len(buffer), left)])
+                if not got:
                     raise LocalFileError(f"{path} became shorter while it was being uploaded",
                                          code="fileChanged")
-                left -= len(data)
+                data = bytes(buffer[:got])
+                left -= got
                 for digest in digests:
                     digest.update(data)
                 if bandwidth is not None:

@@ -21,7 +21,7 @@ from .common import Figure, print_table, section
 
 __all__ = ["Sizes", "main"]
 
-BENCHES = ("rate", "polling", "memory", "ledger", "side")
+BENCHES = ("rate", "polling", "memory", "ledger", "side", "uploads")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +41,13 @@ class Sizes:
     ledger_callers: tuple[int, ...] = (64, 256, 1024)
     side_rows: int = 300
     side_rate: float = 50.0
+    # MiB per file of the large upload run (16 files at once)
+    upload_mb: int = 128
 
 
 QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),), dry_rows=20_000,
-              real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32)
+              real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32,
+              upload_mb=32)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(Figure(name, "failed", ok=False, note=str(exc).splitlines()[0]))
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from . import ledger, memory, polling, rate, side_by_side
+    from . import ledger, memory, polling, rate, side_by_side, uploads
 
     run("rate", lambda: rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)[1])
     run("polling", lambda: polling.bench_polling(
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.dry_rows, sizes.real_rows, rate=sizes.real_rate, concurrency=sizes.concurrency)[1])
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
     run("side", lambda: side_by_side.bench_side_by_side(sizes.side_rows, rate=sizes.side_rate)[1])
+    run("uploads", lambda: uploads.bench_uploads(large_mb=sizes.upload_mb)[1])
     if args.profile is not None:
         from .profile import profile_rate
 

@@ -183,8 +183,9 @@ def endpoint_counts(stats: Mapping[str, Any]) -> dict[str, int]:
 
 
 def api_requests(counts: Mapping[str, int]) -> int:
-    """API requests only (signed storage URLs left out)."""
-    return sum(n for name, n in counts.items() if name not in STORAGE_ENDPOINTS)
+    """API requests only (signed storage URLs and the upload host left out)."""
+    return sum(n for name, n in counts.items()
+               if name not in STORAGE_ENDPOINTS and not name.startswith("edge:"))
 
 
 def stats_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
@@ -193,10 +194,15 @@ def stats_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str
 
 
 class SimProcess:
-    """``python -m batcher simulate`` in its own process, on a free port."""
+    """``python -m batcher simulate`` in its own process, on a free port.
 
-    def __init__(self, *args: str) -> None:
+    It serves the API generation of batcher's default model unless ``api``
+    names one (``"seed"`` for the seed-era SDK baseline).
+    """
+
+    def __init__(self, *args: str, api: str | None = None) -> None:
         self.args = args
+        self.api = api or api_for_model(DEFAULT_MODEL)
         self.base_url = ""
         self.origin = ""
         self._proc: subprocess.Popen[str] | None = None
@@ -204,7 +210,7 @@ class SimProcess:
 
     def __enter__(self) -> SimProcess:
         argv = [PYTHON, "-m", "batcher", "simulate", "--port", "0", "--auto-create-projects",
-                "--api", api_for_model(DEFAULT_MODEL), *self.args]
+                "--api", self.api, *self.args]
         self._err = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err,
                                       text=True, env=child_env())

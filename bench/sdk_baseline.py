@@ -4,7 +4,8 @@ A thread pool of 16 threads; each row is ``generations.create_and_wait`` of
 the real ``diffio`` SDK (0.1.92): one ``create_generation``, then
 ``get_generation_progress`` at once and every 2 s until the generation is
 complete. No rate limit, no ledger. Run as its own process so its CPU and
-memory are measured alone::
+memory are measured alone. SDK 0.1.92 speaks the seed-era API (diffio-3.5):
+point it at ``batcher simulate --api seed``::
 
     python -m bench.sdk_baseline --base-url URL --manifest M.csv [--threads 16]
 """

@@ -3,7 +3,9 @@
 One simulator (generations take 2-4 s) serves both, one after the other; the
 requests each made are the difference of the simulator's counters around its
 run. Both run as child processes, so wall, CPU and peak memory are theirs
-alone.
+alone. The baseline is SDK 0.1.92, which speaks the seed-era API only
+(diffio-3.5): the simulator serves that generation here, and batcher runs
+with ``--model diffio-3.5`` on it, so both make the same requests.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from .common import (
     write_project_manifest,
 )
 
-__all__ = ["Side", "bench_side_by_side"]
+__all__ = ["SEED_MODEL", "Side", "bench_side_by_side"]
+
+# The model SDK 0.1.92 posts by default: the seed era's.
+SEED_MODEL = "diffio-3.5"
 
 
 @dataclass(slots=True)
@@ -61,14 +66,14 @@ def bench_side_by_side(rows: int = 300, *, rate: float = 50.0, threads: int = 16
     section(f"side by side: {rows} rows, generations take {duration} s; SDK: {threads} threads, "
             f"create_and_wait polling every {sdk_poll:g} s; batcher: --rate {rate:g} "
             f"--poll-interval {batcher_poll:g}")
-    with workdir() as d, SimProcess("--duration", duration, "--seed", "7") as sim:
+    with workdir() as d, SimProcess("--duration", duration, "--seed", "7", api="seed") as sim:
         manifest = write_project_manifest(d / "side.csv", rows, prefix="side")
         before = sim.counts()
         sdk = run_child([PYTHON, "-m", "bench.sdk_baseline", "--base-url", sim.base_url,
                          "--manifest", str(manifest), "--threads", str(threads),
                          "--poll-interval", f"{sdk_poll:g}"]).check()
         middle = sim.counts()
-        bat = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}",
+        bat = batcher_run(manifest, sim.base_url, "--rate", f"{rate:g}", "--model", SEED_MODEL,
                           "--poll-interval", f"{batcher_poll:g}").check()
         after = sim.counts()
     outcome = json.loads(sdk.stdout.strip().splitlines()[-1])
