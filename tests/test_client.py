@@ -19,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from batcher.bandwidth import Bandwidth
 from batcher.client import (
     DiffioClient,
     DownloadInfo,
@@ -970,3 +971,28 @@ async def test_get_progress_reads_stage_and_queue(server: Server,
         "generationId": "gen-1", "status": "processing", "queue": {"position": 0}})
     out = await make().client.get_progress(generation_id="gen-1", api_project_id=None)
     assert out.queue_position is None and out.stage is None
+
+
+@pytest.mark.anyio
+async def test_every_byte_up_and_down_is_taken_from_the_bandwidth_budget(
+        server: Server, session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    _edge(server)
+    data = os.urandom(300_000)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=data)
+
+    server.routes["/out.mp3"] = serve
+    server.routes["/upload"] = _upload_handler(server)
+    budget = Bandwidth(None)  # no cap: it only counts what is taken
+    client = DiffioClient(session, server.url, KEY, gate=RateGate(1000, clock=SystemClock()),
+                          cap=anyio.CapacityLimiter(4), bandwidth=budget)
+    path = tmp_path / "a.wav"
+    path.write_bytes(data[:1000])
+    session_ = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    await client.storage.put_part(session_, "upl-1", 1, path=path, offset=0, length=1000)
+    await client.storage.upload(url=server.url + "/upload", method="PUT", path=path,
+                                content_type="audio/wav", size=1000)
+    assert budget.taken == 2000
+    await fetch_to_file(client.storage, server.url + "/out.mp3", tmp_path / "o.mp3", "r1")
+    assert budget.taken == 2000 + len(data)
