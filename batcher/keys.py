@@ -1,6 +1,6 @@
 """Idempotency keys and row identities, as pure functions of a row's content.
 
-DESIGN.md invariant 1: a derived key is a hash of the canonical request
+A derived key is a hash of the canonical request
 content (model, source, sampling, params, key namespace); never random, never
 time-based. The same content gives the same key on every machine and run, so a
 resumed run re-posts with the key the API already knows and is not charged

@@ -1,6 +1,6 @@
 """Run settings: built once from flags, environment and job file, then frozen.
 
-Precedence (issue 6): command-line flag > environment (``BATCHER_*``) > job
+Precedence: command-line flag > environment (``BATCHER_*``) > job
 file > default. The API key is kept out of every repr.
 """
 
@@ -192,7 +192,8 @@ def resolve(
             continue
         raw = env.get(spec.env)
         if raw in (None, "") and spec.name == "api_base":
-            # CONTRACT.md's own variable is environment too: it beats the job file.
+            # DIFFIO_API_BASE_URL, the API's own variable, is environment too: it beats
+            # the job file.
             raw = env.get("DIFFIO_API_BASE_URL")
         if raw not in (None, ""):
             values[spec.name] = _coerce(spec, raw, f"environment {spec.env}")
