@@ -165,6 +165,27 @@ def count_statuses(records: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
+def start_batcher(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m batcher ARGS`` with its output piped; the caller waits for it."""
+    return subprocess.Popen([sys.executable, "-m", "batcher", *args], env=env or batcher_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(args: list[str], predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Start ``batcher ARGS``, SIGKILL it as soon as ``predicate()`` is true.
+
+    Fails when the run ends on its own first: the kill is what the caller
+    wanted to test.
+    """
+    proc = start_batcher(*args)
+    try:
+        wait_for(lambda: predicate() or proc.poll() is not None, timeout=timeout)
+        assert proc.poll() is None, "the run ended before the moment it was to be killed at"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
 def kill_repeatedly(args: list[str], *, seed: int, kills: int,
                     window: tuple[float, float]) -> Iterator[None]:
     """Start ``batcher ARGS`` again and again, SIGKILLing it at seeded random moments.
