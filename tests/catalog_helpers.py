@@ -11,14 +11,25 @@ import asyncio
 import csv
 import hashlib
 import os
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, web
+from conftest import LoopbackApi
 
-__all__ = ["ApiProxy", "Hook", "tree_snapshot", "write_csv_manifest"]
+__all__ = ["ApiProxy", "Hook", "job_args", "ledger_of", "tree_snapshot", "write_csv_manifest"]
+
+
+def job_args(manifest: Path, api_base: str, *extra: str) -> list[str]:
+    """``run MANIFEST`` with its default ledger and --out, quick polls, a loose rate."""
+    return ["run", str(manifest), "--api-base", api_base, "--poll-interval", "0.2",
+            "--rate", "50", *extra]
+
+
+def ledger_of(manifest: Path) -> Path:
+    """Where ``batcher run MANIFEST`` keeps its ledger when not told otherwise."""
+    return manifest.with_name(manifest.stem + ".ledger.sqlite")
 
 
 def write_csv_manifest(path: Path, rows: Iterable[dict[str, str]]) -> Path:
@@ -69,15 +80,11 @@ def tree_snapshot(root: Path, skip: Callable[[Path], bool] = lambda p: False
     return out
 
 
-async def _new_session() -> ClientSession:
-    return ClientSession()  # made inside the loop it will run on
-
-
 # (endpoint, JSON body of the request) -> an answer that replaces the simulator's, or None
 Hook = Callable[[str, dict[str, Any]], web.StreamResponse | None]
 
 
-class ApiProxy:
+class ApiProxy(LoopbackApi):
     """A loopback reverse proxy for a simulator's ``/v1`` API, in a thread of this process.
 
     Every API request is forwarded unchanged to ``upstream`` (a simulator's
@@ -95,48 +102,20 @@ class ApiProxy:
     """
 
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream = upstream.rstrip("/")
         self.before: Hook | None = None
         self.after: Hook | None = None
-        self.base_url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
-    def __enter__(self) -> ApiProxy:
-        self._thread.start()
-        assert self._ready.wait(10), "the proxy did not start"
-        return self
+    async def on_start(self) -> None:
+        self._session = ClientSession()
 
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            if self._session is not None:
-                await self._session.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
+    async def on_stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_route("*", "/v1/{endpoint:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self._session = self._loop.run_until_complete(_new_session())
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
         raw = await request.read()
         try:

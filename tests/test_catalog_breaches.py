@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from catalog_helpers import ApiProxy, tree_snapshot, write_csv_manifest
+from catalog_helpers import ApiProxy, job_args, ledger_of, tree_snapshot, write_csv_manifest
 from conftest import (
     batcher_env,
     export_records,
@@ -50,16 +50,6 @@ def breach(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue: {reason}")
 
 
-def job_args(manifest: Path, api_base: str, *extra: str) -> list[str]:
-    """``run MANIFEST`` with its default ledger and --out, quick polls, a loose rate."""
-    return ["run", str(manifest), "--api-base", api_base, "--poll-interval", "0.2",
-            "--rate", "50", *extra]
-
-
-def ledger_of(manifest: Path) -> Path:
-    return manifest.with_name(manifest.stem + ".ledger.sqlite")
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -79,6 +69,14 @@ def assert_restores(record: dict[str, Any], source: Path) -> None:
         f"{output} is not the restoration of {source} as it is now")
 
 
+def one_take(tmp_path: Path, simulator: Any) -> tuple[Any, Path, Path]:
+    """A quick simulator, ``take.wav`` and a manifest of that one file."""
+    sim = simulator("--duration", "0.1,0.2")
+    take = write_wav(tmp_path / "take.wav", seconds=0.2, freq=300.0)
+    manifest = write_csv_manifest(tmp_path / "m.csv", [{"file": "take.wav", "prompt": "clean"}])
+    return sim, take, manifest
+
+
 def assert_charges(sim: Any, charges: int) -> None:
     stats = sim.stats()
     assert (stats["charges"], stats["extra_charges"]) == (charges, 0), (
@@ -91,9 +89,7 @@ def assert_charges(sim: Any, charges: int) -> None:
 @breach("a duplicate placed above its completed original is charged again")
 def test_a_duplicate_above_its_completed_original_is_not_charged_again(
         tmp_path: Path, simulator: Any) -> None:
-    sim = simulator("--duration", "0.1,0.2")
-    take = write_wav(tmp_path / "take.wav", seconds=0.2, freq=300.0)
-    manifest = write_csv_manifest(tmp_path / "m.csv", [{"file": "take.wav", "prompt": "clean"}])
+    sim, take, manifest = one_take(tmp_path, simulator)
     assert run_batcher(*job_args(manifest, sim.base_url)).returncode == 0
     # Tonight's listing has a copy under another name, sorted above the original.
     copy = tmp_path / "archive" / "copy.wav"
@@ -115,9 +111,7 @@ def test_a_duplicate_above_its_completed_original_is_not_charged_again(
 @breach("a file edited between hash and upload is uploaded under the old key")
 def test_a_file_edited_between_hash_and_upload_is_caught_before_the_post(
         tmp_path: Path, simulator: Any) -> None:
-    sim = simulator("--duration", "0.1,0.2")
-    take = write_wav(tmp_path / "take.wav", seconds=0.2, freq=300.0)
-    manifest = write_csv_manifest(tmp_path / "m.csv", [{"file": "take.wav", "prompt": "clean"}])
+    sim, take, manifest = one_take(tmp_path, simulator)
     held, release = threading.Event(), threading.Event()
 
     def hold_create_project(endpoint: str, body: dict[str, Any]) -> None:
