@@ -18,7 +18,13 @@ from typing import Any
 from aiohttp import ClientSession, web
 from conftest import LoopbackApi
 
-__all__ = ["ApiProxy", "Hook", "job_args", "ledger_of", "tree_snapshot", "write_csv_manifest"]
+__all__ = ["ApiProxy", "Hook", "job_args", "ledger_of", "sha256", "tree_snapshot",
+           "write_csv_manifest"]
+
+
+def sha256(data: bytes) -> str:
+    """The sha256 hex of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def job_args(manifest: Path, api_base: str, *extra: str) -> list[str]:
@@ -76,7 +82,7 @@ def tree_snapshot(root: Path, skip: Callable[[Path], bool] = lambda p: False
             if path.is_symlink():
                 out[rel] = f"link:{os.readlink(path)}"
             else:
-                out[rel] = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
+                out[rel] = "file:" + sha256(path.read_bytes())
     return out
 
 

@@ -14,7 +14,6 @@ passes, the mark must go.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -26,7 +25,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from catalog_helpers import ApiProxy, job_args, ledger_of, tree_snapshot, write_csv_manifest
+from catalog_helpers import (
+    ApiProxy,
+    job_args,
+    ledger_of,
+    sha256,
+    tree_snapshot,
+    write_csv_manifest,
+)
 from conftest import (
     batcher_env,
     export_records,
@@ -48,10 +54,6 @@ def breach(reason: str) -> pytest.MarkDecorator:
     harness (a timeout, a server that did not start) still fails the suite.
     """
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue: {reason}")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def by_source(manifest: Path) -> dict[str, dict[str, Any]]:
