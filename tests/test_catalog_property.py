@@ -433,14 +433,13 @@ def check_charges(model: CatalogModel, stats: dict[str, Any]) -> None:
           **({} if RANDOM else {"database": None}),
           phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(folders=st.lists(folder, min_size=3, max_size=6),
-       nights=nights)
+@given(folders=st.lists(folder, min_size=3, max_size=6), nights=nights)
 def test_a_catalog_changed_between_runs_is_paid_once_and_restored_right(
         folders: list[int], nights: list[Night]) -> None:
     with tempfile.TemporaryDirectory(prefix="catalog-") as tmp:
         model = CatalogModel(Path(tmp) / "job")
-        for i, folder in enumerate(folders):
-            rel = f"{FOLDERS[folder]}take{model.fresh()}.wav"
+        for i, where in enumerate(folders):
+            rel = f"{FOLDERS[where]}take{model.fresh()}.wav"
             model.write_audio(rel, 400 + 80 * (i % 2))
             model.rows.append(Row(file=rel))
         sim = start_simulator("--duration", "0.2,0.6", "--auto-create-projects")
