@@ -197,7 +197,8 @@ def resolve(
             continue
         raw = env.get(spec.env)
         if raw in (None, "") and spec.name == "api_base":
-            # The documented DIFFIO_API_BASE_URL is environment too: it beats the job file.
+            # DIFFIO_API_BASE_URL, the API's own variable, is environment too: it beats
+            # the job file.
             raw = env.get("DIFFIO_API_BASE_URL")
         if raw not in (None, ""):
             values[spec.name] = _coerce(spec, raw, f"environment {spec.env}")

@@ -17,7 +17,7 @@ from .model import Kind, LedgerRow
 
 __all__ = ["MIN_BILLED_SECONDS", "SpendCap", "audio_seconds", "billed_seconds"]
 
-# The API bills at least this much per generation (DIFFIO-API.md §5).
+# The API bills at least this much processing time per generation request.
 MIN_BILLED_SECONDS = 60.0
 
 

@@ -12,15 +12,17 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
+from aiohttp import web
 
 
 @pytest.fixture
@@ -43,6 +45,63 @@ def write_wav(path: Path, seconds: float = 0.5, freq: float = 440.0, rate: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header + frames)
     return path
+
+
+class LoopbackApi:
+    """An aiohttp server for ``/v1/{endpoint}`` on a loopback port, in a thread of this process.
+
+    Use it as a context manager; ``base_url`` is ``http://127.0.0.1:PORT/v1``
+    once entered. Subclasses answer requests in :meth:`handle`, and may set
+    up and close what they need on the server's event loop in
+    :meth:`on_start` and :meth:`on_stop`.
+    """
+
+    def __init__(self) -> None:
+        self.base_url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10), f"{type(self).__name__} did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            await self.on_stop()
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("*", "/v1/{endpoint:.*}", self.handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self._loop.run_until_complete(self.on_start())
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def on_start(self) -> None:
+        """Runs on the server's loop before the first request."""
+
+    async def on_stop(self) -> None:
+        """Runs on the server's loop before it closes."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request to ``/v1/{endpoint}``."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -163,6 +222,27 @@ def count_statuses(records: list[dict[str, Any]]) -> dict[str, int]:
     for rec in records:
         out[rec["status"]] = out.get(rec["status"], 0) + 1
     return out
+
+
+def start_batcher(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m batcher ARGS`` with its output piped; the caller waits for it."""
+    return subprocess.Popen([sys.executable, "-m", "batcher", *args], env=env or batcher_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(args: list[str], predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Start ``batcher ARGS``, SIGKILL it as soon as ``predicate()`` is true.
+
+    Fails when the run ends on its own first: the kill is what the caller
+    wanted to test.
+    """
+    proc = start_batcher(*args)
+    try:
+        wait_for(lambda: predicate() or proc.poll() is not None, timeout=timeout)
+        assert proc.poll() is None, "the run ended before the moment it was to be killed at"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
 
 
 def kill_repeatedly(args: list[str], *, seed: int, kills: int,

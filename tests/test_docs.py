@@ -79,8 +79,9 @@ _OUTSIDE = re.compile(
     r"\.\./shared|/work/|\b(?:CONTRACT|DIFFIO-API|DESIGN|STYLE)\.md\b"
     r"|(?i:\bissues? #?\d+|\binvariants? \d+)"
 )
-_CHECKED = ("README.md", "mkdocs.yml", "docs", "jobs", "bench", "tests")
-_TEXT = {".md", ".py", ".toml", ".yml", ".csv", ".txt"}
+_CHECKED = ("README.md", "mkdocs.yml", "docs", "jobs", "bench", "tests", "batcher", ".ci",
+            "pyproject.toml")
+_TEXT = {".md", ".py", ".toml", ".yml", ".csv", ".txt", ".sql"}
 
 
 def _checked_files() -> list[Path]:

