@@ -61,6 +61,7 @@ __all__ = [
     "Storage",
     "Transport",
     "UploadStarted",
+    "check_file_size",
 ]
 
 RequestCallback = Callable[[str, int | None, float], None]
@@ -173,7 +174,7 @@ class Storage:
         size now raises :class:`LocalFileError` (``fileChanged``) before
         anything is sent. Every byte sent is fed to ``digests``.
         """
-        await _check_size(path, size)
+        await check_file_size(path, size)
         headers = {"Content-Type": content_type, "Content-Length": str(size),
                    "User-Agent": USER_AGENT}
         status, resp_headers, body = await self._send(
@@ -351,7 +352,12 @@ def _edge_url(session: UploadSession, action: str) -> str:
     return f"{session.edge_base_url.rstrip('/')}/v1/uploads/{action}"
 
 
-async def _check_size(path: Path, size: int) -> None:
+async def check_file_size(path: Path, size: int) -> None:
+    """LocalFileError unless ``path`` can be read and is ``size`` bytes.
+
+    ``fileUnreadable`` when it cannot be read, ``fileChanged`` when its size
+    is not the one it had when its row was keyed.
+    """
     try:
         actual = (await anyio.Path(path).stat()).st_size
     except OSError as exc:

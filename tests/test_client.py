@@ -870,8 +870,9 @@ async def test_every_request_names_batcher_in_user_agent(server: Server,
 
 
 def _edge(server: Server, *, part_status: int = 200, error: dict[str, Any] | None = None
-          ) -> None:
-    """An upload host under /edge that records what it gets and answers like the real one."""
+          ) -> UploadSession:
+    """An upload host under /edge that records what it gets and answers like the real
+    one; returns a session on it."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         body = await server.record(request)
@@ -887,13 +888,13 @@ def _edge(server: Server, *, part_status: int = 200, error: dict[str, Any] | Non
 
     for action in ("start", "parts/1", "parts/2", "complete", "abort"):
         server.routes[f"/edge/v1/uploads/{action}"] = answer
+    return UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
 
 
 @pytest.mark.anyio
 async def test_the_upload_host_gets_the_token_never_the_key(
         server: Server, make: Callable[..., Harness], tmp_path: Path) -> None:
-    _edge(server)
-    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    session = _edge(server)
     path = tmp_path / "a.wav"
     data = os.urandom(900)
     path.write_bytes(data)
@@ -929,8 +930,8 @@ async def test_the_upload_host_gets_the_token_never_the_key(
 async def test_upload_host_errors_in_its_own_shape(
         server: Server, make: Callable[..., Harness], tmp_path: Path, status: int, code: str,
         cls: type[ApiError]) -> None:
-    _edge(server, part_status=status, error={"error": {"code": code, "message": "why not"}})
-    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    session = _edge(server, part_status=status,
+                    error={"error": {"code": code, "message": "why not"}})
     path = tmp_path / "a.wav"
     path.write_bytes(b"x" * 10)
     with pytest.raises(cls) as info:
@@ -943,8 +944,7 @@ async def test_upload_host_errors_in_its_own_shape(
 @pytest.mark.anyio
 async def test_a_part_of_a_file_that_became_shorter_is_a_changed_file(
         server: Server, make: Callable[..., Harness], tmp_path: Path) -> None:
-    _edge(server)
-    session = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
+    session = _edge(server)
     path = tmp_path / "a.wav"
     path.write_bytes(b"x" * 100)
     with pytest.raises(LocalFileError) as info:
@@ -976,7 +976,7 @@ async def test_get_progress_reads_stage_and_queue(server: Server,
 @pytest.mark.anyio
 async def test_every_byte_up_and_down_is_taken_from_the_bandwidth_budget(
         server: Server, session: aiohttp.ClientSession, tmp_path: Path) -> None:
-    _edge(server)
+    upload = _edge(server)
     data = os.urandom(300_000)
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -989,8 +989,7 @@ async def test_every_byte_up_and_down_is_taken_from_the_bandwidth_budget(
                           cap=anyio.CapacityLimiter(4), bandwidth=budget)
     path = tmp_path / "a.wav"
     path.write_bytes(data[:1000])
-    session_ = UploadSession("upls-1", server.url + "/edge", "tok-123", 1024)
-    await client.storage.put_part(session_, "upl-1", 1, path=path, offset=0, length=1000)
+    await client.storage.put_part(upload, "upl-1", 1, path=path, offset=0, length=1000)
     await client.storage.upload(url=server.url + "/upload", method="PUT", path=path,
                                 content_type="audio/wav", size=1000)
     assert budget.taken == 2000

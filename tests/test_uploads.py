@@ -145,47 +145,33 @@ async def test_a_run_cancelled_mid_upload_resumes_from_the_next_part(
         assert restores(row)
 
 
-async def test_an_expired_session_starts_over_on_a_fresh_project_never_a_second_charge(
-        make_job: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["between runs", "mid-upload"])
+async def test_an_expired_session_means_a_fresh_project_never_a_second_charge(
+        make_job: Any, tmp_path: Path, when: str) -> None:
     write_wav(tmp_path / "take.wav", seconds=2.0, freq=400)
     job = await make_job("file\ntake.wav\n", config(part_latency=(0.002, 0.004),
                                                     upload_session_ttl=600.0))
-    assert await job.run(stop_when=lambda: job.sim.stats.parts_received >= 3) is None
-    (row,) = await job.rows()
-    assert row.stage is Stage.PROJECT_CREATED and row.upload_id is not None
-    old_project = row.api_project_id
-    job.clock.advance(3600.0)  # the session is long over
-    result = await job.run()
-    assert result is not None and result.exit_code == 0
-    (row,) = await job.rows()
-    stats = job.sim.stats
-    assert row.api_project_id != old_project
-    assert (stats.projects_created, stats.projects_confirmed, stats.charges) == (2, 1, 1)
-    assert stats.extra_charges == 0
-    assert not job.sim.state.projects[old_project].generation_ids  # never generated on
-    assert restores(row)
+    if when == "between runs":
+        assert await job.run(stop_when=lambda: job.sim.stats.parts_received >= 3) is None
+        (row,) = await job.rows()
+        assert row.stage is Stage.PROJECT_CREATED and row.upload_id is not None
+        job.clock.advance(3600.0)  # the session is long over: judged before any part
+        result = await job.run()
+    else:
+        async def expire_while_uploading() -> None:
+            await until(lambda: job.sim.stats.parts_received >= 2)
+            job.clock.advance(601.0)  # the upload host refuses the next part
 
-
-async def test_a_session_the_upload_host_calls_expired_mid_upload_means_a_fresh_project(
-        make_job: Any, tmp_path: Path) -> None:
-    write_wav(tmp_path / "take.wav", seconds=2.0, freq=450)
-    job = await make_job("file\ntake.wav\n", config(part_latency=(0.002, 0.004),
-                                                    upload_session_ttl=600.0))
-
-    async def expire_while_uploading() -> None:
-        await until(lambda: job.sim.stats.parts_received >= 2)
-        job.clock.advance(601.0)  # the session handed out at the start is over now
-
-    result = await run_with(job, expire_while_uploading)
+        result = await run_with(job, expire_while_uploading)
+        assert job.sim.stats.upload_sessions_expired >= 1
     assert result is not None and result.exit_code == 0, result.summary()
-    stats = job.sim.stats
-    assert stats.upload_sessions_expired >= 1
-    assert (stats.projects_created, stats.projects_confirmed, stats.charges) == (2, 1, 1)
     (row,) = await job.rows()
-    assert restores(row)
+    stats = job.sim.stats
+    assert (stats.projects_created, stats.projects_confirmed, stats.charges) == (2, 1, 1)
+    assert stats.extra_charges == 0 and restores(row)
     projects = job.sim.state.projects.values()
     (first,) = [p for p in projects if p.api_project_id != row.api_project_id]
-    assert not first.generation_ids and not first.confirmed
+    assert not first.generation_ids and not first.confirmed  # never generated on
 
 
 @pytest.mark.parametrize("expire", [False, True])

@@ -63,6 +63,7 @@ from ..ops.logs import (
     UPLOAD_URL_EXPIRED,
     event,
 )
+from ..storage import check_file_size
 from .context import RunContext
 from .resume import source_change, source_key
 
@@ -472,13 +473,13 @@ class Uploader:
 
 
 async def _check_size(path: Path, size: int) -> None:
+    """The file is still the size it was keyed at; else it moved under its row."""
     try:
-        actual = (await anyio.Path(path).stat()).st_size
-    except OSError as exc:
-        raise LocalFileError(f"cannot read {path}: {exc.strerror or exc}",
-                             code="fileUnreadable") from exc
-    if actual != size:
-        raise _SourceMoved(f"{path} is {actual} bytes now, not the {size} it had when keyed")
+        await check_file_size(path, size)
+    except LocalFileError as err:
+        if err.code == "fileChanged":
+            raise _SourceMoved(err.message) from err
+        raise
 
 
 def _hash_range(path: Path, offset: int, length: int, total: Any) -> str:
