@@ -27,10 +27,12 @@ import aiohttp
 import anyio
 
 from .bandwidth import Bandwidth
+from .breaker import BreakerConfig, Breakers
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
 from .ledger import open_ledger
 from .ledger.base import Ledger
+from .ledger.patient import patient
 from .model import RunInfo, status_counts
 from .ops.logs import REPORT_COUNTS_FAILED, event
 from .ratelimit import RateGate
@@ -118,7 +120,9 @@ async def run_job(
     info = RunInfo.start(" ".join(sys.argv[1:]))
     if settings.dry_run:
         return await _dry_run(settings, ledger, stats, info)
-    ledger = ledger or open_ledger(settings.ledger)
+    # Outages of the ledger's database are waited out (up to the patience).
+    ledger = patient(ledger or open_ledger(settings.ledger), clock=clock or SystemClock(),
+                     patience=settings.outage_patience)
     await ledger.open(info, lock=True)
     exit_code: int | None = None
     result: RunResult | None = None
@@ -202,9 +206,10 @@ async def _run(
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         gate = RateGate(settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
+        breakers = Breakers(clock, BreakerConfig(patience=settings.outage_patience))
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
                               timeout=settings.timeout, on_request=stats.on_request,
-                              bandwidth=Bandwidth(settings.max_bandwidth))
+                              bandwidth=Bandwidth(settings.max_bandwidth), breakers=breakers)
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
                         stats=stats, run_info=info)
         if progress == "off":

@@ -12,13 +12,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import __version__
 from .errors import BatcherError, ConfigError, LedgerError, LedgerLocked, ManifestError
 from .settings import OPTION_SPECS, Settings, resolve
+
+if TYPE_CHECKING:
+    from .run.stats import RunStats
 
 __all__ = ["build_parser", "main"]
 
@@ -35,7 +38,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "concurrency": "N", "poll_interval": "S", "out": "DIR",
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
                    "max_spend": "USD", "report": "FILE", "metrics": "FILE",
-                   "max_bandwidth": "RATE"}.get(
+                   "max_bandwidth": "RATE", "outage_patience": "DURATION"}.get(
                        spec.name, spec.name.upper())
         default = "" if spec.default in (None, "") else f" [default: {spec.default}]"
         p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,
@@ -152,20 +155,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _error(f"--sim-config {args.sim_config}: {exc}")
             return 2
+    from .run.stats import RunStats
+
+    stats = RunStats()
     try:
         progress = "off" if args.quiet else "json" if args.log_json else "auto"
-        result: int = anyio.run(_run_with_signals, settings, sim_config, progress,
+        result: int = anyio.run(_run_with_signals, settings, sim_config, progress, stats,
                                 backend="asyncio")
     except Exception as exc:
         found = _batcher_error(exc)
         if found is None:
             raise
-        if isinstance(found, LedgerLocked):
-            _error(f"{found}; nothing was sent")
-            return 4
-        _error(str(found))
-        return 2 if isinstance(found, ConfigError | ManifestError | LedgerError) else 1
+        return _exit_for(found, sent=stats.total_requests > 0)
     return result
+
+
+def _exit_for(found: BatcherError, *, sent: bool) -> int:
+    """Print the one line an error ends the run with; return its exit code.
+
+    Exit 2 says nothing was sent: once requests went out, a ledger failure
+    is a resumable halt (3) like any infrastructure outage.
+    """
+    if isinstance(found, LedgerLocked):
+        _error(f"{found}; nothing was sent")
+        return 4
+    if found.halts_run or found.halts_submissions:
+        _error(str(found))
+        return 3
+    if isinstance(found, LedgerError) and sent:
+        _error(f"{found}; rows keep their stages: run the same command again to finish")
+        return 3
+    _error(str(found))
+    return 2 if isinstance(found, ConfigError | ManifestError | LedgerError) else 1
 
 
 def _batcher_error(exc: BaseException) -> BatcherError | None:
@@ -180,7 +201,8 @@ def _batcher_error(exc: BaseException) -> BatcherError | None:
     return None
 
 
-async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) -> int:
+async def _run_with_signals(settings: Settings, sim_config: Any, progress: str,
+                            stats: RunStats) -> int:
     from .api import run_job
     from .ops.report import print_summary
 
@@ -197,7 +219,7 @@ async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) 
     result = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        result = await run_job(settings, sim_config=sim_config, progress=progress)
+        result = await run_job(settings, sim_config=sim_config, progress=progress, stats=stats)
         tg.cancel_scope.cancel()
     if result is None:
         return 130

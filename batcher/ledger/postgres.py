@@ -47,7 +47,7 @@ import anyio
 import asyncpg
 import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
+from batcher.errors import LedgerError, LedgerUnreachable, TransitionConflict
 from batcher.ledger import codec
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
 from batcher.ledger.migrations import pending_migrations
@@ -75,7 +75,14 @@ _COMPUTED = ", ".join(codec.COMPUTED)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+              OSError, TimeoutError)
+# What passes: a lost or refused connection, a server restarting or shutting
+# down (class 08, class 57: admin shutdown, cannot connect now), too many
+# connections (53300). These become LedgerUnreachable, and the run waits.
+_TRANSIENT = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError,
+              asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+              asyncpg.TooManyConnectionsError)
 # Lost races between hosts; the whole transaction is safe to run again.
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
@@ -129,7 +136,8 @@ class PostgresLedger:
         except _DB_ERRORS as exc:
             raw = f"{type(exc).__name__}: {exc}"
             clean = self._url.scrub(raw)
-            error = LedgerError(f"{self.description}: cannot {doing}: {clean}")
+            kind = LedgerUnreachable if isinstance(exc, _TRANSIENT) else LedgerError
+            error = kind(f"{self.description}: cannot {doing}: {clean}")
             if clean != raw:  # the original would show the password in a traceback
                 raise error from None
             raise error from exc

@@ -36,7 +36,7 @@ from batcher.ledger import codec
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
-from batcher.ledger.writer import GroupCommitWriter, Job
+from batcher.ledger.writer import GroupCommitWriter, Job, sqlite_error
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
 __all__ = ["SqliteLedger"]
@@ -201,7 +201,7 @@ class SqliteLedger:
                 raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
             raise
         name = f"ledger-writer:{self.path.name}"
-        self._writer = GroupCommitWriter(conn, self._batch_size, name=name)
+        self._writer = GroupCommitWriter(conn, self._batch_size, name=name, path=str(self.path))
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
         """Never add our tables to some other application's database."""
@@ -295,7 +295,7 @@ class SqliteLedger:
         try:
             return await anyio.to_thread.run_sync(fn, reader, limiter=self._read_limiter)
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
+            raise sqlite_error(exc, f"cannot read ledger {self.path}") from exc
 
     def _run_id(self) -> str:
         return self._run.run_id if self._run else ""

@@ -26,9 +26,12 @@ __all__ = [
     "API_PROBE_FAILED",
     "API_REACHABLE",
     "API_UNREACHABLE",
+    "DISK_FULL",
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
+    "LEDGER_REACHABLE",
     "LEDGER_ROWS_RETIRED",
+    "LEDGER_UNREACHABLE",
     "OUTPUT_CLEANUP_FAILED",
     "POLL_RETRY_SCHEDULED",
     "POLL_UNKNOWN_STATUS",
@@ -86,6 +89,9 @@ RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --
 RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
+LEDGER_UNREACHABLE = "ledger.unreachable"  # ledger, error: writes wait for it
+LEDGER_REACHABLE = "ledger.reachable"  # ledger, down_seconds: writes go on
+DISK_FULL = "disk.full"  # folder, row, needed: submissions stop
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
 REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
 # -- the API host (circuit breaker) ---------------------------------------------------
@@ -103,7 +109,7 @@ EVENTS: frozenset[str] = frozenset({
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
-    LEDGER_ROWS_RETIRED,
+    LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, DISK_FULL,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
     API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
 })

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from anyio import CancelScope
 
+from ..breaker import unanswered
 from ..client import DiffioClient
 from ..clock import Clock, WallTime
 from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
@@ -36,6 +37,8 @@ T = TypeVar("T")
 
 # --halt-after judges the failure share only after this many finished rows.
 HALT_AFTER_MIN_SAMPLE = 20
+# The least wait before a request is tried again during a suspected outage.
+OUTAGE_RETRY_FLOOR = 1.0
 
 
 @dataclass(slots=True)
@@ -147,8 +150,22 @@ class RunContext:
                               before=lambda: self.count_attempt(row_id), on_retry=retried)
 
     def decide(self, err: ApiError, made: int) -> float | None:
-        """The retry policy's decision, with this run's random source."""
-        return self.policy.decide(err, made, self.rng)
+        """The retry policy's decision, with this run's random source.
+
+        A request the host did not answer, while no other request was
+        answered since (maybe an outage), is tried again without a bound:
+        the host's breaker pauses it and ends the run resumably once the
+        outage outlasts the patience. No row fails from an outage.
+        """
+        wait = self.policy.decide(err, made, self.rng)
+        if wait is None and self.outage_suspected(err):
+            return max(OUTAGE_RETRY_FLOOR, self.policy.backoff(made, self.rng))
+        return wait
+
+    def outage_suspected(self, err: ApiError) -> bool:
+        """``err`` got no answer and no host answered since: maybe an outage."""
+        breakers = self.client.breakers
+        return breakers is not None and unanswered(err) and breakers.suspects_outage()
 
     async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
         """An API error ended the row's step: halt (row kept) or fail the row."""

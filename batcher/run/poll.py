@@ -297,7 +297,10 @@ class Polling:
             ctx.cancel()
             return True
         item.errors += 1
-        if self._retry.decide(err, item.errors, ctx.rng) is not None:
+        # During a suspected outage a poll failure is no verdict on the
+        # generation: it is polled again, and the breaker bounds the wait.
+        if (ctx.outage_suspected(err)
+                or self._retry.decide(err, item.errors, ctx.rng) is not None):
             log.info("poll of row %s failed, polling again later: %s", item.row_id, err,
                      extra=event(POLL_RETRY_SCHEDULED, row=item.row_id, code=err.code))
             return False

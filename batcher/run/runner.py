@@ -42,6 +42,7 @@ from ..clock import Clock, SystemClock, WallTime
 from ..errors import BatcherError
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
+from ..ledger.patient import patient
 from ..model import Kind, LedgerRow, RunInfo, Stage, status_counts
 from ..ops.logs import LEDGER_ROWS_RETIRED, event
 from ..ratelimit import RateGate
@@ -108,9 +109,11 @@ class Runner:
         wall: WallTime = time.time,
         run_info: RunInfo | None = None,
     ) -> None:
+        clock = clock or SystemClock()
+        # The ledger's outages are waited out, up to the patience (exit 3 after).
+        ledger = patient(ledger, clock=clock, patience=settings.outage_patience)
         self.settings = settings
         self.ledger = ledger
-        clock = clock or SystemClock()
         halts = HaltState()
         run_info = run_info or RunInfo.start()
         membership = membership_for(ledger, lambda leasing: Shared(

@@ -14,6 +14,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import ApiError, LocalFileError, RunHalted, SubmissionsStopped, TransportError
+from ..ledger.patient import wait_for_ledger
 from ..model import Kind, LedgerRow, Stage
 from ..spend import SpendCap
 from .context import RunContext
@@ -94,6 +95,12 @@ class Submitter:
                 ctx.drop(row.row_id)
                 return
             project, key = row.api_project_id, row.idempotency_key
+            # Nothing is bought while its answer could not be recorded.
+            await wait_for_ledger(ctx.ledger)
+            if ctx.halted:
+                self._settle_spend(row.row_id, charged=False)
+                ctx.drop(row.row_id)
+                return
             try:
                 accepted = await ctx.call(row.row_id, lambda: ctx.client.create_generation(
                     model=row.model_key, api_project_id=project, sampling=row.sampling,
