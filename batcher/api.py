@@ -30,11 +30,12 @@ from .bandwidth import Bandwidth
 from .breaker import BreakerConfig, Breakers
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
+from .errors import LedgerError, exit_code_for, find_error
 from .ledger import open_ledger
 from .ledger.base import Ledger
 from .ledger.patient import patient
 from .model import RunInfo, status_counts
-from .ops.logs import REPORT_COUNTS_FAILED, event
+from .ops.logs import LEDGER_CLOSE_FAILED, REPORT_COUNTS_FAILED, event
 from .ratelimit import RateGate
 from .run import Runner, RunResult
 from .run.stats import RunStats
@@ -134,12 +135,23 @@ async def run_job(
     except anyio.get_cancelled_exc_class():
         exit_code = 130
         raise
+    except Exception as exc:
+        # Recorded in the ledger as the command line will exit.
+        found = find_error(exc)
+        if found is not None:
+            exit_code = exit_code_for(found, sent=stats.total_requests > 0)
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             counts = result.counts if result is not None else None
             if counts is None and (settings.report is not None or settings.metrics is not None):
                 counts = await _counts(ledger)
-            await ledger.close(exit_code)
+            try:
+                await ledger.close(exit_code)
+            except LedgerError as err:
+                # The run's own outcome stands; only its end time is not recorded.
+                log.warning("could not record the run's end in the ledger: %s", err,
+                            extra=event(LEDGER_CLOSE_FAILED, error=str(err)))
             if settings.report is not None or settings.metrics is not None:
                 from .ops.report import write_outputs
 

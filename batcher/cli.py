@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import __version__
-from .errors import BatcherError, ConfigError, LedgerError, LedgerLocked, ManifestError
+from .errors import (
+    BatcherError,
+    ConfigError,
+    LedgerError,
+    LedgerLocked,
+    ManifestError,
+    exit_code_for,
+    find_error,
+)
 from .settings import OPTION_SPECS, Settings, resolve
 
 if TYPE_CHECKING:
@@ -163,7 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result: int = anyio.run(_run_with_signals, settings, sim_config, progress, stats,
                                 backend="asyncio")
     except Exception as exc:
-        found = _batcher_error(exc)
+        found = find_error(exc)
         if found is None:
             raise
         return _exit_for(found, sent=stats.total_requests > 0)
@@ -176,29 +184,14 @@ def _exit_for(found: BatcherError, *, sent: bool) -> int:
     Exit 2 says nothing was sent: once requests went out, a ledger failure
     is a resumable halt (3) like any infrastructure outage.
     """
+    code = exit_code_for(found, sent=sent)
     if isinstance(found, LedgerLocked):
         _error(f"{found}; nothing was sent")
-        return 4
-    if found.halts_run or found.halts_submissions:
-        _error(str(found))
-        return 3
-    if isinstance(found, LedgerError) and sent:
+    elif code == 3 and "run the same command again" not in str(found):
         _error(f"{found}; rows keep their stages: run the same command again to finish")
-        return 3
-    _error(str(found))
-    return 2 if isinstance(found, ConfigError | ManifestError | LedgerError) else 1
-
-
-def _batcher_error(exc: BaseException) -> BatcherError | None:
-    """The BatcherError inside ``exc``, unwrapping task groups' ExceptionGroups."""
-    if isinstance(exc, BatcherError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _batcher_error(inner)
-            if found is not None:
-                return found
-    return None
+    else:
+        _error(str(found))
+    return code
 
 
 async def _run_with_signals(settings: Settings, sim_config: Any, progress: str,

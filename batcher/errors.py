@@ -102,8 +102,40 @@ __all__ = [
     "UrlExpired",
     "VerificationError",
     "WebhookSecretError",
+    "exit_code_for",
+    "find_error",
     "redact",
 ]
+
+
+def find_error(exc: BaseException) -> BatcherError | None:
+    """The BatcherError ``exc`` is or holds (task groups wrap errors in ExceptionGroups)."""
+    if isinstance(exc, BatcherError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def exit_code_for(err: BatcherError, *, sent: bool) -> int:
+    """The exit code a run that ended with ``err`` has; ``sent``: requests went out.
+
+    4: another run holds the ledger. 3: a resumable halt, which is what any
+    infrastructure failure is once something was sent. 2: nothing was sent
+    (flags, manifest, a ledger that cannot be opened). 1: anything else.
+    """
+    if isinstance(err, LedgerLocked):
+        return 4
+    if err.halts_run or err.halts_submissions:
+        return 3
+    if isinstance(err, LedgerError) and sent:
+        return 3
+    if isinstance(err, ConfigError | ManifestError | LedgerError):
+        return 2
+    return 1
 
 
 def redact(text: str, secret: str | None) -> str:

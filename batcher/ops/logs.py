@@ -29,6 +29,7 @@ __all__ = [
     "DISK_FULL",
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
+    "LEDGER_CLOSE_FAILED",
     "LEDGER_REACHABLE",
     "LEDGER_ROWS_RETIRED",
     "LEDGER_UNREACHABLE",
@@ -91,6 +92,7 @@ RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could no
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
 LEDGER_UNREACHABLE = "ledger.unreachable"  # ledger, error: writes wait for it
 LEDGER_REACHABLE = "ledger.reachable"  # ledger, down_seconds: writes go on
+LEDGER_CLOSE_FAILED = "ledger.close_failed"  # error: the run's end was not recorded
 DISK_FULL = "disk.full"  # folder, row, needed: submissions stop
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
 REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
@@ -109,7 +111,7 @@ EVENTS: frozenset[str] = frozenset({
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
-    LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, DISK_FULL,
+    LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, LEDGER_CLOSE_FAILED, DISK_FULL,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
     API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
 })
