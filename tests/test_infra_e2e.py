@@ -215,7 +215,7 @@ def test_a_full_out_folder_halts_with_exit_3_and_a_rerun_after_freeing_space_fin
     manifest = tmp_path / "m.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["source"])
+        writer.writerow(["file"])
         for i in range(rows):
             writer.writerow([str(inputs / f"take{i:02d}.wav")])
     disk = tmp_path / "disk"

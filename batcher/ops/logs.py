@@ -198,3 +198,19 @@ def configure(*, level: int = logging.WARNING, json: bool = False, secret: str =
     # aiohttp's own loggers may print URLs; they never carry our key, but keep
     # them quiet unless asked for.
     logging.getLogger("aiohttp").setLevel(max(level, logging.WARNING))
+    # asyncpg's pool reports each reconnection it retries with a traceback;
+    # the ledger waits those outages out and says so itself (ledger.*).
+    quiet = logging.getLogger("asyncpg")
+    for old in list(quiet.handlers):
+        quiet.removeHandler(old)
+    quiet.addHandler(handler)
+    quiet.addFilter(_without_traceback)
+    quiet.setLevel(max(level, logging.ERROR))
+    quiet.propagate = False
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep the record's message, drop its traceback (never shown to users)."""
+    record.exc_info = None
+    record.exc_text = None
+    return True

@@ -23,7 +23,13 @@ from ..clock import Clock, WallTime
 from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
-from ..ops.logs import REQUEST_RETRY_SCHEDULED, ROW_FAILED, RUN_HALTED, event
+from ..ops.logs import (
+    REQUEST_RETRY_SCHEDULED,
+    ROW_FAILED,
+    ROW_MOVED_ELSEWHERE,
+    RUN_HALTED,
+    event,
+)
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy, retrying
 from ..settings import Settings
@@ -112,6 +118,21 @@ class RunContext:
         """A row this run stops working on without finishing it (a halt)."""
         self.stats.in_flight -= 1
         self.membership.release(row_id)
+
+    def moved_elsewhere(self, row_id: str, step: str) -> bool:
+        """A compare-and-set lost: on a shared ledger another host moved the row on.
+
+        That happens when this host was paused (a ledger outage) past its
+        leases and another host took the row over; the row is that host's
+        now, and this host drops it (True). On a private ledger nobody else
+        moves rows: False, and the caller raises the conflict (a bug).
+        """
+        if not self.membership.shared:
+            return False
+        log.info("row %s was moved on elsewhere; this host leaves it", row_id,
+                 extra=event(ROW_MOVED_ELSEWHERE, row=row_id, step=step))
+        self.drop(row_id)
+        return True
 
     def check_failure_share(self) -> None:
         """--halt-after PCT: stop submitting when too many rows fail."""

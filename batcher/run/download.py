@@ -16,7 +16,15 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import ApiError, ClientError, Conflict, DiskFull, LocalFileError, UrlExpired
+from ..errors import (
+    ApiError,
+    ClientError,
+    Conflict,
+    DiskFull,
+    LocalFileError,
+    TransitionConflict,
+    UrlExpired,
+)
 from ..model import LedgerRow, Stage
 from ..ops.logs import DISK_FULL, DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
@@ -41,7 +49,11 @@ class Downloader:
         """Download each row received, until the stream ends or the run stops."""
         async with recv:
             async for row in recv:
-                await self.download(row)
+                try:
+                    await self.download(row)
+                except TransitionConflict:
+                    if not self.ctx.moved_elsewhere(row.row_id, "download"):
+                        raise
 
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""

@@ -285,8 +285,9 @@ class Polling:
                                            queue=progress.queue_position)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
-            log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
-                     extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
+            if not ctx.moved_elsewhere(item.row_id, "poll"):
+                log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
+                         extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
             return True
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:

@@ -13,7 +13,14 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import ApiError, LocalFileError, RunHalted, SubmissionsStopped, TransportError
+from ..errors import (
+    ApiError,
+    LocalFileError,
+    RunHalted,
+    SubmissionsStopped,
+    TransitionConflict,
+    TransportError,
+)
 from ..ledger.patient import wait_for_ledger
 from ..model import Kind, LedgerRow, Stage
 from ..spend import SpendCap
@@ -45,7 +52,11 @@ class Submitter:
                 if self.ctx.halted:
                     self.ctx.drop(row.row_id)
                     continue
-                await self.submit(row)
+                try:
+                    await self.submit(row)
+                except TransitionConflict:
+                    if not self.ctx.moved_elsewhere(row.row_id, "submit"):
+                        raise
 
     # ------------------------------------------------------------------ spend
 
