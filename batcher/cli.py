@@ -172,9 +172,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                 backend="asyncio")
     except Exception as exc:
         found = find_error(exc)
+        sent = stats.total_requests > 0
         if found is None:
-            raise
-        return _exit_for(found, sent=stats.total_requests > 0)
+            if args.verbose >= 2:
+                raise
+            # A bug, not the user's doing; the ledger holds every step taken.
+            _error(f"unexpected {type(exc).__name__}: {exc} (a bug in batcher; the ledger "
+                   "is consistent: run the same command again; -vv shows the traceback)")
+            return 3 if sent else 2
+        return _exit_for(found, sent=sent)
     return result
 
 

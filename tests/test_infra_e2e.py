@@ -259,3 +259,48 @@ def test_a_full_out_folder_halts_with_exit_3_and_a_rerun_after_freeing_space_fin
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30,
                        check=False)
+
+
+@pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
+def test_a_full_disk_under_the_sqlite_ledger_waits_then_exits_3_naming_the_file(
+        tmp_path: Path, simulator: Any) -> None:
+    sim = simulator("--auto-create-projects", "--duration", "1,2", "--latency", "0.002,0.01")
+    manifest = _project_manifest(tmp_path / "m.csv", 60)
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "4m")
+    try:
+        ledger = disk / "m.sqlite"
+        args = ["run", str(manifest), "--api-base", sim.base_url, "--ledger", str(ledger),
+                "--rate", "10", "--poll-interval", "0.5", "--outage-patience", "10s"]
+        proc = _start(args)
+        try:
+            wait_until(lambda: sim.stats()["generations_created"] >= 10, timeout=60)
+            filler = disk / "filler"
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"],
+                           capture_output=True, timeout=60, check=False)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 3, out + err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("batcher: error: ") and str(ledger) in last, err
+        assert "has been unavailable for" in last and "full" in last, last
+        assert "run the same command again" in last
+        filler.unlink()
+        conn = sqlite3.connect(ledger)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert conn.execute(
+                "SELECT count(*) FROM ledger_rows WHERE stage = 'failed'").fetchone()[0] == 0
+        finally:
+            conn.close()
+        again = run_batcher(*args, timeout=240)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert _statuses(export_records(ledger)) == {"complete": 60}
+        assert sim.stats()["extra_charges"] == 0
+        assert _charges(sim) == 60
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30,
+                       check=False)

@@ -73,7 +73,7 @@ class PatientLedger:
 
     def _unavailable(self, err: LedgerUnreachable, down: float) -> LedgerUnavailable:
         gave_up = LedgerUnavailable(
-            f"the ledger {self.description} has not answered for {down:.0f} s "
+            f"the ledger {self.description} has been unavailable for {down:.0f} s "
             f"(--outage-patience {self.patience:.0f} s): {err}; rows keep their stages: "
             "run the same command again to finish")
         self._gave_up = gave_up
@@ -127,7 +127,7 @@ class PatientLedger:
             down = self._clock.now() - self._down_since
             if down >= self.patience:
                 raise LedgerUnavailable(
-                    f"the ledger {self.description} has not answered for {down:.0f} s "
+                    f"the ledger {self.description} has been unavailable for {down:.0f} s "
                     f"(--outage-patience {self.patience:.0f} s); rows keep their stages: "
                     "run the same command again to finish")
             await self._clock.sleep(min(FIRST_WAIT * 2, self.patience - down + 0.01))
