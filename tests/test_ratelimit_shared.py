@@ -189,7 +189,9 @@ def pg_url(pg_schemas: PgSchemas) -> str:
     return pg_schemas.new()[1]
 
 
-HOSTS_AND_RATES = [(2, 1), (3, 1), (2, 10), (4, 50)]
+# At one request a second a window takes seconds of real time: slow tier.
+HOSTS_AND_RATES = [pytest.param(2, 1, marks=pytest.mark.slow),
+                   pytest.param(3, 1, marks=pytest.mark.slow), (2, 10), (4, 50)]
 
 
 def _seconds(rate: float) -> float:
