@@ -92,8 +92,7 @@ class RunLock:
             # The flock was free, so whoever wrote this has died (or closed
             # without cleaning up): its rows are ours to resume.
             log.warning(
-                "ledger lock %s was held by a run that is gone (%s): taking it over",
-                self.path, describe_holder(previous),
+                "the run that held this ledger is gone: taking its lock over",
                 extra=event(LEDGER_LOCK_TAKEN_OVER, lock=str(self.path),
                             previous=describe_holder(previous)),
             )
