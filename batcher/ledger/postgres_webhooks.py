@@ -92,7 +92,7 @@ class PostgresWebhookEvents:
         return {}
 
 
-async def _fetchval(conn: asyncpg.Connection[Any], name: str, params: Mapping[str, Any]
+async def _fetchval(conn: Any, name: str, params: Mapping[str, Any]
                     ) -> Any:
     q = _Q[name]
     return await conn.fetchval(q.text, *q.args(params))

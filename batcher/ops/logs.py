@@ -49,6 +49,10 @@ __all__ = [
     "UPLOAD_RESUMED",
     "UPLOAD_URL_EXPIRED",
     "WEBHOOK_ACCEPTED",
+    "WEBHOOK_APPLIED",
+    "WEBHOOK_APPLY_FAILED",
+    "WEBHOOK_COUNTS_FAILED",
+    "WEBHOOK_LISTENING",
     "WEBHOOK_REFUSED",
     "WEBHOOK_SINK_FAILED",
     "WORKER_HEARTBEAT_FAILED",
@@ -96,6 +100,10 @@ API_REACHABLE = "api.reachable"  # host, down_seconds: requests go out again
 WEBHOOK_ACCEPTED = "webhook.accepted"  # message_id, disposition, generation, event_type
 WEBHOOK_REFUSED = "webhook.refused"  # reason, detail, message_id
 WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: answered 503
+WEBHOOK_APPLIED = "webhook.applied"  # row, generation, status: an event moved a row on
+WEBHOOK_APPLY_FAILED = "webhook.feed_failed"  # error: events unread for now; polls cover
+WEBHOOK_COUNTS_FAILED = "webhook.counts_failed"  # error: counters not added to the ledger
+WEBHOOK_LISTENING = "webhook.listening"  # address: the receiver is serving
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
@@ -105,7 +113,8 @@ EVENTS: frozenset[str] = frozenset({
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
     LEDGER_ROWS_RETIRED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
-    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
+    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED, WEBHOOK_APPLIED,
+    WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, WEBHOOK_LISTENING,
 })
 """Every event batcher logs."""
 
