@@ -220,7 +220,7 @@ async def _run(
                               timeout=settings.timeout, on_request=stats.on_request,
                               bandwidth=Bandwidth(settings.max_bandwidth))
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
-                        stats=stats, run_info=info, webhooks=receiving is not None)
+                        stats=stats, run_info=info, webhooks=settings.webhooks)
         if receiving is not None:
             assert runner.feed is not None
             receiving.sink.recorded = runner.feed.wake

@@ -36,7 +36,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
                    "max_spend": "USD", "report": "FILE", "metrics": "FILE",
                    "max_bandwidth": "RATE", "webhook_listen": "HOST:PORT",
-                   "webhook_secret_env": "NAME", "webhook_poll_ceiling": "S"}.get(
+                   "webhook_secret_env": "NAME", "webhook_poll_ceiling": "S",
+                   "webhook_events": "ledger"}.get(
                        spec.name, spec.name.upper())
         default = "" if spec.default in (None, "") else f" [default: {spec.default}]"
         p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,

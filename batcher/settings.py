@@ -71,6 +71,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("webhook_secret_env", str, None, "the environment variable holding the "
                "endpoint's signing secret (whsec_...); never the secret itself "
                "[BATCHER_WEBHOOK_SECRET]"),
+    OptionSpec("webhook_events", str, None, "'ledger': move rows by the webhook events "
+               "another process records in this shared ledger (batcher webhooks serve); "
+               "polls become a safety net. --webhook-listen implies it [off]"),
     OptionSpec("webhook_poll_ceiling", float, 120.0, "with webhooks: longest wait after a "
                "generation is accepted before it is polled for want of an event"),
 )
@@ -110,8 +113,14 @@ class Settings:
     # variable holding the secret; the secret itself is never a setting.
     webhook_listen: str | None = None
     webhook_secret_env: str | None = None
+    webhook_events: str | None = None
     webhook_poll_ceiling: float = 120.0
     job_file: Path | None = None
+
+    @property
+    def webhooks(self) -> bool:
+        """Whether rows move by webhook events (and polls are a safety net)."""
+        return self.webhook_listen is not None or self.webhook_events == "ledger"
 
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests, the Python API)."""
@@ -284,6 +293,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"--halt-after must be a percentage 0-100, got {s.halt_after}")
     if s.webhook_poll_ceiling <= 0:
         raise ConfigError(f"--webhook-poll-ceiling must be above 0, got {s.webhook_poll_ceiling}")
+    if s.webhook_events not in (None, "", "ledger"):
+        raise ConfigError(f"--webhook-events takes 'ledger', got {s.webhook_events!r}")
     if s.webhook_listen is not None:
         from .webhooks.server import parse_listen
 

@@ -254,3 +254,46 @@ def test_sigkill_while_events_arrive_loses_none_acknowledged(tmp_path: Path) -> 
     missing = {mid for mid in acked if mid not in kept}
     assert not missing, sorted(missing)[:5]
     assert all(kept[mid] == disposition for mid, disposition in acked.items())
+
+
+# -- several hosts: webhooks serve on a shared ledger ----------------------------------
+
+
+def test_webhooks_serve_on_postgres_moves_the_rows_of_a_run_in_another_process(
+        tmp_path: Path, simulator: Any, pg_schemas: Any) -> None:
+    _, url = pg_schemas.new()
+    env = batcher_env(**SECRET_ENV)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "webhooks", "serve", "--ledger", url, "--listen",
+         "127.0.0.1:0", "--webhook-secret-env", "E2E_WEBHOOK_SECRET"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        line = serve.stdout.readline()
+        assert "receiving webhook events on" in line, line + (serve.stderr.read()
+                                                              if serve.stderr else "")
+        hook_url = line.rsplit(" ", 1)[-1].strip()
+        sim = simulator("--auto-create-projects", "--duration", "2,4", "--webhook-url",
+                        hook_url + "diffio", "--webhook-secret-env", "E2E_WEBHOOK_SECRET")
+        rows = 80
+        source = manifest(tmp_path / "m.csv", rows)
+        report = tmp_path / "report.json"
+        done = run_batcher("run", str(source), "--ledger", url, "--api-base", sim.base_url,
+                           "--rate", "50", "--poll-interval", "1", "--webhook-events",
+                           "ledger", "--report", str(report), "-q", env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(report.read_text())
+        assert result["counts"]["complete"] == rows
+        assert result["requests"] / rows <= 1.1, result["requestsByEndpoint"]
+        assert result["webhooks"]["eventsApplied"] >= rows - 8
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            out, _ = serve.communicate(timeout=20)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+    assert serve.returncode == 0
+    assert "recorded" in out
+    shown = run_batcher("status", url, "--json")
+    assert json.loads(shown.stdout)["webhooks"]["recorded"] >= 2 * rows

@@ -30,7 +30,7 @@ def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys
         f"{s.elapsed():.1f} s)",
         file=stream,
     )
-    if s.webhooks is not None:
+    if s.webhooks_on:
         hooks = s.webhook_snapshot()
         refused = {k: n for k, n in hooks["refused"].items() if n}
         print(f"webhooks: {hooks['received']} deliveries, {hooks['recorded']} recorded, "
@@ -83,7 +83,7 @@ def metrics_text(stats: RunStats, exit_code: int | None,
            [("", snap["rateLimited"])])
     metric("batcher_polls_total", "counter", "Progress polls in the last run.",
            [("", snap["polls"])])
-    if stats.webhooks is not None:
+    if stats.webhooks_on:
         hooks = stats.webhook_snapshot()
         metric("batcher_webhook_deliveries_total", "counter",
                "Webhook deliveries received in the last run, by outcome.",

@@ -132,6 +132,7 @@ class Runner:
         # With webhooks: events from the ledger move rows, polls are a safety net.
         self.feed: EventFeed | None = None
         if webhooks:
+            self.stats.webhooks_on = True
             net = SafetyNet(settings.poll_interval, settings.webhook_poll_ceiling)
             self.polling.policy = net
             self.feed = EventFeed(self.ctx, self.polling, net)
