@@ -167,8 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w = parser.add_argument_group(
         "webhooks (signed generation events; a [webhooks] table of --config sets the faults)")
     w.add_argument("--webhook-url", metavar="URL",
-                   help="deliver every key's generation events to URL (http:// only to "
-                        "loopback) [none; POST /v1/webhooks/configure adds endpoints]")
+                   help="deliver every key's generation events to URL "
+                        "[none; POST /v1/webhooks/configure adds endpoints]")
     w.add_argument("--webhook-secret-env", metavar="NAME", default=None,
                    help="environment variable holding the signing secret (whsec_...) "
                         "[BATCHER_WEBHOOK_SECRET; a fresh secret when unset]")
