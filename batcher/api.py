@@ -77,10 +77,11 @@ def make_settings(
                    retry_failed=retry_failed, dry_run=dry_run, simulate=simulate)
 
 
-async def run_manifest_async(source: str | Path | Settings, **kwargs: Any) -> RunResult:
+async def run_manifest_async(source: str | Path | Settings, *, sim_config: Any = None,
+                             **kwargs: Any) -> RunResult:
     """Run a job on the current event loop (asyncio); see :func:`run_manifest`."""
     settings = source if isinstance(source, Settings) else make_settings(source, **kwargs)
-    return await run_job(settings, progress="off")
+    return await run_job(settings, sim_config=sim_config, progress="off")
 
 
 def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:
@@ -89,7 +90,9 @@ def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:
     ``result.exit_code`` follows the CLI's exit codes (0 all complete, 1 some
     failed, 3 halted and resumable); ``result.summary()`` gives plain values.
     Raises LedgerLocked if another run holds the ledger, ConfigError or
-    ManifestError before anything is sent.
+    ManifestError before anything is sent. With ``simulate=True``,
+    ``sim_config`` (a mapping of the simulator's knobs, as in a
+    ``--sim-config`` file, or a ``SimConfig``) shapes the embedded simulator.
     """
     return anyio.run(lambda: run_manifest_async(source, **kwargs), backend="asyncio")
 

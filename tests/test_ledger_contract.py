@@ -528,7 +528,7 @@ async def test_unknown_update_field_is_refused(ledger: Ledger) -> None:
 
 @pytest.mark.anyio
 async def test_many_concurrent_writers_lose_no_update(ledger: Ledger) -> None:
-    tasks, per = 200, 50
+    tasks, per = 100, 10
     await ledger.import_rows([new_row(i) for i in range(tasks)])
 
     async def bump(i: int) -> None:

@@ -39,6 +39,7 @@ from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
 from batcher.ledger.writer import GroupCommitWriter, Job
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
+from batcher.ops.logs import LEDGER_MIGRATED, event
 
 __all__ = ["SqliteLedger"]
 
@@ -184,7 +185,8 @@ class SqliteLedger(SqliteWebhookEvents):
             self._refuse_foreign(conn)
             applied = migrate_sqlite(conn, self._wall)
             if applied:
-                log.info("ledger.migrated", extra={"ledger": str(self.path), "versions": applied})
+                log.info("ledger %s migrated to %s", self.path, applied,
+                         extra=event(LEDGER_MIGRATED, ledger=str(self.path), versions=applied))
             conn.execute(
                 self._q["insert_run"],
                 {
