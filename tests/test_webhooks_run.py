@@ -136,3 +136,44 @@ async def test_dropped_endings_are_polled_and_forgeries_fail_nothing(tmp_path: P
     assert hooks["refused"]["badSignature"] > 0
     assert 0 < summary["polls"] <= 2 * rows
     assert hooks["eventsApplied"] + summary["polls"] >= rows
+
+
+@pytest.mark.anyio
+async def test_a_resumed_run_takes_the_endings_recorded_while_it_was_down_without_polling(
+        tmp_path: Path) -> None:
+    import anyio
+
+    from batcher.api import run_job
+    from batcher.ledger import open_ledger
+    from batcher.model import RunInfo, Stage
+    from batcher.webhooks import Disposition, GenerationEvent
+
+    rows = 6
+    source = manifest(tmp_path / "m.csv", rows)
+    # The first run submits everything, then dies while the generations run.
+    first = make_settings(source, simulate=True, rate=50, poll_interval=30, env={})
+    with anyio.move_on_after(2.0):
+        await run_job(first, sim_config={"duration": [60, 60]}, progress="off")
+    led = open_ledger(first.ledger)
+    await led.open(RunInfo.start("test"))
+    try:
+        submitted = [row async for row in led.rows(stages=frozenset({Stage.SUBMITTED}))]
+        assert len(submitted) == rows
+        # Meanwhile `webhooks serve` recorded their endings.
+        for n, row in enumerate(submitted):
+            ending = GenerationEvent.from_payload({
+                "eventType": "generation.completed", "eventId": f"e{n}",
+                "createdAt": "2026-01-01T00:00:09Z", "apiKeyId": "k",
+                "generationId": row.generation_id, "status": "complete"})
+            assert await led.record_webhook_event(ending, f"m{n}") is Disposition.RECORDED
+    finally:
+        await led.close(0)
+    # The resumed run reads them before it polls anything: no poll, all complete.
+    second = make_settings(source, simulate=True, rate=50, poll_interval=30, env={},
+                           webhook_events="ledger")
+    with anyio.fail_after(30):
+        result = await run_job(second, sim_config={"duration": [60, 60]}, progress="off")
+    summary = result.summary()
+    assert result.exit_code == 0, summary
+    assert summary["counts"]["complete"] == rows and summary["polls"] == 0
+    assert summary["webhooks"]["eventsApplied"] == rows

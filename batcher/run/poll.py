@@ -188,6 +188,8 @@ class Poller:
         return self._live + self._inflight
 
     def _push(self, due: float, item: PollItem) -> None:
+        if item.settled:  # settled before it was ever due: nothing to schedule
+            return
         heapq.heappush(self._heap, (due, next(self._seq), item))
         item.queued = True
         self._live += 1
@@ -206,7 +208,7 @@ class Poller:
         wait = self.delays.first() if due_in is None else due_in
         item.delay = wait
         self._push(self._clock.now() + wait, item)
-        if self._heap[0][2] is item:
+        if self._heap and self._heap[0][2] is item:
             self._wake()
 
     def close(self) -> None:
