@@ -108,8 +108,12 @@ def simulator(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_every_event_delivered_costs_about_one_request_per_row(tmp_path: Path,
                                                                simulator: Any) -> None:
     rows = 150
-    report, sim, _ = run_with_webhooks(tmp_path, simulator, rows)
+    report, sim, ledger = run_with_webhooks(tmp_path, simulator, rows)
     assert report["counts"]["complete"] == rows
+    # The secret is in no file the run wrote.
+    for written in (ledger, tmp_path / "report.json"):
+        assert SECRET.reveal().encode() not in written.read_bytes()
+        assert SECRET.reveal_key() not in written.read_bytes()
     assert report["requests"] / rows <= 1.1, report["requestsByEndpoint"]
     hooks = report["webhooks"]
     assert hooks["eventsApplied"] + report["polls"] >= rows

@@ -24,14 +24,13 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ..client import GenerationStatus
 from ..errors import LedgerError, TransitionConflict
-from ..ledger.webhook_events import StoredEvent
+from ..ledger.webhook_events import StoredEvent, WebhookLedger
 from ..model import Stage
 from ..ops.logs import WEBHOOK_APPLIED, WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, event
 from ..webhooks.events import GenerationEvent, supersedes
@@ -57,13 +56,14 @@ class LedgerSink:
     run's feed reads it at once rather than at its next interval.
     """
 
-    def __init__(self, ledger: Any, recorded: Callable[[], None] | None = None) -> None:
+    def __init__(self, ledger: WebhookLedger, recorded: Callable[[], None] | None = None
+                 ) -> None:
         self._ledger = ledger
         self.recorded = recorded
 
     async def accept(self, event: GenerationEvent, message_id: str) -> Disposition:
         """Record durably (the receiver answers 2xx only after this returns)."""
-        disposition: Disposition = await self._ledger.record_webhook_event(event, message_id)
+        disposition = await self._ledger.record_webhook_event(event, message_id)
         if disposition is Disposition.RECORDED and self.recorded is not None:
             self.recorded()
         return disposition
@@ -245,7 +245,7 @@ class WebhookCounts:
     receivers add to them. ``extra`` gives further counters to add (polls saved).
     """
 
-    def __init__(self, ledger: Any, receiver: WebhookReceiver,
+    def __init__(self, ledger: WebhookLedger, receiver: WebhookReceiver,
                  extra: Callable[[], dict[str, int]] | None = None) -> None:
         self._ledger = ledger
         self._receiver = receiver
