@@ -60,6 +60,7 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
+from batcher.ledger.postgres_webhooks import PostgresWebhookEvents
 from batcher.ledger.rules import check_claim, plan_move, refusal
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.ops.logs import LEDGER_MIGRATED, LEDGER_RETRY, event
@@ -81,7 +82,7 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErr
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
-class PostgresLedger:
+class PostgresLedger(PostgresWebhookEvents):
     """A :class:`~batcher.ledger.base.LeasingLedger` in a PostgreSQL database.
 
     ``url`` is a ``postgresql://`` (or ``postgres://``) URL; a ``schema=NAME``

@@ -36,6 +36,7 @@ from batcher.ledger import codec
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
+from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
 from batcher.ledger.writer import GroupCommitWriter, Job
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.ops.logs import LEDGER_MIGRATED, event
@@ -85,7 +86,7 @@ def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
 # -- the ledger ------------------------------------------------------------
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteWebhookEvents):
     """A :class:`~batcher.ledger.base.Ledger` in one SQLite file, private to one run.
 
     A run holds the file's lock (:mod:`batcher.ledger.lock`) while it writes,

@@ -54,6 +54,10 @@ __all__ = [
     "UPLOAD_RESUMED",
     "UPLOAD_URL_EXPIRED",
     "WEBHOOK_ACCEPTED",
+    "WEBHOOK_APPLIED",
+    "WEBHOOK_APPLY_FAILED",
+    "WEBHOOK_COUNTS_FAILED",
+    "WEBHOOK_LISTENING",
     "WEBHOOK_REFUSED",
     "WEBHOOK_SINK_FAILED",
     "WORKER_HEARTBEAT_FAILED",
@@ -105,6 +109,10 @@ API_REACHABLE = "api.reachable"  # host, down_seconds: requests go out again
 WEBHOOK_ACCEPTED = "webhook.accepted"  # message_id, disposition, generation, event_type
 WEBHOOK_REFUSED = "webhook.refused"  # reason, detail, message_id
 WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: answered 503
+WEBHOOK_APPLIED = "webhook.applied"  # row, generation, status: an event moved a row on
+WEBHOOK_APPLY_FAILED = "webhook.feed_failed"  # error: events unread for now; polls cover
+WEBHOOK_COUNTS_FAILED = "webhook.counts_failed"  # error: counters not added to the ledger
+WEBHOOK_LISTENING = "webhook.listening"  # address: the receiver is serving
 # -- the embedded simulator -----------------------------------------------------------
 SIMULATOR_OBSERVER_FAILED = "simulator.observer_failed"  # generation_id
 
@@ -117,7 +125,8 @@ EVENTS: frozenset[str] = frozenset({
     LEDGER_ROWS_RETIRED, LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
     LEDGER_LOCK_TAKEN_OVER, SIMULATOR_OBSERVER_FAILED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
-    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
+    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED, WEBHOOK_APPLIED,
+    WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, WEBHOOK_LISTENING,
 })
 """Every event batcher logs."""
 
