@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from batcher.errors import LedgerError, LedgerUnreachable
+from batcher.ops.logs import LEDGER_COMMIT_FAILED, event
 
 __all__ = ["GroupCommitWriter", "Job", "sqlite_error"]
 
@@ -149,7 +150,8 @@ class GroupCommitWriter:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-            log.error("ledger.commit_failed", extra={"error": str(exc), "jobs": len(batch)})
+            log.error("ledger commit of %d writes failed: %s", len(batch), exc,
+                      extra=event(LEDGER_COMMIT_FAILED, error=str(exc), jobs=len(batch)))
             failure = sqlite_error(exc, f"cannot commit to ledger {self._path}")
             outcomes = [(job.future, None, failure) for job in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}

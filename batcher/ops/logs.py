@@ -30,7 +30,11 @@ __all__ = [
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
     "LEDGER_CLOSE_FAILED",
+    "LEDGER_COMMIT_FAILED",
+    "LEDGER_LOCK_TAKEN_OVER",
+    "LEDGER_MIGRATED",
     "LEDGER_REACHABLE",
+    "LEDGER_RETRY",
     "LEDGER_ROWS_RETIRED",
     "LEDGER_UNREACHABLE",
     "OUTPUT_CLEANUP_FAILED",
@@ -48,11 +52,16 @@ __all__ = [
     "ROW_SOURCE_CHANGED",
     "RUN_HALTED",
     "RUN_PROGRESS",
+    "SIMULATOR_OBSERVER_FAILED",
     "UPLOAD_ABANDONED",
     "UPLOAD_RESTARTED",
     "UPLOAD_RESUMED",
     "UPLOAD_URL_EXPIRED",
     "WEBHOOK_ACCEPTED",
+    "WEBHOOK_APPLIED",
+    "WEBHOOK_APPLY_FAILED",
+    "WEBHOOK_COUNTS_FAILED",
+    "WEBHOOK_LISTENING",
     "WEBHOOK_REFUSED",
     "WEBHOOK_SINK_FAILED",
     "WORKER_HEARTBEAT_FAILED",
@@ -94,6 +103,10 @@ LEDGER_UNREACHABLE = "ledger.unreachable"  # ledger, error: writes wait for it
 LEDGER_REACHABLE = "ledger.reachable"  # ledger, down_seconds: writes go on
 LEDGER_CLOSE_FAILED = "ledger.close_failed"  # error: the run's end was not recorded
 DISK_FULL = "disk.full"  # folder, row, needed: submissions stop
+LEDGER_MIGRATED = "ledger.migrated"  # ledger, versions: schema migrations applied
+LEDGER_RETRY = "ledger.retry"  # doing, attempt, error: a transient ledger error, tried again
+LEDGER_COMMIT_FAILED = "ledger.commit_failed"  # error, jobs: a group commit rolled back
+LEDGER_LOCK_TAKEN_OVER = "ledger.lock_taken_over"  # lock, previous: a dead run's lock file
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
 REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
 # -- the API host (circuit breaker) ---------------------------------------------------
@@ -104,6 +117,12 @@ API_REACHABLE = "api.reachable"  # host, down_seconds: requests go out again
 WEBHOOK_ACCEPTED = "webhook.accepted"  # message_id, disposition, generation, event_type
 WEBHOOK_REFUSED = "webhook.refused"  # reason, detail, message_id
 WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: answered 503
+WEBHOOK_APPLIED = "webhook.applied"  # row, generation, status: an event moved a row on
+WEBHOOK_APPLY_FAILED = "webhook.feed_failed"  # error: events unread for now; polls cover
+WEBHOOK_COUNTS_FAILED = "webhook.counts_failed"  # error: counters not added to the ledger
+WEBHOOK_LISTENING = "webhook.listening"  # address: the receiver is serving
+# -- the embedded simulator -----------------------------------------------------------
+SIMULATOR_OBSERVER_FAILED = "simulator.observer_failed"  # generation_id
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
@@ -112,8 +131,11 @@ EVENTS: frozenset[str] = frozenset({
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
     LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, LEDGER_CLOSE_FAILED, DISK_FULL,
+    LEDGER_ROWS_RETIRED, LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
+    LEDGER_LOCK_TAKEN_OVER, SIMULATOR_OBSERVER_FAILED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
-    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
+    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED, WEBHOOK_APPLIED,
+    WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, WEBHOOK_LISTENING,
 })
 """Every event batcher logs."""
 

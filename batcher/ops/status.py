@@ -15,7 +15,7 @@ from ..ledger import open_ledger
 from ..ledger.base import is_shared
 from ..model import READER_COMMAND, RunInfo, Stage, status_counts
 
-__all__ = ["pid_alive", "run_state", "status_main"]
+__all__ = ["pid_alive", "run_state", "status_main", "webhook_line"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -56,6 +56,16 @@ def run_state(run: dict[str, Any], *, host: str,
     if run_host == host:
         return "running" if pid_alive(pid) else "died"
     return "unknown" if live_workers is None else "died"
+def webhook_line(counts: dict[str, int]) -> str:
+    """One line of webhook counters: received, recorded, refused by reason, polls saved."""
+    refused = {k.removeprefix("refused."): n for k, n in counts.items()
+               if k.startswith("refused.") and n}
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(refused.items()))
+    return (f"webhooks: {counts.get('received', 0)} deliveries received, "
+            f"{counts.get('recorded', 0)} recorded, {counts.get('duplicates', 0)} duplicates, "
+            f"{counts.get('stale', 0)} stale, {counts.get('unknown', 0)} unknown, "
+            f"{sum(refused.values())} refused" + (f" ({why})" if why else "")
+            + f"; polls saved {counts.get('pollsSaved', 0)}")
 
 
 def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
@@ -93,6 +103,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         workers: Sequence[dict[str, Any]] | None = None
         if is_shared(ledger):
             workers = await ledger.live_workers()
+        hooks = await ledger.webhook_counts()
     finally:
         await ledger.close(None)
     by_status = status_counts(by_stage)
@@ -111,6 +122,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
             "queued": {"count": len(queued), "front": min(queued, default=None),
                        "back": max(queued, default=None)},
             "lastRun": last,
+            "webhooks": hooks,
         }, default=str).decode() + "\n")
         return 0
     rows = [(status, str(by_status[status]), f"{100 * by_status[status] / total:.1f}%"
@@ -125,6 +137,8 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         where = f"position {first}" if first == back else f"positions {first}-{back}"
         print(f"queued at the API: {len(queued)} generations ({where}, 1 is next; "
               "as last polled)", file=stream)
+    if hooks:
+        print(webhook_line(hooks), file=stream)
     if errors:
         print("most common errors:", file=stream)
         for code, message, n in errors:
