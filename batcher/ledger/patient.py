@@ -29,8 +29,11 @@ from typing import Any, TypeVar
 from batcher.clock import Clock
 from batcher.errors import LedgerUnavailable, LedgerUnreachable, TransitionConflict
 from batcher.ledger.base import LeasingLedger, Ledger, PaceClaim, is_shared
+from batcher.ledger.webhook_events import StoredEvent
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.ops.logs import LEDGER_REACHABLE, LEDGER_UNREACHABLE, event
+from batcher.webhooks.events import GenerationEvent
+from batcher.webhooks.sink import Disposition
 
 __all__ = ["PatientLedger", "patient", "wait_for_ledger"]
 
@@ -220,6 +223,23 @@ class PatientLedger:
     async def runs(self) -> list[dict[str, Any]]:
         """See :meth:`Ledger.runs`."""
         return await self._patient(self.inner.runs)
+
+    async def record_webhook_event(self, event: GenerationEvent, message_id: str
+                                   ) -> Disposition:
+        """See :meth:`WebhookLedger.record_webhook_event` (a message id is kept once)."""
+        return await self._patient(lambda: self.inner.record_webhook_event(event, message_id))
+
+    async def webhook_events_since(self, seq: int, limit: int = 1000) -> list[StoredEvent]:
+        """See :meth:`WebhookLedger.webhook_events_since`."""
+        return await self._patient(lambda: self.inner.webhook_events_since(seq, limit))
+
+    async def add_webhook_counts(self, deltas: Mapping[str, int]) -> None:
+        """See :meth:`WebhookLedger.add_webhook_counts` (informative counters)."""
+        await self._patient(lambda: self.inner.add_webhook_counts(deltas))
+
+    async def webhook_counts(self) -> dict[str, int]:
+        """See :meth:`WebhookLedger.webhook_counts`."""
+        return await self._patient(self.inner.webhook_counts)
 
 
 class PatientLeasingLedger(PatientLedger):
