@@ -314,3 +314,32 @@ def test_outage_patience_reads_durations(text: str, seconds: float) -> None:
 def test_outage_patience_refuses_what_is_not_a_duration(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+async def test_status_shows_a_killed_run_as_died_without_an_eta(tmp_path: Path) -> None:
+    import io
+    import socket
+
+    from batcher.ledger import SqliteLedger
+    from batcher.ops.status import status_main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "job.ledger.sqlite"
+    ledger = SqliteLedger(path)
+    # A run recorded by a process that is gone and never recorded its end.
+    await ledger.open(RunInfo(run_id="r-dead", pid=dead.pid, host=socket.gethostname(),
+                              started_at=1_790_000_000.0, command="run job.csv"))
+    try:
+        await ledger.import_rows([NewRow(row_id=f"r-{i}", line=i, kind=Kind.API_PROJECT,
+                                         idempotency_key=f"k-{i}", model_key="m",
+                                         api_project_id=f"p-{i}") for i in range(1, 4)])
+        out = io.StringIO()
+        assert await status_main(str(path), False, out) == 0
+        text = out.getvalue()
+        assert f"(pid {dead.pid}), died" in text and "ETA" not in text, text
+        as_json = io.StringIO()
+        await status_main(str(path), True, as_json)
+        assert '"state":"died"' in as_json.getvalue()
+    finally:
+        await ledger.close(None)
