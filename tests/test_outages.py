@@ -288,13 +288,19 @@ def test_a_postgres_error_that_does_not_pass_stays_a_ledger_error() -> None:
 # -- status and settings -------------------------------------------------------------
 
 
-def test_status_tells_a_live_run_from_a_dead_one() -> None:
-    here = "this-host"
+def _a_dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    return dead.pid
+
+
+def test_status_tells_a_live_run_from_a_dead_one() -> None:
+    here = "this-host"
+    dead_pid = _a_dead_pid()
     base = {"run_id": "r", "started_at": 1.0, "host": here}
     assert run_state({**base, "pid": os.getpid()}, host=here) == "running"
-    assert run_state({**base, "pid": dead.pid}, host=here) == "died"
+    assert run_state({**base, "pid": dead_pid}, host=here) == "died"
     assert run_state({**base, "pid": 1, "ended_at": 5.0, "exit_code": 0}, host=here) == "ended"
     assert run_state({**base, "pid": 1, "ended_at": 5.0, "exit_code": None},
                      host=here) == "interrupted"
@@ -323,12 +329,11 @@ async def test_status_shows_a_killed_run_as_died_without_an_eta(tmp_path: Path) 
     from batcher.ledger import SqliteLedger
     from batcher.ops.status import status_main
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead_pid = _a_dead_pid()
     path = tmp_path / "job.ledger.sqlite"
     ledger = SqliteLedger(path)
     # A run recorded by a process that is gone and never recorded its end.
-    await ledger.open(RunInfo(run_id="r-dead", pid=dead.pid, host=socket.gethostname(),
+    await ledger.open(RunInfo(run_id="r-dead", pid=dead_pid, host=socket.gethostname(),
                               started_at=1_790_000_000.0, command="run job.csv"))
     try:
         await ledger.import_rows([NewRow(row_id=f"r-{i}", line=i, kind=Kind.API_PROJECT,
@@ -337,7 +342,7 @@ async def test_status_shows_a_killed_run_as_died_without_an_eta(tmp_path: Path) 
         out = io.StringIO()
         assert await status_main(str(path), False, out) == 0
         text = out.getvalue()
-        assert f"(pid {dead.pid}), died" in text and "ETA" not in text, text
+        assert f"(pid {dead_pid}), died" in text and "ETA" not in text, text
         as_json = io.StringIO()
         await status_main(str(path), True, as_json)
         assert '"state":"died"' in as_json.getvalue()
