@@ -20,10 +20,10 @@ The breaker tells an outage from one bad request:
 An outage longer than ``patience`` seconds (measured from the first failure
 no answer has followed since) ends in :class:`~batcher.errors.ApiUnavailable`,
 which halts the run resumably: rows keep their stages and the same command
-finishes them later. While failures are unanswered
-(:meth:`CircuitBreaker.suspects_outage`), the run's retry decisions spend no
-row's attempts on transport errors: a transport error fails a row only once
-the rest of the host answers.
+finishes them later. A request that fails while the host has answered
+nobody since the request first failed is marked (``Verdict.outage``, then
+``ApiError.outage``): the run spends none of the row's attempts on it. A
+transport error fails a row only when the rest of the host answers.
 
 :class:`Breakers` holds one breaker per host (the API host, the upload host,
 the storage host of signed URLs), all with the same settings.
@@ -59,6 +59,11 @@ def unanswered(err: ApiError) -> bool:
     return isinstance(err, ServerError) and err.status in (502, 503, 504)
 
 
+# Failing requests remembered by their first failure, at most; past it the
+# memory starts afresh (a request then counts its attempts as usual).
+FIRST_FAILURES_KEPT = 10_000
+
+
 class BreakerState(StrEnum):
     """Where the breaker is."""
 
@@ -75,10 +80,14 @@ class Verdict:
     a verdict hands the probe on to the next caller.
     """
 
-    __slots__ = ("reachable",)
+    __slots__ = ("outage", "reachable")
 
     def __init__(self) -> None:
         self.reachable: bool | None = None
+        # Set by the breaker on an unreachable verdict: no answer from the
+        # host came since this request first failed, so the failure may be
+        # an outage rather than the request's own.
+        self.outage = False
 
     def answered(self) -> None:
         """The host answered (any HTTP status but a gateway's 502/503/504)."""
@@ -121,6 +130,9 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         # The first failure no answer has followed since (None: all answered).
         self._unanswered_since: float | None = None
+        # When each failing request first failed, and when the host last answered.
+        self._first_failure: dict[Hashable, float] = {}
+        self._answered_at: float | None = None
         self._probe_at = 0.0
         self._changed = anyio.Event()
         self.opened = 0  # how many outages were seen (for operators)
@@ -135,6 +147,11 @@ class CircuitBreaker:
         """True while a failure stands that no answer has followed: maybe an outage."""
         return self._unanswered_since is not None
 
+    def _alone_since(self, key: Hashable) -> bool:
+        """Whether no answer came from the host since ``key`` first failed."""
+        first = self._first_failure.get(key)
+        return first is not None and (self._answered_at is None or first >= self._answered_at)
+
     @asynccontextmanager
     async def request(self, key: Hashable) -> AsyncIterator[Verdict]:
         """Wait until a request may go out, then let the caller send it.
@@ -148,6 +165,8 @@ class CircuitBreaker:
             yield verdict
         finally:
             self._settle(key, verdict.reachable, probe=probe)
+            if verdict.reachable is False:
+                verdict.outage = self._alone_since(key)
 
     async def _admit(self) -> bool:
         """Return once sending is allowed; True when this caller is the probe."""
@@ -189,9 +208,14 @@ class CircuitBreaker:
             tg.cancel_scope.cancel()
 
     def _settle(self, key: Hashable, reachable: bool | None, *, probe: bool) -> None:
+        now = self._clock.now()
         if reachable is True:
             self._failed.clear()
             self._unanswered_since = None
+            self._answered_at = now
+            self._first_failure.pop(key, None)
+            if len(self._first_failure) > FIRST_FAILURES_KEPT:
+                self._first_failure.clear()  # rows that failed for good; start afresh
             if self.state is not BreakerState.CLOSED:
                 self._close()
             return
@@ -202,6 +226,7 @@ class CircuitBreaker:
                 self._probe_at = self._clock.now()
                 self._notify()
             return
+        self._first_failure.setdefault(key, now)
         if probe or self.state is not BreakerState.CLOSED:
             if probe and self.state is BreakerState.HALF_OPEN:
                 self._backoff = min(self.max_backoff, self._backoff * 2)

@@ -304,6 +304,10 @@ class ApiError(BatcherError):
     """
 
     code: str = "apiError"
+    # Set by the transport: the host gave no answer, and none to any other
+    # request either since this one first failed (maybe an outage, not the
+    # request's fault). The run then spends none of the row's attempts on it.
+    outage: bool = False
 
     def __init__(
         self,

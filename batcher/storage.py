@@ -129,8 +129,15 @@ class Transport:
         if self.breakers is None:
             yield Verdict()
             return
-        async with self.breakers.for_url(url).request(key) as verdict:
-            yield verdict
+        verdict: Verdict | None = None
+        try:
+            async with self.breakers.for_url(url).request(key) as verdict:
+                yield verdict
+        except ApiError as err:
+            # The breaker's judgement travels with the error, for the retry decision.
+            if verdict is not None and verdict.outage:
+                err.outage = True
+            raise
 
     def report(self, endpoint: str, status: int | None, start: float) -> None:
         """One exchange ended (``status`` None: no answer); ``start`` from :attr:`clock`."""

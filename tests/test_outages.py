@@ -348,3 +348,28 @@ async def test_status_shows_a_killed_run_as_died_without_an_eta(tmp_path: Path) 
         assert '"state":"died"' in as_json.getvalue()
     finally:
         await ledger.close(None)
+
+
+async def test_a_request_failing_alone_while_the_host_answers_others_is_not_an_outage(
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(clock, host="api.test", threshold=5)
+
+    async def once(key: str, *, ok: bool) -> bool:
+        async with breaker.request(key) as verdict:
+            if ok:
+                verdict.answered()
+            else:
+                verdict.unreachable()
+        return verdict.outage
+
+    # Nobody answered since "a" first failed: maybe an outage.
+    assert await once("a", ok=False) is True
+    clock.advance(1.0)
+    assert await once("a", ok=False) is True
+    # The host answers another request: "a" failing again is its own problem.
+    await once("b", ok=True)
+    clock.advance(1.0)
+    assert await once("a", ok=False) is False
+    # A request failing for the first time after that may be an outage again.
+    assert await once("c", ok=False) is True

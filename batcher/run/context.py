@@ -174,7 +174,8 @@ class RunContext:
         """The retry policy's decision, with this run's random source.
 
         A request the host did not answer, while no other request was
-        answered since (maybe an outage), is tried again without a bound:
+        answered since it first failed (maybe an outage), is tried again
+        without a bound:
         the host's breaker pauses it and ends the run resumably once the
         outage outlasts the patience. No row fails from an outage.
         """
@@ -183,10 +184,11 @@ class RunContext:
             return max(OUTAGE_RETRY_FLOOR, self.policy.backoff(made, self.rng))
         return wait
 
-    def outage_suspected(self, err: ApiError) -> bool:
-        """``err`` got no answer and no host answered since: maybe an outage."""
-        breakers = self.client.breakers
-        return breakers is not None and unanswered(err) and breakers.suspects_outage()
+    @staticmethod
+    def outage_suspected(err: ApiError) -> bool:
+        """``err`` got no answer, and the host answered nobody since it first
+        failed: maybe an outage, not the request's fault."""
+        return err.outage and unanswered(err)
 
     async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
         """An API error ended the row's step: halt (row kept) or fail the row."""
