@@ -311,9 +311,21 @@ class Update(TypedDict, total=False):
     attempts_delta: int  # added to attempts
     polls_delta: int  # added to polls
     leader_row_id: str | None
+    # What the manifest row asks for: set together when the row's request
+    # changes under its row id (a new request, see batcher.run.resume).
+    kind: Kind
+    model_key: str
+    sampling: Mapping[str, Any]
+    params: Mapping[str, Any]
+    source_path: str | None
+    output_rel: str | None
+    explicit_key: bool
+    request_digest: str
+    group: str | None  # stored in the column group_key
 
 
-# The Update keys that set a column of the same name (the deltas add instead).
+# The Update keys that set a column (the deltas add instead); ``group`` sets
+# ``group_key``.
 UPDATE_COLUMNS: frozenset[str] = frozenset(Update.__optional_keys__) - {
     "attempts_delta",
     "polls_delta",

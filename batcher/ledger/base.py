@@ -132,6 +132,10 @@ class Ledger(Protocol):
         """One row, or None."""
         ...
 
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request (``group``) still in the job, by line."""
+        ...
+
     def rows(
         self,
         *,
