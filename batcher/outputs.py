@@ -2,7 +2,7 @@
 
 Where: an output path is relative to ``--out`` and never leaves it
 (:func:`resolve_output`, checked again at write time); a file row that names
-none gets ``<source stem>.restored<ext>`` (:func:`default_output_for`).
+none gets ``<source name>.restored<ext>`` (:func:`default_output_for`).
 
 How: an output appears under its final name only when complete — written to
 a temporary file beside it, fsynced, renamed, and the rename made durable
@@ -63,17 +63,29 @@ def extension_for(mime_type: str | None) -> str:
     return _PREFERRED.get(base) or mimetypes.guess_extension(base) or ".bin"
 
 
-def default_output_rel(file_rel: str, mime_type: str | None) -> str:
-    """``sub/take.wav`` -> ``sub/take.restored.mp3``.
+# Where the default outputs of sources outside the manifest's folder go.
+OUTSIDE_FOLDER = "_outside"
 
-    A source outside the manifest's folder (``../x.wav``, absolute) keeps only
-    its name, so the default never points outside ``--out``.
+
+def default_output_rel(file_rel: str, mime_type: str | None) -> str:
+    """``sub/take.wav`` -> ``sub/take.wav.restored.mp3``: a pure function of the path.
+
+    The whole file name is kept, so ``take.wav`` and ``take.flac`` beside it
+    get two outputs; as it depends on nothing but the source's path, a
+    row's default output is the same on every run and in any row order. A
+    source outside the manifest's folder (``../x.wav``, absolute) goes to
+    ``_outside/<folder name>-<8 hex digits>/``, the digits a hash of its
+    folder as written, so ``/rec/day1/take1.wav`` and ``/rec/day2/take1.wav``
+    stay apart and the default never points outside ``--out``.
     """
     rel = PurePosixPath(file_rel.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts:
-        rel = PurePosixPath(rel.name)
-    stem = rel.name.rsplit(".", 1)[0] if "." in rel.name[1:] else rel.name
-    return str(rel.with_name(f"{stem}.restored{extension_for(mime_type)}"))
+        parent = str(rel.parent)
+        tag = hashlib.sha256(parent.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in rel.parent.name)
+        folder = f"{name.strip('.') or 'root'}-{tag}"
+        rel = PurePosixPath(OUTSIDE_FOLDER, folder, rel.name)
+    return str(rel.with_name(f"{rel.name}.restored{extension_for(mime_type)}"))
 
 
 def resolve_output(out: Path, rel: str) -> Path:

@@ -49,7 +49,18 @@ def test_whatever_the_input_the_result_stays_inside(rel: str) -> None:
 
 
 def test_default_names() -> None:
-    assert default_output_rel("sub/take.wav", "audio/mpeg") == "sub/take.restored.mp3"
-    assert default_output_rel("../up/take.wav", "audio/mpeg") == "take.restored.mp3"
+    assert default_output_rel("sub/take.wav", "audio/mpeg") == "sub/take.wav.restored.mp3"
     assert default_output_rel("noext", None) == "noext.restored.bin"
+    outside = default_output_rel("../up/take.wav", "audio/mpeg")
+    assert outside.startswith("_outside/up-") and outside.endswith("/take.wav.restored.mp3")
+
+
+def test_default_names_of_two_sources_never_collide() -> None:
+    # the same stem in one folder, the same name in two folders outside
+    pairs = [("audio/take.wav", "audio/take.flac"), ("../rec/day1/t.wav", "../rec/day2/t.wav"),
+             ("/rec/day1/t.wav", "/rec/day2/t.wav"), ("t.wav", "../t.wav")]
+    for a, b in pairs:
+        assert default_output_rel(a, "audio/mpeg") != default_output_rel(b, "audio/mpeg"), (a, b)
+        # a pure function of the path: the same answer every time
+        assert default_output_rel(a, "audio/mpeg") == default_output_rel(a, "audio/mpeg")
     assert extension_for("audio/mpeg; charset=x") == ".mp3"
