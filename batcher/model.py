@@ -74,7 +74,11 @@ ACTIVE_STAGES: frozenset[Stage] = frozenset(
 # The legal moves. A same-stage move updates fields (attempts, apiStatus,
 # a retryable error) without changing where the row is.
 LEGAL_MOVES: Mapping[Stage, frozenset[Stage]] = {
-    Stage.PENDING: frozenset({Stage.PENDING, Stage.PROJECT_CREATED, Stage.SUBMITTED, Stage.FAILED}),
+    # PENDING -> UPLOADED/SUBMITTED/FAILED also: a duplicate takes over the
+    # request of the row it followed (its key and project; see run.followers).
+    Stage.PENDING: frozenset(
+        {Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED, Stage.SUBMITTED, Stage.FAILED}
+    ),
     # PROJECT -> PROJECT also covers "upload URL expired: fresh project".
     Stage.PROJECT_CREATED: frozenset(
         {Stage.PROJECT_CREATED, Stage.UPLOADED, Stage.PENDING, Stage.FAILED}

@@ -428,15 +428,15 @@ async def test_illegal_moves_are_refused_and_change_nothing(ledger: Ledger) -> N
 @pytest.mark.anyio
 async def test_expect_set_is_checked_against_the_actual_stage(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1), new_row(2)])
-    await drive(ledger, "r2", Stage.PROJECT_CREATED)
-    # UPLOADED is legal from PROJECT but not from PENDING
-    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
+    await drive(ledger, "r2", Stage.SUBMITTED)
+    # GENERATED is legal from SUBMITTED but not from PENDING
+    either = frozenset({Stage.PENDING, Stage.SUBMITTED})
     with pytest.raises(LedgerError, match="illegal") as info:
-        await ledger.transition("r1", either, Stage.UPLOADED, event="x")
+        await ledger.transition("r1", either, Stage.GENERATED, event="x")
     assert not isinstance(info.value, TransitionConflict)
-    row = await ledger.transition("r2", either, Stage.UPLOADED, event="x")
-    assert row.stage is Stage.UPLOADED
-    assert (await ledger.events("r2"))[-1].from_stage is Stage.PROJECT_CREATED
+    row = await ledger.transition("r2", either, Stage.GENERATED, event="x")
+    assert row.stage is Stage.GENERATED
+    assert (await ledger.events("r2"))[-1].from_stage is Stage.SUBMITTED
 
 
 @pytest.mark.anyio

@@ -44,6 +44,7 @@ from batcher.ledger.rules import (
     first_earlier,
     holds_request,
     import_refresh,
+    may_lead,
     plan_move,
     refusal,
 )
@@ -210,7 +211,7 @@ class MemoryLedger:
         candidates = (
             (holds, r.line, r.row_id)
             for r in self._group(new.group)
-            if (holds := r.leader_row_id is None and holds_request(r))
+            if (holds := may_lead(r) and holds_request(r))
             or self._db.seen.get(r.row_id, 0) >= self._epoch
         )
         return first_earlier(candidates, new.line, new.row_id)

@@ -36,17 +36,18 @@ from batcher.model import (
 )
 
 __all__ = [
+    "HOLDING_STAGES",
     "INVALID_ROW",
     "Move",
     "PaceState",
     "Refresh",
     "check_claim",
-    "HOLDING_STAGES",
     "choose_leader",
     "claim_slots",
     "first_earlier",
     "holds_request",
     "import_refresh",
+    "may_lead",
     "plan_move",
     "refusal",
     "slot_spacing",
@@ -182,6 +183,12 @@ def holds_request(row: LedgerRow) -> bool:
         row.stage is Stage.FAILED and row.generation_id is not None)
 
 
+def may_lead(row: LedgerRow) -> bool:
+    """True when other rows of its group may follow ``row``: a leader itself,
+    or complete (its outcome is final, whoever it followed)."""
+    return row.leader_row_id is None or row.stage is Stage.COMPLETE
+
+
 def first_earlier(
     candidates: Iterable[tuple[bool, int, str]], line: int, row_id: str
 ) -> str | None:
@@ -199,12 +206,12 @@ def first_earlier(
 def choose_leader(members: Iterable[LedgerRow], row_id: str) -> LedgerRow | None:
     """The leader for row ``row_id`` among its group's rows still in the job.
 
-    The rule of :func:`first_earlier` over rows that lead (a follower never
-    leads), without the line bound: here the whole manifest has been read,
-    or the row has just changed its request and joins the group as it is.
+    The rule of :func:`first_earlier` over rows that :func:`may_lead`,
+    without the line bound: here the whole manifest has been read, or the row
+    has just changed its request and joins the group as it is.
     """
     eligible = [(not holds_request(r), r.line, r.row_id, r) for r in members
-                if r.row_id != row_id and r.leader_row_id is None and not r.retired]
+                if r.row_id != row_id and may_lead(r) and not r.retired]
     return min(eligible, key=lambda e: e[:3])[3] if eligible else None
 
 

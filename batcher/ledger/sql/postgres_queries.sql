@@ -23,8 +23,9 @@ FOR UPDATE;
 -- batch being imported.
 SELECT DISTINCT ON (group_key) group_key, line, row_id, holds FROM (
     SELECT group_key, line, row_id, seen_seq,
-           (leader_row_id IS NULL
-            AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL)) AS holds
+           ((leader_row_id IS NULL
+             AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+            OR stage = 'complete') AS holds
     FROM ledger_rows
     WHERE group_key = ANY(:groups::text[]) AND NOT retired
 ) AS candidates

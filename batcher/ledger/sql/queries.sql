@@ -31,11 +31,13 @@ RETURNING *;
 -- now (the runner re-points a follower of a follower once the import ends).
 SELECT row_id FROM ledger_rows
 WHERE group_key = :group_key AND NOT retired AND row_id <> :row_id
-  AND ((leader_row_id IS NULL
-        AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+  AND (((leader_row_id IS NULL
+         AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+        OR stage = 'complete')
        OR (seen_run = :run_id AND line < :line))
-ORDER BY (leader_row_id IS NULL
-          AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL)) DESC,
+ORDER BY ((leader_row_id IS NULL
+           AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+          OR stage = 'complete') DESC,
          line, row_id
 LIMIT 1;
 
