@@ -52,8 +52,11 @@ async def by_source(job: Job) -> dict[str, Any]:
 
 
 def assert_restores(row: Any, source: Path) -> None:
+    """The row is complete and its output, a file of its own, restores ``source`` now."""
     assert row.stage is Stage.COMPLETE, row
-    assert Path(row.output_path).read_bytes() == restored_audio(source.read_bytes()), row.row_id
+    output = Path(row.output_path)
+    assert output.is_file() and not output.is_symlink(), output
+    assert output.read_bytes() == restored_audio(source.read_bytes()), row.row_id
 
 
 def charges(job: Job) -> tuple[int, int]:
@@ -152,8 +155,7 @@ async def test_rows_naming_one_file_under_their_own_ids_get_outputs_of_their_own
     rows = await job.rows()
     assert len({r.output_path for r in rows}) == 3
     for row in rows:
-        assert row.stage is Stage.COMPLETE and Path(row.output_path).is_file()
-    assert Path(rows[0].output_path).read_bytes() == restored_audio(take.read_bytes())
+        assert_restores(row, take)
     assert charges(job) == (2, 0)  # two prompts; the second "clean" row follows
 
 

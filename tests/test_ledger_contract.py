@@ -323,6 +323,31 @@ async def test_a_retired_row_does_not_lead(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_row_holding_its_request_leads_whatever_its_line(backend: Backend) -> None:
+    # Last run: r5 sent the group's request (and r6, of another group, only
+    # waits). Tonight a new r1 of r5's group comes first, and a new r2 of r6's.
+    led = await backend.open()
+    await led.import_rows([new_row(5, group="g"), new_row(6, group="h")])
+    await led.transition("r5", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g5"},
+                         event="submitted")
+    await led.close(0)
+    led = await backend.open()
+    got = await led.import_rows([new_row(1, group="g"), new_row(2, group="h"),
+                                 new_row(5, group="g"), new_row(6, group="h")])
+    # r1 follows the holder wherever it stands; r2 leads, as r6 holds nothing
+    # and is not above it in this manifest.
+    assert [r.leader_row_id for r in got[:2]] == ["r5", None]
+    assert [r.row_id for r in await led.group_rows("g")] == ["r1", "r5"]
+    # Moving a row to another group moves it in group_rows too.
+    (r1,) = [r for r in got if r.row_id == "r1"]
+    await led.transition("r1", Stage.PENDING, Stage.PENDING, {"group": "k", "leader_row_id": None},
+                         event="requestChanged", current=r1)
+    assert [r.row_id for r in await led.group_rows("g")] == ["r5"]
+    assert [r.row_id for r in await led.group_rows("k")] == ["r1"]
+    await led.close(0)
+
+
+@pytest.mark.anyio
 async def test_invalid_rows_are_imported_failed_with_their_error(ledger: Ledger) -> None:
     got = await ledger.import_rows(
         [
