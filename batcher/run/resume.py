@@ -17,8 +17,16 @@ from typing import Any
 
 from ..client import GenerationStatus
 from ..errors import TransitionConflict
-from ..keys import FileSource, ProjectSource, derive_key, request_digest, request_group
-from ..ledger.rules import choose_leader, holds_request
+from ..keys import (
+    FileSource,
+    ProjectSource,
+    canonical_json,
+    derive_key,
+    normalize_model,
+    request_digest,
+    request_group,
+)
+from ..ledger.rules import choose_leader, holds_request, may_lead
 from ..model import Kind, LedgerRow, NewRow, Stage, Update
 from ..ops.logs import (
     ROW_INVALID,
@@ -83,7 +91,12 @@ def asks_otherwise(row: LedgerRow, new: NewRow) -> bool:
             return True
     elif row.api_project_id != new.api_project_id:
         return True
-    return row.explicit_key and row.request_digest != new.request_digest
+    # Under an explicit key, the request itself (a derived key hashes it).
+    return row.explicit_key and _asked(row) != _asked(new)
+
+
+def _asked(row: LedgerRow | NewRow) -> bytes:
+    return canonical_json([normalize_model(row.model_key), row.sampling, row.params])
 
 
 def request_change(row: LedgerRow, new: NewRow) -> tuple[Update, dict[str, Any]]:
@@ -220,7 +233,7 @@ class Resume:
             log.warning("row %s (line %d) asks for another request than the ledger holds "
                         "for it%s; sending the new one", row.row_id, new.line, abandoned,
                         extra=event(ROW_REQUEST_CHANGED, row=row.row_id))
-        if row.leader_row_id is None and holds_request(row) and row.group is not None:
+        if may_lead(row) and holds_request(row) and row.group is not None:
             await self._hand_over(row)
         reset, detail = request_change(row, new)
         if new.group is not None:
