@@ -271,7 +271,7 @@ def test_a_symlink_at_the_temporary_download_name_is_not_followed(
     outside.parent.mkdir()
     # Where today's download would write first: beside the final name, named
     # after it and the row id.
-    (out / ".take.restored.mp3.take.part").symlink_to(outside)
+    (out / ".take.wav.take.restored.mp3.take.part").symlink_to(outside)
     before = tree_snapshot(tmp_path, skip=lambda p: job in (p, *p.parents))
     done = run_batcher(*job_args(manifest, sim.base_url))
     assert done.returncode == 0, done.stdout + done.stderr
