@@ -203,6 +203,10 @@ class PatientLedger:
         """See :meth:`Ledger.get`."""
         return await self._patient(lambda: self.inner.get(row_id))
 
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """See :meth:`Ledger.group_rows`."""
+        return await self._patient(lambda: self.inner.group_rows(group))
+
     def rows(self, *, stages: frozenset[Stage] | None = None,
              include_retired: bool = False) -> AsyncIterator[LedgerRow]:
         """See :meth:`Ledger.rows` (not retried: a scan cannot resume halfway)."""
