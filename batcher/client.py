@@ -24,7 +24,9 @@ an upload session (today's API: upload in parts, then
 and :class:`ProjectCreated` carries whichever came.
 
 The API key lives in one headers mapping; it is never put in a message, and
-answers are scrubbed of it before they are classified. Every request names
+every answer's body and headers are scrubbed of it (raw, JSON-escaped or
+URL-encoded: :class:`~batcher.scrub.KeyScrubber`) before anything reads
+them: this is the one seam through which the API's text enters batcher. Every request names
 batcher and its version in ``User-Agent``.
 
 The API's status words for a generation become one :class:`GenerationStatus`
@@ -42,6 +44,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import anyio
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from batcher.bandwidth import Bandwidth
 from batcher.classify import classify
@@ -55,6 +58,7 @@ from batcher.errors import (
 )
 from batcher.model import UploadSession
 from batcher.ratelimit import RateGate
+from batcher.scrub import KeyScrubber
 from batcher.storage import TRANSPORT_EXCEPTIONS, RequestCallback, Storage, Transport
 from batcher.version import USER_AGENT
 
@@ -217,7 +221,7 @@ class DiffioClient:
         "_gate",
         "_generations_stopped",
         "_headers",
-        "_key_bytes",
+        "_scrub",
         "_transport",
         "_waiting_generations",
         "storage",
@@ -244,7 +248,7 @@ class DiffioClient:
         self._generations_stopped = False
         self._waiting_generations: set[anyio.CancelScope] = set()
         self._base_url = normalize_base_url(base_url)
-        self._key_bytes = api_key.encode()
+        self._scrub = KeyScrubber(api_key)
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -464,12 +468,15 @@ class DiffioClient:
                     headers = resp.headers
             except TRANSPORT_EXCEPTIONS as exc:
                 self._transport.report(endpoint, None, start)
-                raise self._transport.error(exc, endpoint, secret=self._key_bytes.decode()) from exc
+                raise self._transport.error(exc, endpoint, scrub=self._scrub) from exc
             self._transport.report(endpoint, status, start)
         finally:
             cap.release()
-        if self._key_bytes in body:
-            body = body.replace(self._key_bytes, b"***")
+        body = self._scrub.bytes(body)
+        if status >= 300:
+            # Error answers are read further (Location, Retry-After…): scrub them too.
+            headers = CIMultiDictProxy(CIMultiDict(
+                (name, self._scrub.text(value)) for name, value in headers.items()))
         result = classify(
             status, headers, body, endpoint=endpoint, content_type=headers.get("Content-Type")
         )

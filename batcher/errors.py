@@ -49,8 +49,8 @@ Every error says what it means for the run, as class attributes:
 (post nothing more; what is in flight finishes; exit 3, resumable) and
 ``halts_run`` (stop everything now; exit 3, resumable). The runner reads
 these and never tests an error's class to decide. Messages never contain the
-API key: the client never puts it in one, and ``redact`` scrubs anything
-that came back from outside.
+API key: the client never puts it in one, and scrubs every answer of it (raw,
+JSON-escaped or URL-encoded; :mod:`batcher.scrub`) before anything reads it.
 """
 
 from __future__ import annotations
@@ -92,15 +92,7 @@ __all__ = [
     "UrlExpired",
     "VerificationError",
     "WebhookSecretError",
-    "redact",
 ]
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Return ``text`` with every occurrence of ``secret`` replaced by ``***``."""
-    if secret:
-        return text.replace(secret, "***")
-    return text
 
 
 class BatcherError(Exception):

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from batcher.scrub import KeyScrubber
+
 __all__ = [
     "API_PROBE_FAILED",
     "API_REACHABLE",
@@ -118,25 +120,29 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class RedactFilter(logging.Filter):
-    """Replaces the API key wherever it would reach a log line (defence in depth)."""
+    """Replaces the API key, in any form (:mod:`batcher.scrub`), wherever it would
+    reach a log line (defence in depth: the client already scrubbed the API's answers)."""
 
     def __init__(self, secret: str) -> None:
         super().__init__()
-        self._secret = secret
+        self._scrub = KeyScrubber(secret)
 
     def __repr__(self) -> str:
         return "RedactFilter(secret=***)"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secret:
+        if not self._scrub:
             return True
         message = record.getMessage()
-        if self._secret in message:
-            record.msg = message.replace(self._secret, "***")
+        clean = self._scrub.text(message)
+        if clean != message:
+            record.msg = clean
             record.args = None
         for key, value in list(record.__dict__.items()):
-            if key not in _STANDARD and isinstance(value, str) and self._secret in value:
-                setattr(record, key, value.replace(self._secret, "***"))
+            if key not in _STANDARD and isinstance(value, str):
+                clean = self._scrub.text(value)
+                if clean != value:
+                    setattr(record, key, clean)
         return True
 
 
