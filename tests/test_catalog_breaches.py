@@ -262,7 +262,6 @@ def test_an_explicit_output_shared_by_two_rows_fails_the_later_row_before_any_re
 # ---------------------------------------------------------- 5. symlinked temp name
 
 
-@breach("a symlink at the predictable temporary download name is followed")
 def test_a_symlink_at_the_temporary_download_name_is_not_followed(
         tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--duration", "0.1,0.2")

@@ -56,7 +56,7 @@ class Downloader:
             final = resolve_output(out, row.output_rel or default_output_for(
                 row, ctx.settings.manifest.parent, info.mime_type))
             sha, size = await fetch_to_file(ctx.client.storage, info.download_url, final,
-                                            row.row_id)
+                                            root=out)
             return final, sha, size
 
         def retried(err: ApiError, made: int, wait: float) -> None:
