@@ -33,7 +33,7 @@ from .ledger import open_ledger
 from .ledger.base import Ledger
 from .model import RunInfo, status_counts
 from .ops.logs import REPORT_COUNTS_FAILED, event
-from .ratelimit import RateGate
+from .ratelimit_shared import gate_for
 from .run import Runner, RunResult
 from .run.stats import RunStats
 from .settings import OPTION_SPECS, Settings, resolve
@@ -200,7 +200,9 @@ async def _run(
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 8,
                                          limit_per_host=settings.concurrency + 8)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        gate = RateGate(settings.rate, clock=clock)
+        # On a shared ledger the gate draws from the job's one pace: the sum of
+        # all hosts' requests never passes --rate.
+        gate = gate_for(ledger, settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
                               timeout=settings.timeout, on_request=stats.on_request,

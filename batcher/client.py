@@ -57,7 +57,7 @@ from batcher.errors import (
     SubmissionsStopped,
 )
 from batcher.model import UploadSession
-from batcher.ratelimit import RateGate
+from batcher.ratelimit import Gate
 from batcher.scrub import KeyScrubber
 from batcher.storage import TRANSPORT_EXCEPTIONS, RequestCallback, Storage, Transport
 from batcher.version import USER_AGENT
@@ -233,7 +233,7 @@ class DiffioClient:
         base_url: str,
         api_key: str,
         *,
-        gate: RateGate,
+        gate: Gate,
         cap: anyio.CapacityLimiter,
         timeout: float = 60.0,
         on_request: RequestCallback | None = None,

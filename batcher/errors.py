@@ -14,6 +14,8 @@ errors around outputs in ``outputs.py``, the databases' in ``ledger/``::
     ├── LedgerError              the ledger cannot be opened or written
     │   ├── LedgerLocked         another run holds this ledger (exit 4)
     │   └── TransitionConflict   a compare-and-set matched no row
+    │       └── LeaseLost        this host's lease on a row ran out (shared
+    │                            ledger): the row is someone else's now
     ├── LocalFileError           a local file: source unreadable or changed,
     │   │                        output unwritable (row fails; not the API's doing)
     │   └── OutputPathError      an output path would leave --out
@@ -71,6 +73,7 @@ __all__ = [
     "DeliveryRefused",
     "EventError",
     "InvalidRequest",
+    "LeaseLost",
     "LedgerError",
     "LedgerLocked",
     "ListenAddressError",
@@ -161,6 +164,22 @@ class TransitionConflict(LedgerError):
         super().__init__(
             f"row {row_id}: expected stage {expected}, found {actual or 'no such row'}"
         )
+
+
+class LeaseLost(TransitionConflict):
+    """On a shared ledger, this host no longer holds the row's lease.
+
+    It ran out (the host was paused, or cut off from the ledger, longer than
+    ``--lease-ttl``) and another host may have taken the row over. Nothing
+    more is sent for the row from here: the runner drops it and goes on.
+    """
+
+    def __init__(self, row_id: str) -> None:
+        self.row_id = row_id
+        self.expected = "this host's lease"
+        self.actual = "expired or taken over"
+        LedgerError.__init__(self, f"row {row_id}: this host's lease on it ran out; "
+                                   "another host may have taken it over")
 
 
 class LocalFileError(BatcherError):

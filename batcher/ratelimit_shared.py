@@ -49,10 +49,11 @@ import anyio
 
 from batcher.clock import Clock
 from batcher.errors import LedgerError
-from batcher.ledger.base import LeasingLedger
+from batcher.ledger.base import LeasingLedger, Ledger, is_shared
 from batcher.ops.logs import RATE_CLAIM_FAILED, RATE_LIMITED, event
+from batcher.ratelimit import Gate, RateGate
 
-__all__ = ["SharedRateGate"]
+__all__ = ["SharedRateGate", "gate_for"]
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,18 @@ class SharedRateGate:
         if self._paused_until > now:
             state += f", paused for {self._paused_until - now:.3f}s"
         return f"<SharedRateGate [{state}]>"
+
+
+def gate_for(ledger: Ledger, rate: float, *, clock: Clock) -> Gate:
+    """The rate gate of a run on ``ledger``: ``rate`` is the whole job's ``--rate``.
+
+    A shared ledger (several hosts) gets a :class:`SharedRateGate` drawing
+    from the job's one pace, so the hosts' sum never passes ``rate``; a
+    private one a :class:`~batcher.ratelimit.RateGate` of its own.
+    """
+    if is_shared(ledger):
+        return SharedRateGate(ledger, rate, clock=clock)
+    return RateGate(rate, clock=clock)
 
 
 def _check_rate(rate: float) -> None:

@@ -36,7 +36,6 @@ __all__ = [
     "POLL_UNKNOWN_STATUS",
     "RATE_CLAIM_FAILED",
     "RATE_LIMITED",
-    "RATE_SHARE_CHANGED",
     "REPORT_COUNTS_FAILED",
     "REQUEST_RETRY_SCHEDULED",
     "ROW_FAILED",
@@ -84,7 +83,6 @@ RATE_LIMITED = "rate.limited"  # retry_after, pause, rate: a 429 paused and slow
 WORKER_JOINED = "worker.joined"  # worker, live
 WORKER_LEAVE_FAILED = "worker.leave_failed"  # worker, error
 WORKER_HEARTBEAT_FAILED = "worker.heartbeat_failed"  # worker, error
-RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --rate
 RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
@@ -104,7 +102,7 @@ EVENTS: frozenset[str] = frozenset({
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
-    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
+    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_CLAIM_FAILED,
     LEDGER_ROWS_RETIRED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
     API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,

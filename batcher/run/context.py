@@ -19,11 +19,17 @@ from anyio import CancelScope
 
 from ..client import DiffioClient
 from ..clock import Clock, WallTime
-from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
+from ..errors import ApiError, LeaseLost, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
-from ..ops.logs import REQUEST_RETRY_SCHEDULED, ROW_FAILED, RUN_HALTED, event
-from ..ratelimit import RateGate
+from ..ops.logs import (
+    REQUEST_RETRY_SCHEDULED,
+    ROW_FAILED,
+    ROW_MOVED_ELSEWHERE,
+    RUN_HALTED,
+    event,
+)
+from ..ratelimit import Gate
 from ..retry import RetryPolicy, retrying
 from ..settings import Settings
 from .hosts import Membership
@@ -53,7 +59,7 @@ class RunContext:
     settings: Settings
     ledger: Ledger
     client: DiffioClient
-    gate: RateGate
+    gate: Gate
     clock: Clock
     rng: random.Random
     policy: RetryPolicy
@@ -109,6 +115,24 @@ class RunContext:
         """A row this run stops working on without finishing it (a halt)."""
         self.stats.in_flight -= 1
         self.membership.release(row_id)
+
+    async def check_lease(self, row_id: str) -> None:
+        """Right before a request that may cost money: raise LeaseLost unless this
+        run still holds the row (always, on a private ledger)."""
+        if not await self.membership.holds(row_id):
+            raise LeaseLost(row_id)
+
+    def lost(self, row_id: str, err: TransitionConflict, step: str) -> None:
+        """Another host moved the row, or took it over: drop it and go on.
+
+        Only on a shared ledger; on a private one a lost compare-and-set is a
+        bug and ``err`` is raised again.
+        """
+        if not self.membership.shared:
+            raise err
+        log.info("row %s is another host's now (%s); this host lets it go", row_id, err,
+                 extra=event(ROW_MOVED_ELSEWHERE, row=row_id, step=step))
+        self.drop(row_id)
 
     def check_failure_share(self) -> None:
         """--halt-after PCT: stop submitting when too many rows fail."""
@@ -178,6 +202,8 @@ class RunContext:
         try:
             await self.move(row, Stage.FAILED, update, "failed", {"code": error.get("code")})
         except TransitionConflict:
+            # Our copy is stale; on a shared ledger the row may be another host's now.
+            await self.check_lease(row.row_id)
             fresh = await self.ledger.get(row.row_id)
             if fresh is None or fresh.stage is Stage.FAILED:
                 return

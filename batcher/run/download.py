@@ -13,7 +13,14 @@ from pathlib import Path
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import ApiError, ClientError, Conflict, LocalFileError, UrlExpired
+from ..errors import (
+    ApiError,
+    ClientError,
+    Conflict,
+    LocalFileError,
+    TransitionConflict,
+    UrlExpired,
+)
 from ..model import LedgerRow, Stage
 from ..ops.logs import DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
@@ -38,7 +45,11 @@ class Downloader:
         """Download each row received, until the stream ends or the run stops."""
         async with recv:
             async for row in recv:
-                await self.download(row)
+                try:
+                    await self.download(row)
+                except TransitionConflict as err:
+                    # A shared ledger: another host finished the row first.
+                    self.ctx.lost(row.row_id, err, "download")
 
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""

@@ -13,7 +13,15 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import ApiError, LocalFileError, RunHalted, SubmissionsStopped, TransportError
+from ..client import GenerationAccepted
+from ..errors import (
+    ApiError,
+    LocalFileError,
+    RunHalted,
+    SubmissionsStopped,
+    TransitionConflict,
+    TransportError,
+)
 from ..model import Kind, LedgerRow, Stage
 from ..spend import SpendCap
 from .context import RunContext
@@ -44,7 +52,13 @@ class Submitter:
                 if self.ctx.halted:
                     self.ctx.drop(row.row_id)
                     continue
-                await self.submit(row)
+                try:
+                    await self.submit(row)
+                except TransitionConflict as err:
+                    # A shared ledger: another host moved the row, or took it
+                    # over while this one was paused.
+                    self._settle_spend(row.row_id, charged=False)
+                    self.ctx.lost(row.row_id, err, "submit")
 
     # ------------------------------------------------------------------ spend
 
@@ -94,10 +108,16 @@ class Submitter:
                 ctx.drop(row.row_id)
                 return
             project, key = row.api_project_id, row.idempotency_key
-            try:
-                accepted = await ctx.call(row.row_id, lambda: ctx.client.create_generation(
+
+            async def post() -> GenerationAccepted:
+                # A host paused past its lease finds out here, before it posts.
+                await ctx.check_lease(row.row_id)
+                return await ctx.client.create_generation(
                     model=row.model_key, api_project_id=project, sampling=row.sampling,
-                    params=row.params, idempotency_key=key))
+                    params=row.params, idempotency_key=key)
+
+            try:
+                accepted = await ctx.call(row.row_id, post)
             except ApiError as err:
                 # No answer at all: the API may have charged; count it, to be safe.
                 self._settle_spend(row.row_id, charged=isinstance(err, TransportError))
