@@ -7,6 +7,7 @@ Library errors become one clear line here (exit 2, 3 or 4, as documented for
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -225,8 +226,14 @@ async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) 
     return 130 if interrupted else result.exit_code
 
 
-def _ledger_of(args: argparse.Namespace) -> str | None:
-    """The ledger status and export read, or None (said why) when there is none."""
+def _ledger_of(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``(ledger to read, its name)`` for status and export; None (said why) when
+    there is none.
+
+    A manifest or job file not run yet has no ledger: it reads as an empty one
+    (a note on stderr), not as an error. A ledger path that does not exist is
+    one.
+    """
     from .settings import ledger_for
 
     try:
@@ -235,10 +242,13 @@ def _ledger_of(args: argparse.Namespace) -> str | None:
         _error(str(exc))
         return None
     if "://" in url or Path(url).exists():
-        return url
-    _error(f"no ledger at {url}" if url == str(args.source)
-           else f"no ledger at {url} (for {args.source}): has it been run?")
-    return None
+        return url, url
+    if url == str(args.source):
+        _error(f"no ledger at {url}")
+        return None
+    print(f"batcher: no ledger yet at {url}: nothing has run for {args.source}",
+          file=sys.stderr)
+    return ":memory:", url
 
 
 def _quiet_broken_pipe() -> int:
@@ -255,13 +265,15 @@ def _quiet_broken_pipe() -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    url = _ledger_of(args)
-    if url is None:
+    found = _ledger_of(args)
+    if found is None:
         return 2
     from .ops.status import status_main
 
+    url, label = found
     try:
-        return anyio.run(status_main, url, args.json, backend="asyncio")
+        return anyio.run(functools.partial(status_main, url, args.json, label=label),
+                         backend="asyncio")
     except (LedgerError, ConfigError) as exc:
         _error(str(exc))
         return 2
@@ -271,11 +283,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    url = _ledger_of(args)
-    if url is None:
+    found = _ledger_of(args)
+    if found is None:
         return 2
     from .ops.export import export_main
 
+    url = found[0]
     try:
         return anyio.run(export_main, url, args.format, args.output, args.all,
                          backend="asyncio")
