@@ -20,6 +20,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -37,7 +38,7 @@ from ..ops.logs import (
 from ..retry import RetryPolicy
 from .context import RunContext
 
-__all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
+__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,24 @@ class PollItem:
     # change is written, a repeat is not.
     status: str | None = None
     queue: int | None = None
+    # Settled elsewhere (a webhook event moved the row): never polled again.
+    settled: bool = False
+    queued: bool = False  # on the poller's heap now
+
+
+class PollPolicy(Protocol):
+    """Decides when watched generations are polled, when something else reports them.
+
+    With webhooks on, events report most generations, and polls are only a
+    safety net (:mod:`batcher.run.webhooks`); without one the poller keeps
+    its own waits.
+    """
+
+    def watch(self, item: PollItem, *, resumed: bool) -> float | None:
+        """``item`` is watched from now: the wait before its first poll (None: the default)."""
+
+    def forget(self, item: PollItem) -> None:
+        """``item`` needs no more polling (its row was moved on)."""
 
 
 class DelayModel:
@@ -163,17 +182,33 @@ class Poller:
         self._nap: anyio.CancelScope | None = None
         self._closed = False
         self._inflight = 0
+        self._live = 0  # items on the heap that are not settled
 
     def __len__(self) -> int:
-        return len(self._heap) + self._inflight
+        return self._live + self._inflight
+
+    def _push(self, due: float, item: PollItem) -> None:
+        if item.settled:  # settled before it was ever due: nothing to schedule
+            return
+        heapq.heappush(self._heap, (due, next(self._seq), item))
+        item.queued = True
+        self._live += 1
+
+    def settle(self, item: PollItem) -> None:
+        """Never poll ``item`` again (it is skipped when due, and no longer counted)."""
+        if item.settled:
+            return
+        item.settled = True
+        if item.queued:
+            self._live -= 1
+            self._wake()
 
     def add(self, item: PollItem, *, due_in: float | None = None) -> None:
         """Schedule ``item``; by default after the first-poll wait."""
         wait = self.delays.first() if due_in is None else due_in
         item.delay = wait
-        due = self._clock.now() + wait
-        heapq.heappush(self._heap, (due, next(self._seq), item))
-        if self._heap[0][2] is item:
+        self._push(self._clock.now() + wait, item)
+        if self._heap and self._heap[0][2] is item:
             self._wake()
 
     def close(self) -> None:
@@ -190,7 +225,7 @@ class Poller:
             recv.close()
             async with send:
                 while True:
-                    if not self._heap:
+                    if not self._live:
                         if self._closed and self._inflight == 0:
                             return
                         await self._sleep(None)
@@ -201,6 +236,10 @@ class Poller:
                         await self._sleep(wait)
                         continue
                     _, _, item = heapq.heappop(self._heap)
+                    item.queued = False
+                    if item.settled:
+                        continue
+                    self._live -= 1
                     self._inflight += 1
                     try:  # no extra loop round when a worker is already waiting
                         send.send_nowait(item)
@@ -227,11 +266,11 @@ class Poller:
                 try:
                     item.polls += 1
                     finished = await self._check(item)
-                    if not finished:
+                    if not finished and not item.settled:
                         now = self._clock.now()
                         wait = self.delays.next(item, now)
                         item.delay = wait
-                        heapq.heappush(self._heap, (now + wait, next(self._seq), item))
+                        self._push(now + wait, item)
                 finally:
                     self._inflight -= 1
                     self._wake()
@@ -252,8 +291,10 @@ class Polling:
         # often as other requests are retried; the poller decides when.
         self._retry = RetryPolicy(max_attempts=2 * settings.max_attempts,
                                   rate_limited_attempts=2 * settings.max_attempts, waits=False)
+        # With webhooks: when to poll, and who else reports generations.
+        self.policy: PollPolicy | None = None
         self.poller = Poller(
-            self._check,
+            self._check_watched,
             DelayModel(settings.poll_interval, rng=ctx.rng),
             clock=ctx.clock,
             workers=max(2, settings.concurrency),
@@ -265,7 +306,16 @@ class Polling:
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
                         submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
                         status=row.api_status, queue=row.queue_position)
-        self.poller.add(item, due_in=0.0 if resumed else None)
+        due_in = 0.0 if resumed else None
+        if self.policy is not None:
+            due_in = self.policy.watch(item, resumed=resumed)
+        self.poller.add(item, due_in=due_in)
+
+    async def _check_watched(self, item: PollItem) -> bool:
+        finished = await self._check(item)
+        if finished and self.policy is not None:
+            self.policy.forget(item)
+        return finished
 
     async def _check(self, item: PollItem) -> bool:
         ctx = self.ctx
