@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from batcher.cli import main
 from batcher.settings import ledger_for
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """``main`` configures batcher's logger for a process; give it back as it was."""
+    logger = logging.getLogger("batcher")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def test_the_ledger_is_found_as_run_finds_it(tmp_path: Path) -> None:

@@ -46,13 +46,15 @@ def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: Te
               file=stream)
 
 
-async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout, *,
+async def status_main(url: str, as_json: bool, stream: TextIO | None = None, *,
                       label: str | None = None) -> int:
     """``batcher status LEDGER``: counts, errors, runs; works while a run writes.
 
+    ``stream`` defaults to the ``sys.stdout`` of the moment of the call.
     ``label`` names the ledger in the JSON when ``url`` is not its name (a
     job not run yet is read from an empty ``:memory:`` ledger).
     """
+    stream = sys.stdout if stream is None else stream
     ledger = open_ledger(url)
     await ledger.open(RunInfo.reader(), lock=False)
     try:
