@@ -33,7 +33,7 @@ from .errors import LocalFileError, OutputPathError
 from .keys import sha256_file
 from .model import LedgerRow
 from .ops.logs import OUTPUT_CLEANUP_FAILED, event
-from .safefs import TempFile, open_folder
+from .safefs import TempFile, open_folder, remove_leftovers
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -205,11 +205,12 @@ async def output_intact(row: LedgerRow) -> bool:
 
 
 def _new_temp(folder: int, name: str, token: Callable[[], str] | None) -> TempFile:
+    remove_leftovers(folder, name)  # a killed run's temporary file of this output
     return TempFile(folder, name) if token is None else TempFile(folder, name, token=token)
 
 
 def _copy_publish(src: Path, folder: int, name: str) -> None:
-    tmp = TempFile(folder, name)
+    tmp = _new_temp(folder, name, None)
     try:
         with src.open("rb") as fin, os.fdopen(tmp.fd, "wb") as fout:
             while chunk := fin.read(_CHUNK):

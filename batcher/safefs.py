@@ -14,6 +14,9 @@ folder on the way — is never followed, whenever it was planted.
 * **Temporary files.** :class:`TempFile` is created with
   ``O_CREAT | O_EXCL | O_NOFOLLOW`` under an unpredictable name (random
   bytes), so nothing can be waiting at it, not even a link.
+* **Leftovers.** A run killed mid-write leaves its temporary file; the next
+  write of the same output removes it (:func:`remove_leftovers`: names of
+  our own form only, links unlinked, never followed).
 * **Publishing.** ``rename`` within the held folder; a link at the final name
   is replaced, never followed. The folder is fsynced so the rename survives
   a power loss.
@@ -27,15 +30,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TempFile", "open_folder"]
+__all__ = ["TempFile", "open_folder", "remove_leftovers"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_TRIES = 16
+_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 def open_folder(root: Path, folder: Path) -> int:
@@ -63,6 +68,24 @@ def open_folder(root: Path, folder: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def remove_leftovers(folder_fd: int, final_name: str) -> int:
+    """Remove temporary files of ``final_name`` that killed writers left; return how many.
+
+    Only names :class:`TempFile` makes (``.NAME.<16 hex>.part``); a link with
+    such a name is removed itself, never followed.
+    """
+    prefix, removed = f".{final_name}.", 0
+    with os.scandir(folder_fd) as entries:
+        names = [e.name for e in entries if e.name.startswith(prefix)
+                 and e.name.endswith(".part")
+                 and _TOKEN.fullmatch(e.name[len(prefix):-len(".part")])]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(name, dir_fd=folder_fd)
+            removed += 1
+    return removed
 
 
 class TempFile:

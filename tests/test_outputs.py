@@ -109,3 +109,19 @@ async def test_a_folder_link_that_stays_inside_out_is_written_through(tmp_path: 
     await copy_to_file(src, out / "alias" / "x.mp3", root=out)
     assert (out / "real" / "x.mp3").read_bytes() == b"restored"
     assert [p.name for p in (out / "real").iterdir()] == ["x.mp3"]  # no temporary left
+
+
+@pytest.mark.anyio
+async def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(
+        tmp_path: Path) -> None:
+    out, src = tmp_path / "out", tmp_path / "src.wav"
+    src.write_bytes(b"restored")
+    out.mkdir()
+    victim = _outside(tmp_path)
+    victim.write_bytes(b"keep")
+    (out / ".x.mp3.0123456789abcdef.part").write_bytes(b"half")
+    (out / ".x.mp3.fedcba9876543210.part").symlink_to(victim)
+    (out / ".x.mp3.notours.part").write_bytes(b"someone else's")
+    await copy_to_file(src, out / "x.mp3", root=out)
+    assert sorted(p.name for p in out.iterdir()) == [".x.mp3.notours.part", "x.mp3"]
+    assert victim.read_bytes() == b"keep"
