@@ -400,6 +400,14 @@ class PostgresLedger(PostgresWebhookEvents):
             found = await pool.fetchrow(self._q["get_row"].text, row_id)
         return codec.row_from_record(found) if found is not None else None
 
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request still in the job, by line."""
+        pool = self._pool_for(write=False)
+        q = self._q["group_rows"]
+        with self._translate(f"read group {group}"):
+            found = await pool.fetch(q.text, *q.args({"group_key": group}))
+        return [codec.row_from_record(r) for r in found]
+
     async def rows(
         self,
         *,

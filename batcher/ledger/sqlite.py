@@ -506,6 +506,15 @@ class SqliteLedger(SqliteWebhookEvents):
 
         return await self._read(job)
 
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request still in the job, by line."""
+
+        def job(conn: sqlite3.Connection) -> list[LedgerRow]:
+            found = _records(conn.execute(self._q["group_rows"], {"group_key": group}))
+            return [codec.row_from_record(r) for r in found]
+
+        return await self._read(job)
+
     async def rows(
         self,
         *,

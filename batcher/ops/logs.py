@@ -46,7 +46,9 @@ __all__ = [
     "ROW_INVALID",
     "ROW_MOVED_ELSEWHERE",
     "ROW_OUTPUT_MISSING",
+    "ROW_REQUEST_CHANGED",
     "ROW_SOURCE_CHANGED",
+    "ROW_TOOK_OVER",
     "RUN_HALTED",
     "RUN_PROGRESS",
     "SIMULATOR_OBSERVER_FAILED",
@@ -76,6 +78,8 @@ RUN_PROGRESS = "run.progress"  # done, todo, failed, inFlight, ... (--log-json p
 ROW_FAILED = "row.failed"  # row, code: the row is failed in the ledger
 ROW_INVALID = "row.invalid"  # row: a manifest row that cannot be sent (file, line, field)
 ROW_SOURCE_CHANGED = "row.source_changed"  # row: its file changed; it is a new request now
+ROW_REQUEST_CHANGED = "row.request_changed"  # row: asks for another request under its id
+ROW_TOOK_OVER = "row.took_over"  # row, from: a duplicate goes on with its leader's request
 ROW_OUTPUT_MISSING = "row.output_missing"  # row: a complete row's output is downloaded again
 ROW_MOVED_ELSEWHERE = "row.moved_elsewhere"  # row, step: another host moved it first
 # -- requests -------------------------------------------------------------------
@@ -118,6 +122,7 @@ SIMULATOR_OBSERVER_FAILED = "simulator.observer_failed"  # generation_id
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
+    ROW_REQUEST_CHANGED, ROW_TOOK_OVER,
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
