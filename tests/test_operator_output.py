@@ -158,7 +158,7 @@ def test_report_metrics_and_status_after_a_run(tmp_path: Path, simulator: Any) -
     assert "most common errors:" in status.stdout
     assert re.search(r"^  1 x notFound: ", status.stdout, re.MULTILINE)
     assert re.search(r"^  1 x invalidRow: .*row 6", status.stdout, re.MULTILINE)
-    assert re.search(r"^last run: started .* took [\d.]+ s, exit 1$", status.stdout,
+    assert re.search(r"^last run: started .* ended .* after [\d.]+ s, exit 1$", status.stdout,
                      re.MULTILINE)
 
     as_json = json.loads(run_batcher("status", str(ledger), "--json").stdout)
