@@ -135,18 +135,20 @@ class OutputClaims:
         named like a default output, it also claims that default. Returns
         the line of the row that has it already, if any.
         """
-        first = self._lines.setdefault(os.path.normcase(resolved), line)
-        if first != line:
+        path = os.path.normcase(resolved)
+        first = self._lines.get(path)
+        if first is not None and first != line:
             return first
         stem = _default_like(rel) if rel is not None else None
-        if stem is None:
-            return None
-        first = self._defaults.get(_hash64(stem))
-        if first is not None:
-            return first
-        # Kept apart from the defaults: ``x.restored.mp3`` and ``x.restored.wav``
-        # are two explicit outputs, but both are the name of a default.
-        self._stems.setdefault(os.path.normcase(stem), line)
+        if stem is not None:
+            first = self._defaults.get(_hash64(stem))
+            if first is not None and first != line:
+                return first
+            # Kept apart from the defaults: ``x.restored.mp3`` and ``x.restored.wav``
+            # are two explicit outputs, but both are the name of a default.
+            self._stems.setdefault(os.path.normcase(stem), line)
+        # Claimed only once the row may have it: a failed row holds nothing.
+        self._lines.setdefault(path, line)
         return None
 
     def claim_default(self, stem: str, line: int) -> int | None:

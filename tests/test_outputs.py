@@ -109,10 +109,10 @@ def test_a_request_tag_tells_requests_on_one_file_apart_and_leaves_the_plain_one
 
 
 def test_rows_asking_for_different_requests_on_one_file_get_different_defaults() -> None:
-    derived, other = "r-0123456789abcdef0123", "r-aaaaaaaaaaaaaaaaaaaa"
+    derived, other, third = "r-0123456789abcdef0123", "r-" + "a" * 20, "r-" + "b" * 20
     clean, hiss = _tag(params={"prompt": "clean"}), _tag(params={"prompt": "less hiss"})
-    names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i, t))
-             for i, t in [(derived, ""), (other, clean), (other + "~2", clean), ("r-bbbbbbbbbbbbbbbbbbbb", hiss)]}
+    rows = [(derived, ""), (other, clean), (other + "~2", clean), (third, hiss)]
+    names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i, t)) for i, t in rows}
     assert len(names) == 4, names
     assert default_output_rel("take.wav", "audio/mpeg", row_tag(derived, "")) == (
         "take.wav.restored.mp3")
@@ -131,6 +131,9 @@ def test_an_explicit_output_named_like_a_default_claims_it_in_either_order() -> 
     assert claims.claim("/out/audio/take.wav.restored.flac", 3,
                         "audio/take.wav.restored.flac") == 1
     assert claims.claim("/out/audio/take.wav.mp3", 4, "audio/take.wav.mp3") is None
+    # a row that failed holds nothing: the next one is told of the default's row
+    assert claims.claim("/out/audio/take.wav.restored.mp3", 5,
+                        "audio/take.wav.restored.mp3") == 1
     later = OutputClaims()
     assert later.claim("/out/b.wav.restored.wav", 1, "b.wav.restored.wav") is None
     assert later.claim("/out/b.wav.restored.mp3", 2, "b.wav.restored.mp3") is None
