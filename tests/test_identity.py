@@ -178,6 +178,23 @@ async def test_one_file_under_two_prompts_gets_two_outputs_in_any_row_order(
     assert charges(job) == (3, 0)
 
 
+async def test_a_complete_row_keeps_the_output_its_record_names(
+        make_job: Any, tmp_path: Path) -> None:
+    # Under another --model the row (its own model column) is the same
+    # request, but today's rule would tag its name: the recorded path stays.
+    take = write_wav(tmp_path / "take.wav", freq=300)
+    job = await make_job("file,model\ntake.wav,diffio-4.6-flash\n", QUICK)
+    clean(await job.run())
+    (before,) = await job.rows()
+    assert before.output_path == str(tmp_path / "out" / "take.wav.restored.mp3")
+    downloads = job.sim.stats.downloads
+    clean(await night(job, model="diffio-4.6-pro"))
+    (after,) = await job.rows()
+    assert after.output_path == before.output_path and after.version == before.version
+    assert_restores(after, take)
+    assert (job.sim.stats.downloads, *charges(job)) == (downloads, 1, 0)
+
+
 @pytest.mark.parametrize("default_first", [True, False])
 async def test_an_explicit_output_equal_to_a_default_fails_the_later_row(
         make_job: Any, tmp_path: Path, default_first: bool) -> None:
