@@ -53,7 +53,7 @@ class Intake:
 
 
 class _LineMap64:
-    """64-bit hashes to line numbers in two arrays: 24–48 bytes per member.
+    """64-bit hashes to line numbers (below 2**32) in two arrays: 24–48 bytes per member.
 
     Open addressing with linear probing, at most half full; 0 marks an empty
     slot, so the hash 0 is stored as 1. A dict of ints would spend ~100 bytes
@@ -64,7 +64,7 @@ class _LineMap64:
 
     def __init__(self, size: int = 1024) -> None:
         self._hashes = array("Q", [0]) * size
-        self._lines = array("Q", [0]) * size
+        self._lines = array("I", [0]) * size
         self._mask = size - 1
         self._n = 0
 
@@ -96,7 +96,7 @@ class _LineMap64:
     def _grow(self) -> None:
         old = zip(self._hashes, self._lines, strict=True)
         size = 2 * len(self._hashes)
-        self._hashes, self._lines = array("Q", [0]) * size, array("Q", [0]) * size
+        self._hashes, self._lines = array("Q", [0]) * size, array("I", [0]) * size
         self._mask, self._n = size - 1, 0
         for h, line in old:
             if h:
