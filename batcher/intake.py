@@ -7,10 +7,13 @@ time, as its bounded streams make room (back-pressure from the workers).
 
 from __future__ import annotations
 
+import hashlib
 import os
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import anyio
 
@@ -27,7 +30,7 @@ from .keys import (
 )
 from .manifest import ManifestRow, open_manifest
 from .model import Kind, NewRow
-from .outputs import resolve_output
+from .outputs import default_stem_of, request_tag, resolve_output
 from .settings import Settings
 
 __all__ = ["Intake", "OutputClaims", "intake_batches", "intake_row", "invalid_row"]
@@ -49,24 +52,119 @@ class Intake:
                    namespace=settings.key_namespace, out=settings.out)
 
 
-class OutputClaims:
-    """Explicit outputs given out so far in one manifest: two rows never share one.
+class _LineMap64:
+    """64-bit hashes to line numbers (below 2**32) in two arrays: 24–48 bytes per member.
 
-    Paths compare as they resolve under ``--out`` (``a/../x.mp3`` is
-    ``x.mp3``). Only explicit outputs are kept (default names are unique by
-    construction, see :func:`batcher.outputs.default_output_rel`), so memory
-    grows with the rows that name one.
+    Open addressing with linear probing, at most half full; 0 marks an empty
+    slot, so the hash 0 is stored as 1. A dict of ints would spend ~100 bytes
+    per member, and every file row of a manifest has a default output.
     """
 
-    __slots__ = ("_lines",)
+    __slots__ = ("_hashes", "_lines", "_mask", "_n")
+
+    def __init__(self, size: int = 1024) -> None:
+        self._hashes = array("Q", [0]) * size
+        self._lines = array("I", [0]) * size
+        self._mask = size - 1
+        self._n = 0
+
+    def setdefault(self, h: int, line: int) -> int:
+        """The line stored for ``h``, storing ``line`` first if there was none."""
+        h = h or 1
+        i = h & self._mask
+        while cur := self._hashes[i]:
+            if cur == h:
+                return self._lines[i]
+            i = (i + 1) & self._mask
+        if 2 * (self._n + 1) > len(self._hashes):
+            self._grow()
+            return self.setdefault(h, line)
+        self._hashes[i], self._lines[i] = h, line
+        self._n += 1
+        return line
+
+    def get(self, h: int) -> int | None:
+        """The line stored for ``h``, if any."""
+        h = h or 1
+        i = h & self._mask
+        while cur := self._hashes[i]:
+            if cur == h:
+                return self._lines[i]
+            i = (i + 1) & self._mask
+        return None
+
+    def _grow(self) -> None:
+        old = zip(self._hashes, self._lines, strict=True)
+        size = 2 * len(self._hashes)
+        self._hashes, self._lines = array("Q", [0]) * size, array("I", [0]) * size
+        self._mask, self._n = size - 1, 0
+        for h, line in old:
+            if h:
+                self.setdefault(h, line)
+
+
+def _hash64(text: str) -> int:
+    data = os.path.normcase(text).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class OutputClaims:
+    """Outputs given out so far in one manifest: two rows never share one.
+
+    Explicit paths compare as they resolve under ``--out`` (``a/../x.mp3``
+    is ``x.mp3``). A default output's extension is known only when its audio
+    comes back, so defaults compare by their stem (``take.wav.restored``,
+    :func:`batcher.outputs.default_output_stem`): an explicit output that is
+    a default name with any extension claims that default. Explicit outputs
+    are kept as text; defaults, one per file row, as 64-bit hashes (a
+    collision, about 1 in 4·10^7 for 10^6 rows, would fail a row that needs
+    an ``output`` of its own: it never lets two rows share one).
+    """
+
+    __slots__ = ("_defaults", "_lines", "_stems")
 
     def __init__(self) -> None:
         self._lines: dict[str, int] = {}
+        self._stems: dict[str, int] = {}  # stems of explicit outputs named like a default
+        self._defaults = _LineMap64()
 
-    def claim(self, resolved: str, line: int) -> int | None:
-        """Give ``resolved`` to the row at ``line``; the line that has it already, if any."""
-        first = self._lines.setdefault(os.path.normcase(resolved), line)
+    def claim(self, resolved: str, line: int, rel: str | None = None) -> int | None:
+        """Give the explicit output ``resolved`` to the row at ``line``.
+
+        ``rel`` is the output relative to ``--out``, POSIX form: if it is
+        named like a default output, it also claims that default. Returns
+        the line of the row that has it already, if any.
+        """
+        path = os.path.normcase(resolved)
+        first = self._lines.get(path)
+        if first is not None and first != line:
+            return first
+        stem = _default_like(rel) if rel is not None else None
+        if stem is not None:
+            first = self._defaults.get(_hash64(stem))
+            if first is not None and first != line:
+                return first
+            # Kept apart from the defaults: ``x.restored.mp3`` and ``x.restored.wav``
+            # are two explicit outputs, but both are the name of a default.
+            self._stems.setdefault(os.path.normcase(stem), line)
+        # Claimed only once the row may have it: a failed row holds nothing.
+        self._lines.setdefault(path, line)
+        return None
+
+    def claim_default(self, stem: str, line: int) -> int | None:
+        """Give the default output ``stem`` to the row at ``line``; the line that has it, if any."""
+        first = self._stems.get(os.path.normcase(stem))
+        if first is not None and first != line:
+            return first
+        first = self._defaults.setdefault(_hash64(stem), line)
         return None if first == line else first
+
+
+def _default_like(rel: str) -> str | None:
+    """``x/take.wav.restored`` for ``x/take.wav.restored.mp3``; None for other names."""
+    suffix = PurePosixPath(rel).suffix
+    stem = rel[: -len(suffix)] if suffix else rel
+    return stem if suffix and stem.endswith(".restored") else None
 
 
 def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner,
@@ -104,7 +202,8 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner,
             resolved = resolve_output(ctx.out, row.output)
         except OutputPathError as exc:
             raise RowError(str(exc), path=path, line=row.line, field="output") from None
-        first = outputs.claim(str(resolved), row.line) if outputs is not None else None
+        rel = os.path.relpath(resolved, ctx.out.resolve()).replace(os.sep, "/")
+        first = outputs.claim(str(resolved), row.line, rel) if outputs is not None else None
         if first is not None:
             raise RowError(
                 f"output {row.output!r} is already the output of row {first}; two rows never "
@@ -118,6 +217,8 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner,
         explicit_key=row.idempotency_key, namespace=ctx.namespace,
     )
     row_id = assigner.assign(base_id)
+    if row.kind == "file" and row.output is None and outputs is not None:
+        _claim_default(row, ctx, row_id, outputs, model, sampling, params)
     source_id = f"project:{row.api_project_id}" if row.kind != "file" else f"sha256:{sha}"
     return NewRow(
         row_id=row_id,
@@ -140,6 +241,20 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner,
         # The API's identity of a generation is (key, project); see request_group.
         group=request_group(key, source_id),
     )
+
+
+def _claim_default(row: ManifestRow, ctx: Intake, row_id: str, outputs: OutputClaims,
+                   model: str, sampling: dict[str, Any], params: dict[str, Any]) -> None:
+    """Claim the row's default output; raise RowError if an earlier row has it."""
+    request = request_tag(model=model, plain_model=ctx.model, sampling=sampling, params=params,
+                          explicit_key=row.idempotency_key)
+    stem = default_stem_of(str(row.file), ctx.manifest.parent, row_id, request)
+    first = outputs.claim_default(stem, row.line)
+    if first is not None:
+        raise RowError(
+            f"its default output {stem + '.<ext>'!r} is already the output of row {first}; "
+            "two rows never share an output: give this row an output (or an id)",
+            path=str(ctx.manifest), line=row.line, field="output")
 
 
 def invalid_row(err: RowError, model: str) -> NewRow:

@@ -2,7 +2,9 @@
 
 Where: an output path is relative to ``--out`` and never leaves it
 (:func:`resolve_output`, checked again at write time); a file row that names
-none gets ``<source name>.restored<ext>`` (:func:`default_output_for`).
+none gets ``<source name>.restored<ext>`` (:func:`default_output_for`), with a
+tag before ``.restored`` when other rows could name the same file
+(:func:`row_tag`, :func:`request_tag`).
 
 How: an output appears under its final name only when complete — written to
 a temporary file beside it, fsynced, renamed, and the rename made durable
@@ -24,14 +26,14 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from .errors import LocalFileError, OutputPathError
-from .keys import sha256_file
+from .keys import canonical_json, normalize_model, sha256_file
 from .model import LedgerRow
 from .ops.logs import OUTPUT_CLEANUP_FAILED, event
 from .safefs import TempFile, open_folder, remove_leftovers
@@ -43,9 +45,12 @@ __all__ = [
     "copy_to_file",
     "default_output_for",
     "default_output_rel",
+    "default_output_stem",
+    "default_stem_of",
     "extension_for",
     "fetch_to_file",
     "output_intact",
+    "request_tag",
     "resolve_output",
     "row_tag",
     "write_bytes_atomically",
@@ -74,17 +79,19 @@ def extension_for(mime_type: str | None) -> str:
 OUTSIDE_FOLDER = "_outside"
 
 
-def default_output_rel(file_rel: str, mime_type: str | None, tag: str = "") -> str:
-    """``sub/take.wav`` -> ``sub/take.wav.restored.mp3``: a pure function of the path.
+def default_output_stem(file_rel: str, tag: str = "") -> str:
+    """``sub/take.wav`` -> ``sub/take.wav.restored``: the default output but its extension.
 
     The whole file name is kept, so ``take.wav`` and ``take.flac`` beside it
-    get two outputs; as it depends on nothing but the source's path, a
-    row's default output is the same on every run and in any row order. A
-    source outside the manifest's folder (``../x.wav``, absolute) goes to
-    ``_outside/<folder name>-<8 hex digits>/``, the digits a hash of its
-    folder as written, so ``/rec/day1/take1.wav`` and ``/rec/day2/take1.wav``
-    stay apart and the default never points outside ``--out``. ``tag``
-    (see :func:`row_tag`) goes between the name and ``.restored``.
+    get two outputs; as it depends on nothing but the source's path and the
+    row's ``tag`` (see :func:`row_tag`, which goes between the name and
+    ``.restored``), a row's default output is the same on every run and in
+    any row order. A source outside the manifest's folder (``../x.wav``,
+    absolute) goes to ``_outside/<folder name>-<8 hex digits>/``, the digits
+    a hash of its folder as written, so ``/rec/day1/take1.wav`` and
+    ``/rec/day2/take1.wav`` stay apart and the default never points outside
+    ``--out``. The extension comes with the restored audio
+    (:func:`default_output_rel`); intake compares outputs by this stem.
     """
     rel = PurePosixPath(file_rel.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts:
@@ -93,24 +100,60 @@ def default_output_rel(file_rel: str, mime_type: str | None, tag: str = "") -> s
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in rel.parent.name)
         folder = f"{name.strip('.') or 'root'}-{digest}"
         rel = PurePosixPath(OUTSIDE_FOLDER, folder, rel.name)
-    return str(rel.with_name(f"{rel.name}{tag}.restored{extension_for(mime_type)}"))
+    return str(rel.with_name(f"{rel.name}{tag}.restored"))
+
+
+def default_output_rel(file_rel: str, mime_type: str | None, tag: str = "") -> str:
+    """``sub/take.wav`` -> ``sub/take.wav.restored.mp3``: a pure function of the path and tag.
+
+    :func:`default_output_stem` and the extension of the returned ``mime_type``.
+    """
+    return default_output_stem(file_rel, tag) + extension_for(mime_type)
+
+
+_REQUEST_TAG = "req-"
+
+
+def request_tag(*, model: str, plain_model: str, sampling: Mapping[str, Any],
+                params: Mapping[str, Any], explicit_key: str | None) -> str:
+    """What tells apart the default outputs of different requests on one file.
+
+    ``""`` for the plain request (the run's model, no sampling, no params, no
+    explicit key), so ordinary rows keep the plain name; else ``req-`` and 8
+    hex digits hashed from what differs from it (a model other than the
+    run's, sampling, params, explicit key; compared as keys compare them:
+    ``7`` is ``7.0``, an alias is its model). Neither the path, the file's
+    bytes, the row's position nor ``--key-namespace`` is in it: the name is
+    stable across runs and reorderings, and an edited file keeps its output.
+    """
+    normal = normalize_model(model)
+    # The run's model is left out, so a prompt keeps its name under a new
+    # --model, as the plain request does (the new restoration replaces the old).
+    other_model = None if normal == normalize_model(plain_model) else normal
+    if other_model is None and not sampling and not params and explicit_key is None:
+        return ""
+    payload = {"v": 1, "model": other_model, "sampling": sampling, "params": params,
+               "key": explicit_key}
+    return _REQUEST_TAG + hashlib.sha256(canonical_json(payload)).hexdigest()[:8]
 
 
 _DERIVED_ID = re.compile(r"r-[0-9a-f]{20}(~[0-9]+)?")
 _TAG_MAX = 64
 
 
-def row_tag(row_id: str) -> str:
+def row_tag(row_id: str, request: str = "") -> str:
     """What tells apart the default outputs of rows that name one file.
 
-    A derived row id follows the file's path and request, so only a repeat
-    of the same row (``~2``) needs its suffix; an explicit ``id`` is kept,
-    made safe for a file name (``.job-1``), so rows that name one file under
-    ids of their own get outputs of their own.
+    A row with a derived id gets its ``request`` tag (:func:`request_tag`:
+    empty for the plain request), so two requests on one file get two
+    outputs, and a repeat of the same row its suffix (``~2``): its own copy.
+    An explicit ``id`` is kept, made safe for a file name (``.job-1``), so
+    rows that name one file under ids of their own get outputs of their own
+    (ids are unique in a manifest, so the request is not needed there).
     """
     derived = _DERIVED_ID.fullmatch(row_id)
     if derived:
-        return derived.group(1) or ""
+        return (f".{request}" if request else "") + (derived.group(1) or "")
     safe = "".join(c if c.isalnum() or c in "-_~" else "_" for c in row_id)[:_TAG_MAX]
     if len(row_id) > _TAG_MAX or safe != row_id:
         # Made safe or cut: add a hash, so two ids never end up as one tag.
@@ -149,11 +192,25 @@ def resolve_output(out: Path, rel: str) -> Path:
     return normal
 
 
-def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None) -> str:
-    """The output path, relative to ``--out``, of a file row that names none."""
+def default_stem_of(source_path: str, manifest_dir: Path, row_id: str, request: str) -> str:
+    """The default output stem (:func:`default_output_stem`) of a row's source and tags."""
+    rel = os.path.relpath(source_path, manifest_dir).replace(os.sep, "/")
+    return default_output_stem(rel, row_tag(row_id, request))
+
+
+def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None, *,
+                       plain_model: str) -> str:
+    """The output path, relative to ``--out``, of a file row that names none.
+
+    ``plain_model`` is the run's ``--model``: a row asking for it, with no
+    sampling, params or explicit key, keeps the plain name.
+    """
     assert row.source_path is not None
-    rel = os.path.relpath(row.source_path, manifest_dir).replace(os.sep, "/")
-    return default_output_rel(rel, mime_type, row_tag(row.row_id))
+    key = (row.base_key or row.idempotency_key) if row.explicit_key else None
+    request = request_tag(model=row.model_key, plain_model=plain_model,
+                          sampling=row.sampling, params=row.params, explicit_key=key)
+    return default_stem_of(row.source_path, manifest_dir, row.row_id, request) + (
+        extension_for(mime_type))
 
 
 async def fetch_to_file(storage: Storage, url: str, final: Path, *, root: Path | None = None,

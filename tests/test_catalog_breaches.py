@@ -255,6 +255,34 @@ def test_an_explicit_output_shared_by_two_rows_fails_the_later_row_before_any_re
     assert stats["projects_created"] == 1 and stats["charges"] == 1
 
 
+def test_one_file_under_two_prompts_gets_two_restorations_and_no_charge_when_reordered(
+        tmp_path: Path, simulator: Any) -> None:
+    sim = simulator("--duration", "0.1,0.2")
+    take = write_wav(tmp_path / "take.wav", seconds=0.2, freq=300.0)
+    rows = [{"file": "take.wav", "prompt": "clean"}, {"file": "take.wav", "prompt": "less hiss"}]
+    manifest = write_csv_manifest(tmp_path / "m.csv", rows)
+    done = run_batcher(*job_args(manifest, sim.base_url))
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = export_records(ledger_of(manifest))
+    outputs = {r["rowId"]: r["output"] for r in records}
+    assert len(set(outputs.values())) == 2, outputs
+    for record in records:
+        assert_restores(record, take)
+    assert_charges(sim, 2)
+    # Tonight's listing has the prompts the other way round: nothing to pay,
+    # nothing downloaded over anything, each row keeps its output.
+    write_csv_manifest(manifest, list(reversed(rows)))
+    downloads = sim.stats()["downloads"]
+    again = run_batcher(*job_args(manifest, sim.base_url))
+    assert again.returncode == 0, again.stdout + again.stderr
+    records = export_records(ledger_of(manifest))
+    assert {r["rowId"]: r["output"] for r in records} == outputs
+    for record in records:
+        assert_restores(record, take)
+    assert_charges(sim, 2)
+    assert sim.stats()["downloads"] == downloads
+
+
 # ---------------------------------------------------------- 5. symlinked temp name
 
 

@@ -159,6 +159,62 @@ async def test_rows_naming_one_file_under_their_own_ids_get_outputs_of_their_own
     assert charges(job) == (2, 0)  # two prompts; the second "clean" row follows
 
 
+async def test_one_file_under_two_prompts_gets_two_outputs_in_any_row_order(
+        make_job: Any, tmp_path: Path) -> None:
+    take = write_wav(tmp_path / "take.wav", freq=300)
+    rows = ["take.wav,clean", "take.wav,less hiss", "take.wav,", "take.wav,clean"]
+    job = await make_job("file,prompt\n" + "\n".join(rows) + "\n", QUICK)
+    clean(await job.run())
+    first = {r.row_id: r.output_path for r in await job.rows()}
+    # four rows, four outputs: the plain request keeps the plain name, the
+    # repeat of "clean" follows it and gets its own copy
+    assert len(set(first.values())) == 4, first
+    assert str(tmp_path / "out" / "take.wav.restored.mp3") in first.values()
+    for row in await job.rows():
+        assert_restores(row, take)
+    assert charges(job) == (3, 0)
+    clean(await night(job, "file,prompt\n" + "\n".join(reversed(rows)) + "\n"))
+    assert {r.row_id: r.output_path for r in await job.rows()} == first
+    assert charges(job) == (3, 0)
+
+
+async def test_a_complete_row_keeps_the_output_its_record_names(
+        make_job: Any, tmp_path: Path) -> None:
+    # Under another --model the row (its own model column) is the same
+    # request, but today's rule would tag its name: the recorded path stays.
+    take = write_wav(tmp_path / "take.wav", freq=300)
+    job = await make_job("file,model\ntake.wav,diffio-4.6-flash\n", QUICK)
+    clean(await job.run())
+    (before,) = await job.rows()
+    assert before.output_path == str(tmp_path / "out" / "take.wav.restored.mp3")
+    downloads = job.sim.stats.downloads
+    clean(await night(job, model="diffio-4.6-pro"))
+    (after,) = await job.rows()
+    assert after.output_path == before.output_path and after.version == before.version
+    assert_restores(after, take)
+    assert (job.sim.stats.downloads, *charges(job)) == (downloads, 1, 0)
+
+
+@pytest.mark.parametrize("default_first", [True, False])
+async def test_an_explicit_output_equal_to_a_default_fails_the_later_row(
+        make_job: Any, tmp_path: Path, default_first: bool) -> None:
+    take = write_wav(tmp_path / "take.wav", freq=300)
+    other = write_wav(tmp_path / "other.wav", freq=400)
+    rows = [("take.wav", ""), ("other.wav", "take.wav.restored.wav")]
+    if not default_first:
+        rows.reverse()
+    job = await make_job("file,output\n" + "".join(f"{f},{o}\n" for f, o in rows), QUICK)
+    result = await job.run()
+    assert result is not None and result.exit_code == 1
+    by_line = {r.line: r for r in await job.rows()}
+    assert_restores(by_line[1], take if default_first else other)
+    error = by_line[2].error or {}
+    assert by_line[2].stage is Stage.FAILED and error["code"] == "invalidRow", by_line[2]
+    assert "row 1" in error["message"] and "row 2" in error["message"], error
+    assert "take.wav.restored" in error["message"]
+    assert (job.sim.stats.projects_created, *charges(job)) == (1, 1, 0)
+
+
 # ------------------------------------------------------------------ followers
 
 

@@ -10,10 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.errors import OutputPathError
+from batcher.intake import OutputClaims
 from batcher.outputs import (
     copy_to_file,
     default_output_rel,
+    default_output_stem,
     extension_for,
+    request_tag,
     resolve_output,
     row_tag,
     write_bytes_atomically,
@@ -82,6 +85,69 @@ def test_rows_naming_one_file_are_told_apart_by_their_ids() -> None:
     names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i))
              for i in (derived, derived + "~2", "job-1", "a/b", "a:b")}
     assert len(names) == 5 and "take.wav.job-1.restored.mp3" in names
+
+
+def _tag(model: str = "diffio-4.6-flash", run: str = "diffio-4.6-flash", *,
+         sampling: dict[str, object] | None = None, params: dict[str, object] | None = None,
+         key: str | None = None) -> str:
+    return request_tag(model=model, plain_model=run, sampling=sampling or {},
+                       params=params or {}, explicit_key=key)
+
+
+def test_a_request_tag_tells_requests_on_one_file_apart_and_leaves_the_plain_one_plain(
+        ) -> None:
+    assert _tag() == "" and _tag("diffio-4.5-flash") == ""  # an alias is its model
+    tags = [_tag(params={"prompt": "clean"}), _tag(params={"prompt": "less hiss"}),
+            _tag(sampling={"seed": 7}), _tag(sampling={"seed": 8}), _tag("diffio-4.6-pro"),
+            _tag(key="mine"), _tag(key="yours"), _tag("diffio-4.6-pro", params={"prompt": "clean"})]
+    assert len(set(tags)) == len(tags) and all(t.startswith("req-") for t in tags), tags
+    # as keys compare requests: 7 is 7.0, key order does not matter
+    assert _tag(sampling={"seed": 7}) == _tag(sampling={"seed": 7.0})
+    assert _tag(params={"a": 1, "b": 2}) == _tag(params={"b": 2, "a": 1})
+    # the run's model is not in it: a prompt keeps its name under another --model
+    assert _tag("diffio-3.5", "diffio-3.5", params={"prompt": "clean"}) == tags[0]
+
+
+def test_rows_asking_for_different_requests_on_one_file_get_different_defaults() -> None:
+    derived, other, third = "r-0123456789abcdef0123", "r-" + "a" * 20, "r-" + "b" * 20
+    clean, hiss = _tag(params={"prompt": "clean"}), _tag(params={"prompt": "less hiss"})
+    rows = [(derived, ""), (other, clean), (other + "~2", clean), (third, hiss)]
+    names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i, t)) for i, t in rows}
+    assert len(names) == 4, names
+    assert default_output_rel("take.wav", "audio/mpeg", row_tag(derived, "")) == (
+        "take.wav.restored.mp3")
+    assert default_output_rel("take.wav", "audio/mpeg", row_tag(other + "~2", clean)) == (
+        f"take.wav.{clean}~2.restored.mp3")
+    # an explicit id is unique in a manifest: the request is not needed there
+    assert row_tag("job-1", clean) == ".job-1"
+
+
+def test_an_explicit_output_named_like_a_default_claims_it_in_either_order() -> None:
+    claims = OutputClaims()
+    assert claims.claim_default(default_output_stem("audio/take.wav"), 1) is None
+    assert claims.claim("/out/audio/take.wav.restored.mp3", 2,
+                        "audio/take.wav.restored.mp3") == 1
+    # any extension: the default's is known only when its audio comes back
+    assert claims.claim("/out/audio/take.wav.restored.flac", 3,
+                        "audio/take.wav.restored.flac") == 1
+    assert claims.claim("/out/audio/take.wav.mp3", 4, "audio/take.wav.mp3") is None
+    # a row that failed holds nothing: the next one is told of the default's row
+    assert claims.claim("/out/audio/take.wav.restored.mp3", 5,
+                        "audio/take.wav.restored.mp3") == 1
+    later = OutputClaims()
+    assert later.claim("/out/b.wav.restored.wav", 1, "b.wav.restored.wav") is None
+    assert later.claim("/out/b.wav.restored.mp3", 2, "b.wav.restored.mp3") is None
+    assert later.claim_default(default_output_stem("b.wav"), 3) == 1
+    # two defaults that end up as one name (a file named like another's tag)
+    assert later.claim_default(default_output_stem("take.wav", ".job-1"), 4) is None
+    assert later.claim_default(default_output_stem("take.wav.job-1"), 5) == 4
+
+
+def test_default_claims_keep_their_lines_as_they_grow() -> None:
+    claims = OutputClaims()
+    stems = [default_output_stem(f"d{i % 7}/take{i}.wav") for i in range(5000)]
+    assert all(claims.claim_default(s, n) is None for n, s in enumerate(stems, 1))
+    assert [claims.claim_default(s, 9999) for s in stems[::500]] == list(range(1, 5001, 500))
 
 
 # -- writing: nothing is written through a link, whenever it was planted ------------

@@ -69,7 +69,7 @@ class Downloader:
             # Resolved again on every attempt: a symlink planted since the
             # last check must not lead the write outside --out.
             final = resolve_output(out, row.output_rel or default_output_for(
-                row, ctx.settings.manifest.parent, info.mime_type))
+                row, ctx.settings.manifest.parent, info.mime_type, plain_model=ctx.settings.model))
             sha, size = await fetch_to_file(ctx.client.storage, info.download_url, final,
                                             root=out)
             return final, sha, size

@@ -162,7 +162,8 @@ async def _settle(ctx: RunContext, row: LedgerRow, leader: LedgerRow) -> None:
                              "generated", note)
     assert leader.output_path is not None
     rel = row.output_rel or default_output_for(
-        row, ctx.settings.manifest.parent, mimetypes.guess_type(leader.output_path)[0])
+        row, ctx.settings.manifest.parent, mimetypes.guess_type(leader.output_path)[0],
+        plain_model=ctx.settings.model)
     final = resolve_output(ctx.settings.out, rel)
     if final != Path(leader.output_path):
         await copy_to_file(Path(leader.output_path), final, root=ctx.settings.out)
