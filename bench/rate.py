@@ -47,6 +47,7 @@ class RateResult:
     max_rps: int
     sdk: ChildRun | None = None  # the SDK's own way on the same simulator, when installed
     sdk_requests: int = 0
+    first_request: float | None = None  # seconds from spawn to the simulator's first request
 
     @property
     def ideal(self) -> float:
@@ -117,7 +118,9 @@ def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
     delta = stats_delta(before, endpoint_counts(stats))
     res = RateResult(rows=rows, rate=rate, requests=api_requests(delta), run=run, fixed=fixed,
                      max_rps=int(stats.get("max_requests_per_second", 0)), sdk=sdk,
-                     sdk_requests=sdk_requests)
+                     sdk_requests=sdk_requests,
+                     first_request=None if stats.get("first_request_at") is None
+                     else float(stats["first_request_at"]) - run.spawned_at)
     print(f"API requests: {res.requests} ({res.requests / rows:.2f} per row) {delta}")
     print(f"ideal = requests / rate = {res.ideal:.2f} s")
     print(f"process wall {run.wall:.2f} s = {run.wall / res.ideal:.3f}x ideal; "
@@ -130,11 +133,21 @@ def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
               f"{phases['ramp']:.2f} s, steady {phases['steady']:.2f} s for {n} accepted "
               f"({phases['steady'] / paced:.3f}x the {paced:.2f} s the rate allows), "
               f"tail {phases['tail']:.2f} s, shutdown {phases['shutdown']:.2f} s")
+    if res.first_request is not None:
+        print(f"time to the first request: {1000 * res.first_request:.0f} ms from spawn "
+              f"(the simulator's clock of its first request)")
     print(f"busiest 1 s window at the simulator: {res.max_rps} requests (rate {rate:g})")
     print(f"CPU {run.cpu:.2f} s (user {run.user:.2f} + sys {run.sys:.2f}) = "
           f"{res.cpu_ms_per_row:.3f} ms/row; fixed cost {fixed.cpu:.2f} s, "
           f"net {res.net_cpu_ms_per_row:.3f} ms/row; peak RSS {run.maxrss_mb:.0f} MB")
     sdk_ms = res.sdk_cpu_ms_per_row
+    if res.first_request is not None:
+        figures_first = [Figure("time to the first request", f"{1000 * res.first_request:.0f} ms",
+                                "<= 120 ms", res.first_request <= 0.120,
+                                f"fixed cost of an empty manifest: {1000 * fixed.wall:.0f} ms "
+                                f"wall, {1000 * fixed.cpu:.0f} ms CPU")]
+    else:
+        figures_first = []
     if res.sdk is not None and sdk_ms is not None:
         print(f"the SDK's way ({concurrency} threads of create_generation + "
               f"wait_for_generation, SDK 0.3.10): CPU {res.sdk.cpu:.2f} s = {sdk_ms:.3f} ms/row, "
@@ -152,6 +165,7 @@ def bench_rate(rows: int = 3000, rate: float = 1000.0, concurrency: int = 64,
                f"user {run.user:.2f} s + sys {run.sys:.2f} s; "
                f"{res.net_cpu_ms_per_row:.3f} ms/row net of the {fixed.cpu:.2f} s start-up"),
     ]
+    figures += figures_first
     if sdk_ms is not None:
         ratio = res.cpu_ms_per_row / sdk_ms
         figures.append(Figure(f"CPU per row, batcher / the SDK's way ({rows} rows)",
@@ -171,5 +185,8 @@ def _sdk_run(sim: SimProcess, manifest: Path, threads: int) -> tuple[ChildRun | 
     before = sim.counts()
     run = run_child([PYTHON, "-m", "bench.sdk_current", "--base-url", sim.base_url,
                      "--manifest", str(manifest), "--threads", str(threads)],
-                    env={"PYTHONPATH": os.pathsep.join([str(SDK_DIR), str(ROOT)])}).check()
+                    env={"PYTHONPATH": os.pathsep.join([str(SDK_DIR), str(ROOT)])})
+    # A row the SDK lost (a timeout on a loaded machine) is its outcome, not the bench's failure.
+    run.check(allowed=(0, 1))
+    print(f"the SDK's way: {run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ''}")
     return run, api_requests(stats_delta(before, sim.counts()))

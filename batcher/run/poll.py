@@ -306,6 +306,13 @@ class Polling:
             await ctx.fail(row, err.to_record())
         return True
 
+    def finished(self, row_id: str) -> None:
+        """A row's generation is complete and recorded (not a file row: nothing to fetch)."""
+        stats = self.ctx.stats
+        stats.queue.pop(row_id, None)
+        stats.done += 1
+        stats.in_flight -= 1
+
     async def after_status(
         self,
         row: LedgerRow,
@@ -342,8 +349,7 @@ class Polling:
                 await self._to_download(row)
             else:
                 await ctx.move(row, Stage.COMPLETE, done, "complete")
-                ctx.stats.done += 1
-                ctx.stats.in_flight -= 1
+                self.finished(row.row_id)
             return True
         if status is GenerationStatus.FAILED:
             message = error or details or "the generation failed at the API"

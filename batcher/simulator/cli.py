@@ -9,7 +9,6 @@ read it and start talking.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import signal
 import sys
@@ -24,8 +23,6 @@ from batcher.simulator.config import (
     parse_range,
     parse_size,
 )
-from batcher.simulator.edge import EDGE_PREFIX
-from batcher.simulator.server import run_simulator
 
 __all__ = ["add_arguments", "build_config", "main"]
 
@@ -163,6 +160,8 @@ def build_config(args: argparse.Namespace) -> SimConfig:
 
 
 def _served(api: ApiGeneration, origin: str) -> str:
+    from batcher.simulator.edge import EDGE_PREFIX
+
     models = ", ".join(sorted(set(MODEL_ENDPOINTS[api].values())))
     line = f"API: {api} (models {models})"
     if api == "current":
@@ -171,6 +170,12 @@ def _served(api: ApiGeneration, origin: str) -> str:
 
 
 async def _serve(config: SimConfig, host: str, port: int) -> None:
+    # The server (aiohttp.web) and asyncio only now: every `batcher` command
+    # builds this parser, and `batcher --version` must not pay for them.
+    import asyncio
+
+    from batcher.simulator.server import run_simulator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -195,6 +200,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"batcher simulate: {exc}", file=sys.stderr)
         return 2
     try:
+        import asyncio
+
         asyncio.run(_serve(config, args.host, args.port))
     except OSError as exc:
         print(f"batcher simulate: cannot listen on {args.host}:{args.port}: {exc.strerror}",
