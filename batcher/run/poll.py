@@ -6,8 +6,11 @@ tasks): one scheduler task pops what is due and hands it to a few poll
 workers; the rate gate inside the client paces the actual requests.
 
 The first poll waits ``--poll-interval`` (or longer once the run has learned
-how long generations take, so most rows are polled once); later polls back
-off by x1.5 with jitter, capped.
+how long generations take, so most rows are polled once). A poll that finds
+a generation running reads its progress: :mod:`.predict` turns readings into
+a predicted end, and the next poll is aimed just past it (the waits already
+scheduled are revised when the prediction first appears or moves). Without
+a prediction, later polls back off by x1.5 with jitter, capped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..ops.logs import (
 )
 from ..retry import RetryPolicy
 from .context import RunContext
+from .predict import EndPredictor, Reading
 
 __all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
 
@@ -44,6 +48,14 @@ log = logging.getLogger(__name__)
 # After this many polls answering a status we do not know, the row fails
 # instead of being polled forever.
 UNKNOWN_STATUS_LIMIT = 10
+# A predicted poll goes this share of the predicted duration past the
+# predicted end (progress is read in whole percents; a poll a hair early
+# costs a second poll).
+PREDICTION_MARGIN = 0.03
+# Closer than this share of the prediction to it, a poll is not aimed again.
+PREDICTION_FLOOR = 0.03
+# A common prediction moving by more than this share revises every wait.
+REVISION_STEP = 0.03
 
 
 @dataclass(slots=True)
@@ -66,6 +78,14 @@ class PollItem:
     # change is written, a repeat is not.
     status: str | None = None
     queue: int | None = None
+    # The last two progress readings of the running generation (not resumed).
+    reading: Reading | None = None
+    previous: Reading | None = None
+
+    def read(self, reading: Reading) -> None:
+        """Keep a progress reading (the one before it stays, for the speed)."""
+        if self.reading is None or reading.fraction > self.reading.fraction:
+            self.previous, self.reading = self.reading, reading
 
 
 class DelayModel:
@@ -92,6 +112,9 @@ class DelayModel:
         self.min_samples = min_samples
         self._rng = rng or random.Random()
         self._samples: deque[float] = deque(maxlen=256)
+        self.predictor = EndPredictor()
+        # The common total and start share the scheduled waits were last revised for.
+        self._revised: tuple[float | None, float | None] = (None, None)
 
     def observe(self, seconds: float) -> None:
         """A generation took ``seconds`` from acceptance to observed completion."""
@@ -108,9 +131,50 @@ class DelayModel:
 
     def first(self) -> float:
         """Wait before the first poll of a fresh generation."""
+        total = self.predictor.total()
+        if total is not None:
+            return min(max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN)), self.cap)
         learned = self.learned()
         base = self.poll_interval if learned is None else max(self.poll_interval, learned)
-        return min(base, self.cap)
+        # Jitter (never earlier than asked): rows accepted together are not
+        # polled in step, and their readings, spread over time, show how fast
+        # generations progress.
+        return min(base, self.cap) * self._rng.uniform(1.0, 1.2)
+
+    def predicted(self, item: PollItem) -> float | None:
+        """Elapsed seconds at which to poll ``item`` next by the prediction, if any."""
+        if item.reading is None:
+            if item.polls > 0:
+                return None  # polled, but said nothing about its progress
+            total = self.predictor.total()
+            if total is None:
+                return None
+            return max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN))
+        end = self.predictor.end(item.reading, item.previous)
+        if end is None:
+            return None
+        return end * (1.0 + PREDICTION_MARGIN)
+
+    def needs_revision(self) -> bool:
+        """True when a prediction appeared or moved since the last revision."""
+        predictor = self.predictor
+        now = (predictor.total(), predictor.start_share())
+        last = self._revised
+        moved = [
+            old is None if new is not None else False
+            for new, old in zip(now, last, strict=True)
+        ]
+        if not any(moved):
+            total, old_total = now[0], last[0]
+            start, old_start = now[1], last[1]
+            moved.append(total is not None and old_total is not None
+                         and abs(total - old_total) > REVISION_STEP * old_total)
+            moved.append(start is not None and old_start is not None
+                         and abs(start - old_start) > REVISION_STEP)
+        if any(moved):
+            self._revised = now
+            return True
+        return False
 
     def next(self, item: PollItem, now: float | None = None) -> float:
         """Wait after a poll that found the generation still running.
@@ -120,6 +184,14 @@ class DelayModel:
         that grows. Before anything is learned, double the wait each time, so
         a run of long generations costs few polls while it learns.
         """
+        target = self.predicted(item)
+        elapsed = 0.0 if now is None else now - item.submitted_at
+        if target is not None and not item.resumed:
+            remaining = target - elapsed
+            # Past the predicted end and still running: the prediction was
+            # short; fall back to short, growing waits.
+            if remaining > PREDICTION_FLOOR * target:
+                return min(remaining, self.cap)
         learned = self.learned()
         if learned is None:
             # Double for the first few polls (long generations cost few polls
@@ -128,7 +200,6 @@ class DelayModel:
             wait = min(self.cap, max(self.poll_interval, item.delay * factor))
         else:
             floor = max(self.poll_interval * 0.5, 0.15 * learned, 0.05)
-            elapsed = 0.0 if now is None else now - item.submitted_at
             remaining = learned - elapsed
             if remaining > floor:
                 wait = remaining
@@ -207,6 +278,19 @@ class Poller:
                     except anyio.WouldBlock:
                         await send.send(item)
 
+    def _revise(self) -> None:
+        """Re-aim every scheduled poll at its predicted end (one pass, one heapify)."""
+        now = self._clock.now()
+        heap = self._heap
+        for i, (_due, seq, item) in enumerate(heap):
+            if item.resumed:
+                continue
+            target = self.delays.predicted(item)
+            if target is not None:
+                heap[i] = (max(now, item.submitted_at + target), seq, item)
+        heapq.heapify(heap)
+        self._wake()
+
     def _wake(self) -> None:
         if self._nap is not None:
             self._nap.cancel()
@@ -232,6 +316,8 @@ class Poller:
                         wait = self.delays.next(item, now)
                         item.delay = wait
                         heapq.heappush(self._heap, (now + wait, next(self._seq), item))
+                    if self.delays.needs_revision():
+                        self._revise()
                 finally:
                     self._inflight -= 1
                     self._wake()
@@ -277,6 +363,15 @@ class Polling:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             return await self._poll_failure(item, err)
+        # 0 % says only that inference has not begun (not when it will): no reading.
+        if (progress.status is GenerationStatus.RUNNING and progress.progress is not None
+                and 0 < progress.progress < 100 and not item.resumed):
+            reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
+            item.read(reading)
+            predictor = self.poller.delays.predictor
+            predictor.observe(reading)
+            if item.previous is not None and item.reading is reading:
+                predictor.observe_pair(item.previous, reading)
         assert item.row is not None
         try:
             return await self.after_status(item.row, progress.status, progress.api_status,
