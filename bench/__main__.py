@@ -21,7 +21,7 @@ from .common import Figure, print_table, section
 
 __all__ = ["Sizes", "main"]
 
-BENCHES = ("rate", "polling", "memory", "ledger", "side", "uploads")
+BENCHES = ("rate", "polling", "idle", "memory", "ledger", "side", "uploads")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Sizes:
     poll_configs: tuple[tuple[float, float], ...] = ((50.0, 1.0), (50.0, 5.0), (200.0, 0.5))
     # (rows, durations, --rate, --poll-interval) of the long generations' run; 0 rows: none
     long_poll: tuple[int, str, float, float] = (200, "40,40", 50.0, 30.0)
+    idle_rows: int = 50
     dry_rows: int = 1_000_000
     real_rows: int = 100_000
     real_rate: float = 2000.0
@@ -48,7 +49,7 @@ class Sizes:
 
 
 QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),),
-              long_poll=(0, "40,40", 50.0, 30.0), dry_rows=20_000,
+              long_poll=(0, "40,40", 50.0, 30.0), idle_rows=10, dry_rows=20_000,
               real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32,
               upload_mb=32)
 
@@ -98,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(Figure(name, "failed", ok=False, note=str(exc).splitlines()[0]))
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from . import ledger, memory, polling, rate, side_by_side, uploads
+    from . import idle, ledger, memory, polling, rate, side_by_side, uploads
 
     run("rate", lambda: rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)[1])
     run("polling", lambda: polling.bench_polling(
         sizes.poll_rows, configs=sizes.poll_configs,
         long=sizes.long_poll if sizes.long_poll[0] else None)[1])
+    run("idle", lambda: idle.bench_idle(sizes.idle_rows)[1])
     run("memory", lambda: memory.bench_memory(
         sizes.dry_rows, sizes.real_rows, rate=sizes.real_rate, concurrency=sizes.concurrency)[1])
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
