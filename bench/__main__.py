@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="rows of the real run measured for memory [100000]")
     ap.add_argument("--dry-rows", type=int, help="rows of the --dry-run measured for memory "
                     "[1000000]")
+    ap.add_argument("--big", action="store_true",
+                    help="also the big catalog: a real run of --big-rows rows (tens of minutes)")
+    ap.add_argument("--big-rows", type=int, default=1_000_000, help="rows of --big [1000000]")
+    ap.add_argument("--big-rate", type=float, default=1000.0, help="--rate of --big [1000]")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="also profile the rate run under cProfile into DIR")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
@@ -101,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import idle, ledger, memory, polling, rate, side_by_side, uploads
 
-    run("rate", lambda: rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)[1])
+    small_cpu: list[float] = []
+
+    def rate_run() -> list[Figure]:
+        res, figs = rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)
+        small_cpu.append(res.cpu_ms_per_row)
+        return figs
+
+    run("rate", rate_run)
     run("polling", lambda: polling.bench_polling(
         sizes.poll_rows, configs=sizes.poll_configs,
         long=sizes.long_poll if sizes.long_poll[0] else None)[1])
@@ -111,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
     run("side", lambda: side_by_side.bench_side_by_side(sizes.side_rows, rate=sizes.side_rate)[1])
     run("uploads", lambda: uploads.bench_uploads(large_mb=sizes.upload_mb)[1])
+    if args.big:
+        from . import big
+
+        chosen.append("big")
+        run("big", lambda: big.bench_big(args.big_rows, rate=args.big_rate,
+                                         concurrency=sizes.concurrency,
+                                         small_cpu_ms=small_cpu[0] if small_cpu else None)[1])
     if args.profile is not None:
         from .profile import profile_rate
 
