@@ -352,14 +352,16 @@ class SqliteLedger:
         now = self._wall()
         params["now"] = now
         params["run_id"] = self._run_id()
-        if conn.execute(q["get_stage"], params).fetchone() is None:
-            stage = Stage.FAILED if new.error is not None else Stage.PENDING
-            params["stage"] = stage.value
-            params["leader_row_id"] = self._leader(conn, params)
-            row = _records(conn.execute(q["insert_row"], params))[0]
+        # Insert first (a known row_id inserts nothing): a new row costs one
+        # statement and no read-back; its record is what the insert wrote.
+        stage = Stage.FAILED if new.error is not None else Stage.PENDING
+        params["stage"] = stage.value
+        params["leader_row_id"] = self._leader(conn, params)
+        if conn.execute(q["insert_row"], params).rowcount == 1:
             detail = {"line": new.line, **({"error": new.error} if new.error else {})}
             self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
-            return codec.row_from_record(row)
+            return codec.row_from_record(
+                codec.inserted_record(params, stage, params["leader_row_id"], now))
         stored = codec.row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
         fresh_error = None if params["error"] is None else orjson.loads(params["error"])
         decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
