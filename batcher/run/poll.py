@@ -54,6 +54,10 @@ UNKNOWN_STATUS_LIMIT = 10
 PREDICTION_MARGIN = 0.03
 # Closer than this share of the prediction to it, a poll is not aimed again.
 PREDICTION_FLOOR = 0.03
+# Generations read twice on purpose while where inference starts is unknown,
+# and how soon after the first reading (a share of the time it took).
+SCOUTS = 6
+SCOUT_STEP = 0.25
 # A common prediction moving by more than this share revises every wait.
 REVISION_STEP = 0.03
 
@@ -81,6 +85,7 @@ class PollItem:
     # The last two progress readings of the running generation (not resumed).
     reading: Reading | None = None
     previous: Reading | None = None
+    scout: bool = False  # read again soon on purpose (see DelayModel.next)
 
     def read(self, reading: Reading) -> None:
         """Keep a progress reading (the one before it stays, for the speed)."""
@@ -113,6 +118,7 @@ class DelayModel:
         self._rng = rng or random.Random()
         self._samples: deque[float] = deque(maxlen=256)
         self.predictor = EndPredictor()
+        self._scouts = 0
         # The common total and start share the scheduled waits were last revised for.
         self._revised: tuple[float | None, float | None] = (None, None)
 
@@ -186,6 +192,15 @@ class DelayModel:
         """
         target = self.predicted(item)
         elapsed = 0.0 if now is None else now - item.submitted_at
+        if self._scouts < SCOUTS and item.reading is not None and item.previous is None \
+                and self.predictor.start_share() is None and not item.resumed:
+            # A scout: read this generation again soon. Two readings of a few
+            # generations tell where inference starts, and then one reading
+            # predicts any generation's end, whatever its length.
+            self._scouts += 1
+            item.scout = True
+            soon = SCOUT_STEP * item.reading.elapsed
+            return soon if target is None else min(soon, max(target - elapsed, 0.0) or soon)
         if target is not None and not item.resumed:
             remaining = target - elapsed
             # Past the predicted end and still running: the prediction was
@@ -283,7 +298,7 @@ class Poller:
         now = self._clock.now()
         heap = self._heap
         for i, (_due, seq, item) in enumerate(heap):
-            if item.resumed:
+            if item.resumed or (item.scout and item.previous is None):
                 continue
             target = self.delays.predicted(item)
             if target is not None:
