@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.run.poll import PREDICTION_MARGIN, DelayModel, PollItem
+from batcher.run.poll import PREDICTION_MARGIN, SCOUT_STEP, SCOUTS, DelayModel, PollItem
 from batcher.run.predict import EndPredictor, Reading
 
 
@@ -67,8 +67,23 @@ def test_a_predicted_poll_aims_just_past_the_end_and_unpolled_rows_are_revised()
     assert model.needs_revision() and not model.needs_revision()  # once per change
     target = 40.0 * (1 + PREDICTION_MARGIN)
     assert model.predicted(fresh) == pytest.approx(target)
-    # The next wait after a poll at 30 s: to the predicted end, without jitter.
+    # The next wait after a poll at 30 s: to the predicted end, without jitter
+    # (once where inference starts is known: no scouting).
+    for duration in (39.0, 40.0, 41.0):
+        model.predictor.observe_pair(reading(0.7 * duration, duration, 0.3),
+                                     reading(0.9 * duration, duration, 0.3))
     assert model.next(item, now=130.0) == pytest.approx(target - 30.0)
     # Past it and still running: short waits again, not a wait aimed backwards.
     late = model.next(item, now=100.0 + target)
     assert 0 < late <= 30.0 * 1.1
+
+
+def test_a_few_scouts_are_read_again_soon_until_the_start_is_known() -> None:
+    model = DelayModel(1.0, rng=random.Random(2))
+    waits = []
+    for i in range(SCOUTS + 2):
+        item = PollItem(f"r{i}", "g", "p", submitted_at=0.0, polls=1)
+        item.read(reading(2.0, 3.0, 0.3))
+        waits.append(model.next(item, now=2.0))
+    assert waits[:SCOUTS] == [pytest.approx(SCOUT_STEP * 2.0)] * SCOUTS
+    assert all(w != pytest.approx(SCOUT_STEP * 2.0) for w in waits[SCOUTS:])
