@@ -39,25 +39,40 @@ class Reading:
 class EndPredictor:
     """Fits elapsed time against progress over the job's recent readings.
 
-    ``min_points`` readings spread over at least ``min_spread`` of their mean
-    elapsed time are needed before the common line is trusted.
+    ``min_points`` readings whose elapsed times have a standard deviation of
+    at least ``min_spread`` of their mean are needed before the common line
+    is trusted.
     """
 
     def __init__(self, *, window: int = 128, min_points: int = 8,
-                 min_spread: float = 0.05) -> None:
+                 min_spread: float = 0.02) -> None:
         self.min_points = min_points
         self.min_spread = min_spread
         self._points: deque[Reading] = deque(maxlen=window)
         self._fit: tuple[float, float] | None = None  # (intercept, slope) of fraction = a + b*t
         self._dirty = False
+        self._st = self._sf = self._stt = self._stf = 0.0
         self._starts: deque[float] = deque(maxlen=window)  # samples of s
         self.min_starts = 3
+        self._start: float | None = None  # their median, kept (asked for every poll)
 
     def observe(self, reading: Reading) -> None:
         """A running generation's reading (fractions outside (0, 1) say nothing)."""
         if 0.0 < reading.fraction < 1.0 and reading.elapsed > 0.0:
-            self._points.append(reading)
+            points = self._points
+            if len(points) == points.maxlen:
+                self._add(points[0], -1.0)  # the oldest leaves the window
+            points.append(reading)
+            self._add(reading, 1.0)
             self._dirty = True
+
+    def _add(self, r: Reading, sign: float) -> None:
+        """Running sums of the window, so a fit costs the same at any window size."""
+        t, f = r.elapsed, r.fraction
+        self._st += sign * t
+        self._sf += sign * f
+        self._stt += sign * t * t
+        self._stf += sign * t * f
 
     def observe_pair(self, previous: Reading, last: Reading) -> None:
         """One generation read twice, moving: a sample of where inference starts."""
@@ -69,13 +84,13 @@ class EndPredictor:
         start = 1.0 - span / total
         if 0.0 <= start < 1.0:
             self._starts.append(start)
+            if len(self._starts) >= self.min_starts:
+                ordered = sorted(self._starts)
+                self._start = ordered[len(ordered) // 2]
 
     def start_share(self) -> float | None:
         """The median share of a generation's life before inference, once sampled."""
-        if len(self._starts) < self.min_starts:
-            return None
-        ordered = sorted(self._starts)
-        return ordered[len(ordered) // 2]
+        return self._start
 
     def slope(self) -> float | None:
         """The common speed (fraction per second), once enough readings agree."""
@@ -115,18 +130,16 @@ class EndPredictor:
             return self._fit
         self._dirty = False
         self._fit = None
-        points = self._points
-        n = len(points)
+        n = len(self._points)
         if n < self.min_points:
             return None
-        mean_t = sum(p.elapsed for p in points) / n
-        mean_f = sum(p.fraction for p in points) / n
-        var = sum((p.elapsed - mean_t) ** 2 for p in points)
-        spread = max(p.elapsed for p in points) - min(p.elapsed for p in points)
-        if var <= 0.0 or spread < self.min_spread * mean_t:
+        mean_t, mean_f = self._st / n, self._sf / n
+        var = self._stt / n - mean_t * mean_t  # per reading
+        # Readings spread over time: their standard deviation, at least
+        # min_spread of the mean elapsed time (rounding can make var < 0).
+        if var <= (self.min_spread * mean_t) ** 2:
             return None
-        cov = sum((p.elapsed - mean_t) * (p.fraction - mean_f) for p in points)
-        slope = cov / var
+        slope = (self._stf / n - mean_t * mean_f) / var
         if slope <= 0.0:
             return None
         self._fit = (mean_f - slope * mean_t, slope)
