@@ -77,10 +77,11 @@ def make_settings(
                    retry_failed=retry_failed, dry_run=dry_run, simulate=simulate)
 
 
-async def run_manifest_async(source: str | Path | Settings, **kwargs: Any) -> RunResult:
+async def run_manifest_async(source: str | Path | Settings, *, sim_config: Any = None,
+                             **kwargs: Any) -> RunResult:
     """Run a job on the current event loop (asyncio); see :func:`run_manifest`."""
     settings = source if isinstance(source, Settings) else make_settings(source, **kwargs)
-    return await run_job(settings, progress="off")
+    return await run_job(settings, sim_config=sim_config, progress="off")
 
 
 def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:
@@ -89,7 +90,9 @@ def run_manifest(source: str | Path | Settings, **kwargs: Any) -> RunResult:
     ``result.exit_code`` follows the CLI's exit codes (0 all complete, 1 some
     failed, 3 halted and resumable); ``result.summary()`` gives plain values.
     Raises LedgerLocked if another run holds the ledger, ConfigError or
-    ManifestError before anything is sent.
+    ManifestError before anything is sent. With ``simulate=True``,
+    ``sim_config`` (a mapping of the simulator's knobs, as in a
+    ``--sim-config`` file, or a ``SimConfig``) shapes the embedded simulator.
     """
     return anyio.run(lambda: run_manifest_async(source, **kwargs), backend="asyncio")
 
@@ -184,16 +187,30 @@ async def _run(
     async with AsyncExitStack() as stack:
         base: str = settings.api_base
         key: str = settings.api_key
-        if settings.simulate:
-            from .simulator import KeySpec, run_config, run_simulator
+        receiving = None
+        if settings.webhook_listen is not None:
+            from .run.receiving import receive_events
 
+            receiving = await stack.enter_async_context(receive_events(settings, ledger, stats))
+        if settings.simulate:
+            from .simulator import KeySpec, Simulator, run_config, run_simulator
+
+            # A [webhooks] table of --sim-config holds the sender's faults.
+            sim_knobs = dict(sim_config) if isinstance(sim_config, Mapping) else sim_config
+            hook_faults = sim_knobs.pop("webhooks", None) if isinstance(sim_knobs, dict) else None
             # The API generation that serves the run's model (--sim-config may be a mapping).
-            cfg = run_config(sim_config, settings.model)
+            cfg = run_config(sim_knobs, settings.model)
             key = key or SIM_KEY
             keys = dict(cfg.api_keys)
             keys.setdefault(key, KeySpec())
             cfg = dataclasses.replace(cfg, auto_create_projects=True, api_keys=keys)
-            sim = await stack.enter_async_context(run_simulator(cfg))
+            simulator = Simulator(cfg)
+            if receiving is not None:
+                from .run.receiving import simulated_events
+
+                await stack.enter_async_context(
+                    simulated_events(simulator, receiving, hook_faults, seed=cfg.seed))
+            sim = await stack.enter_async_context(run_simulator(simulator))
             base = str(sim.base_url)
             print(f"batcher: running against the embedded simulator at {base}",
                   file=sys.stderr, flush=True)
@@ -209,7 +226,10 @@ async def _run(
                               timeout=settings.timeout, on_request=stats.on_request,
                               bandwidth=Bandwidth(settings.max_bandwidth))
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
-                        stats=stats, run_info=info)
+                        stats=stats, run_info=info, webhooks=settings.webhooks)
+        if receiving is not None:
+            assert runner.feed is not None
+            receiving.sink.recorded = runner.feed.wake
         if progress == "off":
             return await runner.run()
         from .ops.progress import ProgressReporter

@@ -35,7 +35,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "concurrency": "N", "poll_interval": "S", "out": "DIR",
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
                    "max_spend": "USD", "report": "FILE", "metrics": "FILE",
-                   "max_bandwidth": "RATE"}.get(
+                   "max_bandwidth": "RATE", "webhook_listen": "HOST:PORT",
+                   "webhook_secret_env": "NAME", "webhook_poll_ceiling": "S",
+                   "webhook_events": "ledger"}.get(
                        spec.name, spec.name.upper())
         default = "" if spec.default in (None, "") else f" [default: {spec.default}]"
         p.add_argument(spec.flag, dest=spec.name, metavar=metavar, default=None,
@@ -88,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="include rows no longer in the manifest (retired)")
     _add_common(export)
     export.set_defaults(func=_cmd_export)
+
+    webhooks = sub.add_parser("webhooks", help="the webhook receiver on its own")
+    hooks = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    serve = hooks.add_parser(
+        "serve", help="receive the API's signed events into a ledger until stopped",
+        description="Receive the API's signed generation events and record them in the "
+        "ledger, for the runs on that ledger (several hosts behind one endpoint share a "
+        "PostgreSQL ledger). The secret comes from the environment, never a flag.")
+    serve.add_argument("--ledger", required=True, metavar="PATH_OR_URL",
+                       help="the job's ledger: postgresql://… (shared), or a SQLite file no "
+                       "run holds")
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT",
+                       help="where to receive deliveries; a bare PORT binds 127.0.0.1")
+    serve.add_argument("--webhook-secret-env", metavar="NAME", default=None,
+                       help="environment variable holding the signing secret (whsec_...) "
+                       "[BATCHER_WEBHOOK_SECRET]")
+    _add_common(serve)
+    serve.set_defaults(func=_cmd_webhooks_serve)
 
     from .simulator.cli import add_arguments as add_sim_arguments
 
@@ -238,6 +258,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (LedgerError, ConfigError) as exc:
         _error(str(exc))
         return 2
+
+
+def _cmd_webhooks_serve(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    from .ops.webhooks_serve import serve_main
+
+    try:
+        result: int = anyio.run(serve_main, args.ledger, args.listen, args.webhook_secret_env,
+                                backend="asyncio")
+    except Exception as exc:
+        found = _batcher_error(exc)
+        if found is None:
+            raise
+        _error(str(found))
+        return 4 if isinstance(found, LedgerLocked) else 2
+    return result
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

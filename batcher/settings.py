@@ -66,6 +66,17 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                "outlive its last heartbeat before other hosts take its rows over"),
     OptionSpec("max_bandwidth", str, None, "most bytes per second for uploads and downloads "
                "together, with a K, M or G suffix (512K, 10M) [no cap]"),
+    OptionSpec("webhook_listen", str, None, "receive the API's signed generation events on "
+               "HOST:PORT (a bare PORT binds 127.0.0.1) for the run's duration; polls "
+               "become a safety net [off]"),
+    OptionSpec("webhook_secret_env", str, None, "the environment variable holding the "
+               "endpoint's signing secret (whsec_...); never the secret itself "
+               "[BATCHER_WEBHOOK_SECRET]"),
+    OptionSpec("webhook_events", str, None, "'ledger': move rows by the webhook events "
+               "another process records in this shared ledger (batcher webhooks serve); "
+               "polls become a safety net. --webhook-listen implies it [off]"),
+    OptionSpec("webhook_poll_ceiling", float, 120.0, "with webhooks: longest wait after a "
+               "generation is accepted before it is polled for want of an event"),
 )
 ENV_NAMES: Mapping[str, str] = {spec.name: spec.env for spec in OPTION_SPECS}
 _SPECS = {spec.name: spec for spec in OPTION_SPECS}
@@ -99,7 +110,18 @@ class Settings:
     lease_ttl: float = 15.0
     # Bytes per second for file transfers, up and down together (None: no cap).
     max_bandwidth: float | None = None
+    # --webhook-listen HOST:PORT (None: webhooks off) and the name of the
+    # variable holding the secret; the secret itself is never a setting.
+    webhook_listen: str | None = None
+    webhook_secret_env: str | None = None
+    webhook_events: str | None = None
+    webhook_poll_ceiling: float = 120.0
     job_file: Path | None = None
+
+    @property
+    def webhooks(self) -> bool:
+        """Whether rows move by webhook events (and polls are a safety net)."""
+        return self.webhook_listen is not None or self.webhook_events == "ledger"
 
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests, the Python API)."""
@@ -238,6 +260,11 @@ def resolve(
         **values,
     )
     _validate(settings)
+    if settings.webhook_listen is not None and not (settings.simulate or settings.dry_run):
+        # Checked now (exit 2, nothing sent), read again when the receiver starts.
+        from .webhooks.secret import load_secret
+
+        load_secret(settings.webhook_secret_env, environ=env)
     return settings
 
 
@@ -265,6 +292,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"--lease-ttl must be at least 3 seconds, got {s.lease_ttl}")
     if s.halt_after is not None and not 0 <= s.halt_after <= 100:
         raise ConfigError(f"--halt-after must be a percentage 0-100, got {s.halt_after}")
+    if s.webhook_poll_ceiling <= 0:
+        raise ConfigError(f"--webhook-poll-ceiling must be above 0, got {s.webhook_poll_ceiling}")
+    if s.webhook_events not in (None, "", "ledger"):
+        raise ConfigError(f"--webhook-events takes 'ledger', got {s.webhook_events!r}")
+    if s.webhook_listen is not None:
+        from .webhooks.server import parse_listen
+
+        parse_listen(s.webhook_listen)
     if not (s.dry_run or s.simulate) and not s.api_key:
         raise ConfigError(
             "DIFFIO_API_KEY is not set (use --simulate to rehearse without a key)"

@@ -21,7 +21,7 @@ from .common import Figure, print_table, section
 
 __all__ = ["Sizes", "main"]
 
-BENCHES = ("rate", "polling", "idle", "memory", "ledger", "side", "uploads")
+BENCHES = ("rate", "polling", "idle", "memory", "ledger", "side", "uploads", "webhooks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +46,13 @@ class Sizes:
     side_rate: float = 50.0
     # MiB per file of the large upload run (16 files at once)
     upload_mb: int = 128
+    hook_rows: int = 300
 
 
 QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),),
               long_poll=(0, "40,40", 50.0, 30.0), idle_rows=10, dry_rows=20_000,
               real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32,
-              upload_mb=32)
+              upload_mb=32, hook_rows=60)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(Figure(name, "failed", ok=False, note=str(exc).splitlines()[0]))
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from . import idle, ledger, memory, polling, rate, side_by_side, uploads
+    from . import idle, ledger, memory, polling, rate, side_by_side, uploads, webhooks
 
     small_cpu: list[float] = []
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
     run("side", lambda: side_by_side.bench_side_by_side(sizes.side_rows, rate=sizes.side_rate)[1])
     run("uploads", lambda: uploads.bench_uploads(large_mb=sizes.upload_mb)[1])
+    run("webhooks", lambda: webhooks.bench_webhooks(sizes.hook_rows)[1])
     if args.big:
         from . import big
 

@@ -245,18 +245,29 @@ def kill_when(args: list[str], predicate: Callable[[], object], timeout: float =
         proc.communicate(timeout=30)
 
 
-def kill_repeatedly(args: list[str], *, seed: int, kills: int,
-                    window: tuple[float, float]) -> Iterator[None]:
+def _wait_for_activity(proc: subprocess.Popen[bytes], activity: Callable[[], int],
+                       before: int) -> None:
+    wait_for(lambda: activity() != before or proc.poll() is not None, timeout=60)
+
+
+def kill_repeatedly(args: list[str], *, seed: int, kills: int, window: tuple[float, float],
+                    activity: Callable[[], int] | None = None) -> Iterator[None]:
     """Start ``batcher ARGS`` again and again, SIGKILLing it at seeded random moments.
 
     Each run is killed after a pause drawn from ``window`` seconds; the
     generator yields once per kill of a live process, and stops early when a
-    run ends on its own before its kill.
+    run ends on its own before its kill. With ``activity`` (a counter, such
+    as the simulator's requests), the pause starts when the counter first
+    moves after the start, not at the start: on a loaded machine a process
+    may take longer to start than the whole window.
     """
     rng = random.Random(seed)
     for _ in range(kills):
+        before = activity() if activity is not None else 0
         proc = subprocess.Popen([sys.executable, "-m", "batcher", *args], env=batcher_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if activity is not None:
+            _wait_for_activity(proc, activity, before)
         time.sleep(rng.uniform(*window))
         if proc.poll() is not None:
             return

@@ -6,7 +6,6 @@ ledgers in tmp_path, in this process.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,10 @@ from batcher import (
 )
 from batcher.ledger.sqlite import SqliteLedger
 from batcher.model import RunInfo
-from batcher.simulator import SimConfig
 
-
-@pytest.fixture(autouse=True)
-def quick_generations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The embedded simulator's generations take 0.05-0.2 s here, not its demo 1-3 s:
-    what these tests check does not depend on how long the API works."""
-    monkeypatch.setattr(batcher.simulator, "SimConfig",
-                        functools.partial(SimConfig, duration=(0.05, 0.2)))
+# The embedded simulator's generations take 0.05-0.1 s here, not its demo
+# 1-3 s: what these tests check does not depend on how long the API works.
+FAST = {"duration": [0.05, 0.1]}
 
 
 def test_public_names_are_pinned_and_sorted() -> None:
@@ -70,7 +64,7 @@ def _manifest(tmp_path: Path) -> Path:
 def test_run_manifest_runs_and_resumes(tmp_path: Path, capfd: pytest.CaptureFixture[str]
                                        ) -> None:
     manifest = _manifest(tmp_path)
-    result = run_manifest(manifest, simulate=True, poll_interval=0.1, rate=50)
+    result = run_manifest(manifest, simulate=True, poll_interval=0.1, sim_config=FAST, rate=50)
     assert isinstance(result, RunResult)
     assert result.exit_code == 0
     assert result.counts == {"pending": 0, "submitted": 0, "complete": 3, "failed": 0}
@@ -84,7 +78,7 @@ def test_run_manifest_runs_and_resumes(tmp_path: Path, capfd: pytest.CaptureFixt
     # A library call prints no summary and no progress on stdout.
     assert capfd.readouterr().out == ""
 
-    again = run_manifest(manifest, simulate=True, poll_interval=0.1)
+    again = run_manifest(manifest, simulate=True, poll_interval=0.1, sim_config=FAST)
     assert again.exit_code == 0
     assert again.summary()["rowsAlreadyComplete"] == 3
     assert again.summary()["requests"] == 0
@@ -93,15 +87,15 @@ def test_run_manifest_runs_and_resumes(tmp_path: Path, capfd: pytest.CaptureFixt
 def test_run_manifest_reports_failures_and_halts(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text("apiProjectId,model\np-1,\np-2,\np-3,no-such-model\n,\n")
-    result = run_manifest(path, simulate=True, poll_interval=0.1, rate=50)
+    result = run_manifest(path, simulate=True, poll_interval=0.1, sim_config=FAST, rate=50)
     assert result.exit_code == 1
     assert result.counts["failed"] == 1 and result.counts["complete"] == 2
     assert [code for code, _, _ in result.errors] == ["notFound"]
 
     capped = tmp_path / "c.csv"
     capped.write_text("apiProjectId\nq-1\nq-2\nq-3\n")
-    halted = run_manifest(capped, simulate=True, poll_interval=0.1, price_per_minute=1,
-                          max_spend=1)
+    halted = run_manifest(capped, simulate=True, poll_interval=0.1, sim_config=FAST,
+                          price_per_minute=1, max_spend=1)
     assert halted.exit_code == 3
     assert halted.halted is not None and "maxSpendReached" in halted.halted
     assert halted.counts["complete"] == 1 and halted.counts["pending"] == 2
@@ -140,7 +134,7 @@ def test_run_manifest_takes_ready_settings(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
     settings = make_settings(manifest, simulate=True, poll_interval=0.1, rate=50,
                              ledger=str(tmp_path / "custom.sqlite"))
-    result = run_manifest(settings)
+    result = run_manifest(settings, sim_config=FAST)
     assert result.exit_code == 0
     assert result.ledger == f"sqlite:{tmp_path / 'custom.sqlite'}"
 
@@ -148,7 +142,8 @@ def test_run_manifest_takes_ready_settings(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_run_manifest_async_on_the_callers_loop(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
-    result = await run_manifest_async(manifest, simulate=True, poll_interval=0.1, rate=50)
+    result = await run_manifest_async(manifest, simulate=True, poll_interval=0.1,
+                                      sim_config=FAST, rate=50)
     assert result.exit_code == 0 and result.counts["complete"] == 3
 
 
@@ -160,8 +155,9 @@ async def test_a_held_ledger_raises_ledger_locked(tmp_path: Path) -> None:
     await holder.open(info, lock=True)
     try:
         with pytest.raises(LedgerLocked, match=f"pid {info.pid}"):
-            await run_manifest_async(manifest, simulate=True, poll_interval=0.1)
+            await run_manifest_async(manifest, simulate=True, poll_interval=0.1, sim_config=FAST)
     finally:
         await holder.close(None)
-    result = await run_manifest_async(manifest, simulate=True, poll_interval=0.1, rate=50)
+    result = await run_manifest_async(manifest, simulate=True, poll_interval=0.1,
+                                      sim_config=FAST, rate=50)
     assert result.exit_code == 0

@@ -199,7 +199,8 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     args = run_args(manifest, sim.base_url, "--rate", "25", "--poll-interval", "0.2",
                     "--concurrency", "8", *model)
     # The simulator's stats at each kill of a live process.
-    at_kills = [sim.stats() for _ in kill_repeatedly(args, seed=6, kills=16, window=(0.3, 1.0))]
+    at_kills = [sim.stats() for _ in kill_repeatedly(
+        args, seed=6, kills=16, window=(0.1, 0.8), activity=lambda: sim.stats()["requests"])]
     # Files in place at the API: one PUT each (seed), or confirmed uploads in parts.
     phases = [(s["uploads"] + s["projects_confirmed"], s["downloads"]) for s in at_kills]
     assert len(at_kills) >= 10, phases

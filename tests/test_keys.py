@@ -476,6 +476,7 @@ def test_row_id_assigner_suffixes_many_repeats_among_many_rows() -> None:
     assert repr(ids) == "<RowIdAssigner ids=9000 repeated=3000>"
 
 
+@pytest.mark.slow  # tracemalloc makes 200,000 ids take seconds
 def test_row_id_assigner_memory_is_a_few_bytes_per_id() -> None:
     n = 200_000
     tracemalloc.start()

@@ -528,7 +528,7 @@ async def test_unknown_update_field_is_refused(ledger: Ledger) -> None:
 
 @pytest.mark.anyio
 async def test_many_concurrent_writers_lose_no_update(ledger: Ledger) -> None:
-    tasks, per = 200, 50
+    tasks, per = 100, 10
     await ledger.import_rows([new_row(i) for i in range(tasks)])
 
     async def bump(i: int) -> None:
@@ -1540,3 +1540,65 @@ async def test_a_part_of_another_upload_or_a_row_moved_on_is_refused(ledger: Led
     assert [p.number for p in await ledger.upload_parts("r1", "upl-b")] == [1]
     await ledger.forget_parts("r1")
     assert await ledger.upload_parts("r1", "upl-b") == []
+
+
+# -- webhook events ------------------------------------------------------------
+
+
+def gen_event(generation: str, status: str, second: int, *, event_id: str = "") -> Any:
+    from datetime import UTC, datetime
+
+    from batcher.webhooks import GenerationEvent
+
+    kinds = {"queued": "generation.queued", "processing": "generation.processing",
+             "complete": "generation.completed", "error": "generation.failed"}
+    return GenerationEvent.from_payload({
+        "eventType": kinds[status], "eventId": event_id or f"evt-{generation}-{status}",
+        "createdAt": datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC).isoformat(),
+        "apiKeyId": "key_1", "generationId": generation, "status": status,
+        "error": "It broke." if status == "error" else None})
+
+
+@pytest.mark.anyio
+async def test_webhook_events_are_kept_once_in_order_and_stale_ones_change_nothing(
+        ledger: Ledger) -> None:
+    from batcher.webhooks import Disposition
+
+    await ledger.import_rows([new_row(1), new_row(2)])
+    await ledger.transition("r1", Stage.PENDING, Stage.SUBMITTED,
+                            {"generation_id": "gen-1", "api_status": "queued"}, event="submitted")
+    await ledger.transition("r2", Stage.PENDING, Stage.SUBMITTED,
+                            {"generation_id": "gen-2", "api_status": "processing"},
+                            event="submitted")
+    record = ledger.record_webhook_event
+    assert await record(gen_event("gen-1", "processing", 2), "m1") is Disposition.RECORDED
+    assert await record(gen_event("gen-1", "processing", 2), "m1") is Disposition.DUPLICATE
+    assert await record(gen_event("gen-x", "complete", 3), "m2") is Disposition.UNKNOWN
+    assert await record(gen_event("gen-1", "complete", 4), "m3") is Disposition.RECORDED
+    # older after newer, and a terminal status after a terminal one: stale
+    assert await record(gen_event("gen-1", "queued", 1), "m4") is Disposition.STALE
+    assert await record(gen_event("gen-1", "error", 5), "m5") is Disposition.STALE
+    # behind what a poll already wrote to the row: stale
+    assert await record(gen_event("gen-2", "queued", 1), "m6") is Disposition.STALE
+    assert await record(gen_event("gen-2", "error", 6), "m7") is Disposition.RECORDED
+    assert await record(gen_event("gen-1", "processing", 2), "m3") is Disposition.DUPLICATE
+
+    kept = await ledger.webhook_events_since(0)
+    assert [(e.message_id, e.disposition.value) for e in kept] == [
+        ("m1", "recorded"), ("m3", "recorded"), ("m4", "stale"), ("m5", "stale"),
+        ("m6", "stale"), ("m7", "recorded")]
+    assert [e.seq for e in kept] == sorted(e.seq for e in kept)
+    assert kept[-1].event.error == "It broke." and kept[-1].event.generation_id == "gen-2"
+    later = await ledger.webhook_events_since(kept[2].seq, limit=2)
+    assert [e.message_id for e in later] == ["m5", "m6"]
+    # the rows themselves are the run's to move: recording changes none
+    row = await ledger.get("r1")
+    assert row is not None and row.stage is Stage.SUBMITTED and row.api_status == "queued"
+
+
+@pytest.mark.anyio
+async def test_webhook_counters_add_up(ledger: Ledger) -> None:
+    assert await ledger.webhook_counts() == {}
+    await ledger.add_webhook_counts({"received": 3, "refused.badSignature": 1, "stale": 0})
+    await ledger.add_webhook_counts({"received": 2})
+    assert await ledger.webhook_counts() == {"received": 5, "refused.badSignature": 1}

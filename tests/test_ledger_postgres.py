@@ -580,6 +580,8 @@ async def test_migrations_from_processes_starting_at_once_apply_once(url: str, s
             "ledger_rows",
             "ledger_runs",
             "ledger_upload_parts",
+            "ledger_webhook_counts",
+            "ledger_webhook_events",
             "ledger_workers",
         ]
         assert await conn.fetchval("SELECT COUNT(*) FROM ledger_runs") == 3

@@ -69,7 +69,9 @@ def test_max_in_window_helper() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("rate", [5, 20, 200])
+# Each rate takes two seconds of real time: the fast tier keeps one.
+@pytest.mark.parametrize("rate", [pytest.param(5, marks=pytest.mark.slow),
+                                  pytest.param(20, marks=pytest.mark.slow), 200])
 async def test_sliding_window_never_exceeds_rate_and_no_burst_at_start(rate: int) -> None:
     clock = SystemClock()
     gate = RateGate(rate, clock=clock, margin=0.05)

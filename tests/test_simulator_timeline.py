@@ -102,7 +102,7 @@ async def test_a_broken_observer_is_logged_and_the_generation_stands(
             reply = await h.generate("p", "diffio-4.6-flash")
         assert reply.status == 200
         assert len(recorder.seen) == 1 and h.sim.stats.charges == 1
-        assert [r.message for r in caplog.records] == ["simulator.observer_failed"]
+        assert [getattr(r, "event", None) for r in caplog.records] == ["simulator.observer_failed"]
 
 
 async def test_the_timeline_never_shows_the_api_key() -> None:

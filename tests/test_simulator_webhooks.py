@@ -502,3 +502,37 @@ async def test_admin_routes_check_keys_scope_and_bodies() -> None:
         status, answer = await _post(session, sim.base_url + "/list_projects", {}, "sim-key")
         assert (status, answer) == (200, {"projects": []})
         assert p.sender.stats.attempts == 0  # nothing was ever sent to the example host
+
+
+async def test_attached_sender_delivers_a_keys_generations_to_the_endpoint_its_admin_set(
+        ) -> None:
+    from batcher.simulator.webhooks import attach_webhooks
+
+    config = SimConfig(api_keys={"sim-key": KeySpec(), ADMIN: KeySpec()},
+                       auto_create_projects=True, duration=(0.05, 0.1))
+    async with pipeline() as p:
+        sim = Simulator(config)
+        attach_webhooks(sim, p.sender, {ADMIN: {WEBHOOKS_WRITE}})
+        async with run_simulator(sim) as served, aiohttp.ClientSession() as session:
+            base = str(served.base_url)
+            status, answer = await _post(session, base + "/webhooks/configure", {
+                "mode": "live", "url": p.url + "per-key", "apiKeyId": api_key_id("sim-key"),
+                "eventTypes": ["generation.processing", "generation.completed"]})
+            assert status == 200, answer
+            status, created = await _post(session, base + "/diffio-4.6-flash-generation",
+                                          {"apiProjectId": "proj-1"}, key="sim-key")
+            assert status == 200, created
+            generation = created["generationId"]
+            await anyio.sleep(0.3)  # the generation ends after 0.05-0.1 s
+            await idle(p.sender)
+            assert p.sink.status_of(generation) == "complete"
+            # The per-key endpoint got only the event types it asked for.
+            per_key = [r.event.event_type.value for r in ok_records(p.sender, DeliveryKind.EVENT)
+                       if r.url.endswith("per-key")]
+            assert per_key == ["generation.processing", "generation.completed"]
+            assert all(r.event.api_key_id == api_key_id("sim-key") for r in p.sender.journal)
+            async with session.get(served.base_url.removesuffix("/v1") + "/_sim/webhooks"
+                                   ) as resp:
+                counters = await resp.json()
+            # queued, processing, complete to the catch-all; two of them to the per-key one
+            assert counters["sender"]["scheduled"] == 5 and counters["endpoints"] == 2

@@ -208,11 +208,14 @@ async def test_a_halt_between_the_upload_and_its_confirmation_costs_nothing(
 
 async def test_each_part_is_retried_on_its_own_through_errors_and_lost_answers(
         make_job: Any, tmp_path: Path) -> None:
-    # About 30 parts: a share of them meets each fault.
+    # About 30 parts: a share of them meets each fault. Which part meets
+    # which fault depends on the order parts arrive in, so the attempts
+    # allowed must make a part that fails them all (0.44 ** 14 per part)
+    # practically impossible, or the test would be flaky.
     files = [write_wav(tmp_path / f"t{i}.wav", seconds=2.5, freq=300 + 90 * i) for i in range(3)]
     job = await make_job("file\n" + "".join(f"{f.name}\n" for f in files),
                          config(part_error_rate=0.3, part_lost_rate=0.2, seed=3))
-    result = await job.run()
+    result = await job.run(max_attempts=14)
     assert result is not None and result.exit_code == 0, result.summary()
     stats = job.sim.stats
     assert stats.part_errors_injected > 0 and stats.part_responses_lost > 0

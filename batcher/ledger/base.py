@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
+from batcher.ledger.webhook_events import WebhookLedger
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class Ledger(Protocol):
+class Ledger(WebhookLedger, Protocol):
     """What the runner needs from a ledger; implemented per backend.
 
     All methods are coroutines on the asyncio event loop. Writes resolve only

@@ -23,6 +23,7 @@ import orjson
 
 from batcher.errors import LedgerError, LedgerLocked
 from batcher.model import RunInfo
+from batcher.ops.logs import LEDGER_LOCK_TAKEN_OVER, event
 
 __all__ = ["RunLock", "describe_holder", "lock_path_for"]
 
@@ -91,8 +92,9 @@ class RunLock:
             # The flock was free, so whoever wrote this has died (or closed
             # without cleaning up): its rows are ours to resume.
             log.warning(
-                "ledger.lock.takeover",
-                extra={"lock": str(self.path), "previous": describe_holder(previous)},
+                "the run that held this ledger is gone: taking its lock over",
+                extra=event(LEDGER_LOCK_TAKEN_OVER, lock=str(self.path),
+                            previous=describe_holder(previous)),
             )
         body = orjson.dumps(
             {

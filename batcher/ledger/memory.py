@@ -37,6 +37,7 @@ from batcher.ledger.codec import (
     new_row_values,
     row_from_record,
 )
+from batcher.ledger.memory_webhooks import EventStore, MemoryWebhookEvents
 from batcher.ledger.rules import (
     PaceState,
     Refresh,
@@ -70,9 +71,10 @@ class _Store:
     pace: PaceState = field(default_factory=PaceState)
     # (row_id, upload_id) -> part number -> the part
     parts: dict[tuple[str, str], dict[int, UploadPart]] = field(default_factory=dict)
+    webhooks: EventStore = field(default_factory=EventStore)
 
 
-class MemoryLedger:
+class MemoryLedger(MemoryWebhookEvents):
     """A :class:`~batcher.ledger.base.Ledger` held in dicts.
 
     With ``shared=True`` it is also a :class:`~batcher.ledger.base.LeasingLedger`;
@@ -156,6 +158,12 @@ class MemoryLedger:
     def _reader(self) -> None:
         if self._run is None:
             raise LedgerError("ledger is not open")
+
+    def _event_store(self) -> EventStore:
+        return self._db.webhooks
+
+    def _rows_by_id(self) -> Mapping[str, LedgerRow]:
+        return self._db.rows
 
     # -- import ------------------------------------------------------------
 

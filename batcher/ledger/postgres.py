@@ -60,8 +60,10 @@ from batcher.ledger.postgres_sql import (
     migrate_postgres,
     positional,
 )
+from batcher.ledger.postgres_webhooks import PostgresWebhookEvents
 from batcher.ledger.rules import check_claim, plan_move, refusal
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
+from batcher.ops.logs import LEDGER_MIGRATED, LEDGER_RETRY, event
 
 __all__ = ["PostgresLedger"]
 
@@ -80,7 +82,7 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErr
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
-class PostgresLedger:
+class PostgresLedger(PostgresWebhookEvents):
     """A :class:`~batcher.ledger.base.LeasingLedger` in a PostgreSQL database.
 
     ``url`` is a ``postgresql://`` (or ``postgres://``) URL; a ``schema=NAME``
@@ -149,7 +151,8 @@ class PostgresLedger:
                 if not isinstance(exc.__cause__, _RETRYABLE) or attempt == _TRIES:
                     raise
                 log.info(
-                    "ledger.retry", extra={"doing": doing, "attempt": attempt, "error": str(exc)}
+                    "ledger: %s failed (%s); trying again", doing, exc,
+                    extra=event(LEDGER_RETRY, doing=doing, attempt=attempt, error=str(exc)),
                 )
         raise AssertionError("unreachable")
 
@@ -224,7 +227,8 @@ class PostgresLedger:
                     return
             applied = await migrate_postgres(conn, self._wall, self._url.schema)
             if applied:
-                log.info("ledger.migrated", extra={"ledger": self.description, "versions": applied})
+                log.info("ledger %s migrated to %s", self.description, applied,
+                         extra=event(LEDGER_MIGRATED, ledger=self.description, versions=applied))
             if lock:
                 q = self._q["insert_run"]
                 await conn.execute(

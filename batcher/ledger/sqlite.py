@@ -37,8 +37,10 @@ from batcher.ledger.base import NextMove
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Move, Refresh, import_refresh, plan_move, refusal
+from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
 from batcher.ledger.writer import GroupCommitWriter, Job
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
+from batcher.ops.logs import LEDGER_MIGRATED, event
 
 __all__ = ["SqliteLedger"]
 
@@ -85,7 +87,7 @@ def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
 # -- the ledger ------------------------------------------------------------
 
 
-class SqliteLedger:
+class SqliteLedger(SqliteWebhookEvents):
     """A :class:`~batcher.ledger.base.Ledger` in one SQLite file, private to one run.
 
     A run holds the file's lock (:mod:`batcher.ledger.lock`) while it writes,
@@ -184,7 +186,8 @@ class SqliteLedger:
             self._refuse_foreign(conn)
             applied = migrate_sqlite(conn, self._wall)
             if applied:
-                log.info("ledger.migrated", extra={"ledger": str(self.path), "versions": applied})
+                log.info("ledger %s migrated to %s", self.path, applied,
+                         extra=event(LEDGER_MIGRATED, ledger=str(self.path), versions=applied))
             conn.execute(
                 self._q["insert_run"],
                 {

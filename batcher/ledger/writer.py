@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from batcher.errors import LedgerError
+from batcher.ops.logs import LEDGER_COMMIT_FAILED, event
 
 __all__ = ["GroupCommitWriter", "Job"]
 
@@ -133,7 +134,8 @@ class GroupCommitWriter:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-            log.error("ledger.commit_failed", extra={"error": str(exc), "jobs": len(batch)})
+            log.error("ledger commit of %d writes failed: %s", len(batch), exc,
+                      extra=event(LEDGER_COMMIT_FAILED, error=str(exc), jobs=len(batch)))
             failure = LedgerError(f"ledger commit failed: {exc}")
             outcomes = [(job.future, None, failure) for job in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}

@@ -28,6 +28,10 @@ __all__ = [
     "API_UNREACHABLE",
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
+    "LEDGER_COMMIT_FAILED",
+    "LEDGER_LOCK_TAKEN_OVER",
+    "LEDGER_MIGRATED",
+    "LEDGER_RETRY",
     "LEDGER_ROWS_RETIRED",
     "OUTPUT_CLEANUP_FAILED",
     "POLL_RETRY_SCHEDULED",
@@ -44,11 +48,16 @@ __all__ = [
     "ROW_SOURCE_CHANGED",
     "RUN_HALTED",
     "RUN_PROGRESS",
+    "SIMULATOR_OBSERVER_FAILED",
     "UPLOAD_ABANDONED",
     "UPLOAD_RESTARTED",
     "UPLOAD_RESUMED",
     "UPLOAD_URL_EXPIRED",
     "WEBHOOK_ACCEPTED",
+    "WEBHOOK_APPLIED",
+    "WEBHOOK_APPLY_FAILED",
+    "WEBHOOK_COUNTS_FAILED",
+    "WEBHOOK_LISTENING",
     "WEBHOOK_REFUSED",
     "WEBHOOK_SINK_FAILED",
     "WORKER_HEARTBEAT_FAILED",
@@ -86,6 +95,10 @@ RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --
 RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
+LEDGER_MIGRATED = "ledger.migrated"  # ledger, versions: schema migrations applied
+LEDGER_RETRY = "ledger.retry"  # doing, attempt, error: a transient ledger error, tried again
+LEDGER_COMMIT_FAILED = "ledger.commit_failed"  # error, jobs: a group commit rolled back
+LEDGER_LOCK_TAKEN_OVER = "ledger.lock_taken_over"  # lock, previous: a dead run's lock file
 OUTPUT_CLEANUP_FAILED = "output.cleanup_failed"  # path, error
 REPORT_COUNTS_FAILED = "report.counts_failed"  # the report was written without counts
 # -- the API host (circuit breaker) ---------------------------------------------------
@@ -96,6 +109,12 @@ API_REACHABLE = "api.reachable"  # host, down_seconds: requests go out again
 WEBHOOK_ACCEPTED = "webhook.accepted"  # message_id, disposition, generation, event_type
 WEBHOOK_REFUSED = "webhook.refused"  # reason, detail, message_id
 WEBHOOK_SINK_FAILED = "webhook.sink_failed"  # message_id, generation, error: answered 503
+WEBHOOK_APPLIED = "webhook.applied"  # row, generation, status: an event moved a row on
+WEBHOOK_APPLY_FAILED = "webhook.feed_failed"  # error: events unread for now; polls cover
+WEBHOOK_COUNTS_FAILED = "webhook.counts_failed"  # error: counters not added to the ledger
+WEBHOOK_LISTENING = "webhook.listening"  # address: the receiver is serving
+# -- the embedded simulator -----------------------------------------------------------
+SIMULATOR_OBSERVER_FAILED = "simulator.observer_failed"  # generation_id
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
@@ -103,9 +122,11 @@ EVENTS: frozenset[str] = frozenset({
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
-    LEDGER_ROWS_RETIRED,
+    LEDGER_ROWS_RETIRED, LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
+    LEDGER_LOCK_TAKEN_OVER, SIMULATOR_OBSERVER_FAILED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
-    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED,
+    API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED, WEBHOOK_APPLIED,
+    WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, WEBHOOK_LISTENING,
 })
 """Every event batcher logs."""
 

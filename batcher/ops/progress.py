@@ -55,6 +55,10 @@ def _extras(stats: RunStats, bandwidth: float | None) -> list[str]:
     if left is not None and bandwidth is not None:
         parts.append(f"uploads {format_bytes(stats.upload_bytes - stats.uploaded_bytes)} left "
                      f"(~{_eta(left)} at {format_rate(bandwidth)})")
+    if stats.webhooks is not None:
+        hooks = stats.webhooks.stats
+        parts.append(f"events {hooks.received} received ({hooks.refused_total} refused), "
+                     f"{stats.polls_saved} polls saved")
     return parts
 
 
@@ -85,6 +89,7 @@ def progress_json(stats: RunStats, bandwidth: float | None = None) -> str:
         "queueFront": min(stats.queue.values()) if stats.queue else None,
         "uploadBytesLeft": max(stats.upload_bytes - stats.uploaded_bytes, 0),
         "uploadSecondsLeft": None if upload_eta is None else round(upload_eta, 1),
+        **({"webhooks": stats.webhook_snapshot()} if stats.webhooks is not None else {}),
     }).decode()
 
 

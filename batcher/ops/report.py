@@ -30,6 +30,16 @@ def print_summary(result: RunResult, settings: Settings, *, stream: TextIO = sys
         f"{s.elapsed():.1f} s)",
         file=stream,
     )
+    if s.webhooks_on:
+        hooks = s.webhook_snapshot()
+        refused = {k: n for k, n in hooks["refused"].items() if n}
+        print(f"webhooks: {hooks['received']} deliveries, {hooks['recorded']} recorded, "
+              f"{hooks['duplicates']} duplicates, {hooks['stale']} stale, "
+              f"{hooks['unknown']} unknown, {sum(refused.values())} refused"
+              + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(refused.items())) + ")"
+                 if refused else "")
+              + f"; {hooks['eventsApplied']} rows moved by events, "
+              f"{hooks['pollsSaved']} polls saved", file=stream)
     if result.errors:
         print("most common errors:", file=stream)
         for code, message, n in result.errors:
@@ -73,6 +83,17 @@ def metrics_text(stats: RunStats, exit_code: int | None,
            [("", snap["rateLimited"])])
     metric("batcher_polls_total", "counter", "Progress polls in the last run.",
            [("", snap["polls"])])
+    if stats.webhooks_on:
+        hooks = stats.webhook_snapshot()
+        metric("batcher_webhook_deliveries_total", "counter",
+               "Webhook deliveries received in the last run, by outcome.",
+               [(f'{{outcome="{k}"}}', hooks[k]) for k in
+                ("recorded", "duplicates", "stale", "unknown", "sinkErrors")]
+               + [(f'{{outcome="refused",reason="{r}"}}', n)
+                  for r, n in sorted(hooks["refused"].items())])
+        metric("batcher_webhook_polls_saved_total", "counter",
+               "Rows an event settled before any poll in the last run.",
+               [("", hooks["pollsSaved"])])
     if counts is not None:
         metric("batcher_rows", "gauge", "Rows of the job in the ledger, by status.",
                [(f'{{status="{k}"}}', v) for k, v in sorted(counts.items())])

@@ -12,7 +12,19 @@ import orjson
 from ..ledger import open_ledger
 from ..model import READER_COMMAND, RunInfo, Stage, status_counts
 
-__all__ = ["status_main"]
+__all__ = ["status_main", "webhook_line"]
+
+
+def webhook_line(counts: dict[str, int]) -> str:
+    """One line of webhook counters: received, recorded, refused by reason, polls saved."""
+    refused = {k.removeprefix("refused."): n for k, n in counts.items()
+               if k.startswith("refused.") and n}
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(refused.items()))
+    return (f"webhooks: {counts.get('received', 0)} deliveries received, "
+            f"{counts.get('recorded', 0)} recorded, {counts.get('duplicates', 0)} duplicates, "
+            f"{counts.get('stale', 0)} stale, {counts.get('unknown', 0)} unknown, "
+            f"{sum(refused.values())} refused" + (f" ({why})" if why else "")
+            + f"; polls saved {counts.get('pollsSaved', 0)}")
 
 
 def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: TextIO) -> None:
@@ -45,6 +57,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         # Where submitted generations wait in the API's queue, as last polled.
         queued = [row.queue_position async for row in ledger.rows(
             stages=frozenset({Stage.SUBMITTED})) if row.queue_position is not None]
+        hooks = await ledger.webhook_counts()
     finally:
         await ledger.close(None)
     by_status = status_counts(by_stage)
@@ -59,6 +72,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
             "queued": {"count": len(queued), "front": min(queued, default=None),
                        "back": max(queued, default=None)},
             "lastRun": last,
+            "webhooks": hooks,
         }, default=str).decode() + "\n")
         return 0
     rows = [(status, str(by_status[status]), f"{100 * by_status[status] / total:.1f}%"
@@ -73,6 +87,8 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         where = f"position {first}" if first == back else f"positions {first}-{back}"
         print(f"queued at the API: {len(queued)} generations ({where}, 1 is next; "
               "as last polled)", file=stream)
+    if hooks:
+        print(webhook_line(hooks), file=stream)
     if errors:
         print("most common errors:", file=stream)
         for code, message, n in errors:

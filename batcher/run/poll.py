@@ -23,6 +23,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -41,7 +42,7 @@ from ..retry import RetryPolicy
 from .context import RunContext
 from .predict import EndPredictor, Reading
 
-__all__ = ["DelayModel", "PollItem", "Poller", "Polling"]
+__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling"]
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,29 @@ class PollItem:
     reading: Reading | None = None
     previous: Reading | None = None
     scout: bool = False  # read again soon on purpose (see DelayModel.next)
+    # Settled elsewhere (a webhook event moved the row): never polled again.
+    settled: bool = False
+    queued: bool = False  # on the poller's heap now
 
     def read(self, reading: Reading) -> None:
         """Keep a progress reading (the one before it stays, for the speed)."""
         if self.reading is None or reading.fraction > self.reading.fraction:
             self.previous, self.reading = self.reading, reading
+
+
+class PollPolicy(Protocol):
+    """Decides when watched generations are polled, when something else reports them.
+
+    With webhooks on, events report most generations, and polls are only a
+    safety net (:mod:`batcher.run.webhooks`); without one the poller keeps
+    its own waits.
+    """
+
+    def watch(self, item: PollItem, *, resumed: bool) -> float | None:
+        """``item`` is watched from now: the wait before its first poll (None: the default)."""
+
+    def forget(self, item: PollItem) -> None:
+        """``item`` needs no more polling (its row was moved on)."""
 
 
 class DelayModel:
@@ -249,17 +268,33 @@ class Poller:
         self._nap: anyio.CancelScope | None = None
         self._closed = False
         self._inflight = 0
+        self._live = 0  # items on the heap that are not settled
 
     def __len__(self) -> int:
-        return len(self._heap) + self._inflight
+        return self._live + self._inflight
+
+    def _push(self, due: float, item: PollItem) -> None:
+        if item.settled:  # settled before it was ever due: nothing to schedule
+            return
+        heapq.heappush(self._heap, (due, next(self._seq), item))
+        item.queued = True
+        self._live += 1
+
+    def settle(self, item: PollItem) -> None:
+        """Never poll ``item`` again (it is skipped when due, and no longer counted)."""
+        if item.settled:
+            return
+        item.settled = True
+        if item.queued:
+            self._live -= 1
+            self._wake()
 
     def add(self, item: PollItem, *, due_in: float | None = None) -> None:
         """Schedule ``item``; by default after the first-poll wait."""
         wait = self.delays.first() if due_in is None else due_in
         item.delay = wait
-        due = self._clock.now() + wait
-        heapq.heappush(self._heap, (due, next(self._seq), item))
-        if self._heap[0][2] is item:
+        self._push(self._clock.now() + wait, item)
+        if self._heap and self._heap[0][2] is item:
             self._wake()
 
     def close(self) -> None:
@@ -276,7 +311,7 @@ class Poller:
             recv.close()
             async with send:
                 while True:
-                    if not self._heap:
+                    if not self._live:
                         if self._closed and self._inflight == 0:
                             return
                         await self._sleep(None)
@@ -287,6 +322,10 @@ class Poller:
                         await self._sleep(wait)
                         continue
                     _, _, item = heapq.heappop(self._heap)
+                    item.queued = False
+                    if item.settled:
+                        continue
+                    self._live -= 1
                     self._inflight += 1
                     try:  # no extra loop round when a worker is already waiting
                         send.send_nowait(item)
@@ -298,7 +337,7 @@ class Poller:
         now = self._clock.now()
         heap = self._heap
         for i, (_due, seq, item) in enumerate(heap):
-            if item.resumed or (item.scout and item.previous is None):
+            if item.resumed or item.settled or (item.scout and item.previous is None):
                 continue
             target = self.delays.predicted(item)
             if target is not None:
@@ -326,11 +365,11 @@ class Poller:
                 try:
                     item.polls += 1
                     finished = await self._check(item)
-                    if not finished:
+                    if not finished and not item.settled:
                         now = self._clock.now()
                         wait = self.delays.next(item, now)
                         item.delay = wait
-                        heapq.heappush(self._heap, (now + wait, next(self._seq), item))
+                        self._push(now + wait, item)
                     if self.delays.needs_revision():
                         self._revise()
                 finally:
@@ -353,8 +392,10 @@ class Polling:
         # often as other requests are retried; the poller decides when.
         self._retry = RetryPolicy(max_attempts=2 * settings.max_attempts,
                                   rate_limited_attempts=2 * settings.max_attempts, waits=False)
+        # With webhooks: when to poll, and who else reports generations.
+        self.policy: PollPolicy | None = None
         self.poller = Poller(
-            self._check,
+            self._check_watched,
             DelayModel(settings.poll_interval, rng=ctx.rng),
             clock=ctx.clock,
             workers=max(2, settings.concurrency),
@@ -366,7 +407,16 @@ class Polling:
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
                         submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
                         status=row.api_status, queue=row.queue_position)
-        self.poller.add(item, due_in=0.0 if resumed else None)
+        due_in = 0.0 if resumed else None
+        if self.policy is not None:
+            due_in = self.policy.watch(item, resumed=resumed)
+        self.poller.add(item, due_in=due_in)
+
+    async def _check_watched(self, item: PollItem) -> bool:
+        finished = await self._check(item)
+        if finished and self.policy is not None:
+            self.policy.forget(item)
+        return finished
 
     async def _check(self, item: PollItem) -> bool:
         ctx = self.ctx
@@ -378,9 +428,11 @@ class Polling:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             return await self._poll_failure(item, err)
-        # 0 % says only that inference has not begun (not when it will): no reading.
+        # 0 % says only that inference has not begun (not when it will): no
+        # reading. With a poll policy (webhooks), polls are a safety net on its
+        # own schedule: nothing is predicted, so nothing re-aims its polls.
         if (progress.status is GenerationStatus.RUNNING and progress.progress is not None
-                and 0 < progress.progress < 100 and not item.resumed):
+                and 0 < progress.progress < 100 and not item.resumed and self.policy is None):
             reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
             item.read(reading)
             predictor = self.poller.delays.predictor

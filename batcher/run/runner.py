@@ -55,6 +55,7 @@ from .poll import Polling
 from .resume import Resume
 from .stats import RunStats
 from .submit import Submitter
+from .webhooks import EventFeed, SafetyNet
 
 __all__ = ["RunResult", "Runner"]
 
@@ -107,6 +108,7 @@ class Runner:
         stats: RunStats | None = None,
         wall: WallTime = time.time,
         run_info: RunInfo | None = None,
+        webhooks: bool = False,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -127,6 +129,13 @@ class Runner:
         self.downloader = Downloader(self.ctx)
         self.polling = Polling(self.ctx, self._send_download)
         self.submitter = Submitter(self.ctx, self.polling)
+        # With webhooks: events from the ledger move rows, polls are a safety net.
+        self.feed: EventFeed | None = None
+        if webhooks:
+            self.stats.webhooks_on = True
+            net = SafetyNet(settings.poll_interval, settings.webhook_poll_ceiling)
+            self.polling.policy = net
+            self.feed = EventFeed(self.ctx, self.polling, net)
         self._submit_send: MemoryObjectSendStream[LedgerRow] | None = None
         self._download_send: MemoryObjectSendStream[LedgerRow] | None = None
 
@@ -135,6 +144,8 @@ class Runner:
         with anyio.CancelScope() as scope:
             self.ctx.scope = scope
             await self.submitter.count_earlier_spend()
+            if self.feed is not None:
+                await self.feed.catch_up()
             async with self.membership.joined():
                 await self._stages()
         if not self.ctx.halts.hard:
@@ -150,7 +161,7 @@ class Runner:
                 downloads.start_soon(self.downloader.worker, dl_recv.clone())
             dl_recv.close()
             async with dl_send, anyio.create_task_group() as polling:
-                polling.start_soon(self.polling.poller.run)
+                polling.start_soon(self._poll)
                 sub_send, sub_recv = anyio.create_memory_object_stream[LedgerRow](n * 2)
                 async with anyio.create_task_group() as submits:
                     for _ in range(n):
@@ -160,6 +171,16 @@ class Runner:
                         self._submit_send = sub_send
                         await self._import()
                 self.polling.poller.close()
+
+    async def _poll(self) -> None:
+        """The poller, and with webhooks the event feed beside it, until both are done."""
+        if self.feed is None:
+            await self.polling.poller.run()
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.feed.run)
+            await self.polling.poller.run()
+            self.feed.close()
 
     async def _import(self) -> None:
         """Import the manifest into the ledger; the membership decides what goes to work."""

@@ -39,6 +39,12 @@ class RunStats:
     # an earlier run), for the transfer time left under --max-bandwidth.
     upload_bytes: int = 0
     uploaded_bytes: int = 0
+    # Webhooks (--webhook-listen): the receiver's counters (None: webhooks off),
+    # rows an event moved on, and rows settled by an event before any poll.
+    webhooks: Any = None
+    webhooks_on: bool = False  # events move rows (a receiver here, or the ledger's)
+    events_applied: int = 0
+    polls_saved: int = 0
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
     def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
@@ -104,4 +110,14 @@ class RunStats:
             "sourceChanged": self.source_changed,
             "bytesUploaded": self.uploaded_bytes,
             "durationSeconds": round(self.elapsed(), 3),
+            **({"webhooks": self.webhook_snapshot()} if self.webhooks_on else {}),
         }
+
+    def webhook_snapshot(self) -> dict[str, Any]:
+        """The receiver's counters plus rows moved by events and polls saved."""
+        # No receiver in this process (--webhook-events ledger): its counters are zero.
+        snap: dict[str, Any] = (dict(self.webhooks.snapshot()) if self.webhooks else
+                                {"received": 0, "recorded": 0, "duplicates": 0, "stale": 0,
+                                 "unknown": 0, "sinkErrors": 0, "refused": {}})
+        snap.update(eventsApplied=self.events_applied, pollsSaved=self.polls_saved)
+        return snap

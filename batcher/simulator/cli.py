@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from batcher.errors import ConfigError
 from batcher.simulator.catalog import API_GENERATIONS, MODEL_ENDPOINTS, ApiGeneration
@@ -23,6 +26,9 @@ from batcher.simulator.config import (
     parse_range,
     parse_size,
 )
+
+if TYPE_CHECKING:
+    from batcher.simulator.app import Simulator
 
 __all__ = ["add_arguments", "build_config", "main"]
 
@@ -68,6 +74,30 @@ _KNOBS = (
     "download_ttl", "seed", "auto_create_projects", "part_size", "max_upload_bytes",
     "upload_session_ttl", "edge_part_size", "part_error_rate", "part_lost_rate", "part_latency",
 )
+
+
+_WEBHOOK_FAULTS = {
+    "drop": "share of events never delivered [0]",
+    "duplicate": "share of events delivered twice (same message id) [0]",
+    "delay": "share of events delivered up to --webhook-delay-max late [0]",
+    "reorder": "share of events held back until the generation's next event went out [0]",
+    "forged": "share of events followed by a third party's forgery claiming the opposite "
+              "ending [0]",
+    "tampered": "share of events preceded by a copy with a genuine signature and an "
+                "altered body [0]",
+    "replay": "share of deliveries sent again byte for byte shortly after [0]",
+    "stale": "share of events also sent signed with a timestamp 10 minutes old [0]",
+}
+
+
+def webhook_faults(args: argparse.Namespace, file_table: dict[str, Any] | None) -> Any:
+    """The sender's faults: the config file's [webhooks] table, then the flags."""
+    from batcher.simulator.webhooks import WebhookFaults
+
+    faults = WebhookFaults.from_mapping(file_table or {})
+    flags = {name: getattr(args, f"webhook_{name}", None)
+             for name in (*_WEBHOOK_FAULTS, "delay_max")}
+    return faults.patched({k: v for k, v in flags.items() if v is not None})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,11 +163,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an answer [0]")
     u.add_argument("--part-latency", type=_range, metavar="MIN,MAX",
                    help="extra seconds before every part PUT is answered [0]")
+    w = parser.add_argument_group(
+        "webhooks (signed generation events; a [webhooks] table of --config sets the faults)")
+    w.add_argument("--webhook-url", metavar="URL",
+                   help="deliver every key's generation events to URL "
+                        "[none; POST /v1/webhooks/configure adds endpoints]")
+    w.add_argument("--webhook-secret-env", metavar="NAME", default=None,
+                   help="environment variable holding the signing secret (whsec_...) "
+                        "[BATCHER_WEBHOOK_SECRET; a fresh secret when unset]")
+    w.add_argument("--admin-key", dest="admin_keys", action="append", metavar="KEY",
+                   help="a key allowed to call /v1/webhooks/configure and send_test_event "
+                        "(admin, webhooks:write); repeatable [none]")
+    for fault, meaning in _WEBHOOK_FAULTS.items():
+        w.add_argument(f"--webhook-{fault}", dest=f"webhook_{fault}", type=_share,
+                       metavar="P", help=meaning)
+    w.add_argument("--webhook-delay-max", dest="webhook_delay_max", type=_positive,
+                   metavar="S", help="longest extra wait of a delayed or duplicated event [1]")
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
     """The config from defaults, ``--config`` and the flags (ConfigError if bad)."""
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    data = {k: v for k, v in data.items() if k.strip().lower() != "webhooks"}
     config = SimConfig.from_mapping(data)
     changes: dict[str, Any] = {
         name: getattr(args, name) for name in _KNOBS if getattr(args, name, None) is not None
@@ -160,28 +207,61 @@ def build_config(args: argparse.Namespace) -> SimConfig:
 
 
 def _served(api: ApiGeneration, origin: str) -> str:
+    models = ", ".join(sorted(set(MODEL_ENDPOINTS[api].values())))
     from batcher.simulator.edge import EDGE_PREFIX
 
-    models = ", ".join(sorted(set(MODEL_ENDPOINTS[api].values())))
     line = f"API: {api} (models {models})"
     if api == "current":
         line += f"; upload host {origin}{EDGE_PREFIX}"
     return line
 
 
-async def _serve(config: SimConfig, host: str, port: int) -> None:
+@asynccontextmanager
+async def _with_webhooks(sim: Simulator, args: argparse.Namespace) -> AsyncIterator[None]:
+    """Attach a webhook sender when --webhook-url, --admin-key or a fault asks for one."""
+    table = None
+    if getattr(args, "config", None):
+        data = load_config_file(args.config)
+        table = next((v for k, v in data.items() if k.strip().lower() == "webhooks"), None)
+    url = getattr(args, "webhook_url", None)
+    admins = getattr(args, "admin_keys", None) or []
+    if url is None and not admins and table is None:
+        yield
+        return
+    from batcher.simulator.webhooks import WEBHOOKS_WRITE, WebhookSender, attach_webhooks
+    from batcher.webhooks.secret import DEFAULT_SECRET_ENV, WebhookSecret, load_secret
+
+    env_name = getattr(args, "webhook_secret_env", None)
+    if env_name is None and not os.environ.get(DEFAULT_SECRET_ENV, "").strip():
+        secret = WebhookSecret.generate()
+    else:
+        secret = load_secret(env_name)
+    faults = webhook_faults(args, table)
+    async with WebhookSender(faults=faults, seed=sim.config.seed,
+                             default_secret=secret) as sender:
+        if url is not None:
+            sender.configure(url)
+        attach_webhooks(sim, sender, {key: {WEBHOOKS_WRITE} for key in admins})
+        yield
+
+
+async def _serve(config: SimConfig, host: str, port: int,
+                 args: argparse.Namespace | None = None) -> None:
     # The server (aiohttp.web) and asyncio only now: every `batcher` command
     # builds this parser, and `batcher --version` must not pay for them.
     import asyncio
 
+    from batcher.simulator.app import Simulator
     from batcher.simulator.server import run_simulator
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    sim = Simulator(config)
     try:
-        async with run_simulator(config, host, port) as sim:
+        async with _with_webhooks(sim, args or argparse.Namespace()), \
+                run_simulator(sim, host, port):
             print(f"Diffio simulator listening on {sim.base_url}", flush=True)
             origin = (sim.base_url or "").removesuffix("/v1")
             print(_served(config.api, origin), flush=True)
@@ -200,9 +280,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"batcher simulate: {exc}", file=sys.stderr)
         return 2
     try:
+        webhook_faults(args, None)
+    except ConfigError as exc:
+        print(f"batcher simulate: {exc}", file=sys.stderr)
+        return 2
+    try:
         import asyncio
 
-        asyncio.run(_serve(config, args.host, args.port))
+        asyncio.run(_serve(config, args.host, args.port, args))
+    except ConfigError as exc:  # the webhook secret
+        print(f"batcher simulate: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"batcher simulate: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)

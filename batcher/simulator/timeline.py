@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from batcher.ops.logs import SIMULATOR_OBSERVER_FAILED, event
 from batcher.simulator.model import Generation
 
 __all__ = [
@@ -124,5 +125,6 @@ def notify(observers: Iterable[GenerationObserver], gen: Generation) -> None:
         except Exception:
             # The generation is created and charged; a broken observer must
             # not turn that into an error answer the client would retry.
-            log.exception("simulator.observer_failed",
-                          extra={"generation_id": gen.generation_id})
+            log.exception("an observer of generation %s failed", gen.generation_id,
+                          extra=event(SIMULATOR_OBSERVER_FAILED,
+                                      generation_id=gen.generation_id))

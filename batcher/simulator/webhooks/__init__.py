@@ -7,6 +7,8 @@
   :class:`WebhookEndpoint`, :class:`DeliveryRecord`, :class:`SenderStats`.
 - :class:`WebhookFaults` (``faults.py``): drop, duplicate, delay, reorder,
   forged, tampered, replayed and stale/future deliveries, drawn from a seed.
+- :func:`attach_webhooks` (``wiring.py``): a simulator's generations tell the
+  sender their status changes; the admin routes and ``GET /_sim/webhooks``.
 - :func:`add_webhook_routes` (``admin.py``): ``POST /v1/webhooks/configure``
   and ``/v1/webhooks/send_test_event`` on the simulator's application.
 
@@ -37,6 +39,7 @@ from batcher.simulator.webhooks.records import (
     api_key_id,
 )
 from batcher.simulator.webhooks.sender import WebhookSender
+from batcher.simulator.webhooks.wiring import SenderObserver, attach_webhooks
 
 __all__ = [
     "WEBHOOKS_WRITE",
@@ -44,6 +47,7 @@ __all__ = [
     "DeliveryRecord",
     "EventSubject",
     "KeyStore",
+    "SenderObserver",
     "SenderStats",
     "WebhookAdminRoutes",
     "WebhookEndpoint",
@@ -51,5 +55,6 @@ __all__ = [
     "WebhookSender",
     "add_webhook_routes",
     "api_key_id",
+    "attach_webhooks",
     "describe_endpoint",
 ]

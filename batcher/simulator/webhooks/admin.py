@@ -30,11 +30,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from batcher.errors import EventError
 from batcher.simulator.model import Refusal
 from batcher.simulator.routes import presented_key
 from batcher.simulator.webhooks.records import MODES, WebhookEndpoint, api_key_id
 from batcher.simulator.webhooks.sender import WebhookSender
-from batcher.webhooks.errors import EventError
 from batcher.webhooks.events import STATUS_OF, EventType, GenerationEvent, format_time
 
 __all__ = ["WEBHOOKS_WRITE", "KeyStore", "WebhookAdminRoutes", "add_webhook_routes",

@@ -101,6 +101,7 @@ class SenderStats:
     scheduled: int = 0  # (event, endpoint) pairs planned
     delivered: int = 0  # genuine deliveries answered 2xx (a duplicate copy not counted)
     dropped: int = 0
+    dropped_terminal: int = 0  # of them, complete/failed events: the receiver must poll
     duplicated: int = 0
     delayed: int = 0
     reordered: int = 0  # actually held back behind a later event

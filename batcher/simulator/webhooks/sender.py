@@ -227,6 +227,7 @@ class WebhookSender:
         stats.scheduled += 1
         if self._roll(faults.drop):
             stats.dropped += 1
+            stats.dropped_terminal += event.terminal
             return
         due = at
         if self._roll(faults.delay):
