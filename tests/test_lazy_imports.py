@@ -37,3 +37,14 @@ def test_the_public_api_is_still_there_on_first_use() -> None:
     loaded = _imported_after("import batcher\nassert callable(batcher.run_manifest)\n"
                              "assert batcher.RunResult.__name__ == 'RunResult'")
     assert "batcher.api" in loaded and "asyncpg" not in loaded
+
+
+def test_what_a_run_imports_leaves_out_the_optional_parts() -> None:
+    # A run on a SQLite ledger without webhooks, a bar or file rows: no
+    # PostgreSQL driver, no web server (webhook receiver, simulator), no
+    # webhook signatures, no terminal UI, no audio probing.
+    loaded = _imported_after("import batcher.api\nimport batcher.run.runner")
+    optional = {"asyncpg", "aiohttp.web", "standardwebhooks", "rich", "mutagen",
+                "batcher.simulator.app", "batcher.webhooks.receiver", "batcher.ledger.postgres"}
+    assert "aiohttp" in loaded  # the client it does need
+    assert not loaded & optional, sorted(loaded & optional)
