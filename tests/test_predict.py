@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.run.poll import PREDICTION_MARGIN, SCOUT_STEP, SCOUTS, DelayModel, PollItem
+from batcher.run.delays import PREDICTION_MARGIN, SCOUT_STEP, SCOUTS, DelayModel
+from batcher.run.poll import PollItem
 from batcher.run.predict import EndPredictor, Reading
 
 
