@@ -27,12 +27,15 @@ import aiohttp
 import anyio
 
 from .bandwidth import Bandwidth
+from .breaker import BreakerConfig, Breakers
 from .client import DiffioClient, normalize_base_url
 from .clock import Clock, SystemClock
+from .errors import LedgerError, exit_code_for, find_error
 from .ledger import open_ledger
 from .ledger.base import Ledger
+from .ledger.patient import patient
 from .model import RunInfo, status_counts
-from .ops.logs import REPORT_COUNTS_FAILED, event
+from .ops.logs import LEDGER_CLOSE_FAILED, REPORT_COUNTS_FAILED, event
 from .ratelimit import RateGate
 from .run import Runner, RunResult
 from .run.stats import RunStats
@@ -121,7 +124,9 @@ async def run_job(
     info = RunInfo.start(" ".join(sys.argv[1:]))
     if settings.dry_run:
         return await _dry_run(settings, ledger, stats, info)
-    ledger = ledger or open_ledger(settings.ledger)
+    # Outages of the ledger's database are waited out (up to the patience).
+    ledger = patient(ledger or open_ledger(settings.ledger), clock=clock or SystemClock(),
+                     patience=settings.outage_patience)
     await ledger.open(info, lock=True)
     exit_code: int | None = None
     result: RunResult | None = None
@@ -133,12 +138,23 @@ async def run_job(
     except anyio.get_cancelled_exc_class():
         exit_code = 130
         raise
+    except Exception as exc:
+        # Recorded in the ledger as the command line will exit.
+        found = find_error(exc)
+        if found is not None:
+            exit_code = exit_code_for(found, sent=stats.total_requests > 0)
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             counts = result.counts if result is not None else None
             if counts is None and (settings.report is not None or settings.metrics is not None):
                 counts = await _counts(ledger)
-            await ledger.close(exit_code)
+            try:
+                await ledger.close(exit_code)
+            except LedgerError as err:
+                # The run's own outcome stands; only its end time is not recorded.
+                log.warning("could not record the run's end in the ledger: %s", err,
+                            extra=event(LEDGER_CLOSE_FAILED, error=str(err)))
             if settings.report is not None or settings.metrics is not None:
                 from .ops.report import write_outputs
 
@@ -222,9 +238,10 @@ async def _run(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar()))
         gate = RateGate(settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
+        breakers = Breakers(clock, BreakerConfig(patience=settings.outage_patience))
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
                               timeout=settings.timeout, on_request=stats.on_request,
-                              bandwidth=Bandwidth(settings.max_bandwidth))
+                              bandwidth=Bandwidth(settings.max_bandwidth), breakers=breakers)
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,
                         stats=stats, run_info=info, webhooks=settings.webhooks)
         if receiving is not None:

@@ -17,10 +17,16 @@ The breaker tells an outage from one bad request:
   another failure opens it again with the backoff doubled (up to
   ``max_backoff``).
 
-An outage longer than ``patience`` seconds (measured from the moment the
-breaker opened) ends in :class:`~batcher.errors.ApiUnavailable`, which halts
-the run resumably: rows keep their stages and the same command finishes them
-later.
+An outage longer than ``patience`` seconds (measured from the first failure
+no answer has followed since) ends in :class:`~batcher.errors.ApiUnavailable`,
+which halts the run resumably: rows keep their stages and the same command
+finishes them later. A request that fails while the host has answered
+nobody since the request first failed is marked (``Verdict.outage``, then
+``ApiError.outage``): the run spends none of the row's attempts on it. A
+transport error fails a row only when the rest of the host answers.
+
+:class:`Breakers` holds one breaker per host (the API host, the upload host,
+the storage host of signed URLs), all with the same settings.
 
 Time comes only from the injected :class:`~batcher.clock.Clock`.
 """
@@ -28,19 +34,34 @@ Time comes only from the injected :class:`~batcher.clock.Clock`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import anyio
 
 from batcher.clock import Clock
-from batcher.errors import ApiUnavailable
+from batcher.errors import ApiError, ApiUnavailable, ServerError, TransportError
 from batcher.ops.logs import API_PROBE_FAILED, API_REACHABLE, API_UNREACHABLE, event
 
-__all__ = ["BreakerState", "CircuitBreaker", "Verdict"]
+__all__ = ["BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker", "Verdict",
+           "unanswered"]
 
 log = logging.getLogger(__name__)
+
+
+def unanswered(err: ApiError) -> bool:
+    """Whether ``err`` says the host did not answer (no HTTP answer, or a gateway's)."""
+    if isinstance(err, TransportError):
+        return True
+    return isinstance(err, ServerError) and err.status in (502, 503, 504)
+
+
+# Failing requests remembered by their first failure, at most; past it the
+# memory starts afresh (a request then counts its attempts as usual).
+FIRST_FAILURES_KEPT = 10_000
 
 
 class BreakerState(StrEnum):
@@ -59,10 +80,14 @@ class Verdict:
     a verdict hands the probe on to the next caller.
     """
 
-    __slots__ = ("reachable",)
+    __slots__ = ("outage", "reachable")
 
     def __init__(self) -> None:
         self.reachable: bool | None = None
+        # Set by the breaker on an unreachable verdict: no answer from the
+        # host came since this request first failed, so the failure may be
+        # an outage rather than the request's own.
+        self.outage = False
 
     def answered(self) -> None:
         """The host answered (any HTTP status but a gateway's 502/503/504)."""
@@ -103,6 +128,11 @@ class CircuitBreaker:
         self._failed: set[Hashable] = set()
         self._backoff = backoff
         self._opened_at: float | None = None
+        # The first failure no answer has followed since (None: all answered).
+        self._unanswered_since: float | None = None
+        # When each failing request first failed, and when the host last answered.
+        self._first_failure: dict[Hashable, float] = {}
+        self._answered_at: float | None = None
         self._probe_at = 0.0
         self._changed = anyio.Event()
         self.opened = 0  # how many outages were seen (for operators)
@@ -112,6 +142,15 @@ class CircuitBreaker:
     def down_since(self) -> float | None:
         """Clock time at which the current outage began, or None."""
         return self._opened_at
+
+    def suspects_outage(self) -> bool:
+        """True while a failure stands that no answer has followed: maybe an outage."""
+        return self._unanswered_since is not None
+
+    def _alone_since(self, key: Hashable) -> bool:
+        """Whether no answer came from the host since ``key`` first failed."""
+        first = self._first_failure.get(key)
+        return first is not None and (self._answered_at is None or first >= self._answered_at)
 
     @asynccontextmanager
     async def request(self, key: Hashable) -> AsyncIterator[Verdict]:
@@ -126,30 +165,33 @@ class CircuitBreaker:
             yield verdict
         finally:
             self._settle(key, verdict.reachable, probe=probe)
+            if verdict.reachable is False:
+                verdict.outage = self._alone_since(key)
 
     async def _admit(self) -> bool:
         """Return once sending is allowed; True when this caller is the probe."""
         while True:
-            if self.state is BreakerState.CLOSED:
-                return False
             now = self._clock.now()
-            assert self._opened_at is not None
-            if now - self._opened_at >= self.patience:
+            since = self._unanswered_since
+            if since is not None and now - since >= self.patience:
                 raise ApiUnavailable(
-                    f"the API host {self.host} has not answered for "
-                    f"{now - self._opened_at:.0f} s (patience {self.patience:.0f} s); "
-                    "rows keep their stages: run the same command again to finish",
+                    f"{self.host} has not answered for {now - since:.0f} s "
+                    f"(--outage-patience {self.patience:.0f} s); rows keep their stages: "
+                    "run the same command again to finish",
                     host=self.host,
                 )
+            if self.state is BreakerState.CLOSED:
+                return False
+            assert self._opened_at is not None and since is not None
             if self.state is BreakerState.OPEN and now >= self._probe_at:
                 self.state = BreakerState.HALF_OPEN
                 return True
             if self.state is BreakerState.OPEN:
-                wait = min(self._probe_at, self._opened_at + self.patience) - now
+                wait = min(self._probe_at, since + self.patience) - now
             else:
                 # A probe is out: wait for its verdict, but wake in time to
                 # give up once patience runs out.
-                wait = self._opened_at + self.patience - now
+                wait = since + self.patience - now
             await self._wait(wait)
 
     async def _wait(self, seconds: float) -> None:
@@ -166,8 +208,14 @@ class CircuitBreaker:
             tg.cancel_scope.cancel()
 
     def _settle(self, key: Hashable, reachable: bool | None, *, probe: bool) -> None:
+        now = self._clock.now()
         if reachable is True:
             self._failed.clear()
+            self._unanswered_since = None
+            self._answered_at = now
+            self._first_failure.pop(key, None)
+            if len(self._first_failure) > FIRST_FAILURES_KEPT:
+                self._first_failure.clear()  # rows that failed for good; start afresh
             if self.state is not BreakerState.CLOSED:
                 self._close()
             return
@@ -178,6 +226,7 @@ class CircuitBreaker:
                 self._probe_at = self._clock.now()
                 self._notify()
             return
+        self._first_failure.setdefault(key, now)
         if probe or self.state is not BreakerState.CLOSED:
             if probe and self.state is BreakerState.HALF_OPEN:
                 self._backoff = min(self.max_backoff, self._backoff * 2)
@@ -189,6 +238,8 @@ class CircuitBreaker:
                 self._notify()
             return
         self._failed.add(key)
+        if self._unanswered_since is None:
+            self._unanswered_since = self._clock.now()
         if len(self._failed) >= self.threshold:
             self._open()
 
@@ -222,3 +273,44 @@ class CircuitBreaker:
     def __repr__(self) -> str:
         return (f"CircuitBreaker(host={self.host!r}, state={self.state.value}, "
                 f"failures={len(self._failed)}/{self.threshold}, outages={self.opened})")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """The settings every host's breaker gets (see :class:`CircuitBreaker`)."""
+
+    threshold: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    patience: float = 600.0
+
+
+class Breakers:
+    """One :class:`CircuitBreaker` per host, made on first use."""
+
+    def __init__(self, clock: Clock, config: BreakerConfig | None = None) -> None:
+        self._clock = clock
+        self.config = config or BreakerConfig()
+        self._by_host: dict[str, CircuitBreaker] = {}
+
+    def for_url(self, url: str) -> CircuitBreaker:
+        """The breaker of the host ``url`` goes to (named without credentials)."""
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        breaker = self._by_host.get(host)
+        if breaker is None:
+            c = self.config
+            breaker = CircuitBreaker(self._clock, host=host, threshold=c.threshold,
+                                     backoff=c.backoff, max_backoff=c.max_backoff,
+                                     patience=c.patience)
+            self._by_host[host] = breaker
+        return breaker
+
+    def suspects_outage(self) -> bool:
+        """True while some host has failures no answer has followed."""
+        return any(b.suspects_outage() for b in self._by_host.values())
+
+    def __iter__(self) -> Iterator[CircuitBreaker]:
+        return iter(list(self._by_host.values()))

@@ -12,13 +12,24 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import __version__
-from .errors import BatcherError, ConfigError, LedgerError, LedgerLocked, ManifestError
+from .errors import (
+    BatcherError,
+    ConfigError,
+    LedgerError,
+    LedgerLocked,
+    ManifestError,
+    exit_code_for,
+    find_error,
+)
 from .settings import OPTION_SPECS, Settings, resolve
+
+if TYPE_CHECKING:
+    from .run.stats import RunStats
 
 __all__ = ["build_parser", "main"]
 
@@ -35,7 +46,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "concurrency": "N", "poll_interval": "S", "out": "DIR",
                    "key_namespace": "NS", "api_base": "URL", "price_per_minute": "USD",
                    "max_spend": "USD", "report": "FILE", "metrics": "FILE",
-                   "max_bandwidth": "RATE", "webhook_listen": "HOST:PORT",
+                   "max_bandwidth": "RATE", "outage_patience": "DURATION",
+                   "webhook_listen": "HOST:PORT",
                    "webhook_secret_env": "NAME", "webhook_poll_ceiling": "S",
                    "webhook_events": "ledger"}.get(
                        spec.name, spec.name.upper())
@@ -172,35 +184,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _error(f"--sim-config {args.sim_config}: {exc}")
             return 2
+    from .run.stats import RunStats
+
+    stats = RunStats()
     try:
         progress = "off" if args.quiet else "json" if args.log_json else "auto"
-        result: int = anyio.run(_run_with_signals, settings, sim_config, progress,
+        result: int = anyio.run(_run_with_signals, settings, sim_config, progress, stats,
                                 backend="asyncio")
     except Exception as exc:
-        found = _batcher_error(exc)
+        found = find_error(exc)
+        sent = stats.total_requests > 0
         if found is None:
-            raise
-        if isinstance(found, LedgerLocked):
-            _error(f"{found}; nothing was sent")
-            return 4
-        _error(str(found))
-        return 2 if isinstance(found, ConfigError | ManifestError | LedgerError) else 1
+            if args.verbose >= 2:
+                raise
+            # A bug, not the user's doing; the ledger holds every step taken.
+            _error(f"unexpected {type(exc).__name__}: {exc} (a bug in batcher; the ledger "
+                   "is consistent: run the same command again; -vv shows the traceback)")
+            return 3 if sent else 2
+        return _exit_for(found, sent=sent)
     return result
 
 
-def _batcher_error(exc: BaseException) -> BatcherError | None:
-    """The BatcherError inside ``exc``, unwrapping task groups' ExceptionGroups."""
-    if isinstance(exc, BatcherError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _batcher_error(inner)
-            if found is not None:
-                return found
-    return None
+def _exit_for(found: BatcherError, *, sent: bool) -> int:
+    """Print the one line an error ends the run with; return its exit code.
+
+    Exit 2 says nothing was sent: once requests went out, a ledger failure
+    is a resumable halt (3) like any infrastructure outage.
+    """
+    code = exit_code_for(found, sent=sent)
+    if isinstance(found, LedgerLocked):
+        _error(f"{found}; nothing was sent")
+    elif code == 3 and "run the same command again" not in str(found):
+        _error(f"{found}; rows keep their stages: run the same command again to finish")
+    else:
+        _error(str(found))
+    return code
 
 
-async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) -> int:
+async def _run_with_signals(settings: Settings, sim_config: Any, progress: str,
+                            stats: RunStats) -> int:
     from .api import run_job
     from .ops.report import print_summary
 
@@ -217,7 +239,7 @@ async def _run_with_signals(settings: Settings, sim_config: Any, progress: str) 
     result = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        result = await run_job(settings, sim_config=sim_config, progress=progress)
+        result = await run_job(settings, sim_config=sim_config, progress=progress, stats=stats)
         tg.cancel_scope.cancel()
     if result is None:
         return 130
@@ -268,7 +290,7 @@ def _cmd_webhooks_serve(args: argparse.Namespace) -> int:
         result: int = anyio.run(serve_main, args.ledger, args.listen, args.webhook_secret_env,
                                 backend="asyncio")
     except Exception as exc:
-        found = _batcher_error(exc)
+        found = find_error(exc)
         if found is None:
             raise
         _error(str(found))

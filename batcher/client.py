@@ -44,6 +44,7 @@ import anyio
 import orjson
 
 from batcher.bandwidth import Bandwidth
+from batcher.breaker import Breakers
 from batcher.classify import classify
 from batcher.errors import (
     ApiError,
@@ -55,7 +56,13 @@ from batcher.errors import (
 )
 from batcher.model import UploadSession
 from batcher.ratelimit import RateGate
-from batcher.storage import TRANSPORT_EXCEPTIONS, RequestCallback, Storage, Transport
+from batcher.storage import (
+    TRANSPORT_EXCEPTIONS,
+    RequestCallback,
+    Storage,
+    Transport,
+    judge_answer,
+)
 from batcher.version import USER_AGENT
 
 __all__ = [
@@ -234,6 +241,7 @@ class DiffioClient:
         timeout: float = 60.0,
         on_request: RequestCallback | None = None,
         bandwidth: Bandwidth | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         if not api_key or any(c.isspace() or ord(c) < 32 for c in api_key):
             raise ConfigError("the API key is empty or contains whitespace or control characters")
@@ -254,8 +262,13 @@ class DiffioClient:
         self._gate = gate
         self._api_timeout = aiohttp.ClientTimeout(total=timeout)
         self._transport = Transport(session=session, cap=cap, timeout=timeout, clock=gate.clock,
-                                    on_request=on_request)
+                                    on_request=on_request, breakers=breakers)
         self.storage = Storage(self._transport, bandwidth)
+
+    @property
+    def breakers(self) -> Breakers | None:
+        """The circuit breakers of the hosts this client talks to (None: none)."""
+        return self._transport.breakers
 
     @property
     def base_url(self) -> str:
@@ -451,23 +464,29 @@ class DiffioClient:
         except anyio.WouldBlock:
             await cap.acquire()
         try:
-            await self._wait_turn(endpoint)
-            start = self._gate.clock.now()
-            try:
-                async with self._transport.session.post(
-                    url,
-                    data=data,
-                    headers=self._headers,
-                    timeout=self._api_timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                    headers = resp.headers
-            except TRANSPORT_EXCEPTIONS as exc:
-                self._transport.report(endpoint, None, start)
-                raise self._transport.error(exc, endpoint, secret=self._key_bytes.decode()) from exc
-            self._transport.report(endpoint, status, start)
+            # The same request retried has the same key; different requests
+            # failing together are what opens the host's breaker.
+            async with self._transport.guarded(url, (endpoint, data)) as verdict:
+                await self._wait_turn(endpoint)
+                start = self._gate.clock.now()
+                try:
+                    async with self._transport.session.post(
+                        url,
+                        data=data,
+                        headers=self._headers,
+                        timeout=self._api_timeout,
+                        allow_redirects=False,
+                    ) as resp:
+                        body = await resp.read()
+                        status = resp.status
+                        headers = resp.headers
+                except TRANSPORT_EXCEPTIONS as exc:
+                    verdict.unreachable()
+                    self._transport.report(endpoint, None, start)
+                    raise self._transport.error(
+                        exc, endpoint, secret=self._key_bytes.decode()) from exc
+                judge_answer(verdict, status)
+                self._transport.report(endpoint, status, start)
         finally:
             cap.release()
         if self._key_bytes in body:

@@ -13,19 +13,26 @@ errors around outputs in ``outputs.py``, the databases' in ``ledger/``::
     ├── RowError                 one bad manifest row (row failed: invalidRow)
     ├── LedgerError              the ledger cannot be opened or written
     │   ├── LedgerLocked         another run holds this ledger (exit 4)
-    │   └── TransitionConflict   a compare-and-set matched no row
+    │   ├── TransitionConflict   a compare-and-set matched no row
+    │   ├── LedgerUnreachable    a transient failure: connection lost, server
+    │   │                        restarting, database locked or disk full
+    │   │                        (retryable; the run waits)
+    │   └── LedgerUnavailable    the ledger stayed unreachable longer than the
+    │                            patience (halts the run, exit 3)
     ├── LocalFileError           a local file: source unreadable or changed,
     │   │                        output unwritable (row fails; not the API's doing)
     │   └── OutputPathError      an output path would leave --out
     ├── RunHalted                a local stop: --max-spend reached, --halt-after
-    │                            passed (halts submissions)
-    ├── ApiUnavailable           the API host has been down longer than the
-    │                            patience (halts the run)
+    │   │                        passed (halts submissions)
+    │   └── DiskFull             no space left in --out (halts submissions;
+    │                            finished generations wait for their download)
     ├── DeliveryRefused          one webhook delivery refused (never stops the
     │   │                        receiver); carries reason and http_status
     │   ├── VerificationError    headers, timestamp or signature do not hold
     │   └── EventError           signed, but not a generation event we understand
     └── ApiError                 anything the Diffio API or the network did
+        ├── ApiUnavailable       the API host has been down longer than the
+        │                        patience (halts the run; no row fails)
         ├── TransportError       no HTTP answer: connect, reset, timeout (retryable)
         ├── DecodeError          an answer that is not the JSON we need (retryable)
         ├── InvalidRequest       the request body cannot be encoded; nothing sent
@@ -69,10 +76,13 @@ __all__ = [
     "Conflict",
     "DecodeError",
     "DeliveryRefused",
+    "DiskFull",
     "EventError",
     "InvalidRequest",
     "LedgerError",
     "LedgerLocked",
+    "LedgerUnavailable",
+    "LedgerUnreachable",
     "ListenAddressError",
     "LocalFileError",
     "ManifestError",
@@ -92,8 +102,40 @@ __all__ = [
     "UrlExpired",
     "VerificationError",
     "WebhookSecretError",
+    "exit_code_for",
+    "find_error",
     "redact",
 ]
+
+
+def find_error(exc: BaseException) -> BatcherError | None:
+    """The BatcherError ``exc`` is or holds (task groups wrap errors in ExceptionGroups)."""
+    if isinstance(exc, BatcherError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def exit_code_for(err: BatcherError, *, sent: bool) -> int:
+    """The exit code a run that ended with ``err`` has; ``sent``: requests went out.
+
+    4: another run holds the ledger. 3: a resumable halt, which is what any
+    infrastructure failure is once something was sent. 2: nothing was sent
+    (flags, manifest, a ledger that cannot be opened). 1: anything else.
+    """
+    if isinstance(err, LedgerLocked):
+        return 4
+    if err.halts_run or err.halts_submissions:
+        return 3
+    if isinstance(err, LedgerError) and sent:
+        return 3
+    if isinstance(err, ConfigError | ManifestError | LedgerError):
+        return 2
+    return 1
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -171,6 +213,31 @@ class TransitionConflict(LedgerError):
         )
 
 
+class LedgerUnreachable(LedgerError):
+    """A transient ledger failure: the connection dropped, the server is
+    restarting or shutting down, the database is locked, or its disk is full.
+
+    The same write may succeed a moment later; the run waits for it (up to
+    its patience) instead of failing anything. The message names the ledger
+    (a URL without its password, or the file).
+    """
+
+    retryable = True
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger stayed unreachable longer than the run's patience.
+
+    Infrastructure, not a row's fault: no row fails; the run halts (exit 3)
+    and the same command resumes it once the ledger is back. What the API
+    answered but could not be written is answered again (a free replay).
+    """
+
+    halts_submissions = True
+    halts_run = True
+    code = "ledgerUnavailable"
+
+
 class LocalFileError(BatcherError):
     """A local file problem: the row fails, nothing is retried.
 
@@ -212,21 +279,20 @@ class RunHalted(BatcherError):
         super().__init__(message)
 
 
-class ApiUnavailable(BatcherError):
-    """The API host did not answer for longer than the run's patience.
+class DiskFull(RunHalted):
+    """No space left on the device of ``--out`` (or a quota reached).
 
-    Infrastructure, not a row's fault: no row fails; the run halts (exit 3)
-    and the same command resumes it once the host is back.
+    Not the row's fault: submissions stop at once (no generation is bought
+    that could not be saved), rows whose generation is done stay waiting
+    for their download, and the run exits 3; the same command finishes them
+    once space is freed. ``folder`` is where space is needed, ``needed`` the
+    bytes the failed download wanted (None when unknown).
     """
 
-    halts_submissions = True
-    halts_run = True
-    code = "apiUnavailable"
-
-    def __init__(self, message: str, *, host: str) -> None:
-        self.message = message
-        self.host = host
-        super().__init__(message)
+    def __init__(self, message: str, *, folder: str, needed: int | None) -> None:
+        super().__init__(message, code="diskFull")
+        self.folder = folder
+        self.needed = needed
 
 
 class ApiError(BatcherError):
@@ -238,6 +304,10 @@ class ApiError(BatcherError):
     """
 
     code: str = "apiError"
+    # Set by the transport: the host gave no answer, and none to any other
+    # request either since this one first failed (maybe an outage, not the
+    # request's fault). The run then spends none of the row's attempts on it.
+    outage: bool = False
 
     def __init__(
         self,
@@ -268,6 +338,23 @@ class ApiError(BatcherError):
     def to_record(self) -> dict[str, Any]:
         """The ``error`` object written to the ledger and the export."""
         return {"code": self.code, "message": self.message, "httpStatus": self.http_status}
+
+
+class ApiUnavailable(ApiError):
+    """The API host did not answer for longer than the run's patience.
+
+    Infrastructure, not a row's fault: no row fails; the run halts (exit 3)
+    and the same command resumes it once the host is back. ``host`` names
+    the host (never a URL with credentials).
+    """
+
+    halts_submissions = True
+    halts_run = True
+    code = "apiUnavailable"
+
+    def __init__(self, message: str, *, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 class TransportError(ApiError):

@@ -7,11 +7,10 @@ time, as its bounded streams make room (back-pressure from the workers).
 
 from __future__ import annotations
 
-import hashlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -20,10 +19,10 @@ from .keys import (
     FileSource,
     ProjectSource,
     RowIdAssigner,
-    canonical_json,
     derive_key,
     derive_row_id,
-    normalize_model,
+    request_digest,
+    request_group,
     sha256_file,
 )
 from .manifest import ManifestRow, open_manifest
@@ -31,7 +30,7 @@ from .model import Kind, NewRow
 from .outputs import resolve_output
 from .settings import Settings
 
-__all__ = ["Intake", "intake_batches", "intake_row", "invalid_row"]
+__all__ = ["Intake", "OutputClaims", "intake_batches", "intake_row", "invalid_row"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +49,32 @@ class Intake:
                    namespace=settings.key_namespace, out=settings.out)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj)).hexdigest()[:32]
+class OutputClaims:
+    """Explicit outputs given out so far in one manifest: two rows never share one.
+
+    Paths compare as they resolve under ``--out`` (``a/../x.mp3`` is
+    ``x.mp3``). Only explicit outputs are kept (default names are unique by
+    construction, see :func:`batcher.outputs.default_output_rel`), so memory
+    grows with the rows that name one.
+    """
+
+    __slots__ = ("_lines",)
+
+    def __init__(self) -> None:
+        self._lines: dict[str, int] = {}
+
+    def claim(self, resolved: str, line: int) -> int | None:
+        """Give ``resolved`` to the row at ``line``; the line that has it already, if any."""
+        first = self._lines.setdefault(os.path.normcase(resolved), line)
+        return None if first == line else first
 
 
-def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner) -> NewRow:
+def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner,
+               outputs: OutputClaims | None = None) -> NewRow:
     """A valid manifest row as a NewRow (hashing its file if it has one).
 
     Raises RowError for problems only visible now (unreadable file, unsafe
-    output path).
+    output path, an output another row of the manifest names already).
     """
     model = row.model or ctx.model
     sampling = dict(row.sampling)
@@ -85,9 +101,15 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner) -> NewRow
             raise RowError("output is only for file rows", path=path, line=row.line,
                            field="output")
         try:
-            resolve_output(ctx.out, row.output)
+            resolved = resolve_output(ctx.out, row.output)
         except OutputPathError as exc:
             raise RowError(str(exc), path=path, line=row.line, field="output") from None
+        first = outputs.claim(str(resolved), row.line) if outputs is not None else None
+        if first is not None:
+            raise RowError(
+                f"output {row.output!r} is already the output of row {first}; two rows never "
+                "share an output: give this row another one", path=path, line=row.line,
+                field="output")
     key = row.idempotency_key or derive_key(
         model=model, source=source, sampling=sampling, params=params, namespace=ctx.namespace
     )
@@ -97,8 +119,6 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner) -> NewRow
     )
     row_id = assigner.assign(base_id)
     source_id = f"project:{row.api_project_id}" if row.kind != "file" else f"sha256:{sha}"
-    request = {"model": normalize_model(model), "source": source_id,
-               "sampling": sampling, "params": params}
     return NewRow(
         row_id=row_id,
         line=row.line,
@@ -115,10 +135,10 @@ def intake_row(row: ManifestRow, ctx: Intake, assigner: RowIdAssigner) -> NewRow
         # returned mimeType and is made at download time.
         output_rel=row.output,
         explicit_key=row.idempotency_key is not None,
-        request_digest=_digest(request),
-        # The API's identity of a generation is (key, project). Derived keys
-        # already hash the source; an explicit key needs it added.
-        group=f"{key}|{source_id}",
+        request_digest=request_digest(model=model, source_id=source_id, sampling=sampling,
+                                      params=params),
+        # The API's identity of a generation is (key, project); see request_group.
+        group=request_group(key, source_id),
     )
 
 
@@ -138,12 +158,13 @@ def invalid_row(err: RowError, model: str) -> NewRow:
 def _iterate(ctx: Intake) -> Iterator[NewRow]:
     manifest = open_manifest(ctx.manifest)
     assigner = RowIdAssigner()
+    outputs = OutputClaims()
     for item in manifest:
         if isinstance(item, RowError):
             yield invalid_row(item, ctx.model)
             continue
         try:
-            yield intake_row(item, ctx, assigner)
+            yield intake_row(item, ctx, assigner, outputs)
         except RowError as err:
             yield invalid_row(err, item.model or ctx.model)
 

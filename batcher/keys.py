@@ -39,6 +39,8 @@ __all__ = [
     "derive_key",
     "derive_row_id",
     "normalize_model",
+    "request_digest",
+    "request_group",
     "sha256_file",
 ]
 
@@ -204,6 +206,28 @@ def derive_row_id(
     }
     digest = hashlib.sha256(canonical_json(payload)).hexdigest()
     return ROW_ID_PREFIX + digest[:_ROW_ID_HEX]
+
+
+def request_digest(*, model: str, source_id: str, sampling: Mapping[str, Any],
+                   params: Mapping[str, Any]) -> str:
+    """What a request asks for (model, source, sampling, params), as 32 hex digits.
+
+    ``source_id`` is ``sha256:<hex>`` of a file's bytes or ``project:<id>``.
+    Two rows with one key but different digests ask for different things.
+    """
+    request = {"model": normalize_model(model), "source": source_id,
+               "sampling": sampling, "params": params}
+    return hashlib.sha256(canonical_json(request)).hexdigest()[:32]
+
+
+def request_group(key: str, source_id: str) -> str:
+    """The identity of one logical request at the API: its key and its source.
+
+    Derived keys already hash the source; an explicit key needs it added.
+    Rows of one group are one request: one of them sends it, the others
+    follow (see :mod:`batcher.run.followers`).
+    """
+    return f"{key}|{source_id}"
 
 
 def _hash64(text: str) -> int:

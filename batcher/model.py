@@ -74,7 +74,11 @@ ACTIVE_STAGES: frozenset[Stage] = frozenset(
 # The legal moves. A same-stage move updates fields (attempts, apiStatus,
 # a retryable error) without changing where the row is.
 LEGAL_MOVES: Mapping[Stage, frozenset[Stage]] = {
-    Stage.PENDING: frozenset({Stage.PENDING, Stage.PROJECT_CREATED, Stage.SUBMITTED, Stage.FAILED}),
+    # PENDING -> UPLOADED/SUBMITTED/FAILED also: a duplicate takes over the
+    # request of the row it followed (its key and project; see run.followers).
+    Stage.PENDING: frozenset(
+        {Stage.PENDING, Stage.PROJECT_CREATED, Stage.UPLOADED, Stage.SUBMITTED, Stage.FAILED}
+    ),
     # PROJECT -> PROJECT also covers "upload URL expired: fresh project".
     Stage.PROJECT_CREATED: frozenset(
         {Stage.PROJECT_CREATED, Stage.UPLOADED, Stage.PENDING, Stage.FAILED}
@@ -311,9 +315,21 @@ class Update(TypedDict, total=False):
     attempts_delta: int  # added to attempts
     polls_delta: int  # added to polls
     leader_row_id: str | None
+    # What the manifest row asks for: set together when the row's request
+    # changes under its row id (a new request, see batcher.run.resume).
+    kind: Kind
+    model_key: str
+    sampling: Mapping[str, Any]
+    params: Mapping[str, Any]
+    source_path: str | None
+    output_rel: str | None
+    explicit_key: bool
+    request_digest: str
+    group: str | None  # stored in the column group_key
 
 
-# The Update keys that set a column of the same name (the deltas add instead).
+# The Update keys that set a column (the deltas add instead); ``group`` sets
+# ``group_key``.
 UPDATE_COLUMNS: frozenset[str] = frozenset(Update.__optional_keys__) - {
     "attempts_delta",
     "polls_delta",

@@ -2,7 +2,7 @@
 
 Where: an output path is relative to ``--out`` and never leaves it
 (:func:`resolve_output`, checked again at write time); a file row that names
-none gets ``<source stem>.restored<ext>`` (:func:`default_output_for`).
+none gets ``<source name>.restored<ext>`` (:func:`default_output_for`).
 
 How: an output appears under its final name only when complete — written to
 a temporary file beside it, fsynced, renamed, and the rename made durable
@@ -18,6 +18,7 @@ import hashlib
 import logging
 import mimetypes
 import os
+import re
 from collections.abc import Awaitable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, TypeVar
@@ -40,6 +41,7 @@ __all__ = [
     "fetch_to_file",
     "output_intact",
     "resolve_output",
+    "row_tag",
     "temp_path",
     "write_bytes_atomically",
 ]
@@ -63,17 +65,52 @@ def extension_for(mime_type: str | None) -> str:
     return _PREFERRED.get(base) or mimetypes.guess_extension(base) or ".bin"
 
 
-def default_output_rel(file_rel: str, mime_type: str | None) -> str:
-    """``sub/take.wav`` -> ``sub/take.restored.mp3``.
+# Where the default outputs of sources outside the manifest's folder go.
+OUTSIDE_FOLDER = "_outside"
 
-    A source outside the manifest's folder (``../x.wav``, absolute) keeps only
-    its name, so the default never points outside ``--out``.
+
+def default_output_rel(file_rel: str, mime_type: str | None, tag: str = "") -> str:
+    """``sub/take.wav`` -> ``sub/take.wav.restored.mp3``: a pure function of the path.
+
+    The whole file name is kept, so ``take.wav`` and ``take.flac`` beside it
+    get two outputs; as it depends on nothing but the source's path, a
+    row's default output is the same on every run and in any row order. A
+    source outside the manifest's folder (``../x.wav``, absolute) goes to
+    ``_outside/<folder name>-<8 hex digits>/``, the digits a hash of its
+    folder as written, so ``/rec/day1/take1.wav`` and ``/rec/day2/take1.wav``
+    stay apart and the default never points outside ``--out``. ``tag``
+    (see :func:`row_tag`) goes between the name and ``.restored``.
     """
     rel = PurePosixPath(file_rel.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts:
-        rel = PurePosixPath(rel.name)
-    stem = rel.name.rsplit(".", 1)[0] if "." in rel.name[1:] else rel.name
-    return str(rel.with_name(f"{stem}.restored{extension_for(mime_type)}"))
+        parent = str(rel.parent)
+        digest = hashlib.sha256(parent.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in rel.parent.name)
+        folder = f"{name.strip('.') or 'root'}-{digest}"
+        rel = PurePosixPath(OUTSIDE_FOLDER, folder, rel.name)
+    return str(rel.with_name(f"{rel.name}{tag}.restored{extension_for(mime_type)}"))
+
+
+_DERIVED_ID = re.compile(r"r-[0-9a-f]{20}(~[0-9]+)?")
+_TAG_MAX = 64
+
+
+def row_tag(row_id: str) -> str:
+    """What tells apart the default outputs of rows that name one file.
+
+    A derived row id follows the file's path and request, so only a repeat
+    of the same row (``~2``) needs its suffix; an explicit ``id`` is kept,
+    made safe for a file name (``.job-1``), so rows that name one file under
+    ids of their own get outputs of their own.
+    """
+    derived = _DERIVED_ID.fullmatch(row_id)
+    if derived:
+        return derived.group(1) or ""
+    safe = "".join(c if c.isalnum() or c in "-_~" else "_" for c in row_id)[:_TAG_MAX]
+    if len(row_id) > _TAG_MAX or safe != row_id:
+        # Made safe or cut: add a hash, so two ids never end up as one tag.
+        safe = f"{safe}-{hashlib.sha256(row_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return f".{safe}"
 
 
 def resolve_output(out: Path, rel: str) -> Path:
@@ -111,7 +148,7 @@ def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None
     """The output path, relative to ``--out``, of a file row that names none."""
     assert row.source_path is not None
     rel = os.path.relpath(row.source_path, manifest_dir).replace(os.sep, "/")
-    return default_output_rel(rel, mime_type)
+    return default_output_rel(rel, mime_type, row_tag(row.row_id))
 
 
 def temp_path(final: Path, row_id: str) -> Path:

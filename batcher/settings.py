@@ -17,7 +17,8 @@ from .bandwidth import parse_rate
 from .errors import ConfigError
 from .models import DEFAULT_MODEL
 
-__all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings", "resolve"]
+__all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings",
+           "parse_duration", "resolve"]
 
 DEFAULT_BASE_URL = "https://api.diffio.ai/v1"
 
@@ -66,6 +67,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                "outlive its last heartbeat before other hosts take its rows over"),
     OptionSpec("max_bandwidth", str, None, "most bytes per second for uploads and downloads "
                "together, with a K, M or G suffix (512K, 10M) [no cap]"),
+    OptionSpec("outage_patience", str, "10m", "how long the API host or the ledger may stay "
+               "unreachable before the run halts resumably (exit 3); seconds, or with an "
+               "s, m or h suffix (90s, 10m)"),
     OptionSpec("webhook_listen", str, None, "receive the API's signed generation events on "
                "HOST:PORT (a bare PORT binds 127.0.0.1) for the run's duration; polls "
                "become a safety net [off]"),
@@ -110,6 +114,8 @@ class Settings:
     lease_ttl: float = 15.0
     # Bytes per second for file transfers, up and down together (None: no cap).
     max_bandwidth: float | None = None
+    # Seconds an outage (API host, ledger) is waited out before exit 3.
+    outage_patience: float = 600.0
     # --webhook-listen HOST:PORT (None: webhooks off) and the name of the
     # variable holding the secret; the secret itself is never a setting.
     webhook_listen: str | None = None
@@ -244,6 +250,10 @@ def resolve(
         max_bandwidth = None if bandwidth in (None, "") else parse_rate(str(bandwidth))
     except ValueError as exc:
         raise ConfigError(f"--max-bandwidth: {exc}") from None
+    try:
+        outage_patience = parse_duration(str(values.pop("outage_patience")))
+    except ValueError as exc:
+        raise ConfigError(f"--outage-patience: {exc}") from None
     settings = Settings(
         manifest=manifest,
         ledger=ledger,
@@ -256,6 +266,7 @@ def resolve(
         report=Path(report) if report else None,
         metrics=Path(metrics) if metrics else None,
         max_bandwidth=max_bandwidth,
+        outage_patience=outage_patience,
         job_file=job_file,
         **values,
     )
@@ -266,6 +277,23 @@ def resolve(
 
         load_secret(settings.webhook_secret_env, environ=env)
     return settings
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m`` or ``1.5h`` (ValueError otherwise)."""
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in ("s", "m", "h") else ""
+    number = raw[: len(raw) - len(unit)].strip()
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use seconds, or 90s, 10m, 1h)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"not a duration: {text!r}")
+    return seconds
 
 
 def _validate(s: Settings) -> None:

@@ -23,7 +23,8 @@ become batcher's ``ApiError``s (:meth:`Transport.error`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -35,6 +36,7 @@ import orjson
 from aiohttp import http_exceptions
 
 from batcher.bandwidth import Bandwidth
+from batcher.breaker import Breakers, Verdict
 from batcher.classify import error_text, parse_retry_after
 from batcher.clock import Clock
 from batcher.errors import (
@@ -62,6 +64,7 @@ __all__ = [
     "Transport",
     "UploadStarted",
     "check_file_size",
+    "judge_answer",
 ]
 
 RequestCallback = Callable[[str, int | None, float], None]
@@ -109,9 +112,32 @@ class Transport:
     timeout: float
     clock: Clock
     on_request: RequestCallback | None = None
+    # One circuit breaker per host (None: no breaker, every failure is the
+    # request's own).
+    breakers: Breakers | None = None
 
     def __repr__(self) -> str:
         return f"Transport(timeout={self.timeout})"
+
+    @asynccontextmanager
+    async def guarded(self, url: str, key: Hashable) -> AsyncIterator[Verdict]:
+        """Wait until ``url``'s host may be sent to; the caller gives the verdict.
+
+        Raises :class:`~batcher.errors.ApiUnavailable` once the host has been
+        down longer than the patience.
+        """
+        if self.breakers is None:
+            yield Verdict()
+            return
+        verdict: Verdict | None = None
+        try:
+            async with self.breakers.for_url(url).request(key) as verdict:
+                yield verdict
+        except ApiError as err:
+            # The breaker's judgement travels with the error, for the retry decision.
+            if verdict is not None and verdict.outage:
+                err.outage = True
+            raise
 
     def report(self, endpoint: str, status: int | None, start: float) -> None:
         """One exchange ended (``status`` None: no answer); ``start`` from :attr:`clock`."""
@@ -270,7 +296,7 @@ class Storage:
             total=None, sock_connect=self._transport.timeout, sock_read=self._transport.timeout
         )
         bandwidth = self._bandwidth
-        async with self._transport.cap:
+        async with self._transport.cap, self._transport.guarded(url, url) as verdict:
             start = self._transport.clock.now()
             status: int | None = None
             try:
@@ -278,6 +304,7 @@ class Storage:
                     url, timeout=timeout, headers={"User-Agent": USER_AGENT}
                 ) as resp:
                     status = resp.status
+                    judge_answer(verdict, status)
                     if not 200 <= status < 300:
                         body = await resp.content.read(_ERROR_BODY_LIMIT)
                         raise _storage_error(status, resp.headers, body, endpoint)
@@ -286,6 +313,7 @@ class Storage:
                             await bandwidth.take(len(chunk))
                         await write(chunk)
             except TRANSPORT_EXCEPTIONS as exc:
+                verdict.unreachable()
                 self._transport.report(endpoint, None, start)
                 raise self._transport.error(exc, endpoint) from exc
             except BatcherError:
@@ -316,7 +344,7 @@ class Storage:
         connection error aiohttp wraps it in.
         """
         transport = self._transport
-        async with transport.cap:
+        async with transport.cap, transport.guarded(url, (method, url)) as verdict:
             start = transport.clock.now()
             try:
                 async with transport.session.request(
@@ -324,6 +352,7 @@ class Storage:
                     allow_redirects=False,
                 ) as resp:
                     status = resp.status
+                    judge_answer(verdict, status)
                     body = b""
                     if not 200 <= status < 300:
                         body = await resp.content.read(_ERROR_BODY_LIMIT)
@@ -335,12 +364,25 @@ class Storage:
                 cause = exc.__cause__
                 if isinstance(cause, BatcherError):
                     raise cause from None
+                verdict.unreachable()
                 raise transport.error(exc, endpoint) from exc
             except BatcherError:
                 transport.report(endpoint, None, start)
                 raise
             transport.report(endpoint, status, start)
         return status, resp_headers, body
+
+
+# A gateway's answers: the host behind it did not answer.
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def judge_answer(verdict: Verdict, status: int) -> None:
+    """An HTTP answer: the host is up, unless a gateway says the host behind it is not."""
+    if status in GATEWAY_STATUSES:
+        verdict.unreachable()
+    else:
+        verdict.answered()
 
 
 def _edge_headers(session: UploadSession) -> dict[str, str]:

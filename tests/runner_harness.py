@@ -10,6 +10,7 @@ every task waits.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import anyio
 from fakeclock import FakeClock
 
 from batcher.bandwidth import Bandwidth
+from batcher.breaker import Breakers
 from batcher.client import DiffioClient
 from batcher.ledger import MemoryLedger
 from batcher.model import RunInfo
@@ -54,9 +56,14 @@ class Job:
         return replace(base, **changes)
 
     async def run(self, *, key: str = KEY, ledger: Any = None,
-                  stop_when: Callable[[], bool] | None = None, **changes: Any
+                  stop_when: Callable[[], bool] | None = None, base_url: str | None = None,
+                  breakers: Breakers | None = None, **changes: Any
                   ) -> RunResult | None:
-        """One run to its end; None when ``stop_when`` came true first and it was cancelled."""
+        """One run to its end; None when ``stop_when`` came true first and it was cancelled.
+
+        ``base_url`` replaces the simulator's (a proxy in front of it);
+        ``breakers`` are the client's circuit breakers (None: none).
+        """
         settings = self.settings(**changes)
         ledger = ledger if ledger is not None else self.ledger
         stats = RunStats()
@@ -64,9 +71,11 @@ class Job:
         cap = anyio.CapacityLimiter(settings.concurrency)
         assert self.sim.base_url is not None
         async with aiohttp.ClientSession() as session:
-            client = DiffioClient(session, self.sim.base_url, key, gate=gate, cap=cap,
-                                  timeout=settings.timeout, on_request=stats.on_request,
-                                  bandwidth=Bandwidth(settings.max_bandwidth))
+            client = DiffioClient(session, base_url or self.sim.base_url, key, gate=gate,
+                                  cap=cap, timeout=settings.timeout,
+                                  on_request=stats.on_request,
+                                  bandwidth=Bandwidth(settings.max_bandwidth),
+                                  breakers=breakers)
             runner = Runner(settings, ledger, client, gate=gate, clock=self.clock,
                             rng=random.Random(7), stats=stats, wall=self.clock,
                             run_info=RunInfo.start("test"))
@@ -91,6 +100,59 @@ class Job:
         return [row async for row in self.ledger.rows()]
 
 
+class LoopProxy:
+    """A TCP proxy to ``port`` on this event loop; ``down()`` refuses and cuts connections.
+
+    For in-process runs on the fake clock: the API host goes away and comes
+    back while the runner's breakers wait on fake time.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def url(self, base_url: str) -> str:
+        """``base_url`` (the simulator's) through this proxy."""
+        return base_url.replace(f":{self.target}/", f":{self.port}/")
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def down(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._open.discard(writer)
+        self._open.discard(up_writer)
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     """Return once ``predicate()`` is true, checking every half millisecond of real time."""
     while True:
@@ -100,14 +162,16 @@ async def until(predicate: Callable[[], bool]) -> None:
 
 
 @asynccontextmanager
-async def job_maker(tmp_path: Path, *, model: str = DEFAULT_MODEL
+async def job_maker(tmp_path: Path, *, model: str = DEFAULT_MODEL, grace: float = 0.0005
                     ) -> AsyncIterator[Callable[..., Awaitable[Job]]]:
     """``job = await make(manifest_text, sim_config, shared=False, api=None)``: the
     simulator serves in this process until the block ends, and the clock
     autojumps. It serves the API generation that serves ``model``, as ``run
-    --simulate`` picks it, unless ``api`` names one."""
+    --simulate`` picks it, unless ``api`` names one. ``grace``: real seconds the
+    clock lets I/O on its way arrive before it jumps (more for runs where
+    everyone waits on one request through a proxy, as a breaker's probe)."""
     clock = FakeClock(T0)
-    async with clock.autojump(), anyio.create_task_group() as tg:
+    async with clock.autojump(grace), anyio.create_task_group() as tg:
         stops: list[anyio.Event] = []
 
         async def make(text: str, config: SimConfig | None = None, *,

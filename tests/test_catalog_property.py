@@ -49,6 +49,7 @@ from conftest import export_records, kill_repeatedly, run_batcher, start_simulat
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from batcher.models import DEFAULT_MODEL
 from batcher.simulator import logical_request_key, restored_audio
 
 pytestmark = pytest.mark.slow
@@ -169,7 +170,7 @@ class CatalogModel:
         source, prompt, seed = request
         _, _, value = source.partition(":")
         # An apiProjectId row's project holds no upload: its id is its source.
-        return logical_request_key("diffio-3.5", value, {"seed": seed}, {"prompt": prompt})
+        return logical_request_key(DEFAULT_MODEL, value, {"seed": seed}, {"prompt": prompt})
 
 
 # ---------------------------------------------------- what can change a night
@@ -427,8 +428,6 @@ def check_charges(model: CatalogModel, stats: dict[str, Any]) -> None:
     assert len(model.needed) <= stats["charges"] <= len(model.needed | model.maybe)
 
 
-@pytest.mark.xfail(strict=False, reason="issue: catalog changes between runs break the "
-                   "pay-once and restore-right promise (see tests/test_catalog_breaches.py)")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM,
           **({} if RANDOM else {"database": None}),
           phases=[p for p in Phase if SHRINK or p not in (Phase.shrink, Phase.explain)],

@@ -214,12 +214,12 @@ def test_crash_campaign_on_file_rows_outputs_match_inputs(tmp_path: Path, simula
     assert count_statuses(records) == {"complete": 36}
     out = tmp_path / "m.out"
     for path, rec in zip(files, records, strict=True):
-        expected = out / path.relative_to(tmp_path).with_suffix(".restored.mp3")
+        expected = out / path.relative_to(tmp_path).with_name(path.name + ".restored.mp3")
         assert rec["output"] == str(expected)
         assert expected.read_bytes() == restored_audio(path.read_bytes()), expected
     # Nothing half-written is left behind, under a final name or a temp one.
     assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(
-        out / p.relative_to(tmp_path).with_suffix(".restored.mp3") for p in files)
+        out / p.relative_to(tmp_path).with_name(p.name + ".restored.mp3") for p in files)
     stats = sim.stats()
     assert stats["extra_charges"] == 0
     assert stats["generations_created"] == 36 and stats["charges"] == 36

@@ -53,7 +53,7 @@ def test_nested_files_restored_into_mirrored_folders(tmp_path: Path, simulator: 
     records = export_records(tmp_path / "m.ledger.sqlite")
     assert len(records) == len(NESTED)
     for (rel, _), rec in zip(NESTED, records, strict=True):
-        expected = out / rel.replace(".wav", ".restored.mp3")
+        expected = out / (rel + ".restored.mp3")
         assert rec["status"] == "complete" and rec["output"] == str(expected)
         data = expected.read_bytes()
         assert data == restored_audio((tmp_path / rel).read_bytes())
@@ -66,13 +66,13 @@ def test_nested_files_restored_into_mirrored_folders(tmp_path: Path, simulator: 
     assert stats["signed_url_requests_with_key"] == 0
 
     # Resume: a deleted and a corrupted output are downloaded again, not generated.
-    (out / "four.restored.mp3").unlink()
-    (out / "a/one.restored.mp3").write_bytes(b"corrupt")
+    (out / "four.wav.restored.mp3").unlink()
+    (out / "a/one.wav.restored.mp3").write_bytes(b"corrupt")
     again = run_batcher(*args_for(manifest, sim))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (out / "four.restored.mp3").read_bytes() == restored_audio(
+    assert (out / "four.wav.restored.mp3").read_bytes() == restored_audio(
         (tmp_path / "four.wav").read_bytes())
-    assert (out / "a/one.restored.mp3").read_bytes() == restored_audio(
+    assert (out / "a/one.wav.restored.mp3").read_bytes() == restored_audio(
         (tmp_path / "a/one.wav").read_bytes())
     after = sim.stats()
     assert after["charges"] == 6 and after["generations_created"] == 6
@@ -86,7 +86,7 @@ def test_identical_files_share_one_generation(tmp_path: Path, simulator: Any) ->
     records = export_records(tmp_path / "m.ledger.sqlite")
     assert records[0]["generationId"] == records[1]["generationId"]
     assert Path(records[1]["output"]).read_bytes() == Path(records[0]["output"]).read_bytes()
-    assert records[1]["output"].endswith("copy/one.restored.mp3")
+    assert records[1]["output"].endswith("copy/one.wav.restored.mp3")
     stats = sim.stats()
     assert stats["projects_created"] == 1 and stats["charges"] == 1
 

@@ -323,6 +323,31 @@ async def test_a_retired_row_does_not_lead(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_row_holding_its_request_leads_whatever_its_line(backend: Backend) -> None:
+    # Last run: r5 sent the group's request (and r6, of another group, only
+    # waits). Tonight a new r1 of r5's group comes first, and a new r2 of r6's.
+    led = await backend.open()
+    await led.import_rows([new_row(5, group="g"), new_row(6, group="h")])
+    await led.transition("r5", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g5"},
+                         event="submitted")
+    await led.close(0)
+    led = await backend.open()
+    got = await led.import_rows([new_row(1, group="g"), new_row(2, group="h"),
+                                 new_row(5, group="g"), new_row(6, group="h")])
+    # r1 follows the holder wherever it stands; r2 leads, as r6 holds nothing
+    # and is not above it in this manifest.
+    assert [r.leader_row_id for r in got[:2]] == ["r5", None]
+    assert [r.row_id for r in await led.group_rows("g")] == ["r1", "r5"]
+    # Moving a row to another group moves it in group_rows too.
+    (r1,) = [r for r in got if r.row_id == "r1"]
+    await led.transition("r1", Stage.PENDING, Stage.PENDING, {"group": "k", "leader_row_id": None},
+                         event="requestChanged", current=r1)
+    assert [r.row_id for r in await led.group_rows("g")] == ["r5"]
+    assert [r.row_id for r in await led.group_rows("k")] == ["r1"]
+    await led.close(0)
+
+
+@pytest.mark.anyio
 async def test_invalid_rows_are_imported_failed_with_their_error(ledger: Ledger) -> None:
     got = await ledger.import_rows(
         [
@@ -428,15 +453,15 @@ async def test_illegal_moves_are_refused_and_change_nothing(ledger: Ledger) -> N
 @pytest.mark.anyio
 async def test_expect_set_is_checked_against_the_actual_stage(ledger: Ledger) -> None:
     await ledger.import_rows([new_row(1), new_row(2)])
-    await drive(ledger, "r2", Stage.PROJECT_CREATED)
-    # UPLOADED is legal from PROJECT but not from PENDING
-    either = frozenset({Stage.PENDING, Stage.PROJECT_CREATED})
+    await drive(ledger, "r2", Stage.SUBMITTED)
+    # GENERATED is legal from SUBMITTED but not from PENDING
+    either = frozenset({Stage.PENDING, Stage.SUBMITTED})
     with pytest.raises(LedgerError, match="illegal") as info:
-        await ledger.transition("r1", either, Stage.UPLOADED, event="x")
+        await ledger.transition("r1", either, Stage.GENERATED, event="x")
     assert not isinstance(info.value, TransitionConflict)
-    row = await ledger.transition("r2", either, Stage.UPLOADED, event="x")
-    assert row.stage is Stage.UPLOADED
-    assert (await ledger.events("r2"))[-1].from_stage is Stage.PROJECT_CREATED
+    row = await ledger.transition("r2", either, Stage.GENERATED, event="x")
+    assert row.stage is Stage.GENERATED
+    assert (await ledger.events("r2"))[-1].from_stage is Stage.SUBMITTED
 
 
 @pytest.mark.anyio
@@ -489,6 +514,15 @@ FULL_UPDATE: Update = {
     "upload_id": "upl-1",
     "queue_position": 4,
     "error": {"code": "serverError", "message": "boom", "httpStatus": 503},
+    "kind": Kind.FILE,
+    "model_key": "diffio-4.6-flash",
+    "sampling": {"seed": 2},
+    "params": {"prompt": "less hiss"},
+    "source_path": "/src/new.wav",
+    "output_rel": "mix/new.mp3",
+    "explicit_key": True,
+    "request_digest": "d2",
+    "group": "k2|sha256:aa",
     "attempts_delta": 3,
     "polls_delta": 2,
 }
@@ -651,12 +685,7 @@ async def test_transition_with_current_sets_every_update_column(ledger: Ledger) 
             assert getattr(moved, key) == value, key
     assert (moved.attempts, moved.polls, moved.stage) == (3, 2, Stage.PROJECT_CREATED)
     # the fields no update names are the caller's copy's
-    assert (moved.sampling, moved.params, moved.line, moved.created_at) == (
-        row.sampling,
-        row.params,
-        row.line,
-        row.created_at,
-    )
+    assert (moved.line, moved.created_at) == (row.line, row.created_at)
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.errors import OutputPathError
-from batcher.outputs import default_output_rel, extension_for, resolve_output
+from batcher.outputs import default_output_rel, extension_for, resolve_output, row_tag
 
 
 def test_relative_path_lands_under_out(tmp_path: Path) -> None:
@@ -49,7 +49,29 @@ def test_whatever_the_input_the_result_stays_inside(rel: str) -> None:
 
 
 def test_default_names() -> None:
-    assert default_output_rel("sub/take.wav", "audio/mpeg") == "sub/take.restored.mp3"
-    assert default_output_rel("../up/take.wav", "audio/mpeg") == "take.restored.mp3"
+    assert default_output_rel("sub/take.wav", "audio/mpeg") == "sub/take.wav.restored.mp3"
     assert default_output_rel("noext", None) == "noext.restored.bin"
+    outside = default_output_rel("../up/take.wav", "audio/mpeg")
+    assert outside.startswith("_outside/up-") and outside.endswith("/take.wav.restored.mp3")
+
+
+def test_default_names_of_two_sources_never_collide() -> None:
+    # the same stem in one folder, the same name in two folders outside
+    pairs = [("audio/take.wav", "audio/take.flac"), ("../rec/day1/t.wav", "../rec/day2/t.wav"),
+             ("/rec/day1/t.wav", "/rec/day2/t.wav"), ("t.wav", "../t.wav")]
+    for a, b in pairs:
+        assert default_output_rel(a, "audio/mpeg") != default_output_rel(b, "audio/mpeg"), (a, b)
+        # a pure function of the path: the same answer every time
+        assert default_output_rel(a, "audio/mpeg") == default_output_rel(a, "audio/mpeg")
     assert extension_for("audio/mpeg; charset=x") == ".mp3"
+
+
+def test_rows_naming_one_file_are_told_apart_by_their_ids() -> None:
+    derived = "r-0123456789abcdef0123"
+    assert row_tag(derived) == "" and row_tag(derived + "~2") == "~2"
+    assert row_tag("job-1") == ".job-1" and row_tag("job-1~3") == ".job-1~3"
+    # ids unsafe in a file name stay apart after they are made safe
+    assert row_tag("a/b") != row_tag("a:b") and "/" not in row_tag("a/b")
+    names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i))
+             for i in (derived, derived + "~2", "job-1", "a/b", "a:b")}
+    assert len(names) == 5 and "take.wav.job-1.restored.mp3" in names

@@ -141,6 +141,10 @@ class Ledger(WebhookLedger, Protocol):
         """One row, or None."""
         ...
 
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request (``group``) still in the job, by line."""
+        ...
+
     def rows(
         self,
         *,

@@ -55,7 +55,8 @@ _KINDS: dict[str, Kind] = {k.value: k for k in Kind}
 # The Update keys that add to a counter instead of setting a column.
 DELTAS = frozenset({"attempts_delta", "polls_delta"})
 # The columns a transition may set: the Update's, with error's two copies.
-SET_COLUMNS: frozenset[str] = UPDATE_COLUMNS | {"error_code", "error_message"}
+SET_COLUMNS: frozenset[str] = (UPDATE_COLUMNS - {"group"}) | {
+    "group_key", "error_code", "error_message"}
 # What the database computes in a transition, in the order a transition that
 # was given the caller's row reads them back (see :func:`moved`).
 COMPUTED: tuple[str, ...] = ("updated_at", "attempts", "polls", "version")
@@ -211,8 +212,20 @@ def transition_values(row_id: str, to: Stage, update: Update) -> dict[str, Any]:
         values.update(error_columns(fields.pop("error")))
     if "upload_session" in fields:
         values["upload_session"] = _session_column(fields.pop("upload_session"))
+    for name in _JSON_FIELDS & fields.keys():
+        values[name] = dumps_object(fields.pop(name), name) or "{}"
+    if "group" in fields:
+        values["group_key"] = fields.pop("group")
+    if "kind" in fields:
+        values["kind"] = Kind(fields.pop("kind")).value
+    if "explicit_key" in fields:
+        values["explicit_key"] = bool(fields.pop("explicit_key"))
     values.update(fields)
     return values
+
+
+# Update fields stored as JSON text.
+_JSON_FIELDS = frozenset({"sampling", "params"})
 
 
 def _session_column(session: UploadSession | None) -> str | None:
@@ -249,6 +262,12 @@ def update_fields(update: Update, error_json: str | None) -> dict[str, Any]:
     fields: dict[str, Any] = {k: v for k, v in update.items() if k not in DELTAS}
     if "error" in fields:
         fields["error"] = orjson.loads(error_json) if error_json is not None else None
+    for name in _JSON_FIELDS & fields.keys():
+        fields[name] = orjson.loads(dumps_object(fields[name], name) or "{}")
+    if "kind" in fields:
+        fields["kind"] = Kind(fields["kind"])
+    if "explicit_key" in fields:
+        fields["explicit_key"] = bool(fields["explicit_key"])
     return fields
 
 

@@ -43,7 +43,9 @@ from batcher.ledger.rules import (
     Refresh,
     claim_slots,
     first_earlier,
+    holds_request,
     import_refresh,
+    may_lead,
     plan_move,
     refusal,
 )
@@ -211,15 +213,23 @@ class MemoryLedger(MemoryWebhookEvents):
         return row_from_record(inserted_record(values, stage, leader, now))
 
     def _leader(self, new: NewRow) -> str | None:
-        """The group's first row seen by an import since this run opened."""
+        """The row ``new`` follows (rules.first_earlier), as find_leader picks it."""
         if new.group is None:
             return None
         candidates = (
-            (r.line, r.row_id)
-            for r in (self._db.rows[rid] for rid in self._db.groups.get(new.group, ()))
-            if not r.retired and self._db.seen.get(r.row_id, 0) >= self._epoch
+            (holds, r.line, r.row_id)
+            for r in self._group(new.group)
+            if (holds := may_lead(r) and holds_request(r))
+            or self._db.seen.get(r.row_id, 0) >= self._epoch
         )
         return first_earlier(candidates, new.line, new.row_id)
+
+    def _group(self, group: str) -> list[LedgerRow]:
+        """The rows of ``group`` still in the job, by line (transitions may move
+        a row to another group, so the index is a superset)."""
+        rows = (self._db.rows[rid] for rid in self._db.groups.get(group, ()))
+        return sorted((r for r in rows if r.group == group and not r.retired),
+                      key=lambda r: (r.line, r.row_id))
 
     def _keep(self, row: LedgerRow, previous: LedgerRow | None = None) -> None:
         if previous is not None and previous.group is not None and previous.group != row.group:
@@ -294,7 +304,7 @@ class MemoryLedger(MemoryWebhookEvents):
         now = self._wall()
         computed = (now, cur.attempts + deltas[0], cur.polls + deltas[1], cur.version + 1)
         row = moved(cur, to, move.fields, computed)
-        self._db.rows[row_id] = row
+        self._keep(row, previous=cur)
         self._event(row_id, now, cur.stage, to, event, orjson.loads(move.detail))
         return row if current is None else moved(current, to, move.fields, computed)
 
@@ -331,6 +341,12 @@ class MemoryLedger(MemoryWebhookEvents):
         await anyio.lowlevel.checkpoint()
         self._reader()
         return self._db.rows.get(row_id)
+
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request still in the job, by line."""
+        await anyio.lowlevel.checkpoint()
+        self._reader()
+        return self._group(group)
 
     async def rows(
         self,

@@ -47,7 +47,7 @@ import anyio
 import asyncpg
 import orjson
 
-from batcher.errors import LedgerError, TransitionConflict
+from batcher.errors import LedgerError, LedgerUnreachable, TransitionConflict
 from batcher.ledger import codec
 from batcher.ledger.base import LEASE_TAKEN_OVER, NextMove, PaceClaim
 from batcher.ledger.migrations import pending_migrations
@@ -77,7 +77,14 @@ _COMPUTED = ", ".join(codec.COMPUTED)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+              OSError, TimeoutError)
+# What passes: a lost or refused connection, a server restarting or shutting
+# down (class 08, class 57: admin shutdown, cannot connect now), too many
+# connections (53300). These become LedgerUnreachable, and the run waits.
+_TRANSIENT = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError,
+              asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+              asyncpg.TooManyConnectionsError)
 # Lost races between hosts; the whole transaction is safe to run again.
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
@@ -131,7 +138,8 @@ class PostgresLedger(PostgresWebhookEvents):
         except _DB_ERRORS as exc:
             raw = f"{type(exc).__name__}: {exc}"
             clean = self._url.scrub(raw)
-            error = LedgerError(f"{self.description}: cannot {doing}: {clean}")
+            kind = LedgerUnreachable if isinstance(exc, _TRANSIENT) else LedgerError
+            error = kind(f"{self.description}: cannot {doing}: {clean}")
             if clean != raw:  # the original would show the password in a traceback
                 raise error from None
             raise error from exc
@@ -409,6 +417,14 @@ class PostgresLedger(PostgresWebhookEvents):
         with self._translate(f"read row {row_id}"):
             found = await pool.fetchrow(self._q["get_row"].text, row_id)
         return codec.row_from_record(found) if found is not None else None
+
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request still in the job, by line."""
+        pool = self._pool_for(write=False)
+        q = self._q["group_rows"]
+        with self._translate(f"read group {group}"):
+            found = await pool.fetch(q.text, *q.args({"group_key": group}))
+        return [codec.row_from_record(r) for r in found]
 
     async def rows(
         self,

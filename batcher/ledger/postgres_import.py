@@ -112,21 +112,22 @@ class BatchImport:
         prepared: list[tuple[NewRow, dict[str, Any]]],
         ids: list[str],
     ) -> dict[str, str]:
-        """row_id -> the first earlier row of its group in the manifest imported now.
+        """row_id -> the row it follows (rules.first_earlier), for rows that follow one.
 
-        Candidates, as SQLite sees them importing row by row: rows outside the
-        batch seen since this run's epoch (every host imports in line order,
-        so earlier batches have been marked seen by this run already) and the
-        rows before this one in the batch. Rows without a leader are left out.
+        Candidates, as SQLite sees them importing row by row: a row that
+        holds the group's request, and rows seen since this run's epoch
+        (every host imports in line order, so earlier batches have been
+        marked seen by this run already) and the rows before this one in the
+        batch.
         """
         groups = sorted({p["group_key"] for _, p in prepared if p["group_key"] is not None})
         if not groups:
             return {}
         gl = self.queries["group_leaders"]
         params = {"groups": groups, "epoch": self.epoch, "row_ids": ids}
-        seen: dict[str, list[tuple[int, str]]] = {g: [] for g in groups}
+        seen: dict[str, list[tuple[bool, int, str]]] = {g: [] for g in groups}
         for r in await conn.fetch(gl.text, *gl.args(params)):
-            seen[r["group_key"]].append((r["line"], r["row_id"]))
+            seen[r["group_key"]].append((bool(r["holds"]), r["line"], r["row_id"]))
         leaders: dict[str, str] = {}
         for _, p in prepared:
             group = p["group_key"]
@@ -135,7 +136,7 @@ class BatchImport:
             leader = first_earlier(seen[group], p["line"], p["row_id"])
             if leader is not None:
                 leaders[p["row_id"]] = leader
-            seen[group].append((p["line"], p["row_id"]))
+            seen[group].append((False, p["line"], p["row_id"]))
         return leaders
 
     async def _refresh(

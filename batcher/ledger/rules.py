@@ -36,14 +36,18 @@ from batcher.model import (
 )
 
 __all__ = [
+    "HOLDING_STAGES",
     "INVALID_ROW",
     "Move",
     "PaceState",
     "Refresh",
     "check_claim",
+    "choose_leader",
     "claim_slots",
     "first_earlier",
+    "holds_request",
     "import_refresh",
+    "may_lead",
     "plan_move",
     "refusal",
     "slot_spacing",
@@ -166,11 +170,49 @@ def import_refresh(
     return Refresh.KEEP
 
 
-def first_earlier(candidates: Iterable[tuple[int, str]], line: int, row_id: str) -> str | None:
-    """The leader of a group for the row at ``line``: the first (line, row_id)
-    of ``candidates`` above that line, other than the row itself."""
-    earlier = [c for c in candidates if c[0] < line and c[1] != row_id]
-    return min(earlier)[1] if earlier else None
+# The stages in which a row holds its request: something was sent for it (a
+# project, an upload, a generation) or it is done. A FAILED row holds it
+# only with a generation (the API has the failed request under its key).
+HOLDING_STAGES: frozenset[Stage] = frozenset(
+    {Stage.PROJECT_CREATED, Stage.UPLOADED, Stage.SUBMITTED, Stage.GENERATED, Stage.COMPLETE})
+
+
+def holds_request(row: LedgerRow) -> bool:
+    """True when the API already knows the row's request (see HOLDING_STAGES)."""
+    return row.stage in HOLDING_STAGES or (
+        row.stage is Stage.FAILED and row.generation_id is not None)
+
+
+def may_lead(row: LedgerRow) -> bool:
+    """True when other rows of its group may follow ``row``: a leader itself,
+    or complete (its outcome is final, whoever it followed)."""
+    return row.leader_row_id is None or row.stage is Stage.COMPLETE
+
+
+def first_earlier(
+    candidates: Iterable[tuple[bool, int, str]], line: int, row_id: str
+) -> str | None:
+    """The leader of a group for the row at ``line``, from (holds, line, row_id).
+
+    A row that holds the group's request leads it whatever its line (the
+    request's identity does not depend on row order or on the run that sent
+    it); otherwise the first row above ``line``. Never the row itself.
+    """
+    eligible = [(not holds, ln, rid) for holds, ln, rid in candidates
+                if rid != row_id and (holds or ln < line)]
+    return min(eligible)[2] if eligible else None
+
+
+def choose_leader(members: Iterable[LedgerRow], row_id: str) -> LedgerRow | None:
+    """The leader for row ``row_id`` among its group's rows still in the job.
+
+    The rule of :func:`first_earlier` over rows that :func:`may_lead`,
+    without the line bound: here the whole manifest has been read, or the row
+    has just changed its request and joins the group as it is.
+    """
+    eligible = [(not holds_request(r), r.line, r.row_id, r) for r in members
+                if r.row_id != row_id and may_lead(r) and not r.retired]
+    return min(eligible, key=lambda e: e[:3])[3] if eligible else None
 
 
 # -- the shared pace ----------------------------------------------------------

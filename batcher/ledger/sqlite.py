@@ -38,7 +38,7 @@ from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Move, Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
-from batcher.ledger.writer import GroupCommitWriter, Job
+from batcher.ledger.writer import GroupCommitWriter, Job, sqlite_error
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.ops.logs import LEDGER_MIGRATED, event
 
@@ -205,7 +205,7 @@ class SqliteLedger(SqliteWebhookEvents):
                 raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
             raise
         name = f"ledger-writer:{self.path.name}"
-        self._writer = GroupCommitWriter(conn, self._batch_size, name=name)
+        self._writer = GroupCommitWriter(conn, self._batch_size, name=name, path=str(self.path))
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
         """Never add our tables to some other application's database."""
@@ -299,7 +299,7 @@ class SqliteLedger(SqliteWebhookEvents):
         try:
             return await anyio.to_thread.run_sync(fn, reader, limiter=self._read_limiter)
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
+            raise sqlite_error(exc, f"cannot read ledger {self.path}") from exc
 
     def _run_id(self) -> str:
         return self._run.run_id if self._run else ""
@@ -520,6 +520,15 @@ class SqliteLedger(SqliteWebhookEvents):
         def job(conn: sqlite3.Connection) -> LedgerRow | None:
             found = _records(conn.execute(self._q["get_row"], {"row_id": row_id}))
             return codec.row_from_record(found[0]) if found else None
+
+        return await self._read(job)
+
+    async def group_rows(self, group: str) -> list[LedgerRow]:
+        """The rows of one logical request still in the job, by line."""
+
+        def job(conn: sqlite3.Connection) -> list[LedgerRow]:
+            found = _records(conn.execute(self._q["group_rows"], {"group_key": group}))
+            return [codec.row_from_record(r) for r in found]
 
         return await self._read(job)
 

@@ -21,15 +21,29 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from batcher.errors import LedgerError
+from batcher.errors import LedgerError, LedgerUnreachable
 from batcher.ops.logs import LEDGER_COMMIT_FAILED, event
 
-__all__ = ["GroupCommitWriter", "Job"]
+__all__ = ["GroupCommitWriter", "Job", "sqlite_error"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
+
+
+# SQLite's words for a failure that may pass: another process holds the
+# database, or its disk is full (space may be freed), or I/O failed.
+_TRANSIENT_WORDS = ("locked", "busy", "full", "disk i/o error", "unable to open")
+
+
+def sqlite_error(exc: sqlite3.Error, doing: str) -> LedgerError:
+    """``exc`` in the error tree: LedgerUnreachable when it may pass, naming the file."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and any(
+            word in text.lower() for word in _TRANSIENT_WORDS):
+        return LedgerUnreachable(f"{doing}: {text}")
+    return LedgerError(f"{doing}: {text}")
 
 
 class _Job(Generic[T]):
@@ -59,8 +73,10 @@ def _settle(outcomes: list[_Outcome]) -> None:
 class GroupCommitWriter:
     """The one thread that writes through ``conn``; closes it when stopped."""
 
-    def __init__(self, conn: sqlite3.Connection, batch_size: int, name: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, batch_size: int, name: str,
+                 path: str = "") -> None:
         self._conn = conn
+        self._path = path or name
         self._batch_size = batch_size
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -120,7 +136,7 @@ class GroupCommitWriter:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     if isinstance(exc, sqlite3.Error):
-                        wrapped = LedgerError(f"ledger write failed: {exc}")
+                        wrapped = sqlite_error(exc, f"cannot write ledger {self._path}")
                         wrapped.__cause__ = exc
                         exc = wrapped
                     outcomes.append((job.future, None, exc))
@@ -136,7 +152,7 @@ class GroupCommitWriter:
                     conn.execute("ROLLBACK")
             log.error("ledger commit of %d writes failed: %s", len(batch), exc,
                       extra=event(LEDGER_COMMIT_FAILED, error=str(exc), jobs=len(batch)))
-            failure = LedgerError(f"ledger commit failed: {exc}")
+            failure = sqlite_error(exc, f"cannot commit to ledger {self._path}")
             outcomes = [(job.future, None, failure) for job in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for job, outcome in zip(batch, outcomes, strict=True):

@@ -26,13 +26,17 @@ __all__ = [
     "API_PROBE_FAILED",
     "API_REACHABLE",
     "API_UNREACHABLE",
+    "DISK_FULL",
     "DOWNLOAD_RETRY_SCHEDULED",
     "EVENTS",
+    "LEDGER_CLOSE_FAILED",
     "LEDGER_COMMIT_FAILED",
     "LEDGER_LOCK_TAKEN_OVER",
     "LEDGER_MIGRATED",
+    "LEDGER_REACHABLE",
     "LEDGER_RETRY",
     "LEDGER_ROWS_RETIRED",
+    "LEDGER_UNREACHABLE",
     "OUTPUT_CLEANUP_FAILED",
     "POLL_RETRY_SCHEDULED",
     "POLL_UNKNOWN_STATUS",
@@ -45,7 +49,9 @@ __all__ = [
     "ROW_INVALID",
     "ROW_MOVED_ELSEWHERE",
     "ROW_OUTPUT_MISSING",
+    "ROW_REQUEST_CHANGED",
     "ROW_SOURCE_CHANGED",
+    "ROW_TOOK_OVER",
     "RUN_HALTED",
     "RUN_PROGRESS",
     "SIMULATOR_OBSERVER_FAILED",
@@ -75,6 +81,8 @@ RUN_PROGRESS = "run.progress"  # done, todo, failed, inFlight, ... (--log-json p
 ROW_FAILED = "row.failed"  # row, code: the row is failed in the ledger
 ROW_INVALID = "row.invalid"  # row: a manifest row that cannot be sent (file, line, field)
 ROW_SOURCE_CHANGED = "row.source_changed"  # row: its file changed; it is a new request now
+ROW_REQUEST_CHANGED = "row.request_changed"  # row: asks for another request under its id
+ROW_TOOK_OVER = "row.took_over"  # row, from: a duplicate goes on with its leader's request
 ROW_OUTPUT_MISSING = "row.output_missing"  # row: a complete row's output is downloaded again
 ROW_MOVED_ELSEWHERE = "row.moved_elsewhere"  # row, step: another host moved it first
 # -- requests -------------------------------------------------------------------
@@ -95,6 +103,10 @@ RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --
 RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
+LEDGER_UNREACHABLE = "ledger.unreachable"  # ledger, error: writes wait for it
+LEDGER_REACHABLE = "ledger.reachable"  # ledger, down_seconds: writes go on
+LEDGER_CLOSE_FAILED = "ledger.close_failed"  # error: the run's end was not recorded
+DISK_FULL = "disk.full"  # folder, row, needed: submissions stop
 LEDGER_MIGRATED = "ledger.migrated"  # ledger, versions: schema migrations applied
 LEDGER_RETRY = "ledger.retry"  # doing, attempt, error: a transient ledger error, tried again
 LEDGER_COMMIT_FAILED = "ledger.commit_failed"  # error, jobs: a group commit rolled back
@@ -118,10 +130,12 @@ SIMULATOR_OBSERVER_FAILED = "simulator.observer_failed"  # generation_id
 
 EVENTS: frozenset[str] = frozenset({
     RUN_HALTED, RUN_PROGRESS, ROW_FAILED, ROW_INVALID, ROW_SOURCE_CHANGED, ROW_OUTPUT_MISSING,
+    ROW_REQUEST_CHANGED, ROW_TOOK_OVER,
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
     WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
+    LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, LEDGER_CLOSE_FAILED, DISK_FULL,
     LEDGER_ROWS_RETIRED, LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
     LEDGER_LOCK_TAKEN_OVER, SIMULATOR_OBSERVER_FAILED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
@@ -211,3 +225,19 @@ def configure(*, level: int = logging.WARNING, json: bool = False, secret: str =
     # aiohttp's own loggers may print URLs; they never carry our key, but keep
     # them quiet unless asked for.
     logging.getLogger("aiohttp").setLevel(max(level, logging.WARNING))
+    # asyncpg's pool reports each reconnection it retries with a traceback;
+    # the ledger waits those outages out and says so itself (ledger.*).
+    quiet = logging.getLogger("asyncpg")
+    for old in list(quiet.handlers):
+        quiet.removeHandler(old)
+    quiet.addHandler(handler)
+    quiet.addFilter(_without_traceback)
+    quiet.setLevel(max(level, logging.ERROR))
+    quiet.propagate = False
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep the record's message, drop its traceback (never shown to users)."""
+    record.exc_info = None
+    record.exc_text = None
+    return True

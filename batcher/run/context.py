@@ -17,12 +17,19 @@ from typing import Any, TypeVar
 
 from anyio import CancelScope
 
+from ..breaker import unanswered
 from ..client import DiffioClient
 from ..clock import Clock, WallTime
 from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger, NextMove
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
-from ..ops.logs import REQUEST_RETRY_SCHEDULED, ROW_FAILED, RUN_HALTED, event
+from ..ops.logs import (
+    REQUEST_RETRY_SCHEDULED,
+    ROW_FAILED,
+    ROW_MOVED_ELSEWHERE,
+    RUN_HALTED,
+    event,
+)
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy, retrying
 from ..settings import Settings
@@ -36,6 +43,8 @@ T = TypeVar("T")
 
 # --halt-after judges the failure share only after this many finished rows.
 HALT_AFTER_MIN_SAMPLE = 20
+# The least wait before a request is tried again during a suspected outage.
+OUTAGE_RETRY_FLOOR = 1.0
 
 
 @dataclass(slots=True)
@@ -110,6 +119,21 @@ class RunContext:
         self.stats.in_flight -= 1
         self.membership.release(row_id)
 
+    def moved_elsewhere(self, row_id: str, step: str) -> bool:
+        """A compare-and-set lost: on a shared ledger another host moved the row on.
+
+        That happens when this host was paused (a ledger outage) past its
+        leases and another host took the row over; the row is that host's
+        now, and this host drops it (True). On a private ledger nobody else
+        moves rows: False, and the caller raises the conflict (a bug).
+        """
+        if not self.membership.shared:
+            return False
+        log.info("row %s was moved on elsewhere; this host leaves it", row_id,
+                 extra=event(ROW_MOVED_ELSEWHERE, row=row_id, step=step))
+        self.drop(row_id)
+        return True
+
     def check_failure_share(self) -> None:
         """--halt-after PCT: stop submitting when too many rows fail."""
         limit = self.settings.halt_after
@@ -147,8 +171,24 @@ class RunContext:
                               before=lambda: self.count_attempt(row_id), on_retry=retried)
 
     def decide(self, err: ApiError, made: int) -> float | None:
-        """The retry policy's decision, with this run's random source."""
-        return self.policy.decide(err, made, self.rng)
+        """The retry policy's decision, with this run's random source.
+
+        A request the host did not answer, while no other request was
+        answered since it first failed (maybe an outage), is tried again
+        without a bound:
+        the host's breaker pauses it and ends the run resumably once the
+        outage outlasts the patience. No row fails from an outage.
+        """
+        wait = self.policy.decide(err, made, self.rng)
+        if wait is None and self.outage_suspected(err):
+            return max(OUTAGE_RETRY_FLOOR, self.policy.backoff(made, self.rng))
+        return wait
+
+    @staticmethod
+    def outage_suspected(err: ApiError) -> bool:
+        """``err`` got no answer, and the host answered nobody since it first
+        failed: maybe an outage, not the request's fault."""
+        return err.outage and unanswered(err)
 
     async def api_failure(self, row: LedgerRow, err: ApiError) -> None:
         """An API error ended the row's step: halt (row kept) or fail the row."""

@@ -8,14 +8,25 @@ with the move to COMPLETE.
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 from pathlib import Path
 
+import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import ApiError, ClientError, Conflict, LocalFileError, UrlExpired
+from ..errors import (
+    ApiError,
+    ClientError,
+    Conflict,
+    DiskFull,
+    LocalFileError,
+    TransitionConflict,
+    UrlExpired,
+)
 from ..model import LedgerRow, Stage
-from ..ops.logs import DOWNLOAD_RETRY_SCHEDULED, event
+from ..ops.logs import DISK_FULL, DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
 from ..retry import retrying
 from .context import RunContext
@@ -38,7 +49,11 @@ class Downloader:
         """Download each row received, until the stream ends or the run stops."""
         async with recv:
             async for row in recv:
-                await self.download(row)
+                try:
+                    await self.download(row)
+                except TransitionConflict:
+                    if not self.ctx.moved_elsewhere(row.row_id, "download"):
+                        raise
 
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""
@@ -71,6 +86,9 @@ class Downloader:
                 attempt, self._decide, clock=ctx.clock,
                 before=lambda: ctx.count_attempt(row.row_id), on_retry=retried)
         except LocalFileError as err:
+            if _no_space(err):
+                await self._disk_full(row, out)
+                return
             await ctx.fail(row, err.to_record())
             return
         except ApiError as err:
@@ -86,6 +104,23 @@ class Downloader:
         ctx.stats.done += 1
         ctx.stats.in_flight -= 1
 
+    async def _disk_full(self, row: LedgerRow, out: Path) -> None:
+        """No space for the output: not the row's fault. Stop buying generations;
+        the row stays GENERATED, for the next run to download."""
+        ctx = self.ctx
+        free = await anyio.to_thread.run_sync(_free_bytes, out)
+        needed = row.source_size
+        about = f"about {_size(needed)}" if needed else "more space"
+        err = DiskFull(
+            f"no space left in {out} (free: {_size(free)}): the output of row {row.row_id} "
+            f"needs {about}; submissions stopped, finished generations wait for their "
+            "download: free space and run the same command again", folder=str(out),
+            needed=needed)
+        log.error("%s", err, extra=event(DISK_FULL, folder=str(out), row=row.row_id,
+                                         needed=needed))
+        ctx.halt(err)
+        ctx.drop(row.row_id)
+
     def _decide(self, err: ApiError, made: int) -> float | None:
         """The retry policy, and two rules of downloads: a refused signed URL
         is asked for again at once, and a result not ready yet is waited for."""
@@ -98,3 +133,33 @@ class Downloader:
         if not_ready and made < settings.max_attempts * 2:
             return min(30.0, settings.poll_interval * made + 0.5)
         return self.ctx.decide(err, made)
+
+
+# The device is full, or the user's quota on it is used up.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _no_space(err: LocalFileError) -> bool:
+    cause = err.__cause__
+    return isinstance(cause, OSError) and cause.errno in _NO_SPACE
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the device of ``folder`` (or its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("bytes", "KB", "MB"):
+        if value < 1024:
+            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

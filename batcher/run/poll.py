@@ -301,8 +301,9 @@ class Polling:
                                            queue=progress.queue_position)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
-            log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
-                     extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
+            if not ctx.moved_elsewhere(item.row_id, "poll"):
+                log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
+                         extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
             return True
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
@@ -313,7 +314,10 @@ class Polling:
             ctx.cancel()
             return True
         item.errors += 1
-        if self._retry.decide(err, item.errors, ctx.rng) is not None:
+        # During a suspected outage a poll failure is no verdict on the
+        # generation: it is polled again, and the breaker bounds the wait.
+        if (ctx.outage_suspected(err)
+                or self._retry.decide(err, item.errors, ctx.rng) is not None):
             log.info("poll of row %s failed, polling again later: %s", item.row_id, err,
                      extra=event(POLL_RETRY_SCHEDULED, row=item.row_id, code=err.code))
             return False

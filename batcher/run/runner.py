@@ -42,14 +42,15 @@ from ..clock import Clock, SystemClock, WallTime
 from ..errors import BatcherError
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
-from ..model import Kind, LedgerRow, RunInfo, Stage, status_counts
+from ..ledger.patient import patient
+from ..model import ACTIVE_STAGES, Kind, LedgerRow, RunInfo, Stage, status_counts
 from ..ops.logs import LEDGER_ROWS_RETIRED, event
 from ..ratelimit import RateGate
 from ..retry import RetryPolicy
 from ..settings import Settings
 from .context import HaltState, RunContext
 from .download import Downloader
-from .followers import settle_followers
+from .followers import regroup_followers, settle_followers
 from .hosts import Shared, membership_for
 from .poll import Polling
 from .resume import Resume
@@ -110,9 +111,11 @@ class Runner:
         run_info: RunInfo | None = None,
         webhooks: bool = False,
     ) -> None:
+        clock = clock or SystemClock()
+        # The ledger's outages are waited out, up to the patience (exit 3 after).
+        ledger = patient(ledger, clock=clock, patience=settings.outage_patience)
         self.settings = settings
         self.ledger = ledger
-        clock = clock or SystemClock()
         halts = HaltState()
         run_info = run_info or RunInfo.start()
         membership = membership_for(ledger, lambda leasing: Shared(
@@ -197,7 +200,19 @@ class Runner:
         if retired:
             log.info("%d rows of the ledger are no longer in the manifest (retired)", retired,
                      extra=event(LEDGER_ROWS_RETIRED, rows=retired))
+        if not self.ctx.halts.hard:
+            await self._regroup()
         await self.membership.work(self._dispatch)
+
+    async def _regroup(self) -> None:
+        """Once the whole manifest is known: followers whose leader left lead or follow anew."""
+        for row_id in self.resume.taken_over():
+            row = await self.ledger.get(row_id)
+            if (row is not None and not row.retired and row.leader_row_id is None
+                    and row.stage in ACTIVE_STAGES):
+                await self.membership.imported(row, self._dispatch)
+        for row in await regroup_followers(self.ctx):
+            await self.membership.imported(row, self._dispatch)
 
     async def _dispatch(self, row: LedgerRow) -> None:
         """Hand an active row to the stage that goes on with it."""

@@ -14,8 +14,16 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..client import GenerationStatus
-from ..errors import ApiError, LocalFileError, RunHalted, SubmissionsStopped, TransportError
+from ..errors import (
+    ApiError,
+    LocalFileError,
+    RunHalted,
+    SubmissionsStopped,
+    TransitionConflict,
+    TransportError,
+)
 from ..ledger.base import NextMove
+from ..ledger.patient import wait_for_ledger
 from ..model import Kind, LedgerRow, Stage, Update
 from ..spend import SpendCap
 from .context import RunContext
@@ -46,7 +54,11 @@ class Submitter:
                 if self.ctx.halted:
                     self.ctx.drop(row.row_id)
                     continue
-                await self.submit(row)
+                try:
+                    await self.submit(row)
+                except TransitionConflict:
+                    if not self.ctx.moved_elsewhere(row.row_id, "submit"):
+                        raise
 
     # ------------------------------------------------------------------ spend
 
@@ -96,6 +108,12 @@ class Submitter:
                 ctx.drop(row.row_id)
                 return
             project, key = row.api_project_id, row.idempotency_key
+            # Nothing is bought while its answer could not be recorded.
+            await wait_for_ledger(ctx.ledger)
+            if ctx.halted:
+                self._settle_spend(row.row_id, charged=False)
+                ctx.drop(row.row_id)
+                return
             try:
                 accepted = await ctx.call(row.row_id, lambda: ctx.client.create_generation(
                     model=row.model_key, api_project_id=project, sampling=row.sampling,

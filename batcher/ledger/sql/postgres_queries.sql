@@ -17,13 +17,20 @@ ORDER BY row_id
 FOR UPDATE;
 
 -- name: group_leaders
--- Per group, the first row (by line) seen by an import since this run
--- opened, outside the batch being imported.
-SELECT DISTINCT ON (group_key) group_key, line, row_id FROM ledger_rows
-WHERE group_key = ANY(:groups::text[])
-  AND seen_seq >= :epoch::bigint AND NOT retired
-  AND row_id <> ALL(:row_ids::text[])
-ORDER BY group_key, line, row_id;
+-- Per group, the best leading candidate (rules.first_earlier): a row that
+-- holds the request (rules.HOLDING_STAGES), in the batch or not, else the
+-- first row (by line) seen by an import since this run opened, outside the
+-- batch being imported.
+SELECT DISTINCT ON (group_key) group_key, line, row_id, holds FROM (
+    SELECT group_key, line, row_id, seen_seq,
+           ((leader_row_id IS NULL
+             AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+            OR stage = 'complete') AS holds
+    FROM ledger_rows
+    WHERE group_key = ANY(:groups::text[]) AND NOT retired
+) AS candidates
+WHERE holds OR (seen_seq >= :epoch::bigint AND row_id <> ALL(:row_ids::text[]))
+ORDER BY group_key, holds DESC, line, row_id;
 
 -- name: insert_rows
 -- Rows another host inserts meanwhile are skipped here and marked below.

@@ -24,12 +24,26 @@ INSERT INTO ledger_rows (
 ON CONFLICT (row_id) DO NOTHING;
 
 -- name: find_leader
--- The group's first row in the manifest being imported now.
+-- The row an imported row follows (rules.first_earlier): a leading row of its
+-- group that holds the request (rules.HOLDING_STAGES), whatever its line or
+-- run; else the group's first row above it in the manifest being imported
+-- now (the runner re-points a follower of a follower once the import ends).
 SELECT row_id FROM ledger_rows
-WHERE group_key = :group_key AND seen_run = :run_id AND NOT retired
-  AND line < :line AND row_id <> :row_id
-ORDER BY line, row_id
+WHERE group_key = :group_key AND NOT retired AND row_id <> :row_id
+  AND (((leader_row_id IS NULL
+         AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+        OR stage = 'complete')
+       OR (seen_run = :run_id AND line < :line))
+ORDER BY ((leader_row_id IS NULL
+           AND (stage NOT IN ('pending', 'failed') OR generation_id IS NOT NULL))
+          OR stage = 'complete') DESC,
+         line, row_id
 LIMIT 1;
+
+-- name: group_rows
+-- The rows of one logical request still in the job, by line.
+SELECT * FROM ledger_rows WHERE group_key = :group_key AND NOT retired
+ORDER BY line, row_id;
 
 -- name: mark_seen
 UPDATE ledger_rows SET line = :line, seen_run = :run_id, retired = FALSE
