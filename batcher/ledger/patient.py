@@ -184,9 +184,15 @@ class PatientLedger:
                 if not lost:
                     raise
                 fresh = await self.inner.get(row_id)
-                if fresh is None or fresh.stage is not going:
-                    raise
-                return fresh
+                if fresh is not None and fresh.stage is going:
+                    return fresh
+                if then is not None and fresh is not None and fresh.stage is to:
+                    # The first move was made, the second not (a backend that
+                    # makes them one after the other): make the second now.
+                    return await self.inner.transition(
+                        row_id, to, then.to, then.update, event=then.event,
+                        detail=then.detail, current=fresh)
+                raise
 
         return await self._patient(once)
 
