@@ -36,7 +36,7 @@ from .ledger.base import Ledger
 from .ledger.patient import patient
 from .model import RunInfo, status_counts
 from .ops.logs import LEDGER_CLOSE_FAILED, REPORT_COUNTS_FAILED, event
-from .ratelimit import RateGate
+from .ratelimit_shared import gate_for
 from .run import Runner, RunResult
 from .run.stats import RunStats
 from .settings import OPTION_SPECS, Settings, resolve
@@ -236,7 +236,9 @@ async def _run(
         # filter of the jar and every answer a parse of its headers.
         session = await stack.enter_async_context(aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar()))
-        gate = RateGate(settings.rate, clock=clock)
+        # On a shared ledger the gate draws from the job's one pace: the sum of
+        # all hosts' requests never passes --rate.
+        gate = gate_for(ledger, settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         breakers = Breakers(clock, BreakerConfig(patience=settings.outage_patience))
         client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,

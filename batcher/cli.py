@@ -7,7 +7,9 @@ Library errors become one clear line here (exit 2, 3 or 4, as documented for
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("batcher")
+
+# status and export whose reader closed the pipe: 128 + SIGPIPE, as a shell
+# reports a tool that SIGPIPE ended.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +76,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
 
 
+def _add_ledger_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE|LEDGER",
+                   help="what run takes (manifest or job file), whose ledger is found as run "
+                   "finds it; or a SQLite ledger path or postgresql:// URL")
+    p.add_argument("--ledger", metavar="PATH_OR_URL", default=None,
+                   help="with a manifest or job file: its ledger, as for run "
+                   "(env BATCHER_LEDGER)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -88,14 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.set_defaults(func=_cmd_run)
 
-    status = sub.add_parser("status", help="counts by status and the most common errors")
-    status.add_argument("ledger", help="SQLite ledger path or postgresql:// URL")
+    status = sub.add_parser("status", help="counts by status and the most common errors",
+                            description="Counts by status, the most common errors and the "
+                            "last run, read from the ledger (also while a run writes it).")
+    _add_ledger_source(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_common(status)
     status.set_defaults(func=_cmd_status)
 
-    export = sub.add_parser("export", help="one record per manifest row, JSONL or CSV")
-    export.add_argument("ledger", help="SQLite ledger path or postgresql:// URL")
+    export = sub.add_parser("export", help="one record per manifest row, JSONL or CSV",
+                            description="One record per manifest row, read from the ledger "
+                            "(also while a run writes it). CSV cells that a spreadsheet would "
+                            "read as a formula start with an added '.")
+    _add_ledger_source(export)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("-o", "--output", type=Path, default=None, help="file [stdout]")
     export.add_argument("--all", action="store_true",
@@ -248,38 +268,77 @@ async def _run_with_signals(settings: Settings, sim_config: Any, progress: str,
     return 130 if interrupted else result.exit_code
 
 
-def _missing_ledger(url: str) -> bool:
+def _ledger_of(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``(ledger to read, its name)`` for status and export; None (said why) when
+    there is none.
+
+    A manifest or job file not run yet has no ledger: it reads as an empty one
+    (a note on stderr), not as an error. A ledger path that does not exist is
+    one.
+    """
+    from .settings import ledger_for
+
+    try:
+        url = ledger_for(str(args.source), ledger=args.ledger)
+    except ConfigError as exc:
+        _error(str(exc))
+        return None
     if "://" in url or Path(url).exists():
-        return False
-    _error(f"no ledger at {url}")
-    return True
+        return url, url
+    if url == str(args.source):
+        _error(f"no ledger at {url}")
+        return None
+    print(f"batcher: no ledger yet at {url}: nothing has run for {args.source}",
+          file=sys.stderr)
+    return ":memory:", url
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``| head``): end quietly, as Unix tools do.
+
+    Later writes (the interpreter's final flush) go to /dev/null instead of
+    raising again; the exit status is the shell's for a death by SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    if _missing_ledger(args.ledger):
+    found = _ledger_of(args)
+    if found is None:
         return 2
     from .ops.status import status_main
 
+    url, label = found
     try:
-        return anyio.run(status_main, args.ledger, args.json, backend="asyncio")
-    except (LedgerError, ConfigError) as exc:
-        _error(str(exc))
-        return 2
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    _configure_logging(args)
-    if _missing_ledger(args.ledger):
-        return 2
-    from .ops.export import export_main
-
-    try:
-        return anyio.run(export_main, args.ledger, args.format, args.output, args.all,
+        return anyio.run(functools.partial(status_main, url, args.json, label=label),
                          backend="asyncio")
     except (LedgerError, ConfigError) as exc:
         _error(str(exc))
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    found = _ledger_of(args)
+    if found is None:
+        return 2
+    from .ops.export import export_main
+
+    url = found[0]
+    try:
+        return anyio.run(export_main, url, args.format, args.output, args.all,
+                         backend="asyncio")
+    except (LedgerError, ConfigError) as exc:
+        _error(str(exc))
+        return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
 
 
 def _cmd_webhooks_serve(args: argparse.Namespace) -> int:

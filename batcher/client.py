@@ -24,7 +24,9 @@ an upload session (today's API: upload in parts, then
 and :class:`ProjectCreated` carries whichever came.
 
 The API key lives in one headers mapping; it is never put in a message, and
-answers are scrubbed of it before they are classified. Every request names
+every answer's body and headers are scrubbed of it (raw, JSON-escaped or
+URL-encoded: :class:`~batcher.scrub.KeyScrubber`) before anything reads
+them: this is the one seam through which the API's text enters batcher. Every request names
 batcher and its version in ``User-Agent``.
 
 The API's status words for a generation become one :class:`GenerationStatus`
@@ -42,6 +44,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import anyio
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from batcher.bandwidth import Bandwidth
 from batcher.breaker import Breakers
@@ -55,7 +58,8 @@ from batcher.errors import (
     SubmissionsStopped,
 )
 from batcher.model import UploadSession
-from batcher.ratelimit import RateGate
+from batcher.ratelimit import Gate
+from batcher.scrub import KeyScrubber
 from batcher.storage import (
     TRANSPORT_EXCEPTIONS,
     RequestCallback,
@@ -224,7 +228,7 @@ class DiffioClient:
         "_gate",
         "_generations_stopped",
         "_headers",
-        "_key_bytes",
+        "_scrub",
         "_transport",
         "_waiting_generations",
         "storage",
@@ -236,7 +240,7 @@ class DiffioClient:
         base_url: str,
         api_key: str,
         *,
-        gate: RateGate,
+        gate: Gate,
         cap: anyio.CapacityLimiter,
         timeout: float = 60.0,
         on_request: RequestCallback | None = None,
@@ -252,7 +256,7 @@ class DiffioClient:
         self._generations_stopped = False
         self._waiting_generations: set[anyio.CancelScope] = set()
         self._base_url = normalize_base_url(base_url)
-        self._key_bytes = api_key.encode()
+        self._scrub = KeyScrubber(api_key)
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -483,14 +487,16 @@ class DiffioClient:
                 except TRANSPORT_EXCEPTIONS as exc:
                     verdict.unreachable()
                     self._transport.report(endpoint, None, start)
-                    raise self._transport.error(
-                        exc, endpoint, secret=self._key_bytes.decode()) from exc
+                    raise self._transport.error(exc, endpoint, scrub=self._scrub) from exc
                 judge_answer(verdict, status)
                 self._transport.report(endpoint, status, start)
         finally:
             cap.release()
-        if self._key_bytes in body:
-            body = body.replace(self._key_bytes, b"***")
+        body = self._scrub.bytes(body)
+        if status >= 300:
+            # Error answers are read further (Location, Retry-After…): scrub them too.
+            headers = CIMultiDictProxy(CIMultiDict(
+                (name, self._scrub.text(value)) for name, value in headers.items()))
         result = classify(
             status, headers, body, endpoint=endpoint, content_type=headers.get("Content-Type")
         )

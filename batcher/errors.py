@@ -14,6 +14,8 @@ errors around outputs in ``outputs.py``, the databases' in ``ledger/``::
     ├── LedgerError              the ledger cannot be opened or written
     │   ├── LedgerLocked         another run holds this ledger (exit 4)
     │   ├── TransitionConflict   a compare-and-set matched no row
+    │   │   └── LeaseLost        this host's lease on a row ran out (shared
+    │   │                        ledger): the row is someone else's now
     │   ├── LedgerUnreachable    a transient failure: connection lost, server
     │   │                        restarting, database locked or disk full
     │   │                        (retryable; the run waits)
@@ -56,8 +58,8 @@ Every error says what it means for the run, as class attributes:
 (post nothing more; what is in flight finishes; exit 3, resumable) and
 ``halts_run`` (stop everything now; exit 3, resumable). The runner reads
 these and never tests an error's class to decide. Messages never contain the
-API key: the client never puts it in one, and ``redact`` scrubs anything
-that came back from outside.
+API key: the client never puts it in one, and scrubs every answer of it (raw,
+JSON-escaped or URL-encoded; :mod:`batcher.scrub`) before anything reads it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ __all__ = [
     "DiskFull",
     "EventError",
     "InvalidRequest",
+    "LeaseLost",
     "LedgerError",
     "LedgerLocked",
     "LedgerUnavailable",
@@ -104,7 +107,6 @@ __all__ = [
     "WebhookSecretError",
     "exit_code_for",
     "find_error",
-    "redact",
 ]
 
 
@@ -136,13 +138,6 @@ def exit_code_for(err: BatcherError, *, sent: bool) -> int:
     if isinstance(err, ConfigError | ManifestError | LedgerError):
         return 2
     return 1
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Return ``text`` with every occurrence of ``secret`` replaced by ``***``."""
-    if secret:
-        return text.replace(secret, "***")
-    return text
 
 
 class BatcherError(Exception):
@@ -236,6 +231,20 @@ class LedgerUnavailable(LedgerError):
     halts_submissions = True
     halts_run = True
     code = "ledgerUnavailable"
+class LeaseLost(TransitionConflict):
+    """On a shared ledger, this host no longer holds the row's lease.
+
+    It ran out (the host was paused, or cut off from the ledger, longer than
+    ``--lease-ttl``) and another host may have taken the row over. Nothing
+    more is sent for the row from here: the runner drops it and goes on.
+    """
+
+    def __init__(self, row_id: str) -> None:
+        self.row_id = row_id
+        self.expected = "this host's lease"
+        self.actual = "expired or taken over"
+        LedgerError.__init__(self, f"row {row_id}: this host's lease on it ran out; "
+                                   "another host may have taken it over")
 
 
 class LocalFileError(BatcherError):

@@ -7,6 +7,10 @@ none gets ``<source name>.restored<ext>`` (:func:`default_output_for`).
 How: an output appears under its final name only when complete — written to
 a temporary file beside it, fsynced, renamed, and the rename made durable
 (:func:`fetch_to_file`, :func:`copy_to_file`, :func:`write_bytes_atomically`).
+The temporary file is created exclusively under an unpredictable name, and
+both steps happen in the output's folder held open, reached from ``--out``
+without following links (:mod:`batcher.safefs`): nothing is ever written
+outside ``--out``, whatever links are planted in it, and when.
 A local OS error on the way becomes a
 :class:`~batcher.errors.LocalFileError` here, so the row fails with a code,
 and the temporary file is removed.
@@ -14,12 +18,13 @@ and the temporary file is removed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mimetypes
 import os
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,6 +34,7 @@ from .errors import LocalFileError, OutputPathError
 from .keys import sha256_file
 from .model import LedgerRow
 from .ops.logs import OUTPUT_CLEANUP_FAILED, event
+from .safefs import TempFile, open_folder, remove_leftovers
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -42,7 +48,6 @@ __all__ = [
     "output_intact",
     "resolve_output",
     "row_tag",
-    "temp_path",
     "write_bytes_atomically",
 ]
 
@@ -151,67 +156,77 @@ def default_output_for(row: LedgerRow, manifest_dir: Path, mime_type: str | None
     return default_output_rel(rel, mime_type, row_tag(row.row_id))
 
 
-def temp_path(final: Path, row_id: str) -> Path:
-    """The temporary path, beside ``final``, that an output is written to first."""
-    safe = "".join(c if c.isalnum() or c in "-_~" else "_" for c in row_id)
-    return final.with_name(f".{final.name}.{safe}.part")
-
-
-async def fetch_to_file(storage: Storage, url: str, final: Path, row_id: str
-                        ) -> tuple[str, int]:
+async def fetch_to_file(storage: Storage, url: str, final: Path, *, root: Path | None = None,
+                        token: Callable[[], str] | None = None) -> tuple[str, int]:
     """Download a signed URL to ``final``; return its ``(sha256 hex, size)``.
 
-    The body goes to a temporary file beside ``final``, which is flushed,
+    ``final`` lies under ``root`` (``--out``; default: its own folder), which
+    is reached without following any link below it (:mod:`batcher.safefs`).
+    The body goes to a temporary file beside ``final``, created exclusively
+    under an unpredictable name (``token`` makes its random part), flushed,
     fsynced and renamed into place. On any failure the temporary file is
     removed and ``final`` is untouched. Transfer failures are the client's
     ``ApiError``s; local ones are ``LocalFileError``s (``outputUnwritable``
-    while writing, ``outputWriteFailed`` for the folder or the rename).
+    while writing, ``outputWriteFailed`` for the folder or the rename,
+    ``unsafeOutputPath`` for a link on the way out of ``root``).
     """
-    await _local(anyio.Path(final.parent).mkdir(parents=True, exist_ok=True), final,
-                 code="outputWriteFailed")
-    tmp = temp_path(final, row_id)
-    digest = hashlib.sha256()
-    size = 0
+    folder = await _open_folder(root, final)
     try:
-        async with await _local(anyio.open_file(tmp, "wb"), tmp) as out:
+        tmp = await _local(anyio.to_thread.run_sync(_new_temp, folder, final.name, token), final)
+        digest = hashlib.sha256()
+        size = 0
+        where = final.parent / tmp.name
+        try:
+            async with anyio.wrap_file(os.fdopen(tmp.fd, "wb")) as out:
 
-            async def write(chunk: bytes) -> None:
-                nonlocal size
-                digest.update(chunk)
-                size += len(chunk)
-                await _local(out.write(chunk), tmp)
+                async def write(chunk: bytes) -> None:
+                    nonlocal size
+                    digest.update(chunk)
+                    size += len(chunk)
+                    await _local(out.write(chunk), where)
 
-            await storage.download(url=url, write=write)
-            await _local(out.flush(), tmp)
-            await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), tmp)
-        await _local(anyio.to_thread.run_sync(_publish, tmp, final), final,
-                     code="outputWriteFailed")
-    except BaseException:
-        await _remove(tmp)
-        raise
+                await storage.download(url=url, write=write)
+                await _local(out.flush(), where)
+                await _local(anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno()), where)
+            await _local(anyio.to_thread.run_sync(tmp.publish), final, code="outputWriteFailed")
+        except BaseException:
+            await _discard(tmp, where)
+            raise
+    finally:
+        os.close(folder)
     return digest.hexdigest(), size
 
 
-async def copy_to_file(src: Path, final: Path, row_id: str) -> None:
-    """Publish a copy of ``src`` at ``final`` (through a temporary file beside it)."""
-    tmp = temp_path(final, row_id)
+async def copy_to_file(src: Path, final: Path, *, root: Path | None = None) -> None:
+    """Publish a copy of ``src`` at ``final`` (under ``root``), as :func:`fetch_to_file` does."""
+    folder = await _open_folder(root, final)
     try:
-        await _local(anyio.to_thread.run_sync(_copy_publish, src, tmp, final), final,
+        await _local(anyio.to_thread.run_sync(_copy_publish, src, folder, final.name), final,
                      code="outputWriteFailed")
-    except BaseException:
-        await _remove(tmp)
-        raise
+    finally:
+        os.close(folder)
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _publish(tmp, path)
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
+
+    Through an exclusively created temporary file beside it: a link waiting
+    at a predictable name cannot redirect the write.
+    """
+    folder = open_folder(path.parent, path.parent)
+    try:
+        tmp = TempFile(folder, path.name)
+        try:
+            with os.fdopen(tmp.fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.publish()
+        except BaseException:
+            tmp.discard()
+            raise
+    finally:
+        os.close(folder)
 
 
 async def output_intact(row: LedgerRow) -> bool:
@@ -226,24 +241,36 @@ async def output_intact(row: LedgerRow) -> bool:
     return sha == row.output_sha256 and (row.output_size is None or size == row.output_size)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename into place and make the rename durable (fsync the folder)."""
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+def _new_temp(folder: int, name: str, token: Callable[[], str] | None) -> TempFile:
+    remove_leftovers(folder, name)  # a killed run's temporary file of this output
+    return TempFile(folder, name) if token is None else TempFile(folder, name, token=token)
+
+
+def _copy_publish(src: Path, folder: int, name: str) -> None:
+    tmp = _new_temp(folder, name, None)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with src.open("rb") as fin, os.fdopen(tmp.fd, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        tmp.publish()
+    except BaseException:
+        tmp.discard()
+        raise
 
 
-def _copy_publish(src: Path, tmp: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    _publish(tmp, final)
+async def _open_folder(root: Path | None, final: Path) -> int:
+    """The held folder of ``final``; a link out of ``root`` is an unsafe output path."""
+    try:
+        return await anyio.to_thread.run_sync(
+            open_folder, final.parent if root is None else root, final.parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV):
+            raise OutputPathError(
+                f"output path {final} leads outside the output folder through a symlink"
+            ) from exc
+        raise LocalFileError(f"cannot write {final}: {exc}", code="outputWriteFailed") from exc
 
 
 async def _local(awaitable: Awaitable[T], path: Path, *, code: str = "outputUnwritable"
@@ -257,11 +284,11 @@ async def _local(awaitable: Awaitable[T], path: Path, *, code: str = "outputUnwr
         raise LocalFileError(f"cannot write {path}: {reason}", code=code) from exc
 
 
-async def _remove(path: Path) -> None:
+async def _discard(tmp: TempFile, where: Path) -> None:
     """Delete a temporary file, even while being cancelled."""
     try:
         with anyio.CancelScope(shield=True):
-            await anyio.Path(path).unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(tmp.discard)
     except OSError as exc:
-        log.warning("could not remove the temporary file %s: %s", path, exc,
-                    extra=event(OUTPUT_CLEANUP_FAILED, path=str(path), error=str(exc)))
+        log.warning("could not remove the temporary file %s: %s", where, exc,
+                    extra=event(OUTPUT_CLEANUP_FAILED, path=str(where), error=str(exc)))

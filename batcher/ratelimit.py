@@ -48,13 +48,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from typing import Protocol
 
 import anyio
 
 from batcher.clock import Clock
 from batcher.ops.logs import RATE_LIMITED, event
 
-__all__ = ["RateGate"]
+__all__ = ["Gate", "RateGate"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,56 @@ log = logging.getLogger(__name__)
 # hand-off between waiters, so high rates are not lost to lag. It is small
 # against the margin, and the sliding log bounds any catch-up anyway.
 _CATCH_UP = 0.005
+
+
+class Gate(Protocol):
+    """What the client and the runner ask of a rate gate.
+
+    :class:`RateGate` keeps one process under ``--rate``;
+    :class:`batcher.ratelimit_shared.SharedRateGate` keeps all hosts of a
+    shared ledger under it together (see
+    :func:`batcher.ratelimit_shared.gate_for`).
+    """
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the gate reads."""
+        ...
+
+    @property
+    def rate(self) -> float:
+        """The configured rate, per :attr:`window`."""
+        ...
+
+    @property
+    def granted(self) -> int:
+        """Acquisitions granted so far (by this process)."""
+        ...
+
+    @property
+    def current_rate(self) -> float:
+        """The rate in force now (less than :attr:`rate` after a 429)."""
+        ...
+
+    def paused_for(self) -> float:
+        """Seconds left of the pause after the last 429."""
+        ...
+
+    async def acquire(self, *, urgent: bool = False) -> None:
+        """Wait until one more API request may be sent, and count it.
+
+        ``urgent`` (a poll of a generation already paid for) may go ahead of
+        queued submissions; a gate may also serve everyone in order.
+        """
+        ...
+
+    def on_rate_limited(self, retry_after: float | None = None) -> None:
+        """A 429 was heard: pause and slow down."""
+        ...
+
+    def set_rate(self, rate: float) -> None:
+        """Change the configured rate."""
+        ...
 
 
 class _Waiter:

@@ -49,12 +49,19 @@ import anyio
 
 from batcher.clock import Clock
 from batcher.errors import LedgerError
-from batcher.ledger.base import LeasingLedger
+from batcher.ledger.base import LeasingLedger, Ledger, is_shared
 from batcher.ops.logs import RATE_CLAIM_FAILED, RATE_LIMITED, event
+from batcher.ratelimit import Gate, RateGate
 
-__all__ = ["SharedRateGate"]
+__all__ = ["SHARED_MARGIN", "SharedRateGate", "gate_for"]
 
 log = logging.getLogger(__name__)
+
+# The margin of a run's shared gate: a tenth of each window kept free, half
+# for a grant a little late, half for the way from the grant to the API and
+# the error of the clock offset. Hosts are separate machines with separate
+# networks and schedulers; a few per cent, enough for one process, is not.
+SHARED_MARGIN = 0.1
 
 _OFFSET_SAMPLES = 16  # recent claims whose round trips the offset is chosen from
 _FIRST_LEAD = 0.02  # how far ahead the first claim asks for its slots, in seconds
@@ -306,6 +313,18 @@ class SharedRateGate:
         if self._paused_until > now:
             state += f", paused for {self._paused_until - now:.3f}s"
         return f"<SharedRateGate [{state}]>"
+
+
+def gate_for(ledger: Ledger, rate: float, *, clock: Clock) -> Gate:
+    """The rate gate of a run on ``ledger``: ``rate`` is the whole job's ``--rate``.
+
+    A shared ledger (several hosts) gets a :class:`SharedRateGate` drawing
+    from the job's one pace, so the hosts' sum never passes ``rate``; a
+    private one a :class:`~batcher.ratelimit.RateGate` of its own.
+    """
+    if is_shared(ledger):
+        return SharedRateGate(ledger, rate, clock=clock, margin=SHARED_MARGIN)
+    return RateGate(rate, clock=clock)
 
 
 def _check_rate(rate: float) -> None:

@@ -17,7 +17,7 @@ from .bandwidth import parse_rate
 from .errors import ConfigError
 from .models import DEFAULT_MODEL
 
-__all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings",
+__all__ = ["DEFAULT_MODEL", "ENV_NAMES", "OPTION_SPECS", "OptionSpec", "Settings", "ledger_for",
            "parse_duration", "resolve"]
 
 DEFAULT_BASE_URL = "https://api.diffio.ai/v1"
@@ -294,6 +294,26 @@ def parse_duration(text: str) -> float:
     if not seconds >= 0 or seconds == float("inf"):
         raise ValueError(f"not a duration: {text!r}")
     return seconds
+# What ``run`` takes as its SOURCE: a manifest, or a job file naming one.
+SOURCE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".toml")
+
+
+def ledger_for(given: str, *, ledger: str | None = None,
+               env: Mapping[str, str] | None = None) -> str:
+    """The ledger ``status`` and ``export`` read for what they were given.
+
+    ``given`` is what ``run`` takes (a manifest or job file: its ledger is
+    found as ``run`` finds it, ``--ledger`` first, then ``BATCHER_LEDGER``,
+    the job file, and ``<manifest stem>.ledger.sqlite`` beside the manifest)
+    or a ledger itself (a SQLite path, a ``postgresql://`` URL), returned
+    as is. No API key is needed to find a ledger.
+    """
+    env = os.environ if env is None else env
+    if "://" in given or Path(given).suffix.lower() not in SOURCE_SUFFIXES:
+        return given
+    flags = {"ledger": ledger}
+    # A dry run needs no key; only the ledger of the resolved settings is used.
+    return resolve(source=Path(given), flags=flags, env=env, dry_run=True).ledger
 
 
 def _validate(s: Settings) -> None:

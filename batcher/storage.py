@@ -51,9 +51,9 @@ from batcher.errors import (
     StatusError,
     TransportError,
     UrlExpired,
-    redact,
 )
 from batcher.model import UploadPart, UploadSession
+from batcher.scrub import KeyScrubber
 from batcher.version import USER_AGENT
 
 __all__ = [
@@ -144,10 +144,11 @@ class Transport:
         if self.on_request is not None:
             self.on_request(endpoint, status, self.clock.now() - start)
 
-    def error(self, exc: BaseException, endpoint: str, *, secret: str | None = None) -> ApiError:
+    def error(self, exc: BaseException, endpoint: str, *,
+              scrub: KeyScrubber | None = None) -> ApiError:
         """Translate an aiohttp/OS/timeout exception into the error tree.
 
-        ``secret`` is scrubbed from the message (the API client passes its key).
+        ``scrub`` cleans the message (the API client passes its key's scrubber).
         """
         if isinstance(exc, TimeoutError):
             what = f"no answer within the timeout ({type(exc).__name__})"
@@ -161,7 +162,7 @@ class Transport:
             return DecodeError(f"invalid URL: {exc}", endpoint=endpoint)
         else:
             what = f"{type(exc).__name__}: {exc}"
-        return TransportError(redact(what, secret), endpoint=endpoint)
+        return TransportError(scrub.text(what) if scrub else what, endpoint=endpoint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from batcher.breaker import Breakers
 from batcher.client import DiffioClient
 from batcher.ledger import MemoryLedger
 from batcher.model import RunInfo
-from batcher.ratelimit import RateGate
+from batcher.ratelimit_shared import gate_for
 from batcher.run import Runner, RunResult
 from batcher.run.stats import RunStats
 from batcher.settings import DEFAULT_MODEL, Settings
@@ -67,7 +67,7 @@ class Job:
         settings = self.settings(**changes)
         ledger = ledger if ledger is not None else self.ledger
         stats = RunStats()
-        gate = RateGate(settings.rate, clock=self.clock)
+        gate = gate_for(ledger, settings.rate, clock=self.clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         assert self.sim.base_url is not None
         async with aiohttp.ClientSession() as session:

@@ -47,7 +47,7 @@ from batcher.errors import (
     UrlExpired,
 )
 from batcher.model import UploadPart, UploadSession
-from batcher.outputs import fetch_to_file, temp_path
+from batcher.outputs import fetch_to_file
 from batcher.ratelimit import RateGate
 from batcher.version import USER_AGENT
 
@@ -731,7 +731,7 @@ async def test_download_streams_to_the_final_file_and_returns_sha256(
     server.routes["/out.mp3"] = _download_handler(server, payload)
     h = make()
     final = tmp_path / "sub" / "out.mp3"
-    sha, size = await fetch_to_file(h.client.storage, server.url + "/out.mp3?sig=1", final, "row/1")
+    sha, size = await fetch_to_file(h.client.storage, server.url + "/out.mp3?sig=1", final)
     assert (sha, size) == (hashlib.sha256(payload).hexdigest(), len(payload))
     assert final.read_bytes() == payload
     assert os.listdir(final.parent) == ["out.mp3"]  # no temporary left
@@ -753,7 +753,7 @@ async def test_download_refused_leaves_no_file(
     server.routes["/out.mp3"] = _download_handler(server, b"", status=status)
     final = tmp_path / "out.mp3"
     with pytest.raises(cls) as info:
-        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final, "r")
+        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final)
     assert type(info.value) is cls and info.value.endpoint == "download"
     assert os.listdir(tmp_path) == []
 
@@ -765,7 +765,7 @@ async def test_download_cut_short_is_a_transport_error_and_removes_the_part(
     server.routes["/out.mp3"] = _download_handler(server, os.urandom(600_000), cut=True)
     h = make()
     with pytest.raises(TransportError) as info:
-        await fetch_to_file(h.client.storage, server.url + "/out.mp3", tmp_path / "out.mp3", "r")
+        await fetch_to_file(h.client.storage, server.url + "/out.mp3", tmp_path / "out.mp3")
     assert info.value.endpoint == "download"
     assert os.listdir(tmp_path) == []
     assert h.calls[0][:2] == ("download", None)
@@ -779,14 +779,15 @@ async def test_a_local_write_failure_is_a_local_error_not_the_apis(
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(LocalFileError) as info:
         await fetch_to_file(make().client.storage, server.url + "/out.mp3",
-                            tmp_path / "blocker" / "x.mp3", "r")
+                            tmp_path / "blocker" / "x.mp3")
     assert info.value.code == "outputWriteFailed" and "blocker" in info.value.message
     assert server.seen == []  # nothing asked of the storage
     # The temporary file cannot be created: the row's output is unwritable.
     final = tmp_path / "y.mp3"
-    temp_path(final, "r").mkdir()
+    (tmp_path / ".y.mp3.taken.part").mkdir()
     with pytest.raises(LocalFileError) as info:
-        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final, "r")
+        await fetch_to_file(make().client.storage, server.url + "/out.mp3", final,
+                            token=lambda: "taken")
     assert info.value.code == "outputUnwritable"
     assert not final.exists()
 
@@ -810,7 +811,7 @@ async def test_a_writers_own_error_passes_through_the_client(
 async def test_download_refused_port(make: Callable[..., Harness], tmp_path: Path) -> None:
     with pytest.raises(TransportError):
         await fetch_to_file(make().client.storage, f"http://127.0.0.1:{refused_port()}/x",
-                            tmp_path / "x.mp3", "r")
+                            tmp_path / "x.mp3")
     assert os.listdir(tmp_path) == []
 
 
@@ -993,5 +994,5 @@ async def test_every_byte_up_and_down_is_taken_from_the_bandwidth_budget(
     await client.storage.upload(url=server.url + "/upload", method="PUT", path=path,
                                 content_type="audio/wav", size=1000)
     assert budget.taken == 2000
-    await fetch_to_file(client.storage, server.url + "/out.mp3", tmp_path / "o.mp3", "r1")
+    await fetch_to_file(client.storage, server.url + "/out.mp3", tmp_path / "o.mp3")
     assert budget.taken == 2000 + len(data)

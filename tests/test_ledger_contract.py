@@ -1143,6 +1143,30 @@ async def test_runs_on_one_shared_ledger_share_rows_and_split_them(
     finally:
         await other.close(0)
 
+@pytest.mark.anyio
+async def test_two_hosts_replacing_one_project_never_overwrite_each_other(
+    shared_backend: Backend, shared: LeasingLedger
+) -> None:
+    # Each host reads the PROJECT row itself (its own connection), then
+    # replaces the project: the second write compares the version it read.
+    other = await shared_backend.open_shared()
+    try:
+        (row,) = await shared.import_rows([new_row(1, kind=Kind.FILE)])
+        await shared.transition("r1", Stage.PENDING, Stage.PROJECT_CREATED,
+                                {"api_project_id": "p-old"}, event="p", current=row)
+        seen_a, seen_b = await shared.get("r1"), await other.get("r1")
+        assert seen_a is not None and seen_b is not None and seen_a == seen_b
+        won = await shared.transition("r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                                      {"api_project_id": "p-a"}, event="fresh-a",
+                                      current=seen_a)
+        with pytest.raises(TransitionConflict):
+            await other.transition("r1", Stage.PROJECT_CREATED, Stage.PROJECT_CREATED,
+                                   {"api_project_id": "p-b"}, event="fresh-b", current=seen_b)
+        assert await other.get("r1") == won and won.api_project_id == "p-a"
+    finally:
+        await other.close(0)
+
+
 TTL = 60.0
 WORKER_RUN = RunInfo("run-w", 4343, "host-b", 1_000.0, "batcher run m.csv")
 

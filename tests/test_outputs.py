@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.errors import OutputPathError
-from batcher.outputs import default_output_rel, extension_for, resolve_output, row_tag
+from batcher.outputs import (
+    copy_to_file,
+    default_output_rel,
+    extension_for,
+    resolve_output,
+    row_tag,
+    write_bytes_atomically,
+)
 
 
 def test_relative_path_lands_under_out(tmp_path: Path) -> None:
@@ -75,3 +82,69 @@ def test_rows_naming_one_file_are_told_apart_by_their_ids() -> None:
     names = {default_output_rel("take.wav", "audio/mpeg", row_tag(i))
              for i in (derived, derived + "~2", "job-1", "a/b", "a:b")}
     assert len(names) == 5 and "take.wav.job-1.restored.mp3" in names
+
+
+# -- writing: nothing is written through a link, whenever it was planted ------------
+
+
+def _outside(tmp_path: Path) -> Path:
+    victim = tmp_path / "elsewhere" / "victim.mp3"
+    victim.parent.mkdir()
+    return victim
+
+
+@pytest.mark.anyio
+async def test_links_at_every_predictable_name_are_not_followed(tmp_path: Path) -> None:
+    out, src = tmp_path / "out", tmp_path / "src.wav"
+    src.write_bytes(b"restored")
+    victim = _outside(tmp_path)
+    (out / "sub").mkdir(parents=True)
+    # Links at the final name and at names a temporary file might take.
+    for name in ("x.mp3", ".x.mp3.part", ".x.mp3.tmp", ".x.mp3.r.part"):
+        (out / "sub" / name).symlink_to(victim)
+    await copy_to_file(src, out / "sub" / "x.mp3", root=out)
+    final = out / "sub" / "x.mp3"
+    assert not final.is_symlink() and final.read_bytes() == b"restored"
+    assert not victim.exists()
+    write_bytes_atomically(out / "sub" / ".x.mp3.tmp", b"report")
+    assert not victim.exists()
+
+
+@pytest.mark.anyio
+async def test_a_folder_link_out_of_out_is_refused_at_write_time(tmp_path: Path) -> None:
+    out, src = tmp_path / "out", tmp_path / "src.wav"
+    src.write_bytes(b"restored")
+    victim = _outside(tmp_path)
+    out.mkdir()
+    final = resolve_output(out, "sub/x.mp3")  # checked while sub/ did not exist yet
+    (out / "sub").symlink_to(victim.parent)
+    with pytest.raises(OutputPathError):
+        await copy_to_file(src, final, root=out)
+    assert list(victim.parent.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_folder_link_that_stays_inside_out_is_written_through(tmp_path: Path) -> None:
+    out, src = tmp_path / "out", tmp_path / "src.wav"
+    src.write_bytes(b"restored")
+    (out / "real").mkdir(parents=True)
+    (out / "alias").symlink_to(out / "real")
+    await copy_to_file(src, out / "alias" / "x.mp3", root=out)
+    assert (out / "real" / "x.mp3").read_bytes() == b"restored"
+    assert [p.name for p in (out / "real").iterdir()] == ["x.mp3"]  # no temporary left
+
+
+@pytest.mark.anyio
+async def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(
+        tmp_path: Path) -> None:
+    out, src = tmp_path / "out", tmp_path / "src.wav"
+    src.write_bytes(b"restored")
+    out.mkdir()
+    victim = _outside(tmp_path)
+    victim.write_bytes(b"keep")
+    (out / ".x.mp3.0123456789abcdef.part").write_bytes(b"half")
+    (out / ".x.mp3.fedcba9876543210.part").symlink_to(victim)
+    (out / ".x.mp3.notours.part").write_bytes(b"someone else's")
+    await copy_to_file(src, out / "x.mp3", root=out)
+    assert sorted(p.name for p in out.iterdir()) == [".x.mp3.notours.part", "x.mp3"]
+    assert victim.read_bytes() == b"keep"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+import re
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,7 +13,7 @@ from ..ledger import open_ledger
 from ..ledger.base import Ledger
 from ..model import RunInfo
 
-__all__ = ["CSV_FIELDS", "export_main", "export_rows"]
+__all__ = ["CSV_FIELDS", "FORMULA_STARTS", "csv_cell", "csv_line", "export_main", "export_rows"]
 
 # The fields users and scripts rely on first, in their documented order; then the rest.
 CSV_FIELDS = ["rowId", "line", "idempotencyKey", "apiProjectId", "generationId", "modelKey",
@@ -21,28 +21,52 @@ CSV_FIELDS = ["rowId", "line", "idempotencyKey", "apiProjectId", "generationId",
               "outputSha256", "source", "sourceSha256", "polls", "retryCount", "leaderRowId"]
 
 
-def _csv_value(value: Any) -> str:
+# A spreadsheet reads a cell starting with one of these as a formula (or, for
+# tab and CR, may drop them and read what follows as one): OWASP's list.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell: JSON text for objects, ``'`` before a would-be formula.
+
+    Escaping goes by the first character only (a leading ``'`` is what
+    spreadsheets take as "text, not a formula" and do not show), so the cell
+    of a negative number is ``'-1`` too: a reader that wants exact values
+    takes the JSON Lines export.
+    """
     if value is None:
         return ""
-    if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
-    return str(value)
+    text = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def csv_line(cells: list[str]) -> str:
+    """One CSV record (RFC 4180 quoting), ending in ``\\n``.
+
+    Written by hand because the csv module leaves a lone CR unquoted when
+    the line ends in LF, and a reader then splits the record there.
+    """
+    return ",".join(
+        '"' + cell.replace('"', '""') + '"' if _NEEDS_QUOTES.search(cell) else cell
+        for cell in cells) + "\n"
+
+
+_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
 
 
 async def export_rows(ledger: Ledger, fmt: str, out: TextIO, *,
                       include_retired: bool = False) -> int:
     """Write every row as JSONL or CSV; return how many."""
     n = 0
-    writer = None
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(CSV_FIELDS)
+    as_csv = fmt == "csv"
+    if as_csv:
+        out.write(csv_line(CSV_FIELDS))
     async for row in ledger.rows(include_retired=include_retired):
         record = row.export_record()
-        if writer is None:
-            out.write(orjson.dumps(record).decode() + "\n")
+        if as_csv:
+            out.write(csv_line([csv_cell(record.get(f)) for f in CSV_FIELDS]))
         else:
-            writer.writerow([_csv_value(record.get(f)) for f in CSV_FIELDS])
+            out.write(orjson.dumps(record).decode() + "\n")
         n += 1
     return n
 

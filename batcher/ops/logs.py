@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from batcher.scrub import KeyScrubber
+
 __all__ = [
     "API_PROBE_FAILED",
     "API_REACHABLE",
@@ -42,7 +44,6 @@ __all__ = [
     "POLL_UNKNOWN_STATUS",
     "RATE_CLAIM_FAILED",
     "RATE_LIMITED",
-    "RATE_SHARE_CHANGED",
     "REPORT_COUNTS_FAILED",
     "REQUEST_RETRY_SCHEDULED",
     "ROW_FAILED",
@@ -99,7 +100,6 @@ RATE_LIMITED = "rate.limited"  # retry_after, pause, rate: a 429 paused and slow
 WORKER_JOINED = "worker.joined"  # worker, live
 WORKER_LEAVE_FAILED = "worker.leave_failed"  # worker, error
 WORKER_HEARTBEAT_FAILED = "worker.heartbeat_failed"  # worker, error
-RATE_SHARE_CHANGED = "rate.share_changed"  # rate, live: this host's share of --rate
 RATE_CLAIM_FAILED = "rate.claim_failed"  # error, wait: the shared pace could not be read
 # -- the ledger and files -----------------------------------------------------------
 LEDGER_ROWS_RETIRED = "ledger.rows_retired"  # rows: no longer in the manifest
@@ -134,9 +134,9 @@ EVENTS: frozenset[str] = frozenset({
     ROW_MOVED_ELSEWHERE, REQUEST_RETRY_SCHEDULED, POLL_RETRY_SCHEDULED, POLL_UNKNOWN_STATUS,
     DOWNLOAD_RETRY_SCHEDULED, UPLOAD_URL_EXPIRED, UPLOAD_RESUMED, UPLOAD_RESTARTED,
     UPLOAD_ABANDONED, RATE_LIMITED, WORKER_JOINED,
-    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_SHARE_CHANGED, RATE_CLAIM_FAILED,
+    WORKER_LEAVE_FAILED, WORKER_HEARTBEAT_FAILED, RATE_CLAIM_FAILED,
     LEDGER_ROWS_RETIRED, LEDGER_UNREACHABLE, LEDGER_REACHABLE, LEDGER_CLOSE_FAILED, DISK_FULL,
-    LEDGER_ROWS_RETIRED, LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
+    LEDGER_MIGRATED, LEDGER_RETRY, LEDGER_COMMIT_FAILED,
     LEDGER_LOCK_TAKEN_OVER, SIMULATOR_OBSERVER_FAILED,
     OUTPUT_CLEANUP_FAILED, REPORT_COUNTS_FAILED, API_UNREACHABLE, API_PROBE_FAILED,
     API_REACHABLE, WEBHOOK_ACCEPTED, WEBHOOK_REFUSED, WEBHOOK_SINK_FAILED, WEBHOOK_APPLIED,
@@ -153,25 +153,29 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class RedactFilter(logging.Filter):
-    """Replaces the API key wherever it would reach a log line (defence in depth)."""
+    """Replaces the API key, in any form (:mod:`batcher.scrub`), wherever it would
+    reach a log line (defence in depth: the client already scrubbed the API's answers)."""
 
     def __init__(self, secret: str) -> None:
         super().__init__()
-        self._secret = secret
+        self._scrub = KeyScrubber(secret)
 
     def __repr__(self) -> str:
         return "RedactFilter(secret=***)"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secret:
+        if not self._scrub:
             return True
         message = record.getMessage()
-        if self._secret in message:
-            record.msg = message.replace(self._secret, "***")
+        clean = self._scrub.text(message)
+        if clean != message:
+            record.msg = clean
             record.args = None
         for key, value in list(record.__dict__.items()):
-            if key not in _STANDARD and isinstance(value, str) and self._secret in value:
-                setattr(record, key, value.replace(self._secret, "***"))
+            if key not in _STANDARD and isinstance(value, str):
+                clean = self._scrub.text(value)
+                if clean != value:
+                    setattr(record, key, clean)
         return True
 
 

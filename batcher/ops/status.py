@@ -87,8 +87,15 @@ def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...], stream: Te
               file=stream)
 
 
-async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> int:
-    """``batcher status LEDGER``: counts, errors, runs; works while a run writes."""
+async def status_main(url: str, as_json: bool, stream: TextIO | None = None, *,
+                      label: str | None = None) -> int:
+    """``batcher status LEDGER``: counts, errors, runs; works while a run writes.
+
+    ``stream`` defaults to the ``sys.stdout`` of the moment of the call.
+    ``label`` names the ledger in the JSON when ``url`` is not its name (a
+    job not run yet is read from an empty ``:memory:`` ledger).
+    """
+    stream = sys.stdout if stream is None else stream
     ledger = open_ledger(url)
     await ledger.open(RunInfo.reader(), lock=False)
     try:
@@ -116,7 +123,7 @@ async def status_main(url: str, as_json: bool, stream: TextIO = sys.stdout) -> i
         last = {**last, "state": state}
     if as_json:
         stream.write(orjson.dumps({
-            "ledger": url, "total": total, "byStatus": by_status,
+            "ledger": label or url, "total": total, "byStatus": by_status,
             "byStage": {s.value: n for s, n in by_stage.items()},
             "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],
             "queued": {"count": len(queued), "front": min(queued, default=None),

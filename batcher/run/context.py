@@ -20,7 +20,7 @@ from anyio import CancelScope
 from ..breaker import unanswered
 from ..client import DiffioClient
 from ..clock import Clock, WallTime
-from ..errors import ApiError, LedgerError, RunHalted, TransitionConflict
+from ..errors import ApiError, LeaseLost, LedgerError, RunHalted, TransitionConflict
 from ..ledger.base import Ledger, NextMove
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
 from ..ops.logs import (
@@ -30,7 +30,7 @@ from ..ops.logs import (
     RUN_HALTED,
     event,
 )
-from ..ratelimit import RateGate
+from ..ratelimit import Gate
 from ..retry import RetryPolicy, retrying
 from ..settings import Settings
 from .hosts import Membership
@@ -62,7 +62,7 @@ class RunContext:
     settings: Settings
     ledger: Ledger
     client: DiffioClient
-    gate: RateGate
+    gate: Gate
     clock: Clock
     rng: random.Random
     policy: RetryPolicy
@@ -119,20 +119,23 @@ class RunContext:
         self.stats.in_flight -= 1
         self.membership.release(row_id)
 
-    def moved_elsewhere(self, row_id: str, step: str) -> bool:
-        """A compare-and-set lost: on a shared ledger another host moved the row on.
+    async def check_lease(self, row_id: str) -> None:
+        """Right before a request that may cost money: raise LeaseLost unless this
+        run still holds the row (always, on a private ledger)."""
+        if not await self.membership.holds(row_id):
+            raise LeaseLost(row_id)
 
-        That happens when this host was paused (a ledger outage) past its
-        leases and another host took the row over; the row is that host's
-        now, and this host drops it (True). On a private ledger nobody else
-        moves rows: False, and the caller raises the conflict (a bug).
+    def lost(self, row_id: str, err: TransitionConflict, step: str) -> None:
+        """Another host moved the row, or took it over: drop it and go on.
+
+        Only on a shared ledger; on a private one a lost compare-and-set is a
+        bug and ``err`` is raised again.
         """
         if not self.membership.shared:
-            return False
-        log.info("row %s was moved on elsewhere; this host leaves it", row_id,
+            raise err
+        log.info("row %s is another host's now (%s); this host lets it go", row_id, err,
                  extra=event(ROW_MOVED_ELSEWHERE, row=row_id, step=step))
         self.drop(row_id)
-        return True
 
     def check_failure_share(self) -> None:
         """--halt-after PCT: stop submitting when too many rows fail."""
@@ -218,6 +221,8 @@ class RunContext:
         try:
             await self.move(row, Stage.FAILED, update, "failed", {"code": error.get("code")})
         except TransitionConflict:
+            # Our copy is stale; on a shared ledger the row may be another host's now.
+            await self.check_lease(row.row_id)
             fresh = await self.ledger.get(row.row_id)
             if fresh is None or fresh.stage is Stage.FAILED:
                 return

@@ -51,9 +51,9 @@ class Downloader:
             async for row in recv:
                 try:
                     await self.download(row)
-                except TransitionConflict:
-                    if not self.ctx.moved_elsewhere(row.row_id, "download"):
-                        raise
+                except TransitionConflict as err:
+                    # A shared ledger: another host finished the row first.
+                    self.ctx.lost(row.row_id, err, "download")
 
     async def download(self, row: LedgerRow) -> None:
         """Fetch the row's output and publish it; COMPLETE, or FAILED."""
@@ -71,7 +71,7 @@ class Downloader:
             final = resolve_output(out, row.output_rel or default_output_for(
                 row, ctx.settings.manifest.parent, info.mime_type))
             sha, size = await fetch_to_file(ctx.client.storage, info.download_url, final,
-                                            row.row_id)
+                                            root=out)
             return final, sha, size
 
         def retried(err: ApiError, made: int, wait: float) -> None:

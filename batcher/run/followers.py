@@ -165,7 +165,7 @@ async def _settle(ctx: RunContext, row: LedgerRow, leader: LedgerRow) -> None:
         row, ctx.settings.manifest.parent, mimetypes.guess_type(leader.output_path)[0])
     final = resolve_output(ctx.settings.out, rel)
     if final != Path(leader.output_path):
-        await copy_to_file(Path(leader.output_path), final, row.row_id)
+        await copy_to_file(Path(leader.output_path), final, root=ctx.settings.out)
     await ctx.move(row, Stage.COMPLETE, {
         "output_path": str(final), "output_sha256": leader.output_sha256,
         "output_size": leader.output_size}, "copiedFromLeader", note)

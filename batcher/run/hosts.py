@@ -6,10 +6,15 @@ The ledger says which (``Ledger.shared``), once; the runner then holds one
 * :class:`Solo` — a private (SQLite) ledger, locked to this run: every row
   goes to work as it is imported.
 * :class:`Shared` — a ledger several hosts share (PostgreSQL): this run joins
-  as a worker, takes its share of ``--rate``, and works only on rows it has
-  leased. A heartbeat renews its leases; a dead host's leases expire and the
-  others take its rows over: rows with a generation id are polled, the others
-  posted again with their key (a replay, never a second charge).
+  as a worker and works only on rows it has leased. A heartbeat renews its
+  leases; a dead host's leases expire and the others take its rows over: rows
+  with a generation id are polled, the others posted again with their key (a
+  replay, never a second charge). A host that was paused past its lease
+  finds out before its next post (``hold``, in the stages) and drops the row.
+  ``--rate`` is not split here: the run's gate draws every request's send
+  time from the job's one pace in the ledger
+  (:class:`~batcher.ratelimit_shared.SharedRateGate`), so the hosts' sum stays
+  under it however many there are.
 """
 
 from __future__ import annotations
@@ -27,13 +32,11 @@ from ..errors import LedgerError
 from ..ledger.base import LeasingLedger, Ledger, is_shared
 from ..model import LedgerRow, RunInfo
 from ..ops.logs import (
-    RATE_SHARE_CHANGED,
     WORKER_HEARTBEAT_FAILED,
     WORKER_JOINED,
     WORKER_LEAVE_FAILED,
     event,
 )
-from ..ratelimit import RateGate
 from ..settings import Settings
 
 __all__ = ["Dispatch", "Membership", "Shared", "Solo", "membership_for"]
@@ -41,9 +44,9 @@ __all__ = ["Dispatch", "Membership", "Shared", "Solo", "membership_for"]
 log = logging.getLogger(__name__)
 
 # A lease lasts --lease-ttl seconds and is renewed by a heartbeat every
-# HEARTBEAT_EVERY; a new worker waits a little over one heartbeat before its
-# first request, so the others have lowered their share of --rate first and
-# the sum never passes it.
+# HEARTBEAT_EVERY; a new worker waits a little over one heartbeat before it
+# leases, so hosts started together see each other first and none leases
+# the others' share of the rows.
 HEARTBEAT_EVERY = 1.0
 LEASE_IDLE = 0.5
 LEASE_HOLD_SECONDS = 4.0
@@ -75,6 +78,10 @@ class Membership(Protocol):
         """This run is done with the row (finished, or dropped by a halt)."""
         ...
 
+    async def holds(self, row_id: str) -> bool:
+        """Whether this run may still send for the row (renewing its lease if leased)."""
+        ...
+
 
 class Solo:
     """A private ledger: this run is its only worker."""
@@ -96,6 +103,10 @@ class Solo:
     def release(self, row_id: str) -> None:
         """No leases to give back."""
 
+    async def holds(self, row_id: str) -> bool:
+        """Every row is this run's: the ledger's lock says so."""
+        return True
+
 
 class Shared:
     """One worker among several on a shared ledger: work is leased.
@@ -111,7 +122,6 @@ class Shared:
         ledger: LeasingLedger,
         *,
         settings: Settings,
-        gate: RateGate,
         clock: Clock,
         run_info: RunInfo,
         stopping: Callable[[], bool],
@@ -119,17 +129,17 @@ class Shared:
     ) -> None:
         self.ledger = ledger
         self.settings = settings
-        self.gate = gate
         self.clock = clock
         self.run_info = run_info
         self.worker_id = f"w-{uuid.uuid4().hex[:16]}"
         self.leased: set[str] = set()
+        self.live = 1  # live workers, as of the last heartbeat
         self._stopping = stopping
         self._stopped = stopped
 
     @asynccontextmanager
     async def joined(self) -> AsyncIterator[None]:
-        """Register, take a share of --rate, heartbeat while the block runs, leave."""
+        """Register, heartbeat while the block runs, leave."""
         try:
             await self._join()
             async with anyio.create_task_group() as tg:
@@ -153,7 +163,8 @@ class Shared:
             # Hold what this host can work through in a few seconds at its
             # share of the rate: enough to keep busy, not so much that it
             # starves the other hosts or leaves much to take over if it dies.
-            hold = max(2 * self.settings.concurrency, int(self.gate.rate * LEASE_HOLD_SECONDS))
+            share = self.settings.rate / max(1, self.live)
+            hold = max(2 * self.settings.concurrency, int(share * LEASE_HOLD_SECONDS))
             if not self._stopping() and len(self.leased) < hold:
                 rows = await self.ledger.lease(self.worker_id, hold - len(self.leased), ttl)
                 for row in rows:
@@ -173,15 +184,21 @@ class Shared:
         """Forget the lease; the row's next holder, if any, is whoever leases it."""
         self.leased.discard(row_id)
 
+    async def holds(self, row_id: str) -> bool:
+        """Whether this worker's lease on the row is unexpired (then renewed), by the
+        ledger's clock. False after a pause longer than --lease-ttl: the row may be
+        another host's now, and this one forgets it."""
+        if await self.ledger.hold(self.worker_id, row_id, self.settings.lease_ttl):
+            return True
+        self.leased.discard(row_id)
+        return False
+
     async def _join(self) -> None:
         ttl = self.settings.lease_ttl
         await self.ledger.register_worker(self.worker_id, self.run_info, ttl)
-        live = await self.ledger.heartbeat(self.worker_id, ttl)
-        self.gate.set_rate(self.settings.rate / max(1, live))
-        # Let the others see us and lower their share before we send anything.
+        await self.ledger.heartbeat(self.worker_id, ttl)
         await self.clock.sleep(HEARTBEAT_EVERY * 1.5)
-        live = await self.ledger.heartbeat(self.worker_id, ttl)
-        self.gate.set_rate(self.settings.rate / max(1, live))
+        self.live = live = await self.ledger.heartbeat(self.worker_id, ttl)
         log.info("joined the job as worker %s (%d live workers)", self.worker_id, live,
                  extra=event(WORKER_JOINED, worker=self.worker_id, live=live))
 
@@ -194,16 +211,10 @@ class Shared:
                                     error=str(err)))
 
     async def _heartbeat(self) -> None:
-        """Renew this worker's leases; take its share of the job's --rate."""
+        """Renew this worker's leases; count the live workers."""
         while True:
             try:
-                live = await self.ledger.heartbeat(self.worker_id, self.settings.lease_ttl)
-                share = self.settings.rate / max(1, live)
-                if abs(share - self.gate.rate) > 1e-9:
-                    log.info("this host's share of --rate is now %.2f req/s (%d live workers)",
-                             share, live,
-                             extra=event(RATE_SHARE_CHANGED, rate=round(share, 3), live=live))
-                    self.gate.set_rate(share)
+                self.live = await self.ledger.heartbeat(self.worker_id, self.settings.lease_ttl)
             except LedgerError as err:
                 log.warning("heartbeat failed: %s", err,
                             extra=event(WORKER_HEARTBEAT_FAILED, worker=self.worker_id,

@@ -25,7 +25,7 @@ from typing import Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import GenerationStatus
+from ..client import GenerationStatus, Progress
 from ..clock import Clock
 from ..errors import ApiError, TransitionConflict
 from ..model import Kind, LedgerRow, Stage, Update
@@ -277,15 +277,17 @@ class Polling:
         ctx.stats.polls += 1
         ctx.count_poll(item.row_id)
         ctx.count_attempt(item.row_id)
+        progress: Progress | ApiError
         try:
             progress = await ctx.client.get_progress(
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
-            return await self._poll_failure(item, err)
+            progress = err
         # 0 % says only that inference has not begun (not when it will): no
         # reading. With a poll policy (webhooks), polls are a safety net on its
         # own schedule: nothing is predicted, so nothing re-aims its polls.
-        if (progress.status is GenerationStatus.RUNNING and progress.progress is not None
+        if (not isinstance(progress, ApiError)
+                and progress.status is GenerationStatus.RUNNING and progress.progress is not None
                 and 0 < progress.progress < 100 and not item.resumed and self.policy is None):
             reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
             item.read(reading)
@@ -295,15 +297,17 @@ class Polling:
                 predictor.observe_pair(item.previous, reading)
         assert item.row is not None
         try:
+            if isinstance(progress, ApiError):
+                return await self._poll_failure(item, progress)
             return await self.after_status(item.row, progress.status, progress.api_status,
                                            error=progress.error,
                                            details=progress.error_details, poll=item,
                                            queue=progress.queue_position)
         except TransitionConflict:
             # Another host (or a follower settle) moved the row on: not ours now.
-            if not ctx.moved_elsewhere(item.row_id, "poll"):
-                log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
-                         extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
+            log.info("row %s was moved on elsewhere; polling it stops", item.row_id,
+                     extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
+            ctx.drop(item.row_id)
             return True
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:

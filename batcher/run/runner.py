@@ -45,7 +45,7 @@ from ..ledger.base import Ledger
 from ..ledger.patient import patient
 from ..model import ACTIVE_STAGES, Kind, LedgerRow, RunInfo, Stage, status_counts
 from ..ops.logs import LEDGER_ROWS_RETIRED, event
-from ..ratelimit import RateGate
+from ..ratelimit import Gate
 from ..retry import RetryPolicy
 from ..settings import Settings
 from .context import HaltState, RunContext
@@ -102,7 +102,7 @@ class Runner:
         ledger: Ledger,
         client: DiffioClient,
         *,
-        gate: RateGate,
+        gate: Gate,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         policy: RetryPolicy | None = None,
@@ -119,7 +119,7 @@ class Runner:
         halts = HaltState()
         run_info = run_info or RunInfo.start()
         membership = membership_for(ledger, lambda leasing: Shared(
-            leasing, settings=settings, gate=gate, clock=clock, run_info=run_info,
+            leasing, settings=settings, clock=clock, run_info=run_info,
             stopping=lambda: halts.error is not None, stopped=lambda: halts.hard))
         self.ctx = RunContext(
             settings=settings, ledger=ledger, client=client, gate=gate, clock=clock,

@@ -13,7 +13,7 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import GenerationStatus
+from ..client import GenerationAccepted, GenerationStatus
 from ..errors import (
     ApiError,
     LocalFileError,
@@ -56,9 +56,11 @@ class Submitter:
                     continue
                 try:
                     await self.submit(row)
-                except TransitionConflict:
-                    if not self.ctx.moved_elsewhere(row.row_id, "submit"):
-                        raise
+                except TransitionConflict as err:
+                    # A shared ledger: another host moved the row, or took it
+                    # over while this one was paused.
+                    self._settle_spend(row.row_id, charged=False)
+                    self.ctx.lost(row.row_id, err, "submit")
 
     # ------------------------------------------------------------------ spend
 
@@ -114,10 +116,16 @@ class Submitter:
                 self._settle_spend(row.row_id, charged=False)
                 ctx.drop(row.row_id)
                 return
-            try:
-                accepted = await ctx.call(row.row_id, lambda: ctx.client.create_generation(
+
+            async def post() -> GenerationAccepted:
+                # A host paused past its lease finds out here, before it posts.
+                await ctx.check_lease(row.row_id)
+                return await ctx.client.create_generation(
                     model=row.model_key, api_project_id=project, sampling=row.sampling,
-                    params=row.params, idempotency_key=key))
+                    params=row.params, idempotency_key=key)
+
+            try:
+                accepted = await ctx.call(row.row_id, post)
             except ApiError as err:
                 # No answer at all: the API may have charged; count it, to be safe.
                 self._settle_spend(row.row_id, charged=isinstance(err, TransportError))

@@ -45,6 +45,7 @@ from typing import Any
 
 import anyio
 
+from ..client import ProjectCreated
 from ..errors import (
     ApiError,
     Conflict,
@@ -208,9 +209,14 @@ class Uploader:
         size = row.source_size
         if size is None:
             size = (await anyio.Path(path).stat()).st_size
+
+        async def create() -> ProjectCreated:
+            await ctx.check_lease(row.row_id)  # a host paused past its lease stops here
+            return await ctx.client.create_project(
+                file_name=path.name, content_type=ctype, content_length=size)
+
         try:
-            created = await ctx.call(row.row_id, lambda: ctx.client.create_project(
-                file_name=path.name, content_type=ctype, content_length=size))
+            created = await ctx.call(row.row_id, create)
         except StatusError as err:
             if err.status == 413:
                 raise _TooLarge(f"{path} is {size} bytes, over the API's upload limit: "
