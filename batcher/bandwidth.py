@@ -17,8 +17,10 @@ larger than the bucket is taken in bucket-sized pieces, because
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from aiolimiter import AsyncLimiter
+if TYPE_CHECKING:
+    from aiolimiter import AsyncLimiter
 
 __all__ = ["Bandwidth", "format_rate", "parse_rate"]
 
@@ -78,6 +80,10 @@ class Bandwidth:
             if bytes_per_second <= 0:
                 raise ValueError("bytes_per_second must be above 0")
             burst = max(_MIN_BURST, bytes_per_second * _BURST_SECONDS)
+            # Imported here: only a capped run needs it (and it imports asyncio
+            # and importlib.metadata, which `batcher --version` would pay for).
+            from aiolimiter import AsyncLimiter
+
             self._bucket = AsyncLimiter(burst, burst / bytes_per_second)
 
     @property

@@ -438,7 +438,9 @@ class DiffioClient:
 
     async def _wait_turn(self, endpoint: str) -> None:
         if not endpoint.endswith("-generation"):
-            await self._gate.acquire()
+            # Polls and download links serve generations already paid for:
+            # they go ahead of queued submissions (the rate is the same).
+            await self._gate.acquire(urgent=endpoint in _URGENT)
             return
         with anyio.CancelScope() as waiting:
             self._waiting_generations.add(waiting)
@@ -504,6 +506,10 @@ class DiffioClient:
             raise result
         return result
 
+
+
+# Endpoints about a generation already paid for (see RateGate.acquire).
+_URGENT = frozenset({"get_generation_progress", "get_generation_download"})
 
 
 def _upload_session(data: Mapping[str, Any], endpoint: str) -> UploadSession:

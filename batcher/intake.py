@@ -284,18 +284,23 @@ def _iterate(ctx: Intake) -> Iterator[NewRow]:
             yield invalid_row(err, item.model or ctx.model)
 
 
-async def intake_batches(ctx: Intake, batch_size: int = 256) -> AsyncIterator[list[NewRow]]:
+async def intake_batches(ctx: Intake, batch_size: int = 256,
+                         first_size: int = 16) -> AsyncIterator[list[NewRow]]:
     """The manifest's rows as NewRows in manifest order, a batch at a time, read on a thread.
 
-    ``open_manifest`` errors (ManifestError) surface from the first batch.
+    The first batch is small (``first_size``), so the first request leaves
+    as soon as a few rows are committed; later batches double up to
+    ``batch_size``. ``open_manifest`` errors (ManifestError) surface from
+    the first batch.
     """
     rows = _iterate(ctx)
+    size = max(1, min(first_size, batch_size))
 
     def take() -> list[NewRow]:
         out: list[NewRow] = []
         for new in rows:
             out.append(new)
-            if len(out) >= batch_size:
+            if len(out) >= size:
                 break
         return out
 
@@ -304,3 +309,4 @@ async def intake_batches(ctx: Intake, batch_size: int = 256) -> AsyncIterator[li
         if not batch:
             return
         yield batch
+        size = min(batch_size, 2 * size)

@@ -82,8 +82,23 @@ def _normalize(value: Any, depth: int = 0) -> Any:
     """Return ``value`` in its one canonical spelling (see canonical_json)."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
+    # The exact types a manifest gives, first: an exact-type test is a
+    # fraction of isinstance against a union or an ABC, and every row's
+    # sampling and params pass here.
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int and _INT_MIN <= value <= _INT_MAX:
+        return value
+    if kind is dict:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise TypeError(f"object keys must be strings, got {type(k).__name__}")
+            out[k] = _normalize(v, depth + 1)
+        return out
     # bool is a subclass of int: test it first so True stays true, not 1.
-    if value is None or isinstance(value, bool | str):
+    if isinstance(value, bool | str):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -96,7 +111,7 @@ def _normalize(value: Any, depth: int = 0) -> Any:
             return int(value)  # plain int, also for int subclasses (IntEnum)
         return orjson.Fragment(str(int(value)).encode("ascii"))
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
+        out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"object keys must be strings, got {type(k).__name__}")

@@ -99,8 +99,12 @@ class Gate(Protocol):
         """Seconds left of the pause after the last 429."""
         ...
 
-    async def acquire(self) -> None:
-        """Wait until one more API request may be sent, and count it."""
+    async def acquire(self, *, urgent: bool = False) -> None:
+        """Wait until one more API request may be sent, and count it.
+
+        ``urgent`` (a poll of a generation already paid for) may go ahead of
+        queued submissions; a gate may also serve everyone in order.
+        """
         ...
 
     def on_rate_limited(self, retry_after: float | None = None) -> None:
@@ -113,11 +117,12 @@ class Gate(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("turn",)
+    __slots__ = ("turn", "urgent")
 
-    def __init__(self) -> None:
+    def __init__(self, urgent: bool) -> None:
         # Set when this waiter reaches the head of the queue.
         self.turn = anyio.Event()
+        self.urgent = urgent
 
 
 class RateGate:
@@ -233,18 +238,31 @@ class RateGate:
 
     # -- acquiring ---------------------------------------------------------
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, urgent: bool = False) -> None:
         """Wait until one more API request may be sent, and count it.
 
-        Callers are served first come, first served. Cancelling a waiting
+        Callers are served first come, first served, except that an
+        ``urgent`` one (a poll of a generation already paid for) goes ahead
+        of the waiting callers that are not (new submissions): a finished
+        generation is noticed when it finishes, not after the submissions
+        queued meanwhile, and the rate is the same. Cancelling a waiting
         caller is safe: it leaves the queue and the next caller moves up.
         """
         clock = self._clock
         if not self._waiters and clock.now() >= self._due():
             self._grant(clock.now())
             return
-        me = _Waiter()
-        self._waiters.append(me)
+        me = _Waiter(urgent)
+        waiters = self._waiters
+        if urgent and waiters:
+            # Behind the head (it may be asleep until its due time) and the
+            # urgent callers already waiting; ahead of everyone else.
+            at = 1
+            while at < len(waiters) and waiters[at].urgent:
+                at += 1
+            waiters.insert(at, me)
+        else:
+            waiters.append(me)
         try:
             if self._waiters[0] is not me:
                 await me.turn.wait()

@@ -165,10 +165,12 @@ class SharedRateGate:
 
     # -- acquiring ------------------------------------------------------------
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, urgent: bool = False) -> None:
         """Wait until one more API request may be sent by this host, and count it.
 
-        Callers are served first come, first served; cancelling a waiting
+        Callers are served first come, first served (``urgent`` is accepted
+        for :class:`~batcher.ratelimit.RateGate`'s signature and not used:
+        the slots are the ledger's); cancelling a waiting
         caller is safe. While the ledger cannot be reached, callers wait (and
         the gate says so in the log): it never sends unpaced.
         """

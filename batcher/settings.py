@@ -49,7 +49,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("model", str, DEFAULT_MODEL, "model key; requests go to {base}/{KEY}-generation"),
     OptionSpec("rate", float, 10.0, "most API requests per second over any 1 s window"),
     OptionSpec("concurrency", int, 16, "most API requests in flight at once"),
-    OptionSpec("poll_interval", float, 5.0, "seconds before the first poll; later polls back off"),
+    OptionSpec("poll_interval", float, 5.0, "seconds before the first poll; later polls aim at "
+               "each generation's predicted end"),
     OptionSpec("out", str, None, "folder for restored files [<manifest stem>.out/]", path=True),
     OptionSpec("key_namespace", str, "", "mixed into every derived idempotency key"),
     OptionSpec("api_base", str, None, "API base URL (also DIFFIO_API_BASE_URL)"),

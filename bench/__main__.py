@@ -21,7 +21,7 @@ from .common import Figure, print_table, section
 
 __all__ = ["Sizes", "main"]
 
-BENCHES = ("rate", "polling", "memory", "ledger", "side", "uploads", "webhooks")
+BENCHES = ("rate", "polling", "idle", "memory", "ledger", "side", "uploads", "webhooks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,9 @@ class Sizes:
     poll_rows: int = 300
     # (--rate, --poll-interval) pairs
     poll_configs: tuple[tuple[float, float], ...] = ((50.0, 1.0), (50.0, 5.0), (200.0, 0.5))
+    # (rows, durations, --rate, --poll-interval) of the long generations' run; 0 rows: none
+    long_poll: tuple[int, str, float, float] = (200, "40,40", 50.0, 30.0)
+    idle_rows: int = 50
     dry_rows: int = 1_000_000
     real_rows: int = 100_000
     real_rate: float = 2000.0
@@ -46,7 +49,8 @@ class Sizes:
     hook_rows: int = 300
 
 
-QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),), dry_rows=20_000,
+QUICK = Sizes(rate_rows=500, poll_rows=60, poll_configs=((50.0, 1.0),),
+              long_poll=(0, "40,40", 50.0, 30.0), idle_rows=10, dry_rows=20_000,
               real_rows=2_000, ledger_rows=2_000, ledger_callers=(256,), side_rows=32,
               upload_mb=32, hook_rows=60)
 
@@ -61,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="rows of the real run measured for memory [100000]")
     ap.add_argument("--dry-rows", type=int, help="rows of the --dry-run measured for memory "
                     "[1000000]")
+    ap.add_argument("--big", action="store_true",
+                    help="also the big catalog: a real run of --big-rows rows (tens of minutes)")
+    ap.add_argument("--big-rows", type=int, default=1_000_000, help="rows of --big [1000000]")
+    ap.add_argument("--big-rate", type=float, default=1000.0, help="--rate of --big [1000]")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="also profile the rate run under cProfile into DIR")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batcher benchmark ({'quick' if args.quick else 'full'}): python "
           f"{platform.python_version()}, {platform.machine()}, {_cpus()} CPUs; "
           f"sizes {asdict(sizes)}", flush=True)
+    _compile_batcher()
     started = time.perf_counter()
     figures: list[Figure] = []
     failures: list[str] = []
@@ -95,17 +104,33 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(Figure(name, "failed", ok=False, note=str(exc).splitlines()[0]))
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from . import ledger, memory, polling, rate, side_by_side, uploads, webhooks
+    from . import idle, ledger, memory, polling, rate, side_by_side, uploads, webhooks
 
-    run("rate", lambda: rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)[1])
+    small_cpu: list[float] = []
+
+    def rate_run() -> list[Figure]:
+        res, figs = rate.bench_rate(sizes.rate_rows, sizes.rate, sizes.concurrency)
+        small_cpu.append(res.cpu_ms_per_row)
+        return figs
+
+    run("rate", rate_run)
     run("polling", lambda: polling.bench_polling(
-        sizes.poll_rows, configs=sizes.poll_configs)[1])
+        sizes.poll_rows, configs=sizes.poll_configs,
+        long=sizes.long_poll if sizes.long_poll[0] else None)[1])
+    run("idle", lambda: idle.bench_idle(sizes.idle_rows)[1])
     run("memory", lambda: memory.bench_memory(
         sizes.dry_rows, sizes.real_rows, rate=sizes.real_rate, concurrency=sizes.concurrency)[1])
     run("ledger", lambda: ledger.bench_ledger(sizes.ledger_rows, sizes.ledger_callers)[1])
     run("side", lambda: side_by_side.bench_side_by_side(sizes.side_rows, rate=sizes.side_rate)[1])
     run("uploads", lambda: uploads.bench_uploads(large_mb=sizes.upload_mb)[1])
     run("webhooks", lambda: webhooks.bench_webhooks(sizes.hook_rows)[1])
+    if args.big:
+        from . import big
+
+        chosen.append("big")
+        run("big", lambda: big.bench_big(args.big_rows, rate=args.big_rate,
+                                         concurrency=sizes.concurrency,
+                                         small_cpu_ms=small_cpu[0] if small_cpu else None)[1])
     if args.profile is not None:
         from .profile import profile_rate
 
@@ -116,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(f) for f in figures], indent=2))
     return 1 if failures else 0
+
+
+def _compile_batcher() -> None:
+    """Byte-compile batcher as an installed wheel would be.
+
+    An editable install under ``PYTHONDONTWRITEBYTECODE`` would otherwise
+    compile every module from source in every child (some 70 ms of start-up).
+    """
+    import compileall
+
+    import batcher
+
+    compileall.compile_dir(Path(batcher.__file__).parent, quiet=1)
 
 
 def _cpus() -> int:

@@ -10,7 +10,13 @@ before the first generation completes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import sqlite3
+import statistics
+import urllib.request
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .common import (
     ChildRun,
@@ -36,26 +42,65 @@ class PollResult:
     polls: int
     requests: dict[str, int]
     run: ChildRun
+    duration: str = "2,4"
+    # Per row: seconds from the generation's end to the row moving on, and
+    # that as a share of the generation's duration.
+    latencies: list[float] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
 
     @property
     def per_row(self) -> float:
         return self.polls / self.rows
 
+    @property
+    def median_share(self) -> float:
+        return statistics.median(self.shares) if self.shares else float("nan")
+
+
+def noticed_after(sim: SimProcess, ledger: Path) -> tuple[list[float], list[float]]:
+    """Per completed row: seconds from its generation's end to its ``complete`` event,
+    and that as a share of the generation's duration (the simulator says when each
+    generation ended; the ledger when the row moved on)."""
+    with urllib.request.urlopen(f"{sim.origin}/_sim/generations", timeout=30) as resp:
+        gens = {g["generationId"]: g for g in json.loads(resp.read())["generations"]}
+    with closing(sqlite3.connect(ledger)) as conn:
+        done = conn.execute(
+            "SELECT r.generation_id, e.at FROM ledger_events e JOIN ledger_rows r "
+            "ON r.row_id = e.row_id WHERE e.event = 'complete'").fetchall()
+    lat: list[float] = []
+    shares: list[float] = []
+    for gen_id, at in done:
+        g = gens.get(gen_id)
+        if g is None:
+            continue
+        took = g["endsAt"] - g["createdAt"]
+        lat.append(max(0.0, at - g["endsAt"]))
+        shares.append(lat[-1] / took if took > 0 else 0.0)
+    return lat, shares
+
 
 def bench_polling(rows: int = 300, *,
                   configs: tuple[tuple[float, float], ...] = ((50.0, 1.0), (50.0, 5.0)),
-                  duration: str = "2,4") -> tuple[list[PollResult], list[Figure]]:
-    """One run per (rate, first-poll wait), each on a fresh simulator."""
+                  duration: str = "2,4",
+                  long: tuple[int, str, float, float] | None = None,
+                  ) -> tuple[list[PollResult], list[Figure]]:
+    """One run per (rate, first-poll wait), each on a fresh simulator; then, with
+    ``long`` = (rows, duration, rate, first-poll wait), one run of long generations."""
     section(f"polling: {rows} rows, generations take {duration} s")
+    runs = [(rows, duration, rate, interval) for rate, interval in configs]
+    if long is not None:
+        runs.append(long)
     results: list[PollResult] = []
-    lo, hi = (float(x) for x in duration.split(","))
-    for rate, interval in configs:
+    for rows, duration, rate, interval in runs:
+        hi = float(duration.split(",")[1])
         with workdir() as d, SimProcess("--duration", duration, "--seed", "3") as sim:
             manifest = write_project_manifest(d / "poll.csv", rows, prefix="poll")
             run, delta = measured_batcher_run(sim, manifest, "--rate", f"{rate:g}",
-                                              "--poll-interval", f"{interval:g}")
+                                              "--poll-interval", f"{interval:g}",
+                                              timeout=600)
+            lat, shares = noticed_after(sim, manifest.with_suffix(".ledger.sqlite"))
         polls = delta.get("get_generation_progress", 0)
-        res = PollResult(rate, interval, rows, polls, delta, run)
+        res = PollResult(rate, interval, rows, polls, delta, run, duration, lat, shares)
         results.append(res)
         # No run ends before its requests have passed the rate, nor before the
         # last submission plus the longest generation.
@@ -67,12 +112,19 @@ def bench_polling(rows: int = 300, *,
               f"(max of requests/rate {paced:.1f} s and last submission + longest "
               f"generation {rows / rate + hi:.1f} s); CPU {1000 * run.cpu / rows:.2f} ms/row; "
               f"{delta}")
-    figures = [
-        Figure(f"polls per row ({lo:g}-{hi:g} s, --rate {r.rate:g} "
-               f"--poll-interval {r.poll_interval:g})",
-               f"{r.per_row:.2f}", "<= 1.5", r.per_row <= 1.5,
-               f"{r.rows} rows; wall {r.run.wall:.1f} s; "
-               f"{sum(r.requests.values()) / r.rows:.2f} API requests per row")
-        for r in results
-    ]
+        if lat:
+            print(f"  generation end -> row moved on: median {statistics.median(lat):.2f} s = "
+                  f"{100 * res.median_share:.1f}% of the duration (p90 "
+                  f"{100 * sorted(shares)[int(0.9 * (len(shares) - 1))]:.1f}%), {len(lat)} rows")
+    figures: list[Figure] = []
+    for r in results:
+        label = f"{r.duration.replace(',', '-')} s, --rate {r.rate:g} --poll-interval " \
+                f"{r.poll_interval:g}"
+        figures.append(Figure(f"polls per row ({label})", f"{r.per_row:.2f}", "<= 1.5",
+                              r.per_row <= 1.5,
+                              f"{r.rows} rows; wall {r.run.wall:.1f} s; "
+                              f"{sum(r.requests.values()) / r.rows:.2f} API requests per row"))
+        figures.append(Figure(f"end -> noticed, median share of duration ({label})",
+                              f"{100 * r.median_share:.1f}%", "<= 15%",
+                              r.median_share <= 0.15))
     return results, figures

@@ -29,7 +29,7 @@ from conftest import PgSchemas
 
 from batcher.errors import LedgerError, TransitionConflict
 from batcher.ledger import MemoryLedger, PostgresLedger, SqliteLedger
-from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger, is_shared
+from batcher.ledger.base import LEASE_TAKEN_OVER, LeasingLedger, Ledger, NextMove, is_shared
 from batcher.model import (
     LEGAL_MOVES,
     UPDATE_COLUMNS,
@@ -643,6 +643,32 @@ async def test_transition_with_current_returns_what_get_reads(ledger: Ledger) ->
     events = await ledger.events("r1")
     assert [e.to_stage for e in events[1:]] == [to for _, to, _ in steps]
     assert events[3].from_stage is Stage.PROJECT_CREATED  # the set's stage the row really left
+
+
+@pytest.mark.anyio
+async def test_a_move_with_then_makes_both_moves_and_both_events(ledger: Ledger) -> None:
+    (row,) = await ledger.import_rows([new_row(1)])
+    moved = await ledger.transition(
+        "r1", Stage.PENDING, Stage.SUBMITTED,
+        {"generation_id": "g1", "api_status": "complete", "attempts_delta": 1},
+        event="submitted", detail={"generationId": "g1"}, current=row,
+        then=NextMove(Stage.COMPLETE, {"api_status": "complete"}, "complete"))
+    assert moved == await ledger.get("r1")
+    assert moved.stage is Stage.COMPLETE and moved.generation_id == "g1"
+    assert moved.attempts == 1 and moved.version == row.version + 2
+    events = await ledger.events("r1")
+    assert [(e.from_stage, e.to_stage, e.event) for e in events[1:]] == [
+        (Stage.PENDING, Stage.SUBMITTED, "submitted"),
+        (Stage.SUBMITTED, Stage.COMPLETE, "complete"),
+    ]
+    # A stale copy conflicts before anything is written.
+    with pytest.raises(TransitionConflict):
+        await ledger.transition("r1", Stage.PENDING, Stage.SUBMITTED, {}, event="again",
+                                current=row, then=NextMove(Stage.COMPLETE, {}, "complete"))
+    assert len(await ledger.events("r1")) == 3
+    with pytest.raises(LedgerError, match="then= needs current="):
+        await ledger.transition("r1", Stage.COMPLETE, Stage.FAILED, {}, event="x",
+                                then=NextMove(Stage.PENDING, {}, "y"))
 
 
 @pytest.mark.anyio

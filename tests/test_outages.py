@@ -34,6 +34,7 @@ from batcher.errors import (
     exit_code_for,
 )
 from batcher.ledger import MemoryLedger
+from batcher.ledger.base import NextMove
 from batcher.ledger.patient import PatientLedger, patient
 from batcher.ledger.writer import sqlite_error
 from batcher.model import Kind, LedgerRow, NewRow, RunInfo, Stage, Update
@@ -216,6 +217,20 @@ async def test_the_patient_ledger_waits_out_an_outage_and_a_lost_answer_counts_a
         with pytest.raises(TransitionConflict):
             await ledger.transition("r-1", Stage.PENDING, Stage.SUBMITTED, {},
                                     event="submitted")
+
+
+async def test_a_lost_answer_to_a_double_move_counts_as_done_where_the_second_went() -> None:
+    clock = FakeClock()
+    async with clock.autojump():
+        inner, row = await _one_row(clock)
+        ledger = patient(inner, clock=clock, patience=60.0)
+        inner.lose_answer = True
+        done = await ledger.transition(
+            "r-1", Stage.PENDING, Stage.SUBMITTED, {"generation_id": "g-1"}, event="submitted",
+            current=row, then=NextMove(Stage.COMPLETE, {"api_status": "complete"}, "complete"))
+        assert done.stage is Stage.COMPLETE and done.generation_id == "g-1"
+        assert [e.event for e in await inner.events("r-1")] == ["imported", "submitted",
+                                                                 "complete"]
 
 
 async def test_the_patient_ledger_gives_up_after_the_patience_naming_the_ledger() -> None:

@@ -296,6 +296,30 @@ async def test_waiters_are_served_in_order_and_cancellation_is_safe() -> None:
     assert "waiting 0" in repr(gate)
 
 
+@pytest.mark.anyio
+async def test_urgent_callers_go_ahead_of_waiting_ones_and_the_rate_holds() -> None:
+    clock = FakeClock()
+    gate = RateGate(2, clock=clock, margin=0.0)
+    order: list[str] = []
+    times: list[float] = []
+
+    async def caller(name: str, urgent: bool) -> None:
+        await gate.acquire(urgent=urgent)
+        order.append(name)
+        times.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        for name in ("s0", "s1", "s2", "s3"):  # submissions: s0 at once, s1 the sleeping head
+            tg.start_soon(caller, name, False)
+            await settle()
+        for name in ("p0", "p1"):  # polls arrive later, go behind the head and each other
+            tg.start_soon(caller, name, True)
+            await settle()
+        await clock.advance_to(10.0)
+    assert order == ["s0", "s1", "p0", "p1", "s2", "s3"]
+    assert max_in_window(times, 1.0 - 1e-9) <= 2
+
+
 def test_bad_rates_are_refused() -> None:
     for rate in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError):

@@ -6,9 +6,10 @@ resumes from it.
 the :class:`~batcher.ledger.base.Ledger` Protocol, and on a shared ledger
 (PostgreSQL) the :class:`~batcher.ledger.base.LeasingLedger` one.
 
-:class:`PostgresLedger` is imported on first use (``open_ledger`` with a
-``postgresql://`` URL, or the attribute itself): asyncpg takes about 55 ms to
-import, which every SQLite run and every ``batcher status`` would pay.
+:class:`PostgresLedger` and :class:`MemoryLedger` are imported on first use
+(``open_ledger`` with their URL, or the attribute itself): asyncpg takes
+about 55 ms to import, which every SQLite run and every ``batcher status``
+would pay, and a run on a file needs neither.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from batcher.errors import ConfigError
 from batcher.ledger.base import Ledger
-from batcher.ledger.memory import MemoryLedger
 from batcher.ledger.sqlite import SqliteLedger
 
 if TYPE_CHECKING:
+    from batcher.ledger.memory import MemoryLedger
     from batcher.ledger.postgres import PostgresLedger
 
 __all__ = ["MemoryLedger", "PostgresLedger", "SqliteLedger", "open_ledger"]
@@ -32,11 +33,15 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def __getattr__(name: str) -> object:
-    """The lazy re-export of :class:`PostgresLedger` (PEP 562)."""
+    """The lazy re-exports of :class:`PostgresLedger` and :class:`MemoryLedger` (PEP 562)."""
     if name == "PostgresLedger":
         from batcher.ledger.postgres import PostgresLedger
 
         return PostgresLedger
+    if name == "MemoryLedger":
+        from batcher.ledger.memory import MemoryLedger
+
+        return MemoryLedger
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -51,6 +56,8 @@ def open_ledger(path_or_url: str, *, wall: Callable[[], float] = time.time) -> L
     (:func:`~batcher.ledger.base.is_shared`).
     """
     if path_or_url == ":memory:":
+        from batcher.ledger.memory import MemoryLedger
+
         return MemoryLedger(wall=wall)
     if path_or_url.startswith(_POSTGRES_SCHEMES):
         from batcher.ledger.postgres import PostgresLedger

@@ -31,6 +31,7 @@ __all__ = [
     "LEASE_TAKEN_OVER",
     "LeasingLedger",
     "Ledger",
+    "NextMove",
     "PaceClaim",
     "is_shared",
 ]
@@ -85,6 +86,7 @@ class Ledger(WebhookLedger, Protocol):
         event: str,
         detail: Mapping[str, Any] | None = None,
         current: LedgerRow | None = None,
+        then: NextMove | None = None,
     ) -> LedgerRow:
         """Compare-and-set a row from ``expect`` to ``to`` and append an event.
 
@@ -108,6 +110,12 @@ class Ledger(WebhookLedger, Protocol):
         returns ``current`` with ``stage``, the update's columns and what the
         database computed (``attempts``, ``polls``, ``updated_at``,
         ``version``) replaced. Its ``row_id`` must be ``row_id``.
+
+        ``then`` (with ``current`` only) is a second move from ``to``, made
+        in the same write: an accepted generation whose answer already says
+        it is finished costs one commit, not two. The row returned is the
+        row after both; a backend may commit them one after the other (each
+        is a state a resumed run knows how to go on from).
         """
         ...
 
@@ -166,6 +174,16 @@ class Ledger(WebhookLedger, Protocol):
 # The event a row's history gets when a worker takes over a lease that its
 # previous owner let expire (detail: previousOwner, leaseExpiredAt, owner).
 LEASE_TAKEN_OVER = "leaseTakenOver"
+
+
+@dataclass(frozen=True, slots=True)
+class NextMove:
+    """A second move made together with a transition, from the stage it moved to."""
+
+    to: Stage
+    update: Update
+    event: str
+    detail: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

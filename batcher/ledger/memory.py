@@ -28,7 +28,7 @@ import anyio.lowlevel
 import orjson
 
 from batcher.errors import LedgerError, TransitionConflict
-from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
+from batcher.ledger.base import LEASE_TAKEN_OVER, NextMove, PaceClaim
 from batcher.ledger.codec import (
     REQUEST_FIELDS,
     inserted_record,
@@ -275,6 +275,7 @@ class MemoryLedger(MemoryWebhookEvents):
         event: str,
         detail: Mapping[str, Any] | None = None,
         current: LedgerRow | None = None,
+        then: NextMove | None = None,
     ) -> LedgerRow:
         """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
 
@@ -282,6 +283,15 @@ class MemoryLedger(MemoryWebhookEvents):
         it (see :meth:`Ledger.transition`), so tests on this ledger see what
         the runner sees on a real one.
         """
+        if then is not None:
+            # One after the other here (each a committed state a resumed run
+            # goes on from); SQLite makes both in one write.
+            if current is None:
+                raise LedgerError(f"row {row_id}: a move with then= needs current=")
+            first = await self.transition(row_id, expect, to, update, event=event,
+                                          detail=detail, current=current)
+            return await self.transition(row_id, to, then.to, then.update, event=then.event,
+                                         detail=then.detail, current=first)
         await anyio.lowlevel.checkpoint()
         self._writer()
         move = plan_move(row_id, expect, to, update, detail, current)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from batcher.clock import Clock
 from batcher.errors import LedgerUnavailable, LedgerUnreachable, TransitionConflict
-from batcher.ledger.base import LeasingLedger, Ledger, PaceClaim, is_shared
+from batcher.ledger.base import LeasingLedger, Ledger, NextMove, PaceClaim, is_shared
 from batcher.ledger.webhook_events import StoredEvent
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 from batcher.ops.logs import LEDGER_REACHABLE, LEDGER_UNREACHABLE, event
@@ -164,16 +164,19 @@ class PatientLedger:
         event: str,
         detail: Mapping[str, Any] | None = None,
         current: LedgerRow | None = None,
+        then: NextMove | None = None,
     ) -> LedgerRow:
         """See :meth:`Ledger.transition`; a write whose answer was lost counts as done
-        when the row is found where it was going."""
+        when the row is found where it was going (with ``then``: where the second
+        move was going)."""
         lost = False
+        going = to if then is None else then.to
 
         async def once() -> LedgerRow:
             nonlocal lost
             try:
                 return await self.inner.transition(row_id, expect, to, update, event=event,
-                                                   detail=detail, current=current)
+                                                   detail=detail, current=current, then=then)
             except LedgerUnreachable:
                 lost = True
                 raise
@@ -181,9 +184,15 @@ class PatientLedger:
                 if not lost:
                     raise
                 fresh = await self.inner.get(row_id)
-                if fresh is None or fresh.stage is not to:
-                    raise
-                return fresh
+                if fresh is not None and fresh.stage is going:
+                    return fresh
+                if then is not None and fresh is not None and fresh.stage is to:
+                    # The first move was made, the second not (a backend that
+                    # makes them one after the other): make the second now.
+                    return await self.inner.transition(
+                        row_id, to, then.to, then.update, event=then.event,
+                        detail=then.detail, current=fresh)
+                raise
 
         return await self._patient(once)
 

@@ -49,7 +49,7 @@ import orjson
 
 from batcher.errors import LedgerError, LedgerUnreachable, TransitionConflict
 from batcher.ledger import codec
-from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
+from batcher.ledger.base import LEASE_TAKEN_OVER, NextMove, PaceClaim
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_sql import (
@@ -325,12 +325,22 @@ class PostgresLedger(PostgresWebhookEvents):
         event: str,
         detail: Mapping[str, Any] | None = None,
         current: LedgerRow | None = None,
+        then: NextMove | None = None,
     ) -> LedgerRow:
         """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
 
         With ``current`` only the computed columns are read back (see
         :meth:`Ledger.transition`).
         """
+        if then is not None:
+            # One after the other here (each a committed state a resumed run
+            # goes on from); SQLite makes both in one write.
+            if current is None:
+                raise LedgerError(f"row {row_id}: a move with then= needs current=")
+            first = await self.transition(row_id, expect, to, update, event=event,
+                                          detail=detail, current=current)
+            return await self.transition(row_id, to, then.to, then.update, event=then.event,
+                                         detail=then.detail, current=first)
         pool = self._pool_for(write=True)
         move = plan_move(row_id, expect, to, update, detail, current)
         params = {

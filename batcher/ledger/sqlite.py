@@ -33,9 +33,10 @@ import orjson
 
 from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
 from batcher.ledger import codec
+from batcher.ledger.base import NextMove
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
-from batcher.ledger.rules import Refresh, import_refresh, plan_move, refusal
+from batcher.ledger.rules import Move, Refresh, import_refresh, plan_move, refusal
 from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
 from batcher.ledger.writer import GroupCommitWriter, Job, sqlite_error
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
@@ -354,14 +355,16 @@ class SqliteLedger(SqliteWebhookEvents):
         now = self._wall()
         params["now"] = now
         params["run_id"] = self._run_id()
-        if conn.execute(q["get_stage"], params).fetchone() is None:
-            stage = Stage.FAILED if new.error is not None else Stage.PENDING
-            params["stage"] = stage.value
-            params["leader_row_id"] = self._leader(conn, params)
-            row = _records(conn.execute(q["insert_row"], params))[0]
+        # Insert first (a known row_id inserts nothing): a new row costs one
+        # statement and no read-back; its record is what the insert wrote.
+        stage = Stage.FAILED if new.error is not None else Stage.PENDING
+        params["stage"] = stage.value
+        params["leader_row_id"] = self._leader(conn, params)
+        if conn.execute(q["insert_row"], params).rowcount == 1:
             detail = {"line": new.line, **({"error": new.error} if new.error else {})}
             self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
-            return codec.row_from_record(row)
+            return codec.row_from_record(
+                codec.inserted_record(params, stage, params["leader_row_id"], now))
         stored = codec.row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
         fresh_error = None if params["error"] is None else orjson.loads(params["error"])
         decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
@@ -403,16 +406,34 @@ class SqliteLedger(SqliteWebhookEvents):
         event: str,
         detail: Mapping[str, Any] | None = None,
         current: LedgerRow | None = None,
+        then: NextMove | None = None,
     ) -> LedgerRow:
         """Compare-and-set ``row_id`` from ``expect`` to ``to``; see the Protocol.
 
         With ``current`` only the computed columns are read back (see
         :meth:`Ledger.transition`).
         """
+        if then is not None and current is None:
+            raise LedgerError(f"row {row_id}: a move with then= needs current=")
         move = plan_move(row_id, expect, to, update, detail, current)
+
+        def job(conn: sqlite3.Connection) -> LedgerRow:
+            row = self._move(conn, move, current, event)
+            if then is None:
+                return row
+            # The second move, in the same SAVEPOINT: both commit or neither.
+            second = plan_move(row_id, to, then.to, then.update, then.detail, row)
+            return self._move(conn, second, row, then.event)
+
+        return await self._write(job)
+
+    def _move(self, conn: sqlite3.Connection, move: Move, current: LedgerRow | None,
+              event: str) -> LedgerRow:
+        """Make ``move`` on the writer's connection (inside its job); the row after it."""
         params = move.values
         ordered = sorted(move.allowed)
         sql = self._transition_sql(params, full=current is None)
+        row_id, to = move.row_id, move.to
 
         def refused(conn: sqlite3.Connection) -> LedgerError:
             got = conn.execute(self._q["get_stage"], params).fetchone()
@@ -420,31 +441,27 @@ class SqliteLedger(SqliteWebhookEvents):
                 return refusal(move, None)
             return refusal(move, codec.STAGES[got[0]], got[1])
 
-        def job(conn: sqlite3.Connection) -> LedgerRow:
-            if len(ordered) == 1:
-                from_stage = ordered[0]
-            else:
-                got = conn.execute(self._q["get_stage"], params).fetchone()
-                if got is None or codec.STAGES[got[0]] not in move.allowed:
-                    raise refused(conn)
-                from_stage = codec.STAGES[got[0]]
-            now = self._wall()
-            params["now"] = now
-            params.update(_stage_params((from_stage,)))
-            cursor = conn.execute(sql, params)
-            # fetchall, not fetchone: it steps the statement to its end, so
-            # it is reset and no statement is left running at RELEASE.
-            found = next(iter(cursor.fetchall()), None)
-            if found is None:
+        if len(ordered) == 1:
+            from_stage = ordered[0]
+        else:
+            got = conn.execute(self._q["get_stage"], params).fetchone()
+            if got is None or codec.STAGES[got[0]] not in move.allowed:
                 raise refused(conn)
-            self._insert_event(conn, row_id, now, from_stage, to, event, move.detail)
-            if current is not None:
-                return codec.moved(current, to, move.fields, found)
-            names = [d[0] for d in cursor.description]
-            return codec.row_from_record(dict(zip(names, found, strict=True)))
-
-        return await self._write(job)
-
+            from_stage = codec.STAGES[got[0]]
+        now = self._wall()
+        params["now"] = now
+        params.update(_stage_params((from_stage,)))
+        cursor = conn.execute(sql, params)
+        # fetchall, not fetchone: it steps the statement to its end, so
+        # it is reset and no statement is left running at RELEASE.
+        found = next(iter(cursor.fetchall()), None)
+        if found is None:
+            raise refused(conn)
+        self._insert_event(conn, row_id, now, from_stage, to, event, move.detail)
+        if current is not None:
+            return codec.moved(current, to, move.fields, found)
+        names = [d[0] for d in cursor.description]
+        return codec.row_from_record(dict(zip(names, found, strict=True)))
     def _transition_sql(self, params: Mapping[str, Any], *, full: bool) -> str:
         """The transition statement for the columns ``params`` sets.
 

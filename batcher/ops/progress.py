@@ -127,19 +127,29 @@ class ProgressReporter:
             TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
             console=Console(file=self.stream), transient=True,
+            # Redrawn by this loop only when something changed (or once a
+            # second, for the time left): rich's own refresh thread would
+            # redraw ten times a second while the run only waits.
+            auto_refresh=False,
         )
         self._progress = progress
         task = progress.add_task("run", total=None, detail="")
+        shown: tuple[object, ...] = ()
+        drawn = 0.0
         with progress:
             while True:
                 s = self.stats
                 todo = max(s.rows_total - s.rows_skipped - s.rows_invalid, 0)
-                progress.update(
-                    task, total=todo or None, completed=s.done + s.failed,
-                    detail=(f"failed {s.failed} · in flight {max(s.in_flight, 0)} · "
-                            f"{s.request_rate():.1f} req/s · 429s {s.rate_limited}"
-                            + "".join(f" · {part}" for part in _extras(s, self.bandwidth))),
-                )
+                detail = (f"failed {s.failed} · in flight {max(s.in_flight, 0)} · "
+                          f"{s.request_rate():.1f} req/s · 429s {s.rate_limited}"
+                          + "".join(f" · {part}" for part in _extras(s, self.bandwidth)))
+                now = time.monotonic()
+                state = (todo, s.done + s.failed, detail)
+                if state != shown or now - drawn >= 1.0:
+                    progress.update(task, total=todo or None, completed=s.done + s.failed,
+                                    detail=detail)
+                    progress.refresh()
+                    shown, drawn = state, now
                 await anyio.sleep(0.25)
 
     def stop(self) -> None:

@@ -21,7 +21,7 @@ from ..breaker import unanswered
 from ..client import DiffioClient
 from ..clock import Clock, WallTime
 from ..errors import ApiError, LeaseLost, LedgerError, RunHalted, TransitionConflict
-from ..ledger.base import Ledger
+from ..ledger.base import Ledger, NextMove
 from ..model import ACTIVE_STAGES, LedgerRow, Stage, Update
 from ..ops.logs import (
     REQUEST_RETRY_SCHEDULED,
@@ -242,8 +242,13 @@ class RunContext:
         update: Update,
         event: str,
         detail: Mapping[str, Any] | None = None,
+        *,
+        then: NextMove | None = None,
     ) -> LedgerRow:
-        """A compare-and-set from the row's stage, carrying pending counters."""
+        """A compare-and-set from the row's stage, carrying pending counters.
+
+        ``then``: a second move in the same ledger write (see ``Ledger.transition``).
+        """
         full: Update = dict(update)  # type: ignore[assignment]
         attempts = self._attempts.pop(row.row_id, 0)
         polls = self._polls.pop(row.row_id, 0)
@@ -253,8 +258,9 @@ class RunContext:
             full["polls_delta"] = polls
         try:
             moved = await self.ledger.transition(row.row_id, row.stage, to, full,
-                                                 event=event, detail=detail, current=row)
-            if to not in ACTIVE_STAGES:
+                                                 event=event, detail=detail, current=row,
+                                                 then=then)
+            if moved.stage not in ACTIVE_STAGES:
                 self.membership.release(row.row_id)
             return moved
         except LedgerError:

@@ -6,8 +6,11 @@ tasks): one scheduler task pops what is due and hands it to a few poll
 workers; the rate gate inside the client paces the actual requests.
 
 The first poll waits ``--poll-interval`` (or longer once the run has learned
-how long generations take, so most rows are polled once); later polls back
-off by x1.5 with jitter, capped.
+how long generations take, so most rows are polled once). A poll that finds
+a generation running reads its progress: :mod:`.predict` turns readings into
+a predicted end, and the next poll is aimed just past it (the waits already
+scheduled are revised when the prediction first appears or moves). Without
+a prediction, later polls back off by x1.5 with jitter, capped.
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
-import random
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +37,8 @@ from ..ops.logs import (
 )
 from ..retry import RetryPolicy
 from .context import RunContext
+from .delays import DelayModel  # re-exported: the poller's wait model
+from .predict import Reading
 
 __all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling"]
 
@@ -67,9 +69,18 @@ class PollItem:
     # change is written, a repeat is not.
     status: str | None = None
     queue: int | None = None
+    # The last two progress readings of the running generation (not resumed).
+    reading: Reading | None = None
+    previous: Reading | None = None
+    scout: bool = False  # read again soon on purpose (see DelayModel.next)
     # Settled elsewhere (a webhook event moved the row): never polled again.
     settled: bool = False
     queued: bool = False  # on the poller's heap now
+
+    def read(self, reading: Reading) -> None:
+        """Keep a progress reading (the one before it stays, for the speed)."""
+        if self.reading is None or reading.fraction > self.reading.fraction:
+            self.previous, self.reading = self.reading, reading
 
 
 class PollPolicy(Protocol):
@@ -85,77 +96,6 @@ class PollPolicy(Protocol):
 
     def forget(self, item: PollItem) -> None:
         """``item`` needs no more polling (its row was moved on)."""
-
-
-class DelayModel:
-    """Decides waits between polls and learns from completed generations.
-
-    Kept apart from the scheduler so the policy is a pure, testable function
-    of what was observed.
-    """
-
-    def __init__(
-        self,
-        poll_interval: float,
-        *,
-        cap: float = 60.0,
-        growth: float = 1.5,
-        rng: random.Random | None = None,
-        quantile: float = 0.9,
-        min_samples: int = 5,
-    ) -> None:
-        self.poll_interval = poll_interval
-        self.cap = max(cap, poll_interval)
-        self.growth = growth
-        self.quantile = quantile
-        self.min_samples = min_samples
-        self._rng = rng or random.Random()
-        self._samples: deque[float] = deque(maxlen=256)
-
-    def observe(self, seconds: float) -> None:
-        """A generation took ``seconds`` from acceptance to observed completion."""
-        if seconds >= 0 and math.isfinite(seconds):
-            self._samples.append(seconds)
-
-    def learned(self) -> float | None:
-        """The duration most generations finish within, once enough were seen."""
-        if len(self._samples) < self.min_samples:
-            return None
-        ordered = sorted(self._samples)
-        index = min(len(ordered) - 1, int(self.quantile * len(ordered)))
-        return ordered[index]
-
-    def first(self) -> float:
-        """Wait before the first poll of a fresh generation."""
-        learned = self.learned()
-        base = self.poll_interval if learned is None else max(self.poll_interval, learned)
-        return min(base, self.cap)
-
-    def next(self, item: PollItem, now: float | None = None) -> float:
-        """Wait after a poll that found the generation still running.
-
-        Once durations are learned, aim at the moment most generations are
-        done (``submitted_at + learned``); past it, poll at a short floor
-        that grows. Before anything is learned, double the wait each time, so
-        a run of long generations costs few polls while it learns.
-        """
-        learned = self.learned()
-        if learned is None:
-            # Double for the first few polls (long generations cost few polls
-            # while the run learns), then grow gently.
-            factor = 2.0 if item.polls <= 3 else self.growth
-            wait = min(self.cap, max(self.poll_interval, item.delay * factor))
-        else:
-            floor = max(self.poll_interval * 0.5, 0.15 * learned, 0.05)
-            elapsed = 0.0 if now is None else now - item.submitted_at
-            remaining = learned - elapsed
-            if remaining > floor:
-                wait = remaining
-            else:
-                grown = min(self.cap, max(floor, item.delay * self.growth))
-                wait = floor if item.polls <= 1 else grown
-        # Jitter keeps thousands of rows submitted together from polling in step.
-        return wait * self._rng.uniform(0.9, 1.1)
 
 
 class Poller:
@@ -246,6 +186,19 @@ class Poller:
                     except anyio.WouldBlock:
                         await send.send(item)
 
+    def _revise(self) -> None:
+        """Re-aim every scheduled poll at its predicted end (one pass, one heapify)."""
+        now = self._clock.now()
+        heap = self._heap
+        for i, (_due, seq, item) in enumerate(heap):
+            if item.resumed or item.settled or (item.scout and item.previous is None):
+                continue
+            target = self.delays.predicted(item)
+            if target is not None:
+                heap[i] = (max(now, item.submitted_at + target), seq, item)
+        heapq.heapify(heap)
+        self._wake()
+
     def _wake(self) -> None:
         if self._nap is not None:
             self._nap.cancel()
@@ -271,6 +224,8 @@ class Poller:
                         wait = self.delays.next(item, now)
                         item.delay = wait
                         self._push(now + wait, item)
+                    if self.delays.needs_revision():
+                        self._revise()
                 finally:
                     self._inflight -= 1
                     self._wake()
@@ -328,6 +283,18 @@ class Polling:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             progress = err
+        # 0 % says only that inference has not begun (not when it will): no
+        # reading. With a poll policy (webhooks), polls are a safety net on its
+        # own schedule: nothing is predicted, so nothing re-aims its polls.
+        if (not isinstance(progress, ApiError)
+                and progress.status is GenerationStatus.RUNNING and progress.progress is not None
+                and 0 < progress.progress < 100 and not item.resumed and self.policy is None):
+            reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
+            item.read(reading)
+            predictor = self.poller.delays.predictor
+            predictor.observe(reading)
+            if item.previous is not None and item.reading is reading:
+                predictor.observe_pair(item.previous, reading)
         assert item.row is not None
         try:
             if isinstance(progress, ApiError):
@@ -362,6 +329,13 @@ class Polling:
         if row is not None and row.stage is Stage.SUBMITTED:
             await ctx.fail(row, err.to_record())
         return True
+
+    def finished(self, row_id: str) -> None:
+        """A row's generation is complete and recorded (not a file row: nothing to fetch)."""
+        stats = self.ctx.stats
+        stats.queue.pop(row_id, None)
+        stats.done += 1
+        stats.in_flight -= 1
 
     async def after_status(
         self,
@@ -399,8 +373,7 @@ class Polling:
                 await self._to_download(row)
             else:
                 await ctx.move(row, Stage.COMPLETE, done, "complete")
-                ctx.stats.done += 1
-                ctx.stats.in_flight -= 1
+                self.finished(row.row_id)
             return True
         if status is GenerationStatus.FAILED:
             message = error or details or "the generation failed at the API"

@@ -13,7 +13,7 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import GenerationAccepted
+from ..client import GenerationAccepted, GenerationStatus
 from ..errors import (
     ApiError,
     LocalFileError,
@@ -22,8 +22,9 @@ from ..errors import (
     TransitionConflict,
     TransportError,
 )
+from ..ledger.base import NextMove
 from ..ledger.patient import wait_for_ledger
-from ..model import Kind, LedgerRow, Stage
+from ..model import Kind, LedgerRow, Stage, Update
 from ..spend import SpendCap
 from .context import RunContext
 from .poll import Polling
@@ -147,12 +148,24 @@ class Submitter:
         ctx.stats.submitted += 1
         if accepted.replay:
             ctx.stats.replays += 1
-        row = await ctx.move(row, Stage.SUBMITTED, {
+        accepted_update: Update = {
             "generation_id": accepted.generation_id,
             "api_project_id": accepted.api_project_id or row.api_project_id,
             "api_status": accepted.api_status,
             # A 402/401 recorded by a halted run is history once accepted.
             "error": None,
-        }, "replayed" if accepted.replay else "submitted",
-            {"generationId": accepted.generation_id, "replay": accepted.replay})
+        }
+        event = "replayed" if accepted.replay else "submitted"
+        detail = {"generationId": accepted.generation_id, "replay": accepted.replay}
+        if accepted.status is GenerationStatus.COMPLETE and row.kind is not Kind.FILE:
+            # Finished already (a replay of a done generation, or an instant
+            # one): accepted and complete in one ledger write, no poll.
+            done: Update = {"api_status": accepted.api_status}
+            if row.queue_position is not None:
+                done["queue_position"] = None
+            await ctx.move(row, Stage.SUBMITTED, accepted_update, event, detail,
+                           then=NextMove(Stage.COMPLETE, done, "complete"))
+            self.polling.finished(row.row_id)
+            return
+        row = await ctx.move(row, Stage.SUBMITTED, accepted_update, event, detail)
         await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None)

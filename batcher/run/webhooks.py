@@ -24,6 +24,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
@@ -34,10 +35,12 @@ from ..ledger.webhook_events import StoredEvent, WebhookLedger
 from ..model import Stage
 from ..ops.logs import WEBHOOK_APPLIED, WEBHOOK_APPLY_FAILED, WEBHOOK_COUNTS_FAILED, event
 from ..webhooks.events import GenerationEvent, supersedes
-from ..webhooks.receiver import WebhookReceiver
 from ..webhooks.sink import Disposition
 from .context import RunContext
 from .poll import Polling, PollItem
+
+if TYPE_CHECKING:  # aiohttp.web: only a run that receives webhooks imports it
+    from ..webhooks.receiver import WebhookReceiver
 
 __all__ = ["EventFeed", "LedgerSink", "SafetyNet", "WebhookCounts"]
 

@@ -33,19 +33,23 @@ host), ``uploads`` (sessions and multipart rules), ``storage`` (signed URLs),
 
 from __future__ import annotations
 
-from batcher.simulator.app import Simulator
-from batcher.simulator.audio import (
-    project_source_bytes,
-    restored_audio,
-    restored_source_digest,
-    wav_duration_seconds,
-)
-from batcher.simulator.catalog import CURRENT_MODELS, ApiGeneration, api_for_model
-from batcher.simulator.config import DEFAULT_API_KEY, KeySpec, SimConfig, run_config
-from batcher.simulator.server import run_simulator
-from batcher.simulator.state import derived_generation_id
-from batcher.simulator.stats import SimStats, logical_request_key
-from batcher.simulator.timeline import GenerationObserver, GenerationTimeline, StatusChange
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batcher.simulator.app import Simulator
+    from batcher.simulator.audio import (
+        project_source_bytes,
+        restored_audio,
+        restored_source_digest,
+        wav_duration_seconds,
+    )
+    from batcher.simulator.catalog import CURRENT_MODELS, ApiGeneration, api_for_model
+    from batcher.simulator.config import DEFAULT_API_KEY, KeySpec, SimConfig, run_config
+    from batcher.simulator.server import run_simulator
+    from batcher.simulator.state import derived_generation_id
+    from batcher.simulator.stats import SimStats, logical_request_key
+    from batcher.simulator.timeline import GenerationObserver, GenerationTimeline, StatusChange
 
 __all__ = [
     "CURRENT_MODELS",
@@ -68,3 +72,28 @@ __all__ = [
     "run_simulator",
     "wav_duration_seconds",
 ]
+
+
+# Where each public name lives: imported on first use, so the light modules
+# (config, catalog, the command line) do not drag aiohttp.web in.
+_HOMES = {
+    "Simulator": "app",
+    "project_source_bytes": "audio", "restored_audio": "audio",
+    "restored_source_digest": "audio", "wav_duration_seconds": "audio",
+    "CURRENT_MODELS": "catalog", "ApiGeneration": "catalog", "api_for_model": "catalog",
+    "DEFAULT_API_KEY": "config", "KeySpec": "config", "SimConfig": "config",
+    "run_config": "config",
+    "run_simulator": "server",
+    "derived_generation_id": "state",
+    "SimStats": "stats", "logical_request_key": "stats",
+    "GenerationObserver": "timeline", "GenerationTimeline": "timeline",
+    "StatusChange": "timeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (PEP 562)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'batcher.simulator' has no attribute {name!r}")
+    return getattr(import_module(f"batcher.simulator.{home}"), name)

@@ -128,6 +128,7 @@ class Simulator:
         self._storage.add_to(app)
         app.router.add_get("/_sim/stats", self._get_stats)
         app.router.add_get("/_sim/config", self._get_config)
+        app.router.add_get("/_sim/generations", self._get_generations)
         app.router.add_post("/_sim/config", self._post_config)
         app.router.add_post("/_sim/projects", self._post_project)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -145,6 +146,14 @@ class Simulator:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.to_dict())
+
+    async def _get_generations(self, request: web.Request) -> web.Response:
+        # When each generation was created and (will have) ended, in wall
+        # time: the benchmark measures how long after its end a client noticed.
+        gens = [{"generationId": g.generation_id, "createdAt": g.created_wall,
+                 "endsAt": g.created_wall + (g.ends_at - g.started)}
+                for g in self.state.generations.values()]
+        return web.json_response({"generations": gens})
 
     async def _get_config(self, request: web.Request) -> web.Response:
         return web.json_response(self._config.to_dict())

@@ -9,17 +9,15 @@ read it and start talking.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batcher.errors import ConfigError
-from batcher.simulator.app import Simulator
 from batcher.simulator.catalog import API_GENERATIONS, MODEL_ENDPOINTS, ApiGeneration
 from batcher.simulator.config import (
     DEFAULT_API_KEY,
@@ -28,8 +26,9 @@ from batcher.simulator.config import (
     parse_range,
     parse_size,
 )
-from batcher.simulator.edge import EDGE_PREFIX
-from batcher.simulator.server import run_simulator
+
+if TYPE_CHECKING:
+    from batcher.simulator.app import Simulator
 
 __all__ = ["add_arguments", "build_config", "main"]
 
@@ -209,6 +208,8 @@ def build_config(args: argparse.Namespace) -> SimConfig:
 
 def _served(api: ApiGeneration, origin: str) -> str:
     models = ", ".join(sorted(set(MODEL_ENDPOINTS[api].values())))
+    from batcher.simulator.edge import EDGE_PREFIX
+
     line = f"API: {api} (models {models})"
     if api == "current":
         line += f"; upload host {origin}{EDGE_PREFIX}"
@@ -246,6 +247,13 @@ async def _with_webhooks(sim: Simulator, args: argparse.Namespace) -> AsyncItera
 
 async def _serve(config: SimConfig, host: str, port: int,
                  args: argparse.Namespace | None = None) -> None:
+    # The server (aiohttp.web) and asyncio only now: every `batcher` command
+    # builds this parser, and `batcher --version` must not pay for them.
+    import asyncio
+
+    from batcher.simulator.app import Simulator
+    from batcher.simulator.server import run_simulator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -277,6 +285,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"batcher simulate: {exc}", file=sys.stderr)
         return 2
     try:
+        import asyncio
+
         asyncio.run(_serve(config, args.host, args.port, args))
     except ConfigError as exc:  # the webhook secret
         print(f"batcher simulate: {exc}", file=sys.stderr)

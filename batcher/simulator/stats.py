@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +106,9 @@ class SimStats:
     # User-Agent header value -> requests (API, upload host and storage);
     # "(none)" counts requests without one.
     user_agents: dict[str, int] = field(default_factory=dict)
+    # Wall-clock time (seconds since the epoch) the first API request arrived:
+    # the benchmark's "time to the first request" of a client it spawned.
+    first_request_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (what ``GET /_sim/stats`` answers)."""
@@ -117,7 +122,9 @@ class SimStats:
 class StatsRecorder:
     """The live counters; the simulator's handlers are its only writers."""
 
-    def __init__(self) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self.first_request_at: float | None = None
         self.counts: Counter[str] = Counter()
         self.by_endpoint: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.windows: dict[str, SlidingWindow] = {}
@@ -134,6 +141,8 @@ class StatsRecorder:
     def arrival(self, api_key: str | None, now: float) -> None:
         """An API request arrived (before any check, 401s and 429s included)."""
         self.counts["requests"] += 1
+        if self.first_request_at is None:
+            self.first_request_at = self._wall()
         self.all_keys_window.add(now)
         if api_key is not None:
             self.windows.setdefault(api_key, SlidingWindow()).add(now)
@@ -171,6 +180,7 @@ class StatsRecorder:
             charged_usd_by_key=usd,
             charges_by_request=dict(self.charges_by_request),
             user_agents=dict(self.user_agents),
+            first_request_at=self.first_request_at,
             **{name: self.counts[name] for name in _PLAIN_COUNTERS},
         )
 

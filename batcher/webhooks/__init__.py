@@ -20,6 +20,9 @@ Modules: ``secret`` (the masked secret and where it comes from),
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from batcher.errors import (
     DeliveryRefused,
     EventError,
@@ -36,12 +39,19 @@ from batcher.webhooks.events import (
     status_rank,
     supersedes,
 )
-from batcher.webhooks.receiver import DEFAULT_MAX_BODY, Outcome, WebhookReceiver
 from batcher.webhooks.secret import DEFAULT_SECRET_ENV, WebhookSecret, load_secret
-from batcher.webhooks.server import ListenAddress, parse_listen, serve_receiver
-from batcher.webhooks.signing import DEFAULT_TOLERANCE, SignedDelivery, Verifier, signed_headers
 from batcher.webhooks.sink import Disposition, EventSink, MemorySink
 from batcher.webhooks.stats import COUNTER_NAMES, ReceiverStats
+
+if TYPE_CHECKING:
+    from batcher.webhooks.receiver import DEFAULT_MAX_BODY, Outcome, WebhookReceiver
+    from batcher.webhooks.server import ListenAddress, parse_listen, serve_receiver
+    from batcher.webhooks.signing import (
+        DEFAULT_TOLERANCE,
+        SignedDelivery,
+        Verifier,
+        signed_headers,
+    )
 
 __all__ = [
     "COUNTER_NAMES",
@@ -75,3 +85,22 @@ __all__ = [
     "status_rank",
     "supersedes",
 ]
+
+
+# The receiver, its server and the signatures need aiohttp.web and
+# standardwebhooks: imported on first use, so that a run without webhooks
+# (the ledger imports the event types) does not pay for them.
+_LAZY = {
+    "DEFAULT_MAX_BODY": "receiver", "Outcome": "receiver", "WebhookReceiver": "receiver",
+    "ListenAddress": "server", "parse_listen": "server", "serve_receiver": "server",
+    "DEFAULT_TOLERANCE": "signing", "SignedDelivery": "signing", "Verifier": "signing",
+    "signed_headers": "signing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name of the receiving side on first use (PEP 562)."""
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module 'batcher.webhooks' has no attribute {name!r}")
+    return getattr(import_module(f"batcher.webhooks.{home}"), name)

@@ -21,8 +21,7 @@ INSERT INTO ledger_rows (
     :error, :error_code, :error_message, :explicit_key, :request_digest, :group_key,
     :leader_row_id, FALSE, :run_id, :now, :now
 )
-ON CONFLICT (row_id) DO NOTHING
-RETURNING *;
+ON CONFLICT (row_id) DO NOTHING;
 
 -- name: find_leader
 -- The row an imported row follows (rules.first_earlier): a leading row of its
