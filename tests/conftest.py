@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import math
 import os
@@ -194,7 +195,8 @@ def run_batcher(*args: str, env: dict[str, str] | None = None, timeout: float = 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def export_records(ledger: Path) -> list[dict[str, Any]]:
+def export_records(ledger: Path | str) -> list[dict[str, Any]]:
+    """The ledger's export records (a SQLite path or a PostgreSQL URL)."""
     done = run_batcher("export", str(ledger), "--format", "jsonl")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
@@ -214,6 +216,21 @@ def run_args(manifest: Path, api_base: str, *extra: str) -> list[str]:
     """``run MANIFEST --api-base API_BASE --ledger MANIFEST.sqlite EXTRA``."""
     return ["run", str(manifest), "--api-base", api_base,
             "--ledger", str(manifest.with_suffix(".sqlite")), *extra]
+
+
+def plain_project_manifest(path: Path, n: int) -> Path:
+    """``n`` rows on projects the simulator makes up, one prompt: no uploads, no downloads."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["apiProjectId", "prompt"])
+        for i in range(n):
+            writer.writerow([f"proj-{i:04d}", "clean"])
+    return path
+
+
+def start_hosts(args: list[str], hosts: int) -> list[subprocess.Popen[str]]:
+    """``hosts`` processes of ``batcher ARGS`` (one job on a shared ledger)."""
+    return [start_batcher(*args) for _ in range(hosts)]
 
 
 def count_statuses(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -328,3 +345,19 @@ def pg_schemas() -> Iterator[PgSchemas]:
     schemas = PgSchemas(PG_URL)
     yield schemas
     asyncio.run(schemas.drop_all())
+
+
+@pytest.fixture
+def pg_url(pg_schemas: PgSchemas) -> str:
+    """A ledger URL on a fresh PostgreSQL schema of this test's own."""
+    return pg_schemas.new()[1]
+
+
+def lease_takeovers(url: str) -> int:
+    """How many rows hosts took over from others in the job at ``url`` (psql)."""
+    schema = url.rsplit("schema=", 1)[1]
+    found = subprocess.run(
+        ["psql", url.split("?")[0], "-Atc",
+         f"SELECT count(*) FROM {schema}.ledger_events WHERE event = 'leaseTakenOver'"],
+        capture_output=True, text=True, check=True)
+    return int(found.stdout.strip())

@@ -1,7 +1,8 @@
 """Infrastructure a test controls: a TCP proxy it can cut, a PostgreSQL server of its own.
 
 Used by tests/test_infra_e2e.py to take the API host, the database or the
-disk away from real `batcher run` processes.
+disk away from real `batcher run` processes, and by tests/test_outages.py to
+take the API host away from in-process runs.
 """
 
 from __future__ import annotations
@@ -28,50 +29,33 @@ def free_port() -> int:
         return port
 
 
-class Proxy:
-    """A loopback TCP proxy to ``target_port``; :meth:`down` makes it unreachable.
+class LoopProxy:
+    """A TCP proxy to ``target`` on the running event loop; ``down()`` refuses and cuts.
 
     Down, it listens no more (connections are refused) and cuts every
-    connection open through it; :meth:`up` listens again on the same port.
+    connection open through it; ``up()`` listens again on the same port
+    (``port``: 0 picks a free one at the first ``up()``). In-process runs on
+    the fake clock use it directly: the API host goes away and comes back
+    while the runner's breakers wait on fake time.
     """
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+    def __init__(self, target: int, port: int = 0) -> None:
+        self.target = target
+        self.port = port
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+    def url(self, base_url: str) -> str:
+        """``base_url`` (the simulator's) through this proxy."""
+        return base_url.replace(f":{self.target}/", f":{self.port}/")
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _do(self, coro: object) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
-
-    def up(self) -> None:
-        self._do(self._up())
-
-    def down(self) -> None:
-        self._do(self._down())
-
-    async def _up(self) -> None:
+    async def up(self) -> None:
         if self._server is None:
             self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
                                                       reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _down(self) -> None:
+    def down(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -81,7 +65,7 @@ class Proxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             writer.transport.abort()
             return
@@ -101,6 +85,43 @@ class Proxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._open.discard(writer)
         self._open.discard(up_writer)
+
+
+class Proxy:
+    """A :class:`LoopProxy` on a thread of its own, for tests of real processes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._proxy = LoopProxy(target_port, free_port())
+        self.port = self._proxy.port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _do(self, coro: object) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
+
+    def up(self) -> None:
+        self._do(self._proxy.up())
+
+    def down(self) -> None:
+        async def down() -> None:
+            self._proxy.down()
+
+        self._do(down())
 
 
 def pg_bin() -> Path | None:

@@ -10,7 +10,6 @@ every task waits.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -98,59 +97,6 @@ class Job:
 
     async def rows(self) -> list[Any]:
         return [row async for row in self.ledger.rows()]
-
-
-class LoopProxy:
-    """A TCP proxy to ``port`` on this event loop; ``down()`` refuses and cuts connections.
-
-    For in-process runs on the fake clock: the API host goes away and comes
-    back while the runner's breakers wait on fake time.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
-
-    def url(self, base_url: str) -> str:
-        """``base_url`` (the simulator's) through this proxy."""
-        return base_url.replace(f":{self.target}/", f":{self.port}/")
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                  reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def down(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._open):
-            writer.transport.abort()
-        self._open.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._open.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._open.discard(writer)
-        self._open.discard(up_writer)
 
 
 async def until(predicate: Callable[[], bool]) -> None:

@@ -11,59 +11,23 @@ processes against one simulator process.
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, run_batcher, wait_for
+from conftest import (
+    batcher_env,
+    export_records,
+    lease_takeovers,
+    plain_project_manifest,
+    wait_for,
+)
 
-PG = os.environ.get("BATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _reachable() -> bool:
-    import anyio
-    import asyncpg
-
-    async def probe() -> None:
-        conn = await asyncpg.connect(PG, timeout=5)
-        await conn.close()
-
-    try:
-        anyio.run(probe, backend="asyncio")
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _reachable(), reason=f"no PostgreSQL at {PG}")]
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    schema = f"ch_{uuid.uuid4().hex[:10]}"
-    sep = "&" if "?" in PG else "?"
-    yield f"{PG}{sep}schema={schema}"
-    subprocess.run(["psql", PG.split("?")[0], "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"],
-                   capture_output=True, check=False)
-
-
-def project_manifest(path: Path, n: int) -> Path:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["apiProjectId", "prompt"])
-        for i in range(n):
-            writer.writerow([f"proj-{i:04d}", "clean"])
-    return path
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 def start_host(manifest: Path, base_url: str, ledger: str, *extra: str) -> subprocess.Popen[str]:
@@ -85,18 +49,12 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float) -> list[tuple[int
     return [(p.returncode, out + err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 
-def export(ledger: str) -> list[dict[str, Any]]:
-    done = run_batcher("export", ledger)
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize(("hosts", "rate"), [(2, 1), (3, 1), (3, 2)])
 def test_hosts_together_never_pass_the_rate(tmp_path: Path, simulator: Any, pg_url: str,
                                             hosts: int, rate: int) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.5,1.5")
     rows = 4 * rate + 2
-    manifest = project_manifest(tmp_path / "m.csv", rows)
+    manifest = plain_project_manifest(tmp_path / "m.csv", rows)
     # One request at a time per host: each leases only a couple of rows, so
     # every host has work and sends (with more, the first would lease them all).
     procs = [start_host(manifest, sim.base_url, pg_url, "--rate", str(rate),
@@ -105,7 +63,7 @@ def test_hosts_together_never_pass_the_rate(tmp_path: Path, simulator: Any, pg_u
     ends = finish(procs, timeout=240)
     for code, out in ends:
         assert code == 0, out
-    records = export(pg_url)
+    records = export_records(pg_url)
     assert len(records) == rows and {r["status"] for r in records} == {"complete"}
     stats = sim.stats()
     assert (stats["generations_created"], stats["extra_charges"]) == (rows, 0)
@@ -118,7 +76,7 @@ def test_a_host_paused_past_its_lease_lets_its_rows_go_when_it_wakes(
         tmp_path: Path, simulator: Any, pg_url: str) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,2")
     rows = 40
-    manifest = project_manifest(tmp_path / "m.csv", rows)
+    manifest = plain_project_manifest(tmp_path / "m.csv", rows)
     ttl = 3.0
     args = ("--rate", "4", "--poll-interval", "0.5", "--lease-ttl", str(ttl),
             "--concurrency", "8")
@@ -143,13 +101,8 @@ def test_a_host_paused_past_its_lease_lets_its_rows_go_when_it_wakes(
         assert code in (0, 1), out
         assert "TransitionConflict" not in out and "Traceback" not in out, out
     assert ends[1][0] == 0, ends[1][1]
-    records = export(pg_url)
+    records = export_records(pg_url)
     assert len(records) == rows and {r["status"] for r in records} == {"complete"}
     stats = sim.stats()
     assert (stats["generations_created"], stats["extra_charges"]) == (rows, 0), stats
-    schema = pg_url.rsplit("schema=", 1)[1]
-    taken = subprocess.run(
-        ["psql", PG.split("?")[0], "-Atc",
-         f"SELECT count(*) FROM {schema}.ledger_events WHERE event = 'leaseTakenOver'"],
-        capture_output=True, text=True, check=True)
-    assert int(taken.stdout.strip()) >= 1
+    assert lease_takeovers(pg_url) >= 1

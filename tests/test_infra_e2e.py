@@ -27,20 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import batcher_env, export_records, run_batcher, write_wav
+from conftest import (
+    batcher_env,
+    count_statuses,
+    export_records,
+    plain_project_manifest,
+    run_batcher,
+    write_wav,
+)
 from infra_faults import OwnPostgres, Proxy, pg_bin, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _project_manifest(path: Path, n: int) -> Path:
-    """Rows on projects the simulator makes up: no uploads, no downloads."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["apiProjectId", "prompt"])
-        for i in range(n):
-            writer.writerow([f"proj-{i:04d}", "clean"])
-    return path
 
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
@@ -53,13 +50,6 @@ def _charges(sim: Any) -> int:
     return int(sum(stats["charges_by_key"].values()))
 
 
-def _statuses(records: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for rec in records:
-        out[rec["status"]] = out.get(rec["status"], 0) + 1
-    return out
-
-
 # -- the API host ------------------------------------------------------------------
 
 
@@ -69,7 +59,7 @@ def test_api_unreachable_for_a_while_pauses_the_run_and_no_row_fails(
     sim = simulator("--auto-create-projects", "--duration", "0.5,1.5", "--latency",
                     "0.002,0.01")
     port = int(sim.base_url.rsplit(":", 1)[1].split("/")[0])
-    manifest = _project_manifest(tmp_path / "m.csv", 120)
+    manifest = plain_project_manifest(tmp_path / "m.csv", 120)
     ledger = tmp_path / "m.sqlite"
     with Proxy(port) as proxy:
         args = ["run", str(manifest), "--api-base", proxy.base_url, "--ledger", str(ledger),
@@ -91,7 +81,7 @@ def test_api_unreachable_for_a_while_pauses_the_run_and_no_row_fails(
     # It waited the outage out: it was still running when the host came back.
     assert up_for > outage
     records = export_records(ledger)
-    assert _statuses(records) == {"complete": 120}
+    assert count_statuses(records) == {"complete": 120}
     stats = sim.stats()
     assert stats["extra_charges"] == 0
     assert _charges(sim) == 120
@@ -101,7 +91,7 @@ def test_api_unreachable_past_the_patience_exits_3_and_a_plain_rerun_finishes(
         tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,2", "--latency", "0.002,0.01")
     port = int(sim.base_url.rsplit(":", 1)[1].split("/")[0])
-    manifest = _project_manifest(tmp_path / "m.csv", 100)
+    manifest = plain_project_manifest(tmp_path / "m.csv", 100)
     ledger = tmp_path / "m.sqlite"
     with Proxy(port) as proxy:
         args = ["run", str(manifest), "--api-base", proxy.base_url, "--ledger", str(ledger),
@@ -122,7 +112,7 @@ def test_api_unreachable_past_the_patience_exits_3_and_a_plain_rerun_finishes(
         assert named, out + err
         assert "run the same command again" in named[0]
         records = export_records(ledger)
-        statuses = _statuses(records)
+        statuses = count_statuses(records)
         assert "failed" not in statuses, statuses
         charged = _charges(sim)
         assert 0 < charged < 100
@@ -130,7 +120,7 @@ def test_api_unreachable_past_the_patience_exits_3_and_a_plain_rerun_finishes(
         proxy.up()
         again = run_batcher(*args, timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert _statuses(export_records(ledger)) == {"complete": 100}
+    assert count_statuses(export_records(ledger)) == {"complete": 100}
     assert sim.stats()["extra_charges"] == 0
     assert _charges(sim) == 100  # each row charged once over both runs
 
@@ -143,7 +133,7 @@ def test_postgres_restarted_stopped_and_its_connections_cut_two_hosts_finish(
         tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "0.5,1.5", "--latency",
                     "0.002,0.01")
-    manifest = _project_manifest(tmp_path / "m.csv", 200)
+    manifest = plain_project_manifest(tmp_path / "m.csv", 200)
     with OwnPostgres() as pg:
         url = f"{pg.url}?schema=j_{uuid.uuid4().hex[:8]}"
         args = ["run", str(manifest), "--api-base", sim.base_url, "--ledger", url,
@@ -171,17 +161,11 @@ def test_postgres_restarted_stopped_and_its_connections_cut_two_hosts_finish(
         for p, (out, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, out + err
             assert "Traceback" not in err and "ExceptionGroup" not in err
-        records = export_records_url(url)
-    assert _statuses(records) == {"complete": 200}
+        records = export_records(url)
+    assert count_statuses(records) == {"complete": 200}
     stats = sim.stats()
     assert stats["extra_charges"] == 0
     assert _charges(sim) == 200
-
-
-def export_records_url(url: str) -> list[dict[str, Any]]:
-    done = run_batcher("export", url, "--format", "jsonl")
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 # -- a full disk ----------------------------------------------------------------------
@@ -254,7 +238,7 @@ def test_a_full_out_folder_halts_with_exit_3_and_a_rerun_after_freeing_space_fin
         again = run_batcher(*args, timeout=240)
         assert again.returncode == 0, again.stdout + again.stderr
         records = export_records(ledger)
-        assert _statuses(records) == {"complete": rows}
+        assert count_statuses(records) == {"complete": rows}
         assert sim.stats()["extra_charges"] == 0
         assert _charges(sim) == rows
     finally:
@@ -266,7 +250,7 @@ def test_a_full_out_folder_halts_with_exit_3_and_a_rerun_after_freeing_space_fin
 def test_a_full_disk_under_the_sqlite_ledger_waits_then_exits_3_naming_the_file(
         tmp_path: Path, simulator: Any) -> None:
     sim = simulator("--auto-create-projects", "--duration", "1,2", "--latency", "0.002,0.01")
-    manifest = _project_manifest(tmp_path / "m.csv", 60)
+    manifest = plain_project_manifest(tmp_path / "m.csv", 60)
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "4m")
     try:
@@ -299,7 +283,7 @@ def test_a_full_disk_under_the_sqlite_ledger_waits_then_exits_3_naming_the_file(
             conn.close()
         again = run_batcher(*args, timeout=240)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert _statuses(export_records(ledger)) == {"complete": 60}
+        assert count_statuses(export_records(ledger)) == {"complete": 60}
         assert sim.stats()["extra_charges"] == 0
         assert _charges(sim) == 60
     finally:

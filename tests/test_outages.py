@@ -20,7 +20,8 @@ import anyio
 import asyncpg
 import pytest
 from fakeclock import FakeClock
-from runner_harness import LoopProxy, job_maker, until
+from infra_faults import LoopProxy
+from runner_harness import job_maker, until
 
 from batcher.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from batcher.errors import (

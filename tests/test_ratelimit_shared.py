@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import pytest
-from conftest import PgSchemas
 
 from batcher.clock import SystemClock
 from batcher.ledger import MemoryLedger, PostgresLedger
@@ -182,11 +181,6 @@ async def test_callers_wait_while_the_ledger_is_unreachable_and_go_on_after() ->
 
 
 # -- PostgreSQL -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_url(pg_schemas: PgSchemas) -> str:
-    return pg_schemas.new()[1]
 
 
 # Each case takes seconds of real time: the fast tier keeps the busiest.
