@@ -16,12 +16,13 @@ database. Lease expiry and heartbeats read the clock of the store, the
 ``wall`` of the ledger that created it, whatever ``wall`` a handle was given:
 that is the shared ledger's equivalent of the database's clock.
 
-This module holds the lifecycle, the import and the transitions; what the
-ledger holds is :class:`~batcher.ledger.memory_store.MemoryStore`, and the
-reads (:mod:`batcher.ledger.memory_reads`), upload parts
-(:mod:`batcher.ledger.memory_parts`), leases (:mod:`batcher.ledger.memory_leases`)
-and webhook events (:mod:`batcher.ledger.memory_webhooks`) are mixins of
-:class:`MemoryLedger`.
+This module holds the lifecycle, the import and the transitions. What the
+ledger holds, and the checks and row histories every part of it shares, are
+in :mod:`batcher.ledger.memory_store`; the reads
+(:mod:`batcher.ledger.memory_reads`), upload parts
+(:mod:`batcher.ledger.memory_parts`), leases
+(:mod:`batcher.ledger.memory_leases`) and webhook events
+(:mod:`batcher.ledger.memory_webhooks`) are mixins of :class:`MemoryLedger`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from batcher.ledger.memory_leases import MemoryLeases
 from batcher.ledger.memory_parts import MemoryUploadParts
 from batcher.ledger.memory_reads import MemoryReads
 from batcher.ledger.memory_store import MemoryStore
-from batcher.ledger.memory_webhooks import EventStore, MemoryWebhookEvents
+from batcher.ledger.memory_webhooks import MemoryWebhookEvents
 from batcher.ledger.rules import (
     Refresh,
     first_earlier,
@@ -58,7 +59,6 @@ from batcher.ledger.rules import (
     plan_move,
     refusal,
 )
-from batcher.model import Event as LedgerEvent
 from batcher.model import LedgerRow, NewRow, RunInfo, Stage, Update
 
 __all__ = ["MemoryLedger"]
@@ -138,23 +138,6 @@ class MemoryLedger(MemoryReads, MemoryUploadParts, MemoryLeases, MemoryWebhookEv
             self._db.runs[run.run_id].update(ended_at=self._wall(), exit_code=exit_code)
         self._writable = False
 
-    def _writer(self) -> RunInfo:
-        if self._run is None:
-            raise LedgerError("ledger is not open")
-        if not self._writable:
-            raise LedgerError("ledger is open read-only")
-        return self._run
-
-    def _reader(self) -> None:
-        if self._run is None:
-            raise LedgerError("ledger is not open")
-
-    def _event_store(self) -> EventStore:
-        return self._db.webhooks
-
-    def _rows_by_id(self) -> Mapping[str, LedgerRow]:
-        return self._db.rows
-
     # -- import ------------------------------------------------------------
 
     async def import_rows(self, rows: Sequence[NewRow]) -> list[LedgerRow]:
@@ -212,33 +195,12 @@ class MemoryLedger(MemoryReads, MemoryUploadParts, MemoryLeases, MemoryWebhookEv
         )
         return first_earlier(candidates, new.line, new.row_id)
 
-    def _group(self, group: str) -> list[LedgerRow]:
-        """The rows of ``group`` still in the job, by line (transitions may move
-        a row to another group, so the index is a superset)."""
-        rows = (self._db.rows[rid] for rid in self._db.groups.get(group, ()))
-        return sorted((r for r in rows if r.group == group and not r.retired),
-                      key=lambda r: (r.line, r.row_id))
-
     def _keep(self, row: LedgerRow, previous: LedgerRow | None = None) -> None:
         if previous is not None and previous.group is not None and previous.group != row.group:
             self._db.groups[previous.group].discard(row.row_id)
         if row.group is not None:
             self._db.groups.setdefault(row.group, set()).add(row.row_id)
         self._db.rows[row.row_id] = row
-
-    def _event(
-        self,
-        row_id: str,
-        at: float,
-        from_stage: Stage | None,
-        to_stage: Stage,
-        event: str,
-        detail: Mapping[str, Any],
-    ) -> None:
-        run_id = self._run.run_id if self._run else ""
-        self._db.events.setdefault(row_id, []).append(
-            LedgerEvent(row_id, at, from_stage, to_stage, event, detail, run_id)
-        )
 
     async def finish_import(self) -> int:
         """Retire rows no import since this run opened has seen (see PostgresLedger)."""

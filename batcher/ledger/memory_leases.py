@@ -8,43 +8,25 @@ has no leases: these raise LedgerError on it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio.lowlevel
 
 from batcher.errors import LedgerError
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
-from batcher.ledger.memory_store import MemoryStore
+from batcher.ledger.memory_store import MemoryHandle
 from batcher.ledger.rules import claim_slots
-from batcher.model import ACTIVE_STAGES, LedgerRow, RunInfo, Stage
+from batcher.model import ACTIVE_STAGES, LedgerRow, RunInfo
 
 __all__ = ["MemoryLeases"]
 
 
-class MemoryLeases:
+class MemoryLeases(MemoryHandle):
     """Mixed into :class:`~batcher.ledger.memory.MemoryLedger`."""
 
-    _db: MemoryStore
     shared: bool
     description: str
-
-    def _writer(self) -> RunInfo:
-        raise NotImplementedError
-
-    def _reader(self) -> None:
-        raise NotImplementedError
-
-    def _event(
-        self,
-        row_id: str,
-        at: float,
-        from_stage: Stage | None,
-        to_stage: Stage,
-        event: str,
-        detail: Mapping[str, Any],
-    ) -> None:
-        raise NotImplementedError
 
     def _hosts(self, *, write: bool) -> float:
         """Check that leases may be used now; the store's time."""

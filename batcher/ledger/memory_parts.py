@@ -9,22 +9,14 @@ from __future__ import annotations
 import anyio.lowlevel
 
 from batcher.errors import TransitionConflict
-from batcher.ledger.memory_store import MemoryStore
-from batcher.model import RunInfo, Stage, UploadPart
+from batcher.ledger.memory_store import MemoryHandle
+from batcher.model import Stage, UploadPart
 
 __all__ = ["MemoryUploadParts"]
 
 
-class MemoryUploadParts:
+class MemoryUploadParts(MemoryHandle):
     """Mixed into :class:`~batcher.ledger.memory.MemoryLedger`."""
-
-    _db: MemoryStore
-
-    def _writer(self) -> RunInfo:
-        raise NotImplementedError
-
-    def _reader(self) -> None:
-        raise NotImplementedError
 
     async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
         """Keep a confirmed part of the row's current upload; see the Protocol."""

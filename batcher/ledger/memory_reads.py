@@ -11,24 +11,17 @@ from typing import Any
 
 import anyio.lowlevel
 
-from batcher.ledger.memory_store import MemoryStore
+from batcher.ledger.memory_store import MemoryHandle
 from batcher.model import Event as LedgerEvent
 from batcher.model import LedgerRow, Stage
 
 __all__ = ["MemoryReads"]
 
 
-class MemoryReads:
+class MemoryReads(MemoryHandle):
     """Mixed into :class:`~batcher.ledger.memory.MemoryLedger`."""
 
-    _db: MemoryStore
     _page_size: int
-
-    def _reader(self) -> None:
-        raise NotImplementedError
-
-    def _group(self, group: str) -> list[LedgerRow]:
-        raise NotImplementedError
 
     async def get(self, row_id: str) -> LedgerRow | None:
         """One row, or None."""

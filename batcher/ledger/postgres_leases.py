@@ -9,8 +9,7 @@ once its leases expire.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -18,7 +17,7 @@ import asyncpg
 from batcher.errors import LedgerError
 from batcher.ledger import codec
 from batcher.ledger.base import LEASE_TAKEN_OVER, PaceClaim
-from batcher.ledger.postgres_sql import Query
+from batcher.ledger.postgres_sql import PostgresPlumbing
 from batcher.ledger.rules import check_claim
 from batcher.model import LedgerRow, RunInfo
 
@@ -27,25 +26,8 @@ __all__ = ["PostgresLeases"]
 T = TypeVar("T")
 
 
-class PostgresLeases:
+class PostgresLeases(PostgresPlumbing):
     """Mixed into :class:`~batcher.ledger.postgres.PostgresLedger`."""
-
-    _q: dict[str, Query]
-
-    def _pool_for(self, *, write: bool) -> asyncpg.Pool[asyncpg.Record]:
-        raise NotImplementedError
-
-    def _translate(self, doing: str) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
-
-    async def _exec(self, name: str, params: Mapping[str, Any], doing: str) -> str:
-        raise NotImplementedError
-
-    async def _retrying(self, doing: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError
-
-    def _run_id(self) -> str:
-        raise NotImplementedError
 
     async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
         """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""

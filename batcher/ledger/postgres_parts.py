@@ -7,34 +7,16 @@ another records nothing.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
-from typing import Any
-
-import asyncpg
-
 from batcher.errors import TransitionConflict
 from batcher.ledger import codec
-from batcher.ledger.postgres_sql import Query
+from batcher.ledger.postgres_sql import PostgresPlumbing
 from batcher.model import UploadPart
 
 __all__ = ["PostgresUploadParts"]
 
 
-class PostgresUploadParts:
+class PostgresUploadParts(PostgresPlumbing):
     """Mixed into :class:`~batcher.ledger.postgres.PostgresLedger`."""
-
-    _q: dict[str, Query]
-    _wall: Callable[[], float]
-
-    def _pool_for(self, *, write: bool) -> asyncpg.Pool[asyncpg.Record]:
-        raise NotImplementedError
-
-    def _translate(self, doing: str) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
-
-    async def _exec(self, name: str, params: Mapping[str, Any], doing: str) -> str:
-        raise NotImplementedError
 
     async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
         """Keep a confirmed part of the row's current upload; see the Protocol."""

@@ -7,15 +7,13 @@ export holds no snapshot open while the hosts write.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import orjson
 
 from batcher.ledger import codec
-from batcher.ledger.postgres_sql import Query
+from batcher.ledger.postgres_sql import PostgresPlumbing
 from batcher.model import Event, LedgerRow, Stage
 
 __all__ = ["PostgresReads"]
@@ -24,17 +22,8 @@ _ALL_STAGES: list[str] = sorted(s.value for s in Stage)
 _FIRST_LINE = -(2**31)  # below every INTEGER line
 
 
-class PostgresReads:
+class PostgresReads(PostgresPlumbing):
     """Mixed into :class:`~batcher.ledger.postgres.PostgresLedger`."""
-
-    _q: dict[str, Query]
-    _page_size: int
-
-    def _pool_for(self, *, write: bool) -> asyncpg.Pool[asyncpg.Record]:
-        raise NotImplementedError
-
-    def _translate(self, doing: str) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
 
     async def get(self, row_id: str) -> LedgerRow | None:
         """One row, or None."""
