@@ -10,7 +10,7 @@ once its leases expire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
@@ -22,8 +22,6 @@ from batcher.ledger.rules import check_claim
 from batcher.model import LedgerRow, RunInfo
 
 __all__ = ["PostgresLeases"]
-
-T = TypeVar("T")
 
 
 class PostgresLeases(PostgresPlumbing):
