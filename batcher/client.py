@@ -29,16 +29,16 @@ URL-encoded: :class:`~batcher.scrub.KeyScrubber`) before anything reads
 them: this is the one seam through which the API's text enters batcher. Every request names
 batcher and its version in ``User-Agent``.
 
-The API's status words for a generation become one :class:`GenerationStatus`
-here; the word as sent is kept beside it for the ledger.
+The answers are typed in :mod:`batcher.answers`, which also holds the
+checks that read them: the API's status words for a generation become one
+:class:`~batcher.answers.GenerationStatus`, and the word as sent is kept
+beside it for the ledger.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -46,18 +46,31 @@ import anyio
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from batcher.answers import (
+    DownloadInfo,
+    GenerationAccepted,
+    GenerationStatus,
+    Progress,
+    ProjectCreated,
+    UploadConfirmed,
+    bad_answer,
+    is_http_url,
+    is_number,
+    optional_str,
+    queue_position,
+    required_str,
+    upload_session,
+)
 from batcher.bandwidth import Bandwidth
 from batcher.breaker import Breakers
 from batcher.classify import classify
 from batcher.errors import (
     ApiError,
     ConfigError,
-    DecodeError,
     InvalidRequest,
     RateLimited,
     SubmissionsStopped,
 )
-from batcher.model import UploadSession
 from batcher.ratelimit import Gate
 from batcher.scrub import KeyScrubber
 from batcher.storage import (
@@ -69,118 +82,7 @@ from batcher.storage import (
 )
 from batcher.version import USER_AGENT
 
-__all__ = [
-    "DiffioClient",
-    "DownloadInfo",
-    "GenerationAccepted",
-    "GenerationStatus",
-    "Progress",
-    "ProjectCreated",
-    "UploadConfirmed",
-    "normalize_base_url",
-]
-
-
-class GenerationStatus(Enum):
-    """What the API's status word for a generation means to the runner."""
-
-    # queued, pending, processing, running, uploading: not finished yet.
-    RUNNING = "running"
-    # complete, completed, succeeded: the output can be downloaded.
-    COMPLETE = "complete"
-    # failed, error, cancelled, canceled: it replays as failed forever.
-    FAILED = "failed"
-    # A word batcher does not know: polled again, a bounded number of times.
-    UNKNOWN = "unknown"
-
-    @classmethod
-    def of(cls, word: str | None) -> GenerationStatus:
-        """The status a word (any case; None counts as unknown) stands for."""
-        return _STATUS_WORDS.get((word or "").lower(), cls.UNKNOWN)
-
-
-_STATUS_WORDS: Mapping[str, GenerationStatus] = {
-    **dict.fromkeys(("queued", "pending", "processing", "running", "uploading"),
-                    GenerationStatus.RUNNING),
-    **dict.fromkeys(("complete", "completed", "succeeded"), GenerationStatus.COMPLETE),
-    **dict.fromkeys(("failed", "error", "cancelled", "canceled"), GenerationStatus.FAILED),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectCreated:
-    """Answer of ``create_project``: where and how to upload the file.
-
-    Exactly one of ``upload`` (today's API: an upload session, the file goes
-    up in parts) and ``upload_url`` (the seed era: one PUT) is set.
-    """
-
-    api_project_id: str
-    upload_url: str | None
-    upload_method: str
-    object_path: str | None
-    bucket: str | None
-    expires_at: str | None
-    upload: UploadSession | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UploadConfirmed:
-    """Answer of ``complete_project_upload``: the project's file is in place."""
-
-    api_project_id: str
-    status: str
-    size_bytes: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationAccepted:
-    """Answer of ``{model}-generation``; ``replay`` is ``idempotentReplay``.
-
-    ``api_status`` is the status word as sent, ``status`` what it means.
-    """
-
-    generation_id: str
-    api_project_id: str
-    model_key: str | None
-    status: GenerationStatus
-    api_status: str
-    replay: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """Answer of ``get_generation_progress``.
-
-    ``api_status`` is the overall status word as sent, ``status`` what it
-    means; ``progress`` is the inference stage's percentage. Today's API may
-    add ``stage`` (the stage under way), ``stage_progress`` (percent per
-    stage) and ``queue`` (``queue_position``, 1 being next, and a message).
-    """
-
-    generation_id: str
-    api_project_id: str | None
-    status: GenerationStatus
-    api_status: str
-    progress: int | None
-    error: str | None
-    error_details: str | None
-    stage: str | None = None
-    stage_progress: Mapping[str, int] | None = None
-    queue_position: int | None = None
-    queue_message: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DownloadInfo:
-    """Answer of ``get_generation_download``: a signed URL, valid ~2 hours."""
-
-    download_url: str
-    file_name: str | None
-    mime_type: str | None
-    storage_path: str | None
-    download_type: str | None
-    bucket: str | None
+__all__ = ["DiffioClient", "normalize_base_url"]
 
 
 def normalize_base_url(url: str) -> str:
@@ -201,11 +103,6 @@ def normalize_base_url(url: str) -> str:
     if not path.endswith("/v1"):
         path += "/v1"
     return f"{parts.scheme}://{parts.netloc}{path}"
-
-
-def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 class DiffioClient:
@@ -298,28 +195,28 @@ class DiffioClient:
             endpoint,
             {"fileName": file_name, "contentType": content_type, "contentLength": content_length},
         )
-        project_id = _required_str(obj, "apiProjectId", endpoint)
+        project_id = required_str(obj, "apiProjectId", endpoint)
         session = obj.get("upload")
         if isinstance(session, dict):
-            upload = _upload_session(session, endpoint)
+            upload = upload_session(session, endpoint)
             return ProjectCreated(
                 api_project_id=project_id, upload_url=None, upload_method="PUT",
-                object_path=_optional_str(obj, "objectPath") or _optional_str(session,
+                object_path=optional_str(obj, "objectPath") or optional_str(session,
                                                                               "objectKey"),
                 bucket=None,
-                expires_at=_optional_str(obj, "expiresAt") or upload.expires_at,
+                expires_at=optional_str(obj, "expiresAt") or upload.expires_at,
                 upload=upload,
             )
-        upload_url = _required_str(obj, "uploadUrl", endpoint)
-        if not _is_http_url(upload_url):
-            _bad_answer(endpoint, obj, f"uploadUrl is not an http(s) URL: {upload_url[:100]!r}")
+        upload_url = required_str(obj, "uploadUrl", endpoint)
+        if not is_http_url(upload_url):
+            bad_answer(endpoint, obj, f"uploadUrl is not an http(s) URL: {upload_url[:100]!r}")
         return ProjectCreated(
             api_project_id=project_id,
             upload_url=upload_url,
-            upload_method=(_optional_str(obj, "uploadMethod") or "PUT").upper(),
-            object_path=_optional_str(obj, "objectPath"),
-            bucket=_optional_str(obj, "bucket"),
-            expires_at=_optional_str(obj, "expiresAt"),
+            upload_method=(optional_str(obj, "uploadMethod") or "PUT").upper(),
+            object_path=optional_str(obj, "objectPath"),
+            bucket=optional_str(obj, "bucket"),
+            expires_at=optional_str(obj, "expiresAt"),
         )
 
     async def complete_project_upload(self, *, api_project_id: str) -> UploadConfirmed:
@@ -332,8 +229,8 @@ class DiffioClient:
         obj = await self._call(endpoint, {"apiProjectId": api_project_id})
         size = obj.get("sizeBytes")
         return UploadConfirmed(
-            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
-            status=_optional_str(obj, "status") or "uploaded",
+            api_project_id=optional_str(obj, "apiProjectId") or api_project_id,
+            status=optional_str(obj, "status") or "uploaded",
             size_bytes=size if isinstance(size, int) and not isinstance(size, bool) else None,
         )
 
@@ -362,11 +259,11 @@ class DiffioClient:
                 "idempotencyKey": idempotency_key,
             },
         )
-        status = _required_str(obj, "status", endpoint)
+        status = required_str(obj, "status", endpoint)
         return GenerationAccepted(
-            generation_id=_required_str(obj, "generationId", endpoint),
-            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
-            model_key=_optional_str(obj, "modelKey"),
+            generation_id=required_str(obj, "generationId", endpoint),
+            api_project_id=optional_str(obj, "apiProjectId") or api_project_id,
+            model_key=optional_str(obj, "modelKey"),
             status=GenerationStatus.of(status),
             api_status=status,
             replay=obj.get("idempotentReplay") is True,
@@ -383,23 +280,23 @@ class DiffioClient:
         progress = inference.get("progress") if isinstance(inference, dict) else None
         if isinstance(progress, bool) or not isinstance(progress, int | float):
             progress = None
-        status = _required_str(obj, "status", endpoint)
+        status = required_str(obj, "status", endpoint)
         queue = obj.get("queue")
         queue = queue if isinstance(queue, dict) else {}
         stages = obj.get("stageProgress")
         return Progress(
-            generation_id=_optional_str(obj, "generationId") or generation_id,
-            api_project_id=_optional_str(obj, "apiProjectId") or api_project_id,
+            generation_id=optional_str(obj, "generationId") or generation_id,
+            api_project_id=optional_str(obj, "apiProjectId") or api_project_id,
             status=GenerationStatus.of(status),
             api_status=status,
             progress=None if progress is None else int(progress),
-            error=_optional_str(obj, "error"),
-            error_details=_optional_str(obj, "errorDetails"),
-            stage=_optional_str(obj, "stage"),
-            stage_progress={k: int(v) for k, v in stages.items() if _is_number(v)}
+            error=optional_str(obj, "error"),
+            error_details=optional_str(obj, "errorDetails"),
+            stage=optional_str(obj, "stage"),
+            stage_progress={k: int(v) for k, v in stages.items() if is_number(v)}
             if isinstance(stages, dict) else None,
-            queue_position=_queue_position(queue.get("position")),
-            queue_message=_optional_str(queue, "message"),
+            queue_position=queue_position(queue.get("position")),
+            queue_message=optional_str(queue, "message"),
         )
 
     async def get_download(
@@ -415,16 +312,16 @@ class DiffioClient:
                 "downloadType": download_type,
             },
         )
-        url = _required_str(obj, "downloadUrl", endpoint)
-        if not _is_http_url(url):
-            _bad_answer(endpoint, obj, f"downloadUrl is not an http(s) URL: {url[:100]!r}")
+        url = required_str(obj, "downloadUrl", endpoint)
+        if not is_http_url(url):
+            bad_answer(endpoint, obj, f"downloadUrl is not an http(s) URL: {url[:100]!r}")
         return DownloadInfo(
             download_url=url,
-            file_name=_optional_str(obj, "fileName"),
-            mime_type=_optional_str(obj, "mimeType"),
-            storage_path=_optional_str(obj, "storagePath"),
-            download_type=_optional_str(obj, "downloadType"),
-            bucket=_optional_str(obj, "bucket"),
+            file_name=optional_str(obj, "fileName"),
+            mime_type=optional_str(obj, "mimeType"),
+            storage_path=optional_str(obj, "storagePath"),
+            download_type=optional_str(obj, "downloadType"),
+            bucket=optional_str(obj, "bucket"),
         )
 
     def stop_generations(self) -> None:
@@ -507,55 +404,5 @@ class DiffioClient:
         return result
 
 
-
 # Endpoints about a generation already paid for (see RateGate.acquire).
 _URGENT = frozenset({"get_generation_progress", "get_generation_download"})
-
-
-def _upload_session(data: Mapping[str, Any], endpoint: str) -> UploadSession:
-    """The ``upload`` object of create_project, checked as the SDK reads it."""
-    edge = _required_str(data, "edgeBaseUrl", endpoint)
-    if not _is_http_url(edge):
-        _bad_answer(endpoint, data, f"edgeBaseUrl is not an http(s) URL: {edge[:100]!r}")
-    part_size = data.get("partSizeBytes")
-    if isinstance(part_size, bool) or not isinstance(part_size, int) or part_size <= 0:
-        _bad_answer(endpoint, data, "upload.partSizeBytes is not a positive whole number")
-    max_bytes = data.get("maxBytes")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-        max_bytes = None
-    return UploadSession(
-        session_id=_optional_str(data, "uploadSessionId") or "",
-        edge_base_url=edge.rstrip("/"),
-        token=_required_str(data, "uploadToken", endpoint),
-        part_size=part_size,
-        max_bytes=max_bytes,
-        expires_at=_optional_str(data, "expiresAt"),
-    )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _queue_position(value: Any) -> int | None:
-    """A queue position of 1 or more (0 or nothing: not waiting in a queue)."""
-    if not _is_number(value) or value < 1:
-        return None
-    return int(value)
-
-
-def _required_str(obj: Mapping[str, Any], key: str, endpoint: str) -> str:
-    value = obj.get(key)
-    if isinstance(value, str) and value:
-        return value
-    _bad_answer(endpoint, obj, f"answer lacks a string {key!r}")
-
-
-def _optional_str(obj: Mapping[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _bad_answer(endpoint: str, obj: Mapping[str, Any], problem: str) -> NoReturn:
-    shown = orjson.dumps(obj)[:200].decode("utf-8", errors="replace")
-    raise DecodeError(f"HTTP 200 {problem}: {shown}", status=200, body=shown, endpoint=endpoint)

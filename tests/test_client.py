@@ -19,16 +19,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batcher.bandwidth import Bandwidth
-from batcher.client import (
-    DiffioClient,
+from batcher.answers import (
     DownloadInfo,
     GenerationAccepted,
     GenerationStatus,
     Progress,
     ProjectCreated,
-    normalize_base_url,
 )
+from batcher.bandwidth import Bandwidth
+from batcher.client import DiffioClient, normalize_base_url
 from batcher.clock import SystemClock
 from batcher.errors import (
     ApiError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from batcher import errors
-from batcher.client import GenerationStatus
+from batcher.answers import GenerationStatus
 from batcher.errors import (
     ApiError,
     AuthError,

@@ -2,56 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import anyio.lowlevel
 
+from batcher.ledger.memory_store import MemoryHandle
 from batcher.ledger.webhook_events import KEPT, StoredEvent, decide
-from batcher.model import LedgerRow, RunInfo
 from batcher.webhooks.events import GenerationEvent
 from batcher.webhooks.sink import Disposition
 
-__all__ = ["EventStore", "MemoryWebhookEvents"]
+__all__ = ["MemoryWebhookEvents"]
 
 
-@dataclass(eq=False)
-class EventStore:
-    """The events part of a memory ledger's store."""
-
-    kept: list[StoredEvent] = field(default_factory=list)
-    message_ids: set[str] = field(default_factory=set)
-    latest: dict[str, GenerationEvent] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-class MemoryWebhookEvents:
+class MemoryWebhookEvents(MemoryHandle):
     """Mixed into :class:`~batcher.ledger.memory.MemoryLedger`."""
-
-    _wall: Callable[[], float]
-
-    def _event_store(self) -> EventStore:
-        raise NotImplementedError
-
-    def _rows_by_id(self) -> Mapping[str, LedgerRow]:
-        raise NotImplementedError
-
-    def _writer(self) -> RunInfo:
-        raise NotImplementedError
-
-    def _reader(self) -> None:
-        raise NotImplementedError
 
     async def record_webhook_event(self, event: GenerationEvent, message_id: str
                                    ) -> Disposition:
         """Keep ``event`` unless duplicate or unknown; returns its disposition."""
         await anyio.lowlevel.checkpoint()
         self._writer()
-        store = self._event_store()
+        store = self._db.webhooks
         gen = event.generation_id
         row = None
         if message_id not in store.message_ids:
-            row = min((r for r in self._rows_by_id().values() if r.generation_id == gen),
+            row = min((r for r in self._db.rows.values() if r.generation_id == gen),
                       key=lambda r: r.row_id, default=None)
         disposition = decide(event, duplicate=message_id in store.message_ids,
                              known=row is not None,
@@ -69,13 +44,13 @@ class MemoryWebhookEvents:
         """Events kept after ``seq``, oldest first."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        return self._event_store().kept[max(seq, 0):max(seq, 0) + limit]
+        return self._db.webhooks.kept[max(seq, 0):max(seq, 0) + limit]
 
     async def add_webhook_counts(self, deltas: Mapping[str, int]) -> None:
         """Add to the named counters."""
         await anyio.lowlevel.checkpoint()
         self._writer()
-        counts = self._event_store().counts
+        counts = self._db.webhooks.counts
         for name, delta in deltas.items():
             if delta:
                 counts[name] = counts.get(name, 0) + delta
@@ -84,4 +59,4 @@ class MemoryWebhookEvents:
         """Every counter by name."""
         await anyio.lowlevel.checkpoint()
         self._reader()
-        return dict(sorted(self._event_store().counts.items()))
+        return dict(sorted(self._db.webhooks.counts.items()))

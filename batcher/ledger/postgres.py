@@ -33,6 +33,13 @@ the database rather than by a file lock:
   second on a 2-core machine, far above any API rate.
 
 The URL's password never appears in ``description``, reprs or errors.
+
+This module holds the plumbing, the lifecycle, the import and the
+transitions; the reads are in :mod:`batcher.ledger.postgres_reads`, the
+upload parts in :mod:`batcher.ledger.postgres_parts`, the leases and the
+pace in :mod:`batcher.ledger.postgres_leases` and the webhook events in
+:mod:`batcher.ledger.postgres_webhooks`, each a mixin of
+:class:`PostgresLedger`.
 """
 
 from __future__ import annotations
@@ -40,18 +47,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import asyncpg
-import orjson
 
-from batcher.errors import LedgerError, LedgerUnreachable, TransitionConflict
+from batcher.errors import LedgerError, LedgerUnreachable
 from batcher.ledger import codec
-from batcher.ledger.base import LEASE_TAKEN_OVER, NextMove, PaceClaim
+from batcher.ledger.base import NextMove
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
+from batcher.ledger.postgres_leases import PostgresLeases
+from batcher.ledger.postgres_parts import PostgresUploadParts
+from batcher.ledger.postgres_reads import PostgresReads
 from batcher.ledger.postgres_sql import (
     PgUrl,
     Query,
@@ -61,8 +70,8 @@ from batcher.ledger.postgres_sql import (
     positional,
 )
 from batcher.ledger.postgres_webhooks import PostgresWebhookEvents
-from batcher.ledger.rules import check_claim, plan_move, refusal
-from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
+from batcher.ledger.rules import plan_move, refusal
+from batcher.model import LedgerRow, NewRow, RunInfo, Stage, Update
 from batcher.ops.logs import LEDGER_MIGRATED, LEDGER_RETRY, event
 
 __all__ = ["PostgresLedger"]
@@ -71,10 +80,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ALL_STAGES: list[str] = sorted(s.value for s in Stage)
 # The columns a transition returns when the caller passed ``current``.
 _COMPUTED = ", ".join(codec.COMPUTED)
-_FIRST_LINE = -(2**31)  # below every INTEGER line
 _TRIES = 5
 # What a broken connection or statement can raise; all become LedgerError.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -89,7 +96,8 @@ _TRANSIENT = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, Time
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
-class PostgresLedger(PostgresWebhookEvents):
+class PostgresLedger(PostgresReads, PostgresUploadParts, PostgresLeases,
+                     PostgresWebhookEvents):
     """A :class:`~batcher.ledger.base.LeasingLedger` in a PostgreSQL database.
 
     ``url`` is a ``postgresql://`` (or ``postgres://``) URL; a ``schema=NAME``
@@ -185,6 +193,12 @@ class PostgresLedger(PostgresWebhookEvents):
 
     def _run_id(self) -> str:
         return self._run.run_id if self._run else ""
+
+    async def _exec(self, name: str, params: Mapping[str, Any], doing: str) -> str:
+        pool = self._pool_for(write=True)
+        q = self._q[name]
+        with self._translate(doing):
+            return await pool.execute(q.text, *q.args(params))
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -382,233 +396,3 @@ class PostgresLedger(PostgresWebhookEvents):
             query = positional(text)
             self._transition_cache[key] = query
         return query
-
-    # -- upload parts ------------------------------------------------------
-
-    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
-        """Keep a confirmed part of the row's current upload; see the Protocol."""
-        params = codec.part_values(row_id, upload_id, part, self._wall())
-        status = await self._exec("record_part", params, f"record a part of row {row_id}")
-        if status.rsplit(" ", 1)[-1] != "0":
-            return
-        pool = self._pool_for(write=True)
-        with self._translate(f"read row {row_id}"):
-            got = await pool.fetchrow(self._q["get_stage"].text, row_id)
-        raise TransitionConflict(row_id, f"project (upload {upload_id})",
-                                 None if got is None else str(got["stage"]))
-
-    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
-        """The recorded parts of one upload, by number."""
-        pool = self._pool_for(write=False)
-        q = self._q["upload_parts"]
-        with self._translate(f"read the parts of row {row_id}"):
-            found = await pool.fetch(q.text, *q.args({"row_id": row_id, "upload_id": upload_id}))
-        return [codec.part_from_record(r) for r in found]
-
-    async def forget_parts(self, row_id: str) -> None:
-        """Drop the row's recorded parts."""
-        await self._exec("forget_parts", {"row_id": row_id}, f"forget the parts of row {row_id}")
-
-    # -- reads -------------------------------------------------------------
-
-    async def get(self, row_id: str) -> LedgerRow | None:
-        """One row, or None."""
-        pool = self._pool_for(write=False)
-        with self._translate(f"read row {row_id}"):
-            found = await pool.fetchrow(self._q["get_row"].text, row_id)
-        return codec.row_from_record(found) if found is not None else None
-
-    async def group_rows(self, group: str) -> list[LedgerRow]:
-        """The rows of one logical request still in the job, by line."""
-        pool = self._pool_for(write=False)
-        q = self._q["group_rows"]
-        with self._translate(f"read group {group}"):
-            found = await pool.fetch(q.text, *q.args({"group_key": group}))
-        return [codec.row_from_record(r) for r in found]
-
-    async def rows(
-        self,
-        *,
-        stages: frozenset[Stage] | None = None,
-        include_retired: bool = False,
-    ) -> AsyncIterator[LedgerRow]:
-        """Rows by (line, row_id), one query per page (keyset pagination)."""
-        wanted = sorted(s.value for s in stages) if stages is not None else _ALL_STAGES
-        if not wanted:
-            return
-        q = self._q["rows_page"]
-        after: tuple[int, str] = (_FIRST_LINE, "")
-        while True:
-            pool = self._pool_for(write=False)
-            params = {
-                "after_line": after[0],
-                "after_row_id": after[1],
-                "stages": wanted,
-                "include_retired": include_retired,
-                "limit": self._page_size,
-            }
-            with self._translate("read rows"):
-                page = [codec.row_from_record(r) for r in await pool.fetch(q.text, *q.args(params))]
-            for row in page:
-                yield row
-            if len(page) < self._page_size:
-                return
-            after = (page[-1].line, page[-1].row_id)
-
-    async def counts(self, *, include_retired: bool = False) -> dict[Stage, int]:
-        """Rows per stage, every stage present (zero when empty)."""
-        pool = self._pool_for(write=False)
-        with self._translate("count rows"):
-            found = await pool.fetch(self._q["counts"].text, include_retired)
-        counts = dict.fromkeys(Stage, 0)
-        for stage, n in found:
-            counts[codec.STAGES[stage]] = int(n)
-        return counts
-
-    async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
-        """The most common (code, message, count) among failed, unretired rows."""
-        pool = self._pool_for(write=False)
-        with self._translate("summarize errors"):
-            found = await pool.fetch(self._q["error_summary"].text, limit)
-        return [(str(code), str(message), int(n)) for code, message, n in found]
-
-    async def events(self, row_id: str) -> list[Event]:
-        """A row's history, oldest first."""
-        pool = self._pool_for(write=False)
-        with self._translate(f"read the events of row {row_id}"):
-            found = await pool.fetch(self._q["events"].text, row_id)
-        return [
-            Event(
-                row_id=rid,
-                at=at,
-                from_stage=codec.STAGES[from_stage] if from_stage else None,
-                to_stage=codec.STAGES[to_stage],
-                event=event,
-                detail=orjson.loads(detail),
-                run_id=run_id,
-            )
-            for rid, at, from_stage, to_stage, event, detail, run_id in found
-        ]
-
-    async def runs(self) -> list[dict[str, Any]]:
-        """Every run recorded in this ledger, oldest first."""
-        pool = self._pool_for(write=False)
-        with self._translate("read runs"):
-            return [dict(r) for r in await pool.fetch(self._q["runs"].text)]
-
-    # -- leases (LeasingLedger) ----------------------------------------------
-
-    async def _exec(self, name: str, params: Mapping[str, Any], doing: str) -> str:
-        pool = self._pool_for(write=True)
-        q = self._q[name]
-        with self._translate(doing):
-            return await pool.execute(q.text, *q.args(params))
-
-    async def register_worker(self, worker_id: str, run: RunInfo, ttl: float) -> None:
-        """Record a live worker; see :class:`~batcher.ledger.base.LeasingLedger`."""
-        params = {
-            "worker_id": worker_id,
-            "host": run.host,
-            "pid": run.pid,
-            "run_id": run.run_id,
-            "ttl": float(ttl),
-        }
-        await self._exec("register_worker", params, f"register worker {worker_id}")
-
-    async def heartbeat(self, worker_id: str, ttl: float) -> int:
-        """Renew the worker and its leases; return the number of live workers."""
-        pool = self._pool_for(write=True)
-        q = self._q["heartbeat"]
-        params = {"worker_id": worker_id, "ttl": float(ttl)}
-
-        async def attempt_once() -> asyncpg.Record | None:
-            return await pool.fetchrow(q.text, *q.args(params))
-
-        found = await self._retrying(f"renew worker {worker_id}", attempt_once)
-        if found is None or found["registered"] == 0:
-            raise LedgerError(f"worker {worker_id} is not registered")
-        return int(found["live"])
-
-    async def lease(self, worker_id: str, limit: int, ttl: float) -> list[LedgerRow]:
-        """Lease up to ``limit`` free rows in manifest order to the worker."""
-        pool = self._pool_for(write=True)
-        q = self._q["lease"]
-        params = {
-            "worker_id": worker_id,
-            "limit": max(int(limit), 0),
-            "ttl": float(ttl),
-            "event": LEASE_TAKEN_OVER,
-            "run_id": self._run_id(),
-        }
-        with self._translate(f"lease rows to worker {worker_id}"):
-            known = await pool.fetchval(self._q["worker_known"].text, worker_id)
-            if known is None:
-                raise LedgerError(f"worker {worker_id} is not registered")
-            if params["limit"] == 0:
-                return []
-            found = await pool.fetch(q.text, *q.args(params))
-        return [codec.row_from_record(r) for r in found]
-
-    async def hold(self, worker_id: str, row_id: str, ttl: float) -> bool:
-        """Renew the worker's unexpired lease on the row; False when it has none."""
-        pool = self._pool_for(write=True)
-        q = self._q["hold"]
-        params = {"worker_id": worker_id, "row_id": row_id, "ttl": float(ttl)}
-        with self._translate(f"renew the lease of worker {worker_id} on row {row_id}"):
-            return await pool.fetchval(q.text, *q.args(params)) is not None
-
-    async def claim_slots(self, count: int, *, lead: float, margin: float,
-                          rate: float | None = None, pause: float | None = None) -> PaceClaim:
-        """Claim send slots of the shared pace in one statement (one round trip).
-
-        See :class:`~batcher.ledger.base.LeasingLedger`. The pace is one row
-        that every claim locks for the length of a single UPDATE.
-        """
-        pool = self._pool_for(write=True)
-        check_claim(count, lead, margin, rate, pause)
-        q = self._q["pace_claim"]
-        params = {"count": int(count), "lead": float(lead), "margin": float(margin),
-                  "rate": rate, "pause": pause}
-        with self._translate("claim send slots"):
-            found = await pool.fetchrow(q.text, *q.args(params))
-        if found is None:
-            raise LedgerError("the shared pace has no rate yet: the first claim must give one")
-        return PaceClaim(**dict(found))
-
-    async def release(self, worker_id: str, row_ids: Sequence[str]) -> None:
-        """Give back the worker's leases on ``row_ids``."""
-        pool = self._pool_for(write=True)
-        q = self._q["release"]
-        params = {"worker_id": worker_id, "row_ids": list(row_ids)}
-
-        async def attempt_once() -> None:
-            await pool.execute(q.text, *q.args(params))
-
-        await self._retrying(f"release leases of worker {worker_id}", attempt_once)
-
-    async def deregister_worker(self, worker_id: str) -> None:
-        """Release the worker's leases and forget it, in one transaction."""
-        pool = self._pool_for(write=True)
-        release, forget = self._q["release_all"], self._q["forget_worker"]
-
-        async def attempt_once() -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(release.text, worker_id)
-                await conn.execute(forget.text, worker_id)
-
-        await self._retrying(f"deregister worker {worker_id}", attempt_once)
-
-    async def live_workers(self) -> list[dict[str, Any]]:
-        """Live workers, oldest first, with the number of leases each holds."""
-        pool = self._pool_for(write=False)
-        with self._translate("read workers"):
-            found = await pool.fetch(self._q["live_workers"].text)
-        return [{**dict(r), "leases": int(r["leases"])} for r in found]
-
-    async def pending_work(self) -> tuple[int, int]:
-        """(rows free to lease, rows under an unexpired lease)."""
-        pool = self._pool_for(write=False)
-        with self._translate("count pending work"):
-            found = await pool.fetchrow(self._q["pending_work"].text)
-        assert found is not None  # an aggregate always returns a row
-        return int(found["free"]), int(found["held"])

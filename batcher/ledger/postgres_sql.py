@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -39,12 +40,15 @@ __all__ = [
     "ACTIVE_SQL",
     "MIGRATION_LOCK",
     "PgUrl",
+    "PostgresPlumbing",
     "Query",
     "applied_versions",
     "load_pg_queries",
     "migrate_postgres",
     "positional",
 ]
+
+T = TypeVar("T")
 
 # pg_advisory_xact_lock key for migrations: any fixed 64-bit number; this is
 # crc32("batcher.ledger.migrate"). Database-wide, so ledgers in two schemas
@@ -233,3 +237,31 @@ async def migrate_postgres(
             await conn.execute(_RECORD, mig.version, mig.name, wall())
         applied_now.append(mig.version)
     return applied_now
+
+
+class PostgresPlumbing:
+    """What the PostgreSQL ledger's mixins call on the ledger.
+
+    :class:`~batcher.ledger.postgres.PostgresLedger` defines each of these;
+    the mixins (``postgres_reads``, ``postgres_parts``, ``postgres_leases``,
+    ``postgres_webhooks``) inherit the declarations, so each is typed once.
+    """
+
+    _q: dict[str, Query]
+    _wall: Callable[[], float]
+    _page_size: int
+
+    def _pool_for(self, *, write: bool) -> asyncpg.Pool[asyncpg.Record]:
+        raise NotImplementedError
+
+    def _translate(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    async def _exec(self, name: str, params: Mapping[str, Any], doing: str) -> str:
+        raise NotImplementedError
+
+    async def _retrying(self, doing: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        raise NotImplementedError
+
+    def _run_id(self) -> str:
+        raise NotImplementedError

@@ -10,12 +10,12 @@ unique message id makes a duplicate that races through a no-op.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
-from batcher.ledger.postgres_sql import positional
+from batcher.ledger.postgres_sql import PostgresPlumbing, positional
 from batcher.ledger.webhook_events import KEPT, StoredEvent, decide
 from batcher.ledger.webhook_sql import QUERIES
 from batcher.webhooks.events import GenerationEvent
@@ -27,16 +27,8 @@ _Q = {name: positional(sql) for name, sql in QUERIES.items()}
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('batcher.webhook:' || $1))"
 
 
-class PostgresWebhookEvents:
+class PostgresWebhookEvents(PostgresPlumbing):
     """Mixed into :class:`~batcher.ledger.postgres.PostgresLedger`."""
-
-    _wall: Callable[[], float]
-
-    def _pool_for(self, *, write: bool) -> asyncpg.Pool[asyncpg.Record]:
-        raise NotImplementedError
-
-    def _translate(self, doing: str) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
 
     async def record_webhook_event(self, event: GenerationEvent, message_id: str
                                    ) -> Disposition:

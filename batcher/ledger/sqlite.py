@@ -15,6 +15,11 @@ but may lose the last commits on power loss; a lost "project created" or
 "submitted" commit would make the resume create a second project and post a
 second generation, i.e. pay twice. FULL fsyncs the WAL on every commit, and
 group commit spreads that fsync over every transition in the batch.
+
+This module holds the lifecycle, the import and the transitions; the reads
+are in :mod:`batcher.ledger.sqlite_reads`, the upload parts in
+:mod:`batcher.ledger.sqlite_parts` and the webhook events in
+:mod:`batcher.ledger.sqlite_webhooks`, each a mixin of :class:`SqliteLedger`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from functools import cache
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,15 +35,17 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from batcher.errors import LedgerError, LedgerLocked, TransitionConflict
+from batcher.errors import LedgerError, LedgerLocked
 from batcher.ledger import codec
 from batcher.ledger.base import NextMove
 from batcher.ledger.lock import RunLock
 from batcher.ledger.migrations import APPLIED_SQL, load_queries, migrate_sqlite, pending_migrations
 from batcher.ledger.rules import Move, Refresh, import_refresh, plan_move, refusal
+from batcher.ledger.sqlite_parts import SqliteUploadParts
+from batcher.ledger.sqlite_reads import SqliteReads, records, stage_params
 from batcher.ledger.sqlite_webhooks import SqliteWebhookEvents
 from batcher.ledger.writer import GroupCommitWriter, Job, sqlite_error
-from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
+from batcher.model import LedgerRow, NewRow, RunInfo, Stage, Update
 from batcher.ops.logs import LEDGER_MIGRATED, event
 
 __all__ = ["SqliteLedger"]
@@ -48,25 +54,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ALL_STAGES: tuple[Stage, ...] = tuple(Stage)
-_FIRST_KEY = (-(2**62), "")  # sorts before every (line, row_id)
 _BUSY_TIMEOUT_S = 10.0
 # What a transition returns when the caller passed ``current``: the columns
 # the database computes; every other field of the new row is known already.
 _COMPUTED = ", ".join(codec.COMPUTED)
-
-
-@cache
-def _stage_params(stages: tuple[Stage, ...]) -> dict[str, str]:
-    """:s0..:s6 for a stage list, padded with its first stage (see queries.sql)."""
-    return {f"s{i}": (stages[i] if i < len(stages) else stages[0]).value for i in range(7)}
-
-
-def _records(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
-    """A cursor's rows as dicts. (sqlite3.Row looks names up one by one by a
-    case-insensitive scan, which costs more than the UPDATE that made them.)"""
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
 
 
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
@@ -87,7 +78,7 @@ def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
 # -- the ledger ------------------------------------------------------------
 
 
-class SqliteLedger(SqliteWebhookEvents):
+class SqliteLedger(SqliteReads, SqliteUploadParts, SqliteWebhookEvents):
     """A :class:`~batcher.ledger.base.Ledger` in one SQLite file, private to one run.
 
     A run holds the file's lock (:mod:`batcher.ledger.lock`) while it writes,
@@ -365,7 +356,7 @@ class SqliteLedger(SqliteWebhookEvents):
             self._insert_event(conn, new.row_id, now, None, stage, "imported", _json(detail))
             return codec.row_from_record(
                 codec.inserted_record(params, stage, params["leader_row_id"], now))
-        stored = codec.row_from_record(_records(conn.execute(q["mark_seen"], params))[0])
+        stored = codec.row_from_record(records(conn.execute(q["mark_seen"], params))[0])
         fresh_error = None if params["error"] is None else orjson.loads(params["error"])
         decision = import_refresh(stored.stage, stored.error, stored.generation_id, fresh_error)
         if decision is Refresh.INVALIDATE:
@@ -375,7 +366,7 @@ class SqliteLedger(SqliteWebhookEvents):
             to, statement, detail_json = Stage.PENDING, q["revalidate_row"], "{}"
         else:
             return stored
-        row = _records(conn.execute(statement, params))[0]
+        row = records(conn.execute(statement, params))[0]
         self._insert_event(conn, new.row_id, now, stored.stage, to, decision.value, detail_json)
         return codec.row_from_record(row)
 
@@ -450,7 +441,7 @@ class SqliteLedger(SqliteWebhookEvents):
             from_stage = codec.STAGES[got[0]]
         now = self._wall()
         params["now"] = now
-        params.update(_stage_params((from_stage,)))
+        params.update(stage_params((from_stage,)))
         cursor = conn.execute(sql, params)
         # fetchall, not fetchone: it steps the statement to its end, so
         # it is reset and no statement is left running at RELEASE.
@@ -481,128 +472,6 @@ class SqliteLedger(SqliteWebhookEvents):
             )
             self._transition_cache[key] = sql
         return sql
-
-    # -- upload parts ------------------------------------------------------
-
-    async def record_part(self, row_id: str, upload_id: str, part: UploadPart) -> None:
-        """Keep a confirmed part of the row's current upload; see the Protocol."""
-        params = codec.part_values(row_id, upload_id, part, self._wall())
-
-        def job(conn: sqlite3.Connection) -> None:
-            if conn.execute(self._q["record_part"], params).rowcount == 1:
-                return
-            got = conn.execute(self._q["get_stage"], params).fetchone()
-            raise TransitionConflict(row_id, f"project (upload {upload_id})",
-                                     None if got is None else str(got[0]))
-
-        await self._write(job)
-
-    async def upload_parts(self, row_id: str, upload_id: str) -> list[UploadPart]:
-        """The recorded parts of one upload, by number."""
-        params = {"row_id": row_id, "upload_id": upload_id}
-
-        def job(conn: sqlite3.Connection) -> list[UploadPart]:
-            found = _records(conn.execute(self._q["upload_parts"], params))
-            return [codec.part_from_record(r) for r in found]
-
-        return await self._read(job)
-
-    async def forget_parts(self, row_id: str) -> None:
-        """Drop the row's recorded parts."""
-        params = {"row_id": row_id}
-        await self._write(lambda conn: conn.execute(self._q["forget_parts"], params))
-
-    # -- reads -------------------------------------------------------------
-
-    async def get(self, row_id: str) -> LedgerRow | None:
-        """One row, or None."""
-
-        def job(conn: sqlite3.Connection) -> LedgerRow | None:
-            found = _records(conn.execute(self._q["get_row"], {"row_id": row_id}))
-            return codec.row_from_record(found[0]) if found else None
-
-        return await self._read(job)
-
-    async def group_rows(self, group: str) -> list[LedgerRow]:
-        """The rows of one logical request still in the job, by line."""
-
-        def job(conn: sqlite3.Connection) -> list[LedgerRow]:
-            found = _records(conn.execute(self._q["group_rows"], {"group_key": group}))
-            return [codec.row_from_record(r) for r in found]
-
-        return await self._read(job)
-
-    async def rows(
-        self,
-        *,
-        stages: frozenset[Stage] | None = None,
-        include_retired: bool = False,
-    ) -> AsyncIterator[LedgerRow]:
-        """Rows by (line, row_id), one query per page (keyset pagination)."""
-        wanted = tuple(sorted(stages)) if stages is not None else _ALL_STAGES
-        if not wanted:
-            return
-        params: dict[str, Any] = {"include_retired": include_retired, "limit": self._page_size}
-        params.update(_stage_params(wanted))
-        after = _FIRST_KEY
-        while True:
-            page_params = {**params, "after_line": after[0], "after_row_id": after[1]}
-
-            def job(conn: sqlite3.Connection, p: dict[str, Any] = page_params) -> list[LedgerRow]:
-                found = _records(conn.execute(self._q["rows_page"], p))
-                return [codec.row_from_record(r) for r in found]
-
-            page = await self._read(job)
-            for row in page:
-                yield row
-            if len(page) < self._page_size:
-                return
-            after = (page[-1].line, page[-1].row_id)
-
-    async def counts(self, *, include_retired: bool = False) -> dict[Stage, int]:
-        """Rows per stage, every stage present (zero when empty)."""
-
-        def job(conn: sqlite3.Connection) -> dict[Stage, int]:
-            counts = dict.fromkeys(Stage, 0)
-            for stage, n in conn.execute(self._q["counts"], {"include_retired": include_retired}):
-                counts[codec.STAGES[stage]] = n
-            return counts
-
-        return await self._read(job)
-
-    async def error_summary(self, limit: int = 5) -> list[tuple[str, str, int]]:
-        """The most common (code, message, count) among failed, unretired rows."""
-
-        def job(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            found = conn.execute(self._q["error_summary"], {"limit": limit})
-            return [(str(code), str(message), int(n)) for code, message, n in found]
-
-        return await self._read(job)
-
-    async def events(self, row_id: str) -> list[Event]:
-        """A row's history, oldest first."""
-
-        def job(conn: sqlite3.Connection) -> list[Event]:
-            return [
-                Event(
-                    row_id=rid,
-                    at=at,
-                    from_stage=codec.STAGES[from_stage] if from_stage else None,
-                    to_stage=codec.STAGES[to_stage],
-                    event=event,
-                    detail=orjson.loads(detail),
-                    run_id=run_id,
-                )
-                for rid, at, from_stage, to_stage, event, detail, run_id in conn.execute(
-                    self._q["events"], {"row_id": row_id}
-                )
-            ]
-
-        return await self._read(job)
-
-    async def runs(self) -> list[dict[str, Any]]:
-        """Every run recorded in this ledger, oldest first."""
-        return await self._read(lambda conn: _records(conn.execute(self._q["runs"])))
 
 
 def _json(value: Mapping[str, Any]) -> str:

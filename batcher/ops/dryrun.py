@@ -17,8 +17,8 @@ from typing import TextIO
 
 import anyio
 
+from ..answers import GenerationStatus
 from ..bandwidth import format_rate
-from ..client import GenerationStatus
 from ..intake import Intake, intake_batches
 from ..ledger.base import Ledger
 from ..model import Kind, Stage

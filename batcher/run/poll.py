@@ -25,7 +25,7 @@ from typing import Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import GenerationStatus, Progress
+from ..answers import GenerationStatus, Progress
 from ..clock import Clock
 from ..errors import ApiError, TransitionConflict
 from ..model import Kind, LedgerRow, Stage, Update

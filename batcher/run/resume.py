@@ -15,7 +15,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from ..client import GenerationStatus
+from ..answers import GenerationStatus
 from ..errors import TransitionConflict
 from ..keys import (
     FileSource,

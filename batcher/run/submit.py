@@ -13,7 +13,7 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..client import GenerationAccepted, GenerationStatus
+from ..answers import GenerationAccepted, GenerationStatus
 from ..errors import (
     ApiError,
     LocalFileError,

@@ -45,7 +45,7 @@ from typing import Any
 
 import anyio
 
-from ..client import ProjectCreated
+from ..answers import ProjectCreated
 from ..errors import (
     ApiError,
     Conflict,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from ..client import GenerationStatus
+from ..answers import GenerationStatus
 from ..errors import LedgerError, TransitionConflict
 from ..ledger.webhook_events import StoredEvent, WebhookLedger
 from ..model import Stage
