@@ -7,12 +7,11 @@ Library errors become one clear line here (exit 2, 3 or 4, as documented for
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -306,39 +305,34 @@ def _quiet_broken_pipe() -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    _configure_logging(args)
-    found = _ledger_of(args)
-    if found is None:
-        return 2
     from .ops.status import status_main
 
-    url, label = found
-    try:
-        return anyio.run(functools.partial(status_main, url, args.json, label=label),
-                         backend="asyncio")
-    except (LedgerError, ConfigError) as exc:
-        _error(str(exc))
-        return 2
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
+    return _read_ledger(args, lambda url, label: status_main(url, args.json, label=label))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .ops.export import export_main
+
+    return _read_ledger(
+        args, lambda url, _label: export_main(url, args.format, args.output, args.all))
+
+
+def _read_ledger(args: argparse.Namespace,
+                 command: Callable[[str, str], Awaitable[int]]) -> int:
+    """Run ``status`` or ``export`` on the ledger that ``args`` name (or find)."""
     _configure_logging(args)
     found = _ledger_of(args)
     if found is None:
         return 2
-    from .ops.export import export_main
-
-    url = found[0]
+    url, label = found
     try:
-        return anyio.run(export_main, url, args.format, args.output, args.all,
-                         backend="asyncio")
+        result: int = anyio.run(command, url, label, backend="asyncio")
     except (LedgerError, ConfigError) as exc:
         _error(str(exc))
         return 2
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    return result
 
 
 def _cmd_webhooks_serve(args: argparse.Namespace) -> int:
