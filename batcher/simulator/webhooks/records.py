@@ -115,6 +115,9 @@ class SenderStats:
     retries: int = 0
     failed: int = 0  # genuine deliveries given up after max_attempts
     abandoned: int = 0  # deliveries still pending when the sender closed
+    # POSTs the receiver answered (any status), by delivery kind: what it
+    # can have counted (a copy sent after it stopped listening is not here).
+    answered: dict[str, int] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, int]:
         """The counters as plain data."""

@@ -411,6 +411,9 @@ class WebhookSender:
         delivery.attempt += 1
         self.stats.attempts += 1
         status = await self._send(delivery.endpoint.url, body, headers)
+        if status is not None:
+            answered = self.stats.answered
+            answered[delivery.kind.value] = answered.get(delivery.kind.value, 0) + 1
         record = DeliveryRecord(delivery.message_id, delivery.kind, delivery.event,
                                 delivery.endpoint.url, delivery.attempt, status, body, headers)
         self.journal.append(record)
