@@ -68,14 +68,19 @@ class _LineMap64:
         self._mask = size - 1
         self._n = 0
 
+    def _slot(self, h: int) -> int:
+        """The slot holding ``h``, or the empty one where it would go (linear probing)."""
+        i = h & self._mask
+        while (cur := self._hashes[i]) and cur != h:
+            i = (i + 1) & self._mask
+        return i
+
     def setdefault(self, h: int, line: int) -> int:
         """The line stored for ``h``, storing ``line`` first if there was none."""
         h = h or 1
-        i = h & self._mask
-        while cur := self._hashes[i]:
-            if cur == h:
-                return self._lines[i]
-            i = (i + 1) & self._mask
+        i = self._slot(h)
+        if self._hashes[i]:
+            return self._lines[i]
         if 2 * (self._n + 1) > len(self._hashes):
             self._grow()
             return self.setdefault(h, line)
@@ -85,13 +90,8 @@ class _LineMap64:
 
     def get(self, h: int) -> int | None:
         """The line stored for ``h``, if any."""
-        h = h or 1
-        i = h & self._mask
-        while cur := self._hashes[i]:
-            if cur == h:
-                return self._lines[i]
-            i = (i + 1) & self._mask
-        return None
+        i = self._slot(h or 1)
+        return self._lines[i] if self._hashes[i] else None
 
     def _grow(self) -> None:
         old = zip(self._hashes, self._lines, strict=True)

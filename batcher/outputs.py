@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import anyio
 
@@ -272,16 +272,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     """
     folder = open_folder(path.parent, path.parent)
     try:
-        tmp = TempFile(folder, path.name)
-        try:
-            with os.fdopen(tmp.fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.publish()
-        except BaseException:
-            tmp.discard()
-            raise
+        _publish_written(folder, path.name, lambda fh: fh.write(data))
     finally:
         os.close(folder)
 
@@ -304,13 +295,23 @@ def _new_temp(folder: int, name: str, token: Callable[[], str] | None) -> TempFi
 
 
 def _copy_publish(src: Path, folder: int, name: str) -> None:
-    tmp = _new_temp(folder, name, None)
-    try:
-        with src.open("rb") as fin, os.fdopen(tmp.fd, "wb") as fout:
+    def copy(fout: BinaryIO) -> None:
+        with src.open("rb") as fin:
             while chunk := fin.read(_CHUNK):
                 fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
+
+    _publish_written(folder, name, copy)
+
+
+def _publish_written(folder: int, name: str, write: Callable[[BinaryIO], object]) -> None:
+    """``name`` in ``folder``, as ``write`` fills it: through a temporary file
+    that is fsynced, then renamed in place (or removed on any failure)."""
+    tmp = _new_temp(folder, name, None)
+    try:
+        with os.fdopen(tmp.fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.publish()
     except BaseException:
         tmp.discard()

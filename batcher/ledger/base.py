@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
+from batcher.errors import LedgerError
 from batcher.ledger.webhook_events import WebhookLedger
 from batcher.model import Event, LedgerRow, NewRow, RunInfo, Stage, Update, UploadPart
 
@@ -184,6 +185,31 @@ class NextMove:
     update: Update
     event: str
     detail: Mapping[str, Any] | None = None
+
+
+async def move_then_move(
+    ledger: Ledger,
+    row_id: str,
+    expect: Stage | frozenset[Stage],
+    to: Stage,
+    update: Update | None,
+    *,
+    event: str,
+    detail: Mapping[str, Any] | None,
+    current: LedgerRow | None,
+    then: NextMove,
+) -> LedgerRow:
+    """A transition with ``then=`` made as two moves, one after the other.
+
+    Each is a committed state a resumed run goes on from; for backends that
+    cannot make both in one write (SQLite does).
+    """
+    if current is None:
+        raise LedgerError(f"row {row_id}: a move with then= needs current=")
+    first = await ledger.transition(row_id, expect, to, update, event=event,
+                                    detail=detail, current=current)
+    return await ledger.transition(row_id, to, then.to, then.update, event=then.event,
+                                   detail=then.detail, current=first)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import orjson
 from batcher.errors import LedgerError
 from batcher.model import (
     UPDATE_COLUMNS,
+    Event,
     Kind,
     LedgerRow,
     NewRow,
@@ -38,6 +39,7 @@ __all__ = [
     "Record",
     "dumps_object",
     "error_columns",
+    "event_from_columns",
     "inserted_record",
     "json_copy",
     "moved",
@@ -239,6 +241,15 @@ def _session_column(session: UploadSession | None) -> str | None:
 
 def _session_from_column(text: str | None) -> UploadSession | None:
     return None if text is None else UploadSession.from_json(orjson.loads(text))
+
+
+def event_from_columns(row_id: str, at: float, from_stage: str | None, to_stage: str,
+                       event: str, detail: str, run_id: str) -> Event:
+    """An event of a row's history from its stored columns, in the events query's order."""
+    return Event(row_id=row_id, at=at,
+                 from_stage=STAGES[from_stage] if from_stage else None,
+                 to_stage=STAGES[to_stage], event=event, detail=orjson.loads(detail),
+                 run_id=run_id)
 
 
 def part_values(row_id: str, upload_id: str, part: UploadPart, now: float) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import anyio.lowlevel
 import orjson
 
 from batcher.errors import LedgerError
-from batcher.ledger.base import NextMove
+from batcher.ledger.base import NextMove, move_then_move
 from batcher.ledger.codec import (
     REQUEST_FIELDS,
     inserted_record,
@@ -234,14 +234,8 @@ class MemoryLedger(MemoryReads, MemoryUploadParts, MemoryLeases, MemoryWebhookEv
         the runner sees on a real one.
         """
         if then is not None:
-            # One after the other here (each a committed state a resumed run
-            # goes on from); SQLite makes both in one write.
-            if current is None:
-                raise LedgerError(f"row {row_id}: a move with then= needs current=")
-            first = await self.transition(row_id, expect, to, update, event=event,
-                                          detail=detail, current=current)
-            return await self.transition(row_id, to, then.to, then.update, event=then.event,
-                                         detail=then.detail, current=first)
+            return await move_then_move(self, row_id, expect, to, update, event=event,
+                                        detail=detail, current=current, then=then)
         await anyio.lowlevel.checkpoint()
         self._writer()
         move = plan_move(row_id, expect, to, update, detail, current)

@@ -55,7 +55,7 @@ import asyncpg
 
 from batcher.errors import LedgerError, LedgerUnreachable
 from batcher.ledger import codec
-from batcher.ledger.base import NextMove
+from batcher.ledger.base import NextMove, move_then_move
 from batcher.ledger.migrations import pending_migrations
 from batcher.ledger.postgres_import import BatchImport
 from batcher.ledger.postgres_leases import PostgresLeases
@@ -347,14 +347,8 @@ class PostgresLedger(PostgresReads, PostgresUploadParts, PostgresLeases,
         :meth:`Ledger.transition`).
         """
         if then is not None:
-            # One after the other here (each a committed state a resumed run
-            # goes on from); SQLite makes both in one write.
-            if current is None:
-                raise LedgerError(f"row {row_id}: a move with then= needs current=")
-            first = await self.transition(row_id, expect, to, update, event=event,
-                                          detail=detail, current=current)
-            return await self.transition(row_id, to, then.to, then.update, event=then.event,
-                                         detail=then.detail, current=first)
+            return await move_then_move(self, row_id, expect, to, update, event=event,
+                                        detail=detail, current=current, then=then)
         pool = self._pool_for(write=True)
         move = plan_move(row_id, expect, to, update, detail, current)
         params = {

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-
 from batcher.ledger import codec
 from batcher.ledger.postgres_sql import PostgresPlumbing
 from batcher.model import Event, LedgerRow, Stage
@@ -91,18 +89,7 @@ class PostgresReads(PostgresPlumbing):
         pool = self._pool_for(write=False)
         with self._translate(f"read the events of row {row_id}"):
             found = await pool.fetch(self._q["events"].text, row_id)
-        return [
-            Event(
-                row_id=rid,
-                at=at,
-                from_stage=codec.STAGES[from_stage] if from_stage else None,
-                to_stage=codec.STAGES[to_stage],
-                event=event,
-                detail=orjson.loads(detail),
-                run_id=run_id,
-            )
-            for rid, at, from_stage, to_stage, event, detail, run_id in found
-        ]
+        return [codec.event_from_columns(*record) for record in found]
 
     async def runs(self) -> list[dict[str, Any]]:
         """Every run recorded in this ledger, oldest first."""

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Any, TypeVar
 
-import orjson
-
 from batcher.ledger import codec
 from batcher.model import Event, LedgerRow, Stage
 
@@ -116,20 +114,8 @@ class SqliteReads:
         """A row's history, oldest first."""
 
         def job(conn: sqlite3.Connection) -> list[Event]:
-            return [
-                Event(
-                    row_id=rid,
-                    at=at,
-                    from_stage=codec.STAGES[from_stage] if from_stage else None,
-                    to_stage=codec.STAGES[to_stage],
-                    event=event,
-                    detail=orjson.loads(detail),
-                    run_id=run_id,
-                )
-                for rid, at, from_stage, to_stage, event, detail, run_id in conn.execute(
-                    self._q["events"], {"row_id": row_id}
-                )
-            ]
+            found = conn.execute(self._q["events"], {"row_id": row_id})
+            return [codec.event_from_columns(*record) for record in found]
 
         return await self._read(job)
 
