@@ -23,7 +23,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 
 from .bandwidth import Bandwidth
@@ -40,6 +39,7 @@ from .ratelimit_shared import gate_for
 from .run import Runner, RunResult
 from .run.stats import RunStats
 from .settings import OPTION_SPECS, Settings, resolve
+from .transport import HttpSessions
 
 __all__ = ["SIM_KEY", "make_settings", "run_job", "run_manifest", "run_manifest_async"]
 
@@ -230,18 +230,13 @@ async def _run(
             base = str(sim.base_url)
             print(f"batcher: running against the embedded simulator at {base}",
                   file=sys.stderr, flush=True)
-        connector = aiohttp.TCPConnector(limit=settings.concurrency + 8,
-                                         limit_per_host=settings.concurrency + 8)
-        # No cookie jar: the API sets none, and the jar costs every request a
-        # filter of the jar and every answer a parse of its headers.
-        session = await stack.enter_async_context(aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()))
+        http = await stack.enter_async_context(HttpSessions(limit=settings.concurrency + 8))
         # On a shared ledger the gate draws from the job's one pace: the sum of
         # all hosts' requests never passes --rate.
         gate = gate_for(ledger, settings.rate, clock=clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         breakers = Breakers(clock, BreakerConfig(patience=settings.outage_patience))
-        client = DiffioClient(session, normalize_base_url(base), key, gate=gate, cap=cap,
+        client = DiffioClient(http, normalize_base_url(base), key, gate=gate, cap=cap,
                               timeout=settings.timeout, on_request=stats.on_request,
                               bandwidth=Bandwidth(settings.max_bandwidth), breakers=breakers)
         runner = Runner(settings, ledger, client, gate=gate, clock=clock, rng=rng,

@@ -3,9 +3,14 @@
 Every method makes exactly one attempt; the runner owns retries
 (:class:`batcher.retry.RetryPolicy`). What can go wrong comes out as an
 :class:`~batcher.errors.ApiError` subclass and nothing else: answers are
-classified by :func:`batcher.classify.classify`, and aiohttp, OS and timeout
-exceptions are translated in :meth:`batcher.storage.Transport.error` only
-(``raise … from exc``), with the endpoint attached.
+classified by :func:`batcher.classify.classify`, and failed exchanges (the
+HTTP client's, the OS's, timeouts) are translated in
+:meth:`batcher.transport.Transport.error` only (``raise … from exc``), with
+the endpoint attached.
+
+API requests go over the lean HTTP/1.1 client (:mod:`batcher.http1`): one
+write per request, the answer parsed in C, no aiohttp on the path (nor in
+the process, for a run that moves no file).
 
 API requests hold the concurrency cap, then pass the rate gate, then go out
 at once (the cap comes first so a granted request never queues for a slot
@@ -14,9 +19,10 @@ reported to the gate here, so every caller slows down, and nobody else needs
 to call :meth:`RateGate.on_rate_limited`.
 
 File bytes are not the API's business: ``client.storage``
-(:mod:`batcher.storage`) sends them to the upload host or a signed URL and
-fetches outputs from signed URLs, without the API key and without the rate
-gate, under the same concurrency cap and the run's byte budget.
+(:mod:`batcher.storage`, on aiohttp, made on first use) sends them to the
+upload host or a signed URL and fetches outputs from signed URLs, without
+the API key and without the rate gate, under the same concurrency cap and
+the run's byte budget.
 
 Both generations of the API are understood: ``create_project`` answers with
 an upload session (today's API: upload in parts, then
@@ -38,13 +44,11 @@ beside it for the ledger.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 import anyio
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from batcher.answers import (
     DownloadInfo,
@@ -71,16 +75,22 @@ from batcher.errors import (
     RateLimited,
     SubmissionsStopped,
 )
+from batcher.http1 import Headers
 from batcher.ratelimit import Gate
 from batcher.scrub import KeyScrubber
-from batcher.storage import (
-    TRANSPORT_EXCEPTIONS,
+from batcher.transport import (
+    API_TRANSPORT_EXCEPTIONS,
+    HttpSessions,
     RequestCallback,
-    Storage,
     Transport,
     judge_answer,
 )
 from batcher.version import USER_AGENT
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from batcher.storage import Storage
 
 __all__ = ["DiffioClient", "normalize_base_url"]
 
@@ -108,11 +118,13 @@ def normalize_base_url(url: str) -> str:
 class DiffioClient:
     """Client for the Diffio API (either generation), one attempt per method call.
 
-    ``session`` is owned by the caller (the CLI), shared with everything
-    else; its connector limit should be at least the ``cap``'s total tokens.
-    ``gate`` is acquired before every API request; ``cap`` is held around
-    every request, API or storage, and must not already be held by the
-    calling task. ``timeout`` bounds an API request in all, and a storage
+    ``http`` holds the run's connections (:class:`~batcher.transport.HttpSessions`),
+    owned by the caller (the CLI), shared with everything else; an
+    ``aiohttp.ClientSession`` may be given instead (it then carries the file
+    transfers, and the client keeps its own API connections, closed by
+    :meth:`aclose`). ``gate`` is acquired before every API request; ``cap``
+    is held around every request, API or storage, and must not already be
+    held by the calling task. ``timeout`` bounds an API request in all, and a storage
     transfer's connect and each read. ``on_request`` is called after each
     HTTP attempt with the endpoint, the status (``None`` when no answer
     arrived) and the seconds it took, for metrics. ``bandwidth`` is the run's
@@ -120,20 +132,24 @@ class DiffioClient:
     """
 
     __slots__ = (
-        "_api_timeout",
+        "_bandwidth",
         "_base_url",
+        "_fields",
         "_gate",
         "_generations_stopped",
-        "_headers",
+        "_owns_http",
+        "_path",
+        "_pool",
         "_scrub",
+        "_storage",
+        "_timeout",
         "_transport",
         "_waiting_generations",
-        "storage",
     )
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        http: HttpSessions | aiohttp.ClientSession,
         base_url: str,
         api_key: str,
         *,
@@ -154,17 +170,46 @@ class DiffioClient:
         self._waiting_generations: set[anyio.CancelScope] = set()
         self._base_url = normalize_base_url(base_url)
         self._scrub = KeyScrubber(api_key)
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
+        # The header lines every API request carries, built once; the key
+        # is in them, so they are never shown.
+        self._fields = (
+            f"Authorization: Bearer {api_key}\r\n"
+            "Content-Type: application/json\r\n"
+            "Accept: application/json\r\n"
+            f"User-Agent: {USER_AGENT}\r\n"
+        ).encode("latin-1")
         self._gate = gate
-        self._api_timeout = aiohttp.ClientTimeout(total=timeout)
-        self._transport = Transport(session=session, cap=cap, timeout=timeout, clock=gate.clock,
+        self._timeout = timeout
+        self._owns_http = not isinstance(http, HttpSessions)
+        if not isinstance(http, HttpSessions):
+            http = HttpSessions(files=http)
+        parts = urlsplit(self._base_url)
+        self._pool = http.api(f"{parts.scheme}://{parts.netloc}")
+        self._path = quote(parts.path, safe="/%")
+        self._transport = Transport(http=http, cap=cap, timeout=timeout, clock=gate.clock,
                                     on_request=on_request, breakers=breakers)
-        self.storage = Storage(self._transport, bandwidth)
+        self._bandwidth = bandwidth
+        self._storage: Storage | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """File bytes up and down (:mod:`batcher.storage`, which imports aiohttp)."""
+        if self._storage is None:
+            from batcher.storage import Storage
+
+            self._storage = Storage(self._transport, self._bandwidth)
+        return self._storage
+
+    async def aclose(self) -> None:
+        """Close the connections the client opened itself (none when given ``HttpSessions``)."""
+        if self._owns_http:
+            await self._transport.http.aclose()
+
+    async def __aenter__(self) -> DiffioClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     @property
     def breakers(self) -> Breakers | None:
@@ -357,6 +402,7 @@ class DiffioClient:
                 f"request body cannot be encoded as JSON: {exc}", endpoint=endpoint
             ) from exc
         url = f"{self._base_url}/{endpoint}"
+        head = self._pool.head("POST", f"{self._path}/{endpoint}", self._fields)
         # Without waiting when a slot is free: `async with` would yield to the
         # loop first, an extra event-loop round per request on the hot path.
         cap = self._transport.cap
@@ -371,29 +417,21 @@ class DiffioClient:
                 await self._wait_turn(endpoint)
                 start = self._gate.clock.now()
                 try:
-                    async with self._transport.session.post(
-                        url,
-                        data=data,
-                        headers=self._headers,
-                        timeout=self._api_timeout,
-                        allow_redirects=False,
-                    ) as resp:
-                        body = await resp.read()
-                        status = resp.status
-                        headers = resp.headers
-                except TRANSPORT_EXCEPTIONS as exc:
+                    answer = await self._pool.request(head, data, within=self._timeout)
+                except API_TRANSPORT_EXCEPTIONS as exc:
                     verdict.unreachable()
                     self._transport.report(endpoint, None, start)
                     raise self._transport.error(exc, endpoint, scrub=self._scrub) from exc
+                status = answer.status
                 judge_answer(verdict, status)
                 self._transport.report(endpoint, status, start)
         finally:
             cap.release()
-        body = self._scrub.bytes(body)
+        body = self._scrub.bytes(answer.body)
+        headers = answer.headers
         if status >= 300:
             # Error answers are read further (Location, Retry-After…): scrub them too.
-            headers = CIMultiDictProxy(CIMultiDict(
-                (name, self._scrub.text(value)) for name, value in headers.items()))
+            headers = Headers((name, self._scrub.text(value)) for name, value in headers.items())
         result = classify(
             status, headers, body, endpoint=endpoint, content_type=headers.get("Content-Type")
         )

@@ -15,16 +15,16 @@ Bytes going up are streamed from disk in chunks with an explicit
 chunk sent is fed to the caller's digests, so the caller knows the sha256 of
 the bytes that actually left, not of what the file held when it was keyed.
 
-:class:`Transport` is what the API client and storage share: the session,
-the concurrency cap, the timeout, the report of each exchange
-(``on_request``), and the one place where aiohttp, OS and timeout exceptions
-become batcher's ``ApiError``s (:meth:`Transport.error`).
+File bytes go through aiohttp, which streams them; this module is imported
+(and aiohttp with it) only when a run first moves a file. What it shares
+with the API client (the connections, the cap, the timeout, the report of
+each exchange, the translation of failures) is
+:class:`~batcher.transport.Transport`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -36,11 +36,8 @@ import orjson
 from aiohttp import http_exceptions
 
 from batcher.bandwidth import Bandwidth
-from batcher.breaker import Breakers, Verdict
 from batcher.classify import error_text, parse_retry_after
-from batcher.clock import Clock
 from batcher.errors import (
-    ApiError,
     BatcherError,
     ClientError,
     Conflict,
@@ -49,26 +46,19 @@ from batcher.errors import (
     RateLimited,
     ServerError,
     StatusError,
-    TransportError,
     UrlExpired,
 )
 from batcher.model import UploadPart, UploadSession
-from batcher.scrub import KeyScrubber
+from batcher.transport import Transport, judge_answer
 from batcher.version import USER_AGENT
 
 __all__ = [
     "TRANSPORT_EXCEPTIONS",
     "Digest",
-    "RequestCallback",
     "Storage",
-    "Transport",
     "UploadStarted",
     "check_file_size",
-    "judge_answer",
 ]
-
-RequestCallback = Callable[[str, int | None, float], None]
-"""``on_request(endpoint, status or None on transport failure, seconds)``."""
 
 # File bytes move in chunks this large: every transfer in flight holds about
 # one chunk being read and one being written, whatever the file's size.
@@ -97,72 +87,6 @@ class Digest(Protocol):
     """What is fed the bytes sent: a ``hashlib`` object, for one."""
 
     def update(self, data: bytes, /) -> None: ...
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Transport:
-    """The HTTP plumbing shared by the API client and storage.
-
-    It holds no credential: the API client adds its key to its own requests
-    and scrubs its own errors of it.
-    """
-
-    session: aiohttp.ClientSession
-    cap: anyio.CapacityLimiter
-    timeout: float
-    clock: Clock
-    on_request: RequestCallback | None = None
-    # One circuit breaker per host (None: no breaker, every failure is the
-    # request's own).
-    breakers: Breakers | None = None
-
-    def __repr__(self) -> str:
-        return f"Transport(timeout={self.timeout})"
-
-    @asynccontextmanager
-    async def guarded(self, url: str, key: Hashable) -> AsyncIterator[Verdict]:
-        """Wait until ``url``'s host may be sent to; the caller gives the verdict.
-
-        Raises :class:`~batcher.errors.ApiUnavailable` once the host has been
-        down longer than the patience.
-        """
-        if self.breakers is None:
-            yield Verdict()
-            return
-        verdict: Verdict | None = None
-        try:
-            async with self.breakers.for_url(url).request(key) as verdict:
-                yield verdict
-        except ApiError as err:
-            # The breaker's judgement travels with the error, for the retry decision.
-            if verdict is not None and verdict.outage:
-                err.outage = True
-            raise
-
-    def report(self, endpoint: str, status: int | None, start: float) -> None:
-        """One exchange ended (``status`` None: no answer); ``start`` from :attr:`clock`."""
-        if self.on_request is not None:
-            self.on_request(endpoint, status, self.clock.now() - start)
-
-    def error(self, exc: BaseException, endpoint: str, *,
-              scrub: KeyScrubber | None = None) -> ApiError:
-        """Translate an aiohttp/OS/timeout exception into the error tree.
-
-        ``scrub`` cleans the message (the API client passes its key's scrubber).
-        """
-        if isinstance(exc, TimeoutError):
-            what = f"no answer within the timeout ({type(exc).__name__})"
-        elif isinstance(exc, aiohttp.ServerDisconnectedError):
-            what = "the server closed the connection before answering"
-        elif isinstance(exc, aiohttp.ClientPayloadError):
-            what = f"the answer was cut short: {exc}"
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            what = f"cannot connect: {exc}"
-        elif isinstance(exc, aiohttp.InvalidURL):
-            return DecodeError(f"invalid URL: {exc}", endpoint=endpoint)
-        else:
-            what = f"{type(exc).__name__}: {exc}"
-        return TransportError(scrub.text(what) if scrub else what, endpoint=endpoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +225,7 @@ class Storage:
             start = self._transport.clock.now()
             status: int | None = None
             try:
-                async with self._transport.session.get(
+                async with self._transport.http.files.get(
                     url, timeout=timeout, headers={"User-Agent": USER_AGENT}
                 ) as resp:
                     status = resp.status
@@ -348,7 +272,7 @@ class Storage:
         async with transport.cap, transport.guarded(url, (method, url)) as verdict:
             start = transport.clock.now()
             try:
-                async with transport.session.request(
+                async with transport.http.files.request(
                     method, url, data=data, headers=headers, timeout=limits,
                     allow_redirects=False,
                 ) as resp:
@@ -372,18 +296,6 @@ class Storage:
                 raise
             transport.report(endpoint, status, start)
         return status, resp_headers, body
-
-
-# A gateway's answers: the host behind it did not answer.
-GATEWAY_STATUSES = frozenset({502, 503, 504})
-
-
-def judge_answer(verdict: Verdict, status: int) -> None:
-    """An HTTP answer: the host is up, unless a gateway says the host behind it is not."""
-    if status in GATEWAY_STATUSES:
-        verdict.unreachable()
-    else:
-        verdict.answered()
 
 
 def _edge_headers(session: UploadSession) -> dict[str, str]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 from fakeclock import FakeClock
 
@@ -31,6 +30,7 @@ from batcher.run import Runner, RunResult
 from batcher.run.stats import RunStats
 from batcher.settings import DEFAULT_MODEL, Settings
 from batcher.simulator import ApiGeneration, SimConfig, Simulator, run_config, run_simulator
+from batcher.transport import HttpSessions
 
 KEY = "sim-key"
 # Inside one monthly billing period of the simulator's wall clock.
@@ -69,8 +69,8 @@ class Job:
         gate = gate_for(ledger, settings.rate, clock=self.clock)
         cap = anyio.CapacityLimiter(settings.concurrency)
         assert self.sim.base_url is not None
-        async with aiohttp.ClientSession() as session:
-            client = DiffioClient(session, base_url or self.sim.base_url, key, gate=gate,
+        async with HttpSessions() as http:
+            client = DiffioClient(http, base_url or self.sim.base_url, key, gate=gate,
                                   cap=cap, timeout=settings.timeout,
                                   on_request=stats.on_request,
                                   bandwidth=Bandwidth(settings.max_bandwidth),

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 import orjson
 import pytest
@@ -45,9 +44,11 @@ from batcher.errors import (
     TransportError,
     UrlExpired,
 )
+from batcher.http1 import ConnectFailed, HttpFailure
 from batcher.model import UploadPart, UploadSession
 from batcher.outputs import fetch_to_file
 from batcher.ratelimit import RateGate
+from batcher.transport import HttpSessions
 from batcher.version import USER_AGENT
 
 KEY = "diffio_live_TOPSECRET_k3y_0123456789"
@@ -124,8 +125,8 @@ async def server() -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+async def session() -> AsyncIterator[HttpSessions]:
+    async with HttpSessions() as s:
         yield s
 
 
@@ -138,7 +139,7 @@ class Harness:
 
 
 @pytest.fixture
-def make(session: aiohttp.ClientSession, server: Server) -> Callable[..., Harness]:
+def make(session: HttpSessions, server: Server) -> Callable[..., Harness]:
     def factory(base: str | None = None, timeout: float = 5.0, tokens: int = 8) -> Harness:
         gate = RateGate(1000, clock=SystemClock())
         cap = anyio.CapacityLimiter(tokens)
@@ -539,7 +540,7 @@ async def test_connection_closed_becomes_transport_error(
     err = info.value
     assert words in err.message
     assert err.endpoint == "get_generation_progress" and err.retryable
-    assert isinstance(err.__cause__, aiohttp.ClientError)
+    assert isinstance(err.__cause__, HttpFailure)
     assert h.calls[0][:2] == ("get_generation_progress", None)
     assert_key_absent(err)
 
@@ -568,7 +569,7 @@ async def test_refused_port_becomes_transport_error(make: Callable[..., Harness]
     h = make(base=f"http://127.0.0.1:{refused_port()}")
     with pytest.raises(TransportError, match="cannot connect") as info:
         await h.client.create_project(file_name="a", content_type="audio/wav", content_length=1)
-    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
+    assert isinstance(info.value.__cause__, ConnectFailed)
     assert h.calls[0][:2] == ("create_project", None)
     assert_key_absent(info.value, h.client)
 
@@ -975,7 +976,7 @@ async def test_get_progress_reads_stage_and_queue(server: Server,
 
 @pytest.mark.anyio
 async def test_every_byte_up_and_down_is_taken_from_the_bandwidth_budget(
-        server: Server, session: aiohttp.ClientSession, tmp_path: Path) -> None:
+        server: Server, session: HttpSessions, tmp_path: Path) -> None:
     upload = _edge(server)
     data = os.urandom(300_000)
 

@@ -42,9 +42,11 @@ def test_the_public_api_is_still_there_on_first_use() -> None:
 def test_what_a_run_imports_leaves_out_the_optional_parts() -> None:
     # A run on a SQLite ledger without webhooks, a bar or file rows: no
     # PostgreSQL driver, no web server (webhook receiver, simulator), no
-    # webhook signatures, no terminal UI, no audio probing.
+    # webhook signatures, no terminal UI, no audio probing, and no aiohttp:
+    # API requests go over the lean client; aiohttp comes with the first file.
     loaded = _imported_after("import batcher.api\nimport batcher.run.runner")
-    optional = {"asyncpg", "aiohttp.web", "standardwebhooks", "rich", "mutagen",
-                "batcher.simulator.app", "batcher.webhooks.receiver", "batcher.ledger.postgres"}
-    assert "aiohttp" in loaded  # the client it does need
+    optional = {"asyncpg", "aiohttp", "aiohttp.web", "standardwebhooks", "rich", "mutagen",
+                "batcher.simulator.app", "batcher.webhooks.receiver", "batcher.ledger.postgres",
+                "batcher.storage"}
+    assert {"httptools", "batcher.http1"} <= loaded  # the client it does need
     assert not loaded & optional, sorted(loaded & optional)

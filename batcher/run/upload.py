@@ -64,7 +64,6 @@ from ..ops.logs import (
     UPLOAD_URL_EXPIRED,
     event,
 )
-from ..storage import check_file_size
 from .context import RunContext
 from .resume import source_change, source_key
 
@@ -480,6 +479,8 @@ class Uploader:
 
 async def _check_size(path: Path, size: int) -> None:
     """The file is still the size it was keyed at; else it moved under its row."""
+    from ..storage import check_file_size  # storage brings aiohttp: only uploads need it
+
     try:
         await check_file_size(path, size)
     except LocalFileError as err:
