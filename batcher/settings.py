@@ -7,7 +7,6 @@ file > default. The API key is kept out of every repr.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -167,6 +166,8 @@ def _coerce(spec: OptionSpec, value: Any, source: str) -> Any:
 
 def load_job_file(path: Path) -> dict[str, Any]:
     """Read a job file (TOML); relative paths resolve against its folder."""
+    import tomllib  # only runs from a job file pay for the TOML parser
+
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

@@ -7,6 +7,7 @@ signals; nothing here is mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -326,6 +327,12 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
     assert commits - commits_before < 100  # 401 callers, far fewer transactions
     assert (await led.counts())[Stage.PROJECT_CREATED] == 400
     await led.close(0)
+    # The batch that held the conflict ran again job by job after a rollback:
+    # every other move is written once, and the refused one not at all.
+    with contextlib.closing(sqlite3.connect(tmp_path / "l.sqlite")) as conn:
+        moved = conn.execute("SELECT event, count(*), count(DISTINCT row_id) FROM ledger_events"
+                             " WHERE event IN ('p', 'stale') GROUP BY event").fetchall()
+    assert moved == [("p", 400, 400)]
 
 
 @pytest.mark.anyio

@@ -2,11 +2,17 @@
 
 Coroutines call :meth:`GroupCommitWriter.submit` with a job (a function of the
 connection) and await the future it returns. The thread drains up to
-``batch_size`` jobs, runs each inside its own SAVEPOINT of one
-``BEGIN IMMEDIATE`` transaction, commits once, then settles every caller's
-future with one hop to the event loop (one wake-up per batch, not per caller).
-A job that raises rolls back to its savepoint and fails only its own caller;
-a failed COMMIT fails every job of the batch. A future resolves only after
+``batch_size`` jobs, runs them in one ``BEGIN IMMEDIATE`` transaction,
+commits once, then settles every caller's future with one hop to the event
+loop (one wake-up per batch, not per caller).
+
+Jobs run without savepoints first: a savepoint costs two statements per
+job, and each statement hands the GIL to the event loop and back. If a job
+raises, the whole transaction is rolled back and the batch runs again with
+each job in its own SAVEPOINT, so a job that raises rolls back alone and
+fails only its own caller. Jobs are functions of the connection, so running
+one again after a rollback does what the first run would have done. A failed
+COMMIT fails every job of the batch. A future resolves only after
 its job is committed; a caller cancelled meanwhile does not undo its write.
 """
 
@@ -125,24 +131,11 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list[_Job[Any]]) -> None:
         conn = self._conn
-        outcomes: list[_Outcome] = []
+        outcomes: list[_Outcome] | None = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    if isinstance(exc, sqlite3.Error):
-                        wrapped = sqlite_error(exc, f"cannot write ledger {self._path}")
-                        wrapped.__cause__ = exc
-                        exc = wrapped
-                    outcomes.append((job.future, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job.future, result, None))
+            outcomes = self._all_or_nothing(batch)
+            if outcomes is None:
+                outcomes = self._one_by_one(batch)
             conn.execute("COMMIT")
             self.commits += 1
             self.jobs += len(batch)
@@ -161,3 +154,39 @@ class GroupCommitWriter:
             # One wake-up of the loop per batch, not one per caller.
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, items)
+
+    def _all_or_nothing(self, batch: list[_Job[Any]]) -> list[_Outcome] | None:
+        """Every job in one transaction, left open; None (rolled back) if one raised."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[_Outcome] = []
+        try:
+            for job in batch:
+                outcomes.append((job.future, job.fn(conn), None))
+        except Exception:
+            if conn.in_transaction:  # SQLite rolls back by itself on some errors
+                conn.execute("ROLLBACK")
+            return None
+        return outcomes
+
+    def _one_by_one(self, batch: list[_Job[Any]]) -> list[_Outcome]:
+        """Every job in its own savepoint of one transaction, left open."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[_Outcome] = []
+        for job in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                result = job.fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                if isinstance(exc, sqlite3.Error):
+                    wrapped = sqlite_error(exc, f"cannot write ledger {self._path}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
+                outcomes.append((job.future, None, exc))
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((job.future, result, None))
+        return outcomes

@@ -30,6 +30,7 @@ from ..ops.logs import DISK_FULL, DOWNLOAD_RETRY_SCHEDULED, event
 from ..outputs import default_output_for, fetch_to_file, resolve_output
 from ..retry import retrying
 from .context import RunContext
+from .streams import take
 
 __all__ = ["Downloader"]
 
@@ -48,7 +49,7 @@ class Downloader:
     async def worker(self, recv: MemoryObjectReceiveStream[LedgerRow]) -> None:
         """Download each row received, until the stream ends or the run stops."""
         async with recv:
-            async for row in recv:
+            while (row := await take(recv)) is not None:
                 try:
                     await self.download(row)
                 except TransitionConflict as err:

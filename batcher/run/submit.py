@@ -28,6 +28,7 @@ from ..model import Kind, LedgerRow, Stage, Update
 from ..spend import SpendCap
 from .context import RunContext
 from .poll import Polling
+from .streams import take
 from .upload import Uploader
 
 __all__ = ["Submitter"]
@@ -50,7 +51,7 @@ class Submitter:
     async def worker(self, recv: MemoryObjectReceiveStream[LedgerRow]) -> None:
         """Submit each row received, until the stream ends or the run stops."""
         async with recv:
-            async for row in recv:
+            while (row := await take(recv)) is not None:
                 if self.ctx.halted:
                     self.ctx.drop(row.row_id)
                     continue
