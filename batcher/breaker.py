@@ -34,8 +34,7 @@ Time comes only from the injected :class:`~batcher.clock.Clock`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Hashable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -46,7 +45,7 @@ from batcher.clock import Clock
 from batcher.errors import ApiError, ApiUnavailable, ServerError, TransportError
 from batcher.ops.logs import API_PROBE_FAILED, API_REACHABLE, API_UNREACHABLE, event
 
-__all__ = ["BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker", "Verdict",
+__all__ = ["Admission", "BreakerConfig", "BreakerState", "Breakers", "CircuitBreaker", "Verdict",
            "unanswered"]
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,8 @@ def unanswered(err: ApiError) -> bool:
 # Failing requests remembered by their first failure, at most; past it the
 # memory starts afresh (a request then counts its attempts as usual).
 FIRST_FAILURES_KEPT = 10_000
+# URLs whose breaker is remembered, at most.
+_URLS_KEPT = 256
 
 
 class BreakerState(StrEnum):
@@ -152,21 +153,19 @@ class CircuitBreaker:
         first = self._first_failure.get(key)
         return first is not None and (self._answered_at is None or first >= self._answered_at)
 
-    @asynccontextmanager
-    async def request(self, key: Hashable) -> AsyncIterator[Verdict]:
-        """Wait until a request may go out, then let the caller send it.
+    def request(self, key: Hashable) -> Admission:
+        """``async with breaker.request(key) as verdict``: wait until a request
+        may go out, then let the caller send it.
 
         The caller sets the yielded :class:`Verdict`. Raises ApiUnavailable
         when the outage has lasted longer than ``patience``.
         """
-        probe = await self._admit()
-        verdict = Verdict()
-        try:
-            yield verdict
-        finally:
-            self._settle(key, verdict.reachable, probe=probe)
-            if verdict.reachable is False:
-                verdict.outage = self._alone_since(key)
+        return Admission(self, key)
+
+    def _leave(self, key: Hashable, verdict: Verdict, *, probe: bool) -> None:
+        self._settle(key, verdict.reachable, probe=probe)
+        if verdict.reachable is False:
+            verdict.outage = self._alone_since(key)
 
     async def _admit(self) -> bool:
         """Return once sending is allowed; True when this caller is the probe."""
@@ -285,6 +284,29 @@ class BreakerConfig:
     patience: float = 600.0
 
 
+class Admission:
+    """One request's passage through a breaker (see :meth:`CircuitBreaker.request`).
+
+    A class rather than a generator-based context manager: it is entered
+    for every request, and this way costs no generator or wrapper frames.
+    """
+
+    __slots__ = ("_breaker", "_key", "_probe", "verdict")
+
+    def __init__(self, breaker: CircuitBreaker, key: Hashable) -> None:
+        self._breaker = breaker
+        self._key = key
+        self._probe = False
+        self.verdict = Verdict()
+
+    async def __aenter__(self) -> Verdict:
+        self._probe = await self._breaker._admit()
+        return self.verdict
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._breaker._leave(self._key, self.verdict, probe=self._probe)
+
+
 class Breakers:
     """One :class:`CircuitBreaker` per host, made on first use."""
 
@@ -292,9 +314,21 @@ class Breakers:
         self._clock = clock
         self.config = config or BreakerConfig()
         self._by_host: dict[str, CircuitBreaker] = {}
+        # The API's few URLs come again and again: parse each once.
+        self._by_url: dict[str, CircuitBreaker] = {}
 
     def for_url(self, url: str) -> CircuitBreaker:
         """The breaker of the host ``url`` goes to (named without credentials)."""
+        breaker = self._by_url.get(url)
+        if breaker is not None:
+            return breaker
+        breaker = self._for_host(url)
+        if len(self._by_url) >= _URLS_KEPT:
+            self._by_url.clear()  # signed URLs are each used once
+        self._by_url[url] = breaker
+        return breaker
+
+    def _for_host(self, url: str) -> CircuitBreaker:
         parts = urlsplit(url)
         host = parts.hostname or "?"
         if parts.port is not None:

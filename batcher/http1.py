@@ -27,7 +27,7 @@ import asyncio
 import ssl as _ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -141,8 +141,9 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol -------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: other event loops' transports are not
+        # subclasses of asyncio.Transport, and this one is a stream transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._pool._buffer

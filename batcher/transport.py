@@ -16,15 +16,14 @@ batcher's :class:`~batcher.errors.TransportError` (:meth:`Transport.error`).
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 
-from batcher.breaker import Breakers, Verdict
+from batcher.breaker import Admission, Breakers, Verdict
 from batcher.clock import Clock
 from batcher.errors import ApiError, DecodeError, TransportError
 from batcher.http1 import ConnectFailed, CutShort, Disconnected, Http1Pool, HttpFailure
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "API_TRANSPORT_EXCEPTIONS",
     "GATEWAY_STATUSES",
+    "Guarded",
     "HttpSessions",
     "RequestCallback",
     "Transport",
@@ -118,6 +118,28 @@ class HttpSessions:
         await self.aclose()
 
 
+class Guarded:
+    """One exchange under its host's breaker (see :meth:`Transport.guarded`)."""
+
+    __slots__ = ("_admission", "_verdict")
+
+    def __init__(self, admission: Admission | None) -> None:
+        self._admission = admission
+        self._verdict = Verdict() if admission is None else admission.verdict
+
+    async def __aenter__(self) -> Verdict:
+        if self._admission is not None:
+            await self._admission.__aenter__()
+        return self._verdict
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._admission is not None:
+            await self._admission.__aexit__(exc_type, exc, tb)
+            if isinstance(exc, ApiError) and self._verdict.outage:
+                exc.outage = True
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class Transport:
     """The HTTP plumbing shared by the API client and storage.
@@ -138,25 +160,15 @@ class Transport:
     def __repr__(self) -> str:
         return f"Transport(timeout={self.timeout})"
 
-    @asynccontextmanager
-    async def guarded(self, url: str, key: Hashable) -> AsyncIterator[Verdict]:
-        """Wait until ``url``'s host may be sent to; the caller gives the verdict.
+    def guarded(self, url: str, key: Hashable) -> Guarded:
+        """``async with transport.guarded(url, key) as verdict``: wait until
+        ``url``'s host may be sent to; the caller gives the verdict.
 
         Raises :class:`~batcher.errors.ApiUnavailable` once the host has been
-        down longer than the patience.
+        down longer than the patience. An ``ApiError`` leaving the block
+        carries the breaker's judgement (``outage``) for the retry decision.
         """
-        if self.breakers is None:
-            yield Verdict()
-            return
-        verdict: Verdict | None = None
-        try:
-            async with self.breakers.for_url(url).request(key) as verdict:
-                yield verdict
-        except ApiError as err:
-            # The breaker's judgement travels with the error, for the retry decision.
-            if verdict is not None and verdict.outage:
-                err.outage = True
-            raise
+        return Guarded(None if self.breakers is None else self.breakers.for_url(url).request(key))
 
     def report(self, endpoint: str, status: int | None, start: float) -> None:
         """One exchange ended (``status`` None: no answer); ``start`` from :attr:`clock`."""
