@@ -158,6 +158,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
             return
         self._got_bytes = True
+        if not self._headers_done:
+            self._size += len(data)  # the head's bytes: the parser sets no bound of its own
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -168,6 +170,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._fail(cause)
             else:
                 self._fail(BadHttp(f"the answer is not valid HTTP/1.1: {exc}"))
+        else:
+            if not self._headers_done and self._size > MAX_ANSWER_BYTES:
+                self._fail(BadHttp(f"the answer is larger than {MAX_ANSWER_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close our side too: connection_lost follows
@@ -189,6 +194,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- httptools callbacks --------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.waiter is None:
+            # More bytes after the answer, in the same read: nobody asked for them.
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
@@ -197,6 +207,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        self._size = 0  # from here on, the body's bytes
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -208,6 +219,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.parser.get_status_code() < 200:
             # An interim answer (100 Continue and the like): the real one follows.
             self._reset()
+            self._got_bytes = True  # the exchange began: a close now cuts it short
             return
         self._finish(keep=self.parser.should_keep_alive())
 
@@ -215,7 +227,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _until_close(self) -> bool:
         h = self._headers
-        return "content-length" not in h and "chunked" not in (h.get("transfer-encoding") or "")
+        coding = (h.get("transfer-encoding") or "").lower()
+        return "content-length" not in h and "chunked" not in coding
 
     def _finish(self, *, keep: bool) -> None:
         waiter = self.waiter
