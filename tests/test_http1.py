@@ -955,6 +955,19 @@ async def test_https_untrusted_certificate_is_connect_failed(ca: trustme.CA, why
     assert srv.requests == []  # nothing was sent
 
 
+@pytest.mark.anyio
+async def test_https_to_a_plain_http_server_is_connect_failed(ca: trustme.CA) -> None:
+    async def plain(peer: Peer) -> None:
+        await peer.reader.read(1)  # a TLS hello: not HTTP, answered as a plain server would
+        await peer.send(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    async with serve(plain, name="localhost") as srv, \
+            pool_for(f"https://localhost:{srv.port}", ssl_context=client_ctx(ca)) as pool:
+        with pytest.raises(ConnectFailed, match=f"cannot connect to localhost:{srv.port}"):
+            await post(pool)
+        assert pool.open_connections == 0
+
+
 # -- the sessions and the pool's repr ----------------------------------------------------
 
 
