@@ -368,6 +368,50 @@ async def test_chunked_with_extensions_and_trailers() -> None:
         assert srv.accepts == 1  # the whole chunked answer was consumed: reusable
 
 
+def _big_answer(n: int, chunked: bool) -> tuple[bytes, bytes]:
+    """An answer of a few hundred KiB (several reads), its body distinct per ``n``."""
+    body = bytes((i * 7 + n) % 251 for i in range(300_000 + n * 1000))
+    if chunked:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 50_000]), body[i:i + 50_000])
+                          for i in range(0, len(body), 50_000))
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+                + b"0\r\n\r\n"), body
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), body
+
+
+async def _big_answers_at_once(ca: trustme.CA | None) -> None:
+    async def script(peer: Peer) -> None:
+        while (req := await peer.request()) is not None:
+            n = int(req.body)
+            wire = _big_answer(n, chunked=n % 2 == 1)[0]
+            # In pieces, so the connections' reads interleave.
+            for i in range(0, len(wire), 70_000):
+                await peer.send(wire[i:i + 70_000])
+                await asyncio.sleep(0.001)
+
+    server = tls_server(ca, script) if ca is not None else serve(script)
+    async with server as srv, pool_for(
+            srv.url, ssl_context=client_ctx(ca) if ca is not None else None) as pool:
+        got: dict[int, bytes] = {}
+
+        async def one(n: int) -> None:
+            got[n] = (await post(pool, b"%d" % n, within=5.0)).body
+
+        for _ in range(2):
+            async with anyio.create_task_group() as tg:
+                for n in range(4):
+                    tg.start_soon(one, n)
+            for n in range(4):
+                assert got[n] == _big_answer(n, chunked=n % 2 == 1)[1], n
+        assert srv.accepts == 4
+
+
+@pytest.mark.anyio
+async def test_large_answers_on_concurrent_connections_arrive_whole(ca: trustme.CA) -> None:
+    await _big_answers_at_once(None)
+    await _big_answers_at_once(ca)
+
+
 @pytest.mark.anyio
 async def test_no_length_body_ends_with_the_connection() -> None:
     async def script(peer: Peer) -> None:
