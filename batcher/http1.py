@@ -175,6 +175,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._fail(BadHttp(f"the answer is larger than {MAX_ANSWER_BYTES} bytes"))
 
     def eof_received(self) -> bool:
+        # Not reusable from now on, even before connection_lost has run.
+        self.closed = True
         return False  # close our side too: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
