@@ -336,6 +336,34 @@ async def test_concurrent_transitions_share_commits_and_a_conflict_fails_alone(
 
 
 @pytest.mark.anyio
+async def test_the_writer_lingers_only_while_busy(tmp_path: Path) -> None:
+    from batcher.ledger.writer import GroupCommitWriter
+
+    conn = sqlite3.connect(tmp_path / "w.sqlite", isolation_level=None, check_same_thread=False)
+    conn.execute("CREATE TABLE t (n INTEGER)")
+    writer = GroupCommitWriter(conn, 64, "test-writer", linger=1.0)
+
+    def insert(n: int) -> Any:
+        return lambda c: c.execute("INSERT INTO t VALUES (?)", (n,)).rowcount
+
+    # Three jobs queued before the thread starts are one batch: the writer is busy.
+    first = [writer.submit(insert(n)) for n in range(3)]
+    writer.start()
+    assert await asyncio.gather(*first) == [1, 1, 1]
+    assert (writer.commits, writer.jobs) == (1, 3)
+    started = time.monotonic()
+    await writer.submit(insert(3))  # busy: it waits a second for company
+    assert time.monotonic() - started >= 1.0
+    started = time.monotonic()
+    await writer.submit(insert(4))  # the last batch was alone: no waiting now
+    assert time.monotonic() - started < 0.9
+    writer.stop()
+    await asyncio.to_thread(writer.join)
+    with contextlib.closing(sqlite3.connect(tmp_path / "w.sqlite")) as check:
+        assert check.execute("SELECT count(*) FROM t").fetchone() == (5,)
+
+
+@pytest.mark.anyio
 async def test_a_transition_with_current_reads_back_only_the_computed_columns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
