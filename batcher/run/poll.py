@@ -40,7 +40,7 @@ from .context import RunContext
 from .delays import DelayModel  # re-exported: the poller's wait model
 from .predict import Reading
 
-__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling"]
+__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling", "progress_reading"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,35 @@ class PollItem:
     reading: Reading | None = None
     previous: Reading | None = None
     scout: bool = False  # read again soon on purpose (see DelayModel.next)
+    scouted: int = 0  # polls made soon on purpose
     # Settled elsewhere (a webhook event moved the row): never polled again.
     settled: bool = False
     queued: bool = False  # on the poller's heap now
 
     def read(self, reading: Reading) -> None:
         """Keep a progress reading (the one before it stays, for the speed)."""
-        if self.reading is None or reading.fraction > self.reading.fraction:
+        if self.reading is None or reading.after(self.reading):
             self.previous, self.reading = self.reading, reading
+
+
+def progress_reading(progress: Progress, elapsed: float) -> Reading | None:
+    """What a running generation's answer says about how far it got, if anything.
+
+    The inference stage's progress between 0 and 100 %; before inference
+    (0 % or absent), the pre-processing stage's, when the answer carries
+    stage progress (the seed-era API does not). 0 % of a stage says only
+    that it has not begun, not when it will; 100 % only that it ended,
+    not when: no reading.
+    """
+    if progress.progress is not None and 0 < progress.progress < 100:
+        return Reading(elapsed, progress.progress / 100.0)
+    if progress.progress and progress.progress >= 100:
+        return None
+    stages = progress.stage_progress or {}
+    pre = stages.get("preProcessing")
+    if pre is not None and 0 < pre < 100 and not stages.get("inference"):
+        return Reading(elapsed, pre / 100.0, pre=True)
+    return None
 
 
 class PollPolicy(Protocol):
@@ -283,13 +304,13 @@ class Polling:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             progress = err
-        # 0 % says only that inference has not begun (not when it will): no
-        # reading. With a poll policy (webhooks), polls are a safety net on its
-        # own schedule: nothing is predicted, so nothing re-aims its polls.
-        if (not isinstance(progress, ApiError)
-                and progress.status is GenerationStatus.RUNNING and progress.progress is not None
-                and 0 < progress.progress < 100 and not item.resumed and self.policy is None):
-            reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
+        # With a poll policy (webhooks), polls are a safety net on its own
+        # schedule: nothing is predicted, so nothing re-aims its polls.
+        reading = None
+        if (not isinstance(progress, ApiError) and not item.resumed and self.policy is None
+                and progress.status is GenerationStatus.RUNNING):
+            reading = progress_reading(progress, ctx.clock.now() - item.submitted_at)
+        if reading is not None:
             item.read(reading)
             predictor = self.poller.delays.predictor
             predictor.observe(reading)
