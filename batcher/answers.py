@@ -102,6 +102,9 @@ class GenerationAccepted:
     status: GenerationStatus
     api_status: str
     replay: bool
+    # Halfway between sending the request and its answer arriving (the
+    # client's clock): when the API most likely accepted it, if known.
+    accepted_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,9 @@ class Progress:
     stage_progress: Mapping[str, int] | None = None
     queue_position: int | None = None
     queue_message: str | None = None
+    # Halfway between sending the request and its answer arriving (the
+    # client's clock), when the answer was most likely made, if known.
+    read_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

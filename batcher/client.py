@@ -250,6 +250,7 @@ class DiffioClient:
         """
         # Quoted so a strange model name cannot step out of the path.
         endpoint = f"{quote(model, safe='.')}-generation"
+        timing: list[float] = []
         obj = await self._call(
             endpoint,
             {
@@ -258,6 +259,7 @@ class DiffioClient:
                 "params": dict(params),
                 "idempotencyKey": idempotency_key,
             },
+            timing,
         )
         status = required_str(obj, "status", endpoint)
         return GenerationAccepted(
@@ -267,6 +269,7 @@ class DiffioClient:
             status=GenerationStatus.of(status),
             api_status=status,
             replay=obj.get("idempotentReplay") is True,
+            accepted_at=(timing[0] + timing[1]) / 2.0 if timing else None,
         )
 
     async def get_progress(self, *, generation_id: str, api_project_id: str | None) -> Progress:
@@ -275,7 +278,8 @@ class DiffioClient:
         payload: dict[str, Any] = {"generationId": generation_id}
         if api_project_id:
             payload["apiProjectId"] = api_project_id
-        obj = await self._call(endpoint, payload)
+        timing: list[float] = []
+        obj = await self._call(endpoint, payload, timing)
         inference = obj.get("inference")
         progress = inference.get("progress") if isinstance(inference, dict) else None
         if isinstance(progress, bool) or not isinstance(progress, int | float):
@@ -297,6 +301,7 @@ class DiffioClient:
             if isinstance(stages, dict) else None,
             queue_position=queue_position(queue.get("position")),
             queue_message=optional_str(queue, "message"),
+            read_at=(timing[0] + timing[1]) / 2.0 if timing else None,
         )
 
     async def get_download(
@@ -349,7 +354,9 @@ class DiffioClient:
         if self._generations_stopped:
             raise SubmissionsStopped("not sent: the run stopped submitting", endpoint=endpoint)
 
-    async def _call(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    async def _call(self, endpoint: str, payload: Mapping[str, Any],
+                    timing: list[float] | None = None) -> dict[str, Any]:
+        """One request; ``timing`` gets when it was sent and when its answer arrived."""
         try:
             data = orjson.dumps(payload)
         except orjson.JSONEncodeError as exc:
@@ -387,6 +394,8 @@ class DiffioClient:
                     raise self._transport.error(exc, endpoint, scrub=self._scrub) from exc
                 judge_answer(verdict, status)
                 self._transport.report(endpoint, status, start)
+                if timing is not None:
+                    timing[:] = (start, self._gate.clock.now())
         finally:
             cap.release()
         body = self._scrub.bytes(body)

@@ -72,8 +72,8 @@ class DelayModel:
         self._samples: deque[float] = deque(maxlen=256)
         self.predictor = EndPredictor()
         self._scouts = 0
-        # The common total, start share and pre-processing ratio the scheduled
-        # waits were last revised for.
+        # The aimed first poll, start share and pre-processing ratio the
+        # scheduled waits were last revised for.
         self._revised: tuple[float | None, float | None, float | None] = (None, None, None)
 
     def observe(self, seconds: float) -> None:
@@ -89,11 +89,34 @@ class DelayModel:
         index = min(len(ordered) - 1, int(self.quantile * len(ordered)))
         return ordered[index]
 
+    def aimed_first(self) -> float | None:
+        """The first poll's elapsed time by what was learned of durations, if anything.
+
+        Just past the duration most generations of the job take (the
+        ``quantile`` of the predicted ends of generations read at a first
+        poll no prediction chose), else past the common line's end; never
+        before ``--poll-interval``.
+        """
+        margin = 1.0 + PREDICTION_MARGIN
+        most = self.predictor.typical(self.quantile)
+        if most is not None:
+            # Widely spread durations: a generation of the typical (median)
+            # length still waits no more than about --poll-interval to be
+            # noticed; the longer ones are read at that poll, and predicted.
+            median = self.predictor.typical(0.5)
+            assert median is not None
+            aim = min(most * margin, median * margin + self.poll_interval)
+            return max(self.poll_interval, aim)
+        total = self.predictor.total()
+        if total is None:
+            return None
+        return max(self.poll_interval, total * margin)
+
     def first(self) -> float:
         """Wait before the first poll of a fresh generation."""
-        total = self.predictor.total()
-        if total is not None:
-            return min(max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN)), self.cap)
+        aimed = self.aimed_first()
+        if aimed is not None:
+            return min(aimed, self.cap)
         learned = self.learned()
         base = self.poll_interval if learned is None else max(self.poll_interval, learned)
         # Jitter (never earlier than asked): rows accepted together are not
@@ -122,10 +145,7 @@ class DelayModel:
         if item.reading is None:
             if item.polls > 0:
                 return None  # polled, but said nothing about its progress
-            total = self.predictor.total()
-            if total is None:
-                return None
-            return max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN))
+            return self.aimed_first()
         end = self.predictor.end(item.reading, item.previous)
         if end is None:
             return None
@@ -134,14 +154,13 @@ class DelayModel:
     def needs_revision(self) -> bool:
         """True when a prediction appeared or moved since the last revision."""
         predictor = self.predictor
-        now = (predictor.total(), predictor.start_share(), predictor.pre_ratio())
+        now = (self.aimed_first(), predictor.start_share(), predictor.pre_ratio())
         changed = False
-        for i, (value, old) in enumerate(zip(now, self._revised, strict=True)):
+        for value, old in zip(now, self._revised, strict=True):
             if value is None:
                 continue
-            # The total moves by a share of itself; the shares by a step.
-            step = REVISION_STEP * old if i == 0 and old is not None else REVISION_STEP
-            if old is None or abs(value - old) > step:
+            # A predicted end moves in proportion to each of them.
+            if old is None or abs(value - old) > REVISION_STEP * max(old, 0.1):
                 changed = True
         if changed:
             self._revised = now

@@ -74,6 +74,9 @@ class PollItem:
     previous: Reading | None = None
     scout: bool = False  # read again soon on purpose (see DelayModel.next)
     scouted: int = 0  # polls made soon on purpose
+    # Its first poll was aimed by what was learned of durations (not the
+    # plain --poll-interval): its first reading is no fair sample of them.
+    aimed: bool = False
     # Settled elsewhere (a webhook event moved the row): never polled again.
     settled: bool = False
     queued: bool = False  # on the poller's heap now
@@ -166,9 +169,18 @@ class Poller:
 
     def add(self, item: PollItem, *, due_in: float | None = None) -> None:
         """Schedule ``item``; by default after the first-poll wait."""
-        wait = self.delays.first() if due_in is None else due_in
+        now = self._clock.now()
+        due = None
+        if due_in is None:
+            wait = self.delays.first()
+            item.aimed = self.delays.aimed_first() is not None
+            if item.aimed:
+                # Aimed at an elapsed time: counted from the acceptance.
+                due = max(now, item.submitted_at + wait)
+        else:
+            wait = due_in
         item.delay = wait
-        self._push(self._clock.now() + wait, item)
+        self._push(now + wait if due is None else due, item)
         if self._heap and self._heap[0][2] is item:
             self._wake()
 
@@ -217,6 +229,7 @@ class Poller:
             target = self.delays.predicted(item)
             if target is not None:
                 heap[i] = (max(now, item.submitted_at + target), seq, item)
+                item.aimed = True
         heapq.heapify(heap)
         self._wake()
 
@@ -276,11 +289,18 @@ class Polling:
             workers=max(2, settings.concurrency),
         )
 
-    def watch(self, row: LedgerRow, *, resumed: bool) -> None:
-        """Poll the row's generation (at once when resumed from the ledger)."""
+    def watch(self, row: LedgerRow, *, resumed: bool, accepted_at: float | None = None) -> None:
+        """Poll the row's generation (at once when resumed from the ledger).
+
+        ``accepted_at``: when the API accepted it (halfway through the post),
+        if known; elapsed times are counted from then, not from now (the
+        ledger write in between is no generation time).
+        """
         assert row.generation_id is not None
+        now = self.ctx.clock.now()
+        start = now if accepted_at is None or not accepted_at <= now else accepted_at
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
-                        submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
+                        submitted_at=start, resumed=resumed, row=row,
                         status=row.api_status, queue=row.queue_position)
         due_in = 0.0 if resumed else None
         if self.policy is not None:
@@ -309,11 +329,17 @@ class Polling:
         reading = None
         if (not isinstance(progress, ApiError) and not item.resumed and self.policy is None
                 and progress.status is GenerationStatus.RUNNING):
-            reading = progress_reading(progress, ctx.clock.now() - item.submitted_at)
+            now = ctx.clock.now()
+            # When the answer was most likely made, not when it arrived.
+            at = progress.read_at
+            at = now if at is None or not item.submitted_at <= at <= now else at
+            reading = progress_reading(progress, at - item.submitted_at)
         if reading is not None:
             item.read(reading)
             predictor = self.poller.delays.predictor
             predictor.observe(reading)
+            if item.polls == 1 and not item.aimed:
+                predictor.observe_first(reading)
             if item.previous is not None and item.reading is reading:
                 predictor.observe_pair(item.previous, reading)
         assert item.row is not None
@@ -368,6 +394,7 @@ class Polling:
         details: str | None = None,
         poll: PollItem | None,
         queue: int | None = None,
+        accepted_at: float | None = None,
     ) -> bool:
         """Act on a generation's status; True when the row needs no more polling.
 
@@ -417,7 +444,7 @@ class Polling:
                                api_status=api_status)
                 return True
         if poll is None:
-            self.watch(row, resumed=False)
+            self.watch(row, resumed=False, accepted_at=accepted_at)
             return True
         if api_status != poll.status or queue != poll.queue:
             poll.status, poll.queue = api_status, queue

@@ -76,6 +76,11 @@ class EndPredictor:
         # Samples of the pre-processing stage's start over its end (elapsed times).
         self._ratios: deque[float] = deque(maxlen=window)
         self._ratio: float | None = None  # their median
+        # First readings of generations whose first poll was not aimed by a
+        # prediction: a sample of the job's durations (see typical()).
+        self._firsts: deque[Reading] = deque(maxlen=window)
+        self._typical: dict[float, float | None] = {}
+        self._typical_key: tuple[object, ...] | None = None
 
     def observe(self, reading: Reading) -> None:
         """A running generation's reading (fractions outside (0, 1) say nothing).
@@ -150,6 +155,36 @@ class EndPredictor:
         if ratio is None or not reading.pre:
             return None
         return reading.elapsed / (ratio + reading.fraction * (1.0 - ratio))
+
+    def observe_first(self, reading: Reading) -> None:
+        """The first reading of a generation polled after a wait no prediction chose.
+
+        Which generations are read at such a poll does not depend on what
+        was learned, so their predicted ends sample the job's durations
+        fairly. (Readings at polls aimed at a learned duration would not:
+        only generations longer than it are still running then.)
+        """
+        if 0.0 < reading.fraction < 1.0 and reading.elapsed > 0.0:
+            self._firsts.append(reading)
+
+    def typical(self, quantile: float) -> float | None:
+        """The duration ``quantile`` of generations take at most, by the first readings.
+
+        Each first reading's one-reading prediction (so only once where the
+        stages start, or the common speed, is known); None until
+        ``min_points`` of them predict.
+        """
+        key = (len(self._firsts), self._firsts[-1] if self._firsts else None,
+               self._start, self._ratio, self.slope())
+        if key != self._typical_key:
+            self._typical_key, self._typical = key, {}
+        if quantile not in self._typical:
+            ends = sorted(e for e in map(self.end, self._firsts) if e is not None and e > 0.0)
+            value = None
+            if len(ends) >= self.min_points:
+                value = ends[min(len(ends) - 1, int(quantile * len(ends)))]
+            self._typical[quantile] = value
+        return self._typical[quantile]
 
     def start_share(self) -> float | None:
         """The median share of a generation's life before inference, once sampled."""
