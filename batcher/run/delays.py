@@ -41,7 +41,7 @@ PREDICTION_FLOOR = 0.03
 # nothing predicts yet is read again, at most SCOUT_POLLS times in all.
 SCOUTS = 6
 SCOUT_STEP = 0.25
-SCOUT_POLLS = 3
+SCOUT_POLLS = 4
 # A common prediction moving by more than this share revises every wait.
 REVISION_STEP = 0.03
 
@@ -105,7 +105,7 @@ class DelayModel:
             # noticed; the longer ones are read at that poll, and predicted.
             median = self.predictor.typical(0.5)
             assert median is not None
-            aim = min(most * margin, median * margin + self.poll_interval)
+            aim = min(most * margin, median + self.poll_interval)
             return max(self.poll_interval, aim)
         total = self.predictor.total()
         if total is None:

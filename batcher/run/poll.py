@@ -77,6 +77,10 @@ class PollItem:
     # Its first poll was aimed by what was learned of durations (not the
     # plain --poll-interval): its first reading is no fair sample of them.
     aimed: bool = False
+    # Its first reading is still to be taken as a sample of durations (True),
+    # was taken or never will be (False), or is awaited from a generation
+    # its first poll found running but unread (None).
+    sample: bool | None = True
     # Settled elsewhere (a webhook event moved the row): never polled again.
     settled: bool = False
     queued: bool = False  # on the poller's heap now
@@ -309,6 +313,9 @@ class Polling:
 
     async def _check_watched(self, item: PollItem) -> bool:
         finished = await self._check(item)
+        if finished and item.sample is None:
+            item.sample = False  # ended before any reading: no sample
+            self.poller.delays.predictor.unread(-1)
         if finished and self.policy is not None:
             self.policy.forget(item)
         return finished
@@ -326,22 +333,13 @@ class Polling:
             progress = err
         # With a poll policy (webhooks), polls are a safety net on its own
         # schedule: nothing is predicted, so nothing re-aims its polls.
-        reading = None
         if (not isinstance(progress, ApiError) and not item.resumed and self.policy is None
                 and progress.status is GenerationStatus.RUNNING):
             now = ctx.clock.now()
             # When the answer was most likely made, not when it arrived.
             at = progress.read_at
             at = now if at is None or not item.submitted_at <= at <= now else at
-            reading = progress_reading(progress, at - item.submitted_at)
-        if reading is not None:
-            item.read(reading)
-            predictor = self.poller.delays.predictor
-            predictor.observe(reading)
-            if item.polls == 1 and not item.aimed:
-                predictor.observe_first(reading)
-            if item.previous is not None and item.reading is reading:
-                predictor.observe_pair(item.previous, reading)
+            self._read(item, progress_reading(progress, at - item.submitted_at))
         assert item.row is not None
         try:
             if isinstance(progress, ApiError):
@@ -356,6 +354,24 @@ class Polling:
                      extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
             ctx.drop(item.row_id)
             return True
+
+    def _read(self, item: PollItem, reading: Reading | None) -> None:
+        """What a poll that found the generation running tells the predictor."""
+        predictor = self.poller.delays.predictor
+        if reading is None:
+            if item.sample is True and item.polls == 1 and not item.aimed:
+                item.sample = None  # running, but said nothing yet: counted as unread
+                predictor.unread(1)
+            return
+        item.read(reading)
+        predictor.observe(reading)
+        if not item.aimed and item.sample is not False:
+            # The first reading of a row polled first at the plain interval,
+            # whichever poll it came at: a sample of durations.
+            predictor.observe_first(reading, unread=item.sample is None)
+            item.sample = False
+        if item.previous is not None and item.reading is reading:
+            predictor.observe_pair(item.previous, reading)
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
         """A poll failed: halt, poll again later (the poller's wait), or fail the row."""

@@ -35,7 +35,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["EndPredictor", "Reading"]
+__all__ = ["MIN_SAMPLE_STEP", "EndPredictor", "Reading"]
+
+# Progress is read in whole percents, and a reading's moment is known to a
+# few milliseconds: a sample of where a stage starts is taken only from
+# readings at least this far apart (or this far into inference), so neither
+# rounding nor timing weighs much in it.
+MIN_SAMPLE_STEP = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,7 @@ class EndPredictor:
         self._firsts: deque[Reading] = deque(maxlen=window)
         self._typical: dict[float, float | None] = {}
         self._typical_key: tuple[object, ...] | None = None
+        self._unread = 0
 
     def observe(self, reading: Reading) -> None:
         """A running generation's reading (fractions outside (0, 1) say nothing).
@@ -112,7 +119,8 @@ class EndPredictor:
         """
         if previous.pre and not last.pre:
             pre_end = self.pre_end(previous)
-            if pre_end is None or not 0.0 < pre_end < last.elapsed:
+            if pre_end is None or not 0.0 < pre_end < last.elapsed \
+                    or last.fraction < MIN_SAMPLE_STEP:
                 return
             total = pre_end + (last.elapsed - pre_end) / last.fraction
             self._sample(self._starts, pre_end / total)
@@ -121,7 +129,7 @@ class EndPredictor:
         if previous.pre != last.pre:
             return  # out of order: says nothing
         df, dt = last.fraction - previous.fraction, last.elapsed - previous.elapsed
-        if df <= 0.0 or dt <= 0.0:
+        if df < MIN_SAMPLE_STEP or dt <= 0.0:
             return
         span = dt / df  # seconds the whole stage takes
         end = last.elapsed + (1.0 - last.fraction) * span
@@ -156,32 +164,45 @@ class EndPredictor:
             return None
         return reading.elapsed / (ratio + reading.fraction * (1.0 - ratio))
 
-    def observe_first(self, reading: Reading) -> None:
-        """The first reading of a generation polled after a wait no prediction chose.
+    def observe_first(self, reading: Reading, *, unread: bool = False) -> None:
+        """The first reading of a generation first polled after a wait no prediction chose.
 
-        Which generations are read at such a poll does not depend on what
-        was learned, so their predicted ends sample the job's durations
-        fairly. (Readings at polls aimed at a learned duration would not:
-        only generations longer than it are still running then.)
+        Which generations are polled so does not depend on what was
+        learned, so their predicted ends sample the job's durations fairly.
+        (Readings at polls aimed at a learned duration would not: only
+        generations longer than it are still running then.) ``unread``: it
+        was counted by :meth:`unread` (its first poll said nothing).
         """
+        if unread:
+            self.unread(-1)
         if 0.0 < reading.fraction < 1.0 and reading.elapsed > 0.0:
             self._firsts.append(reading)
+
+    def unread(self, change: int) -> None:
+        """Generations of that sample found running but not read yet (+1), or no more (-1).
+
+        While many are, the readings taken are no fair sample (those read
+        first are the furthest along, often the shortest): :meth:`typical`
+        waits.
+        """
+        self._unread = max(0, self._unread + change)
 
     def typical(self, quantile: float) -> float | None:
         """The duration ``quantile`` of generations take at most, by the first readings.
 
         Each first reading's one-reading prediction (so only once where the
         stages start, or the common speed, is known); None until
-        ``min_points`` of them predict.
+        ``min_points`` of them predict, and while more than a quarter as
+        many of the sampled generations are running unread.
         """
         key = (len(self._firsts), self._firsts[-1] if self._firsts else None,
-               self._start, self._ratio, self.slope())
+               self._start, self._ratio, self.slope(), self._unread)
         if key != self._typical_key:
             self._typical_key, self._typical = key, {}
         if quantile not in self._typical:
             ends = sorted(e for e in map(self.end, self._firsts) if e is not None and e > 0.0)
             value = None
-            if len(ends) >= self.min_points:
+            if len(ends) >= max(self.min_points, 4 * self._unread):
                 value = ends[min(len(ends) - 1, int(quantile * len(ends)))]
             self._typical[quantile] = value
         return self._typical[quantile]
