@@ -10,7 +10,7 @@ with the endpoint and the start of the answer, never a crash further on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -104,7 +104,7 @@ class GenerationAccepted:
     replay: bool
     # Halfway between sending the request and its answer arriving (the
     # client's clock): when the API most likely accepted it, if known.
-    accepted_at: float | None = None
+    accepted_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +130,7 @@ class Progress:
     queue_message: str | None = None
     # Halfway between sending the request and its answer arriving (the
     # client's clock), when the answer was most likely made, if known.
-    read_at: float | None = None
+    read_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
