@@ -10,7 +10,7 @@ with the endpoint and the start of the answer, never a crash further on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -102,6 +102,9 @@ class GenerationAccepted:
     status: GenerationStatus
     api_status: str
     replay: bool
+    # Halfway between sending the request and its answer arriving (the
+    # client's clock): when the API most likely accepted it, if known.
+    accepted_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,9 @@ class Progress:
     stage_progress: Mapping[str, int] | None = None
     queue_position: int | None = None
     queue_message: str | None = None
+    # Halfway between sending the request and its answer arriving (the
+    # client's clock), when the answer was most likely made, if known.
+    read_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

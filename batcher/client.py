@@ -295,6 +295,7 @@ class DiffioClient:
         """
         # Quoted so a strange model name cannot step out of the path.
         endpoint = f"{quote(model, safe='.')}-generation"
+        timing: list[float] = []
         obj = await self._call(
             endpoint,
             {
@@ -303,6 +304,7 @@ class DiffioClient:
                 "params": dict(params),
                 "idempotencyKey": idempotency_key,
             },
+            timing,
         )
         status = required_str(obj, "status", endpoint)
         return GenerationAccepted(
@@ -312,6 +314,7 @@ class DiffioClient:
             status=GenerationStatus.of(status),
             api_status=status,
             replay=obj.get("idempotentReplay") is True,
+            accepted_at=(timing[0] + timing[1]) / 2.0 if timing else None,
         )
 
     async def get_progress(self, *, generation_id: str, api_project_id: str | None) -> Progress:
@@ -320,7 +323,8 @@ class DiffioClient:
         payload: dict[str, Any] = {"generationId": generation_id}
         if api_project_id:
             payload["apiProjectId"] = api_project_id
-        obj = await self._call(endpoint, payload)
+        timing: list[float] = []
+        obj = await self._call(endpoint, payload, timing)
         inference = obj.get("inference")
         progress = inference.get("progress") if isinstance(inference, dict) else None
         if isinstance(progress, bool) or not isinstance(progress, int | float):
@@ -342,6 +346,7 @@ class DiffioClient:
             if isinstance(stages, dict) else None,
             queue_position=queue_position(queue.get("position")),
             queue_message=optional_str(queue, "message"),
+            read_at=(timing[0] + timing[1]) / 2.0 if timing else None,
         )
 
     async def get_download(
@@ -394,7 +399,9 @@ class DiffioClient:
         if self._generations_stopped:
             raise SubmissionsStopped("not sent: the run stopped submitting", endpoint=endpoint)
 
-    async def _call(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    async def _call(self, endpoint: str, payload: Mapping[str, Any],
+                    timing: list[float] | None = None) -> dict[str, Any]:
+        """One request; ``timing`` gets when it was sent and when its answer arrived."""
         try:
             data = orjson.dumps(payload)
         except orjson.JSONEncodeError as exc:
@@ -425,6 +432,8 @@ class DiffioClient:
                 status = answer.status
                 judge_answer(verdict, status)
                 self._transport.report(endpoint, status, start)
+                if timing is not None:
+                    timing[:] = (start, self._gate.clock.now())
         finally:
             cap.release()
         body = self._scrub.bytes(answer.body)

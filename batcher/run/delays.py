@@ -25,6 +25,7 @@ __all__ = [
     "PREDICTION_MARGIN",
     "REVISION_STEP",
     "SCOUTS",
+    "SCOUT_POLLS",
     "SCOUT_STEP",
     "DelayModel",
 ]
@@ -35,10 +36,12 @@ __all__ = [
 PREDICTION_MARGIN = 0.03
 # Closer than this share of the prediction to it, a poll is not aimed again.
 PREDICTION_FLOOR = 0.03
-# Generations read twice on purpose while where inference starts is unknown,
-# and how soon after the first reading (a share of the time it took).
+# Generations read again on purpose while where inference starts is unknown,
+# and how soon after the last reading (a share of the time it took). A scout
+# nothing predicts yet is read again, at most SCOUT_POLLS times in all.
 SCOUTS = 6
 SCOUT_STEP = 0.25
+SCOUT_POLLS = 4
 # A common prediction moving by more than this share revises every wait.
 REVISION_STEP = 0.03
 
@@ -69,8 +72,9 @@ class DelayModel:
         self._samples: deque[float] = deque(maxlen=256)
         self.predictor = EndPredictor()
         self._scouts = 0
-        # The common total and start share the scheduled waits were last revised for.
-        self._revised: tuple[float | None, float | None] = (None, None)
+        # The aimed first poll, start share and pre-processing ratio the
+        # scheduled waits were last revised for.
+        self._revised: tuple[float | None, float | None, float | None] = (None, None, None)
 
     def observe(self, seconds: float) -> None:
         """A generation took ``seconds`` from acceptance to observed completion."""
@@ -85,11 +89,34 @@ class DelayModel:
         index = min(len(ordered) - 1, int(self.quantile * len(ordered)))
         return ordered[index]
 
+    def aimed_first(self) -> float | None:
+        """The first poll's elapsed time by what was learned of durations, if anything.
+
+        Just past the duration most generations of the job take (the
+        ``quantile`` of the predicted ends of generations read at a first
+        poll no prediction chose), else past the common line's end; never
+        before ``--poll-interval``.
+        """
+        margin = 1.0 + PREDICTION_MARGIN
+        most = self.predictor.typical(self.quantile)
+        if most is not None:
+            # Widely spread durations: a generation of the typical (median)
+            # length still waits no more than about --poll-interval to be
+            # noticed; the longer ones are read at that poll, and predicted.
+            median = self.predictor.typical(0.5)
+            assert median is not None
+            aim = min(most * margin, median + self.poll_interval)
+            return max(self.poll_interval, aim)
+        total = self.predictor.total()
+        if total is None:
+            return None
+        return max(self.poll_interval, total * margin)
+
     def first(self) -> float:
         """Wait before the first poll of a fresh generation."""
-        total = self.predictor.total()
-        if total is not None:
-            return min(max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN)), self.cap)
+        aimed = self.aimed_first()
+        if aimed is not None:
+            return min(aimed, self.cap)
         learned = self.learned()
         base = self.poll_interval if learned is None else max(self.poll_interval, learned)
         # Jitter (never earlier than asked): rows accepted together are not
@@ -97,15 +124,28 @@ class DelayModel:
         # generations progress.
         return min(base, self.cap) * self._rng.uniform(1.0, 1.2)
 
+    def _scout(self, item: PollItem, target: float | None) -> bool:
+        """Whether to read ``item`` again soon, to learn from it (counted)."""
+        if item.scout:
+            # Read again while nothing predicts it (a second reading in
+            # pre-processing, a first in inference), a few times at most.
+            go = target is None and item.scouted < SCOUT_POLLS
+        else:
+            learning = item.previous is None and self.predictor.start_share() is None
+            go = self._scouts < SCOUTS and (learning or target is None)
+            if go:
+                self._scouts += 1
+                item.scout = True
+        if go:
+            item.scouted += 1
+        return go
+
     def predicted(self, item: PollItem) -> float | None:
         """Elapsed seconds at which to poll ``item`` next by the prediction, if any."""
         if item.reading is None:
             if item.polls > 0:
                 return None  # polled, but said nothing about its progress
-            total = self.predictor.total()
-            if total is None:
-                return None
-            return max(self.poll_interval, total * (1.0 + PREDICTION_MARGIN))
+            return self.aimed_first()
         end = self.predictor.end(item.reading, item.previous)
         if end is None:
             return None
@@ -113,18 +153,18 @@ class DelayModel:
 
     def needs_revision(self) -> bool:
         """True when a prediction appeared or moved since the last revision."""
-        total, start = self.predictor.total(), self.predictor.start_share()
-        old_total, old_start = self._revised
-        appeared = (total is not None and old_total is None) or \
-            (start is not None and old_start is None)
-        moved = (total is not None and old_total is not None
-                 and abs(total - old_total) > REVISION_STEP * old_total) or \
-            (start is not None and old_start is not None
-             and abs(start - old_start) > REVISION_STEP)
-        if appeared or moved:
-            self._revised = (total, start)
-            return True
-        return False
+        predictor = self.predictor
+        now = (self.aimed_first(), predictor.start_share(), predictor.pre_ratio())
+        changed = False
+        for value, old in zip(now, self._revised, strict=True):
+            if value is None:
+                continue
+            # A predicted end moves in proportion to each of them.
+            if old is None or abs(value - old) > REVISION_STEP * max(old, 0.1):
+                changed = True
+        if changed:
+            self._revised = now
+        return changed
 
     def next(self, item: PollItem, now: float | None = None) -> float:
         """Wait after a poll that found the generation still running.
@@ -136,13 +176,11 @@ class DelayModel:
         """
         target = self.predicted(item)
         elapsed = 0.0 if now is None else now - item.submitted_at
-        if self._scouts < SCOUTS and item.reading is not None and item.previous is None \
-                and self.predictor.start_share() is None and not item.resumed:
+        if item.reading is not None and not item.resumed and self._scout(item, target):
             # A scout: read this generation again soon. Two readings of a few
-            # generations tell where inference starts, and then one reading
-            # predicts any generation's end, whatever its length.
-            self._scouts += 1
-            item.scout = True
+            # generations tell where inference (and pre-processing) starts,
+            # and then one reading predicts any generation's end, whatever
+            # its length.
             soon = SCOUT_STEP * item.reading.elapsed
             return soon if target is None else min(soon, max(target - elapsed, 0.0) or soon)
         if target is not None and not item.resumed:

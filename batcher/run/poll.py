@@ -40,7 +40,7 @@ from .context import RunContext
 from .delays import DelayModel  # re-exported: the poller's wait model
 from .predict import Reading
 
-__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling"]
+__all__ = ["DelayModel", "PollItem", "PollPolicy", "Poller", "Polling", "progress_reading"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,42 @@ class PollItem:
     reading: Reading | None = None
     previous: Reading | None = None
     scout: bool = False  # read again soon on purpose (see DelayModel.next)
+    scouted: int = 0  # polls made soon on purpose
+    # Its first poll was aimed by what was learned of durations (not the
+    # plain --poll-interval): its first reading is no fair sample of them.
+    aimed: bool = False
+    # Its first reading is still to be taken as a sample of durations (True),
+    # was taken or never will be (False), or is awaited from a generation
+    # its first poll found running but unread (None).
+    sample: bool | None = True
     # Settled elsewhere (a webhook event moved the row): never polled again.
     settled: bool = False
     queued: bool = False  # on the poller's heap now
 
     def read(self, reading: Reading) -> None:
         """Keep a progress reading (the one before it stays, for the speed)."""
-        if self.reading is None or reading.fraction > self.reading.fraction:
+        if self.reading is None or reading.after(self.reading):
             self.previous, self.reading = self.reading, reading
+
+
+def progress_reading(progress: Progress, elapsed: float) -> Reading | None:
+    """What a running generation's answer says about how far it got, if anything.
+
+    The inference stage's progress between 0 and 100 %; before inference
+    (0 % or absent), the pre-processing stage's, when the answer carries
+    stage progress (the seed-era API does not). 0 % of a stage says only
+    that it has not begun, not when it will; 100 % only that it ended,
+    not when: no reading.
+    """
+    if progress.progress is not None and 0 < progress.progress < 100:
+        return Reading(elapsed, progress.progress / 100.0)
+    if progress.progress and progress.progress >= 100:
+        return None
+    stages = progress.stage_progress or {}
+    pre = stages.get("preProcessing")
+    if pre is not None and 0 < pre < 100 and not stages.get("inference"):
+        return Reading(elapsed, pre / 100.0, pre=True)
+    return None
 
 
 class PollPolicy(Protocol):
@@ -145,9 +173,18 @@ class Poller:
 
     def add(self, item: PollItem, *, due_in: float | None = None) -> None:
         """Schedule ``item``; by default after the first-poll wait."""
-        wait = self.delays.first() if due_in is None else due_in
+        now = self._clock.now()
+        due = None
+        if due_in is None:
+            wait = self.delays.first()
+            item.aimed = self.delays.aimed_first() is not None
+            if item.aimed:
+                # Aimed at an elapsed time: counted from the acceptance.
+                due = max(now, item.submitted_at + wait)
+        else:
+            wait = due_in
         item.delay = wait
-        self._push(self._clock.now() + wait, item)
+        self._push(now + wait if due is None else due, item)
         if self._heap and self._heap[0][2] is item:
             self._wake()
 
@@ -196,6 +233,7 @@ class Poller:
             target = self.delays.predicted(item)
             if target is not None:
                 heap[i] = (max(now, item.submitted_at + target), seq, item)
+                item.aimed = True
         heapq.heapify(heap)
         self._wake()
 
@@ -255,11 +293,18 @@ class Polling:
             workers=max(2, settings.concurrency),
         )
 
-    def watch(self, row: LedgerRow, *, resumed: bool) -> None:
-        """Poll the row's generation (at once when resumed from the ledger)."""
+    def watch(self, row: LedgerRow, *, resumed: bool, accepted_at: float | None = None) -> None:
+        """Poll the row's generation (at once when resumed from the ledger).
+
+        ``accepted_at``: when the API accepted it (halfway through the post),
+        if known; elapsed times are counted from then, not from now (the
+        ledger write in between is no generation time).
+        """
         assert row.generation_id is not None
+        now = self.ctx.clock.now()
+        start = now if accepted_at is None or not accepted_at <= now else accepted_at
         item = PollItem(row.row_id, row.generation_id, row.api_project_id,
-                        submitted_at=self.ctx.clock.now(), resumed=resumed, row=row,
+                        submitted_at=start, resumed=resumed, row=row,
                         status=row.api_status, queue=row.queue_position)
         due_in = 0.0 if resumed else None
         if self.policy is not None:
@@ -268,6 +313,9 @@ class Polling:
 
     async def _check_watched(self, item: PollItem) -> bool:
         finished = await self._check(item)
+        if finished and item.sample is None:
+            item.sample = False  # ended before any reading: no sample
+            self.poller.delays.predictor.unread(-1)
         if finished and self.policy is not None:
             self.policy.forget(item)
         return finished
@@ -283,18 +331,15 @@ class Polling:
                 generation_id=item.generation_id, api_project_id=item.api_project_id)
         except ApiError as err:
             progress = err
-        # 0 % says only that inference has not begun (not when it will): no
-        # reading. With a poll policy (webhooks), polls are a safety net on its
-        # own schedule: nothing is predicted, so nothing re-aims its polls.
-        if (not isinstance(progress, ApiError)
-                and progress.status is GenerationStatus.RUNNING and progress.progress is not None
-                and 0 < progress.progress < 100 and not item.resumed and self.policy is None):
-            reading = Reading(ctx.clock.now() - item.submitted_at, progress.progress / 100.0)
-            item.read(reading)
-            predictor = self.poller.delays.predictor
-            predictor.observe(reading)
-            if item.previous is not None and item.reading is reading:
-                predictor.observe_pair(item.previous, reading)
+        # With a poll policy (webhooks), polls are a safety net on its own
+        # schedule: nothing is predicted, so nothing re-aims its polls.
+        if (not isinstance(progress, ApiError) and not item.resumed and self.policy is None
+                and progress.status is GenerationStatus.RUNNING):
+            now = ctx.clock.now()
+            # When the answer was most likely made, not when it arrived.
+            at = progress.read_at
+            at = now if at is None or not item.submitted_at <= at <= now else at
+            self._read(item, progress_reading(progress, at - item.submitted_at))
         assert item.row is not None
         try:
             if isinstance(progress, ApiError):
@@ -309,6 +354,24 @@ class Polling:
                      extra=event(ROW_MOVED_ELSEWHERE, row=item.row_id, step="poll"))
             ctx.drop(item.row_id)
             return True
+
+    def _read(self, item: PollItem, reading: Reading | None) -> None:
+        """What a poll that found the generation running tells the predictor."""
+        predictor = self.poller.delays.predictor
+        if reading is None:
+            if item.sample is True and item.polls == 1 and not item.aimed:
+                item.sample = None  # running, but said nothing yet: counted as unread
+                predictor.unread(1)
+            return
+        item.read(reading)
+        predictor.observe(reading)
+        if not item.aimed and item.sample is not False:
+            # The first reading of a row polled first at the plain interval,
+            # whichever poll it came at: a sample of durations.
+            predictor.observe_first(reading, unread=item.sample is None)
+            item.sample = False
+        if item.previous is not None and item.reading is reading:
+            predictor.observe_pair(item.previous, reading)
 
     async def _poll_failure(self, item: PollItem, err: ApiError) -> bool:
         """A poll failed: halt, poll again later (the poller's wait), or fail the row."""
@@ -347,6 +410,7 @@ class Polling:
         details: str | None = None,
         poll: PollItem | None,
         queue: int | None = None,
+        accepted_at: float | None = None,
     ) -> bool:
         """Act on a generation's status; True when the row needs no more polling.
 
@@ -396,7 +460,7 @@ class Polling:
                                api_status=api_status)
                 return True
         if poll is None:
-            self.watch(row, resumed=False)
+            self.watch(row, resumed=False, accepted_at=accepted_at)
             return True
         if api_status != poll.status or queue != poll.queue:
             poll.status, poll.queue = api_status, queue

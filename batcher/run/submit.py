@@ -169,4 +169,5 @@ class Submitter:
             self.polling.finished(row.row_id)
             return
         row = await ctx.move(row, Stage.SUBMITTED, accepted_update, event, detail)
-        await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None)
+        await self.polling.after_status(row, accepted.status, accepted.api_status, poll=None,
+                                        accepted_at=accepted.accepted_at)
