@@ -27,7 +27,6 @@ Decisions about values:
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -109,6 +108,8 @@ def suggest_column(name: str) -> str | None:
     folded = re.sub(r"[^a-z0-9]", "", name.lower())
     if not folded:
         return None
+    import difflib  # a misspelt column is rare; every run would pay the import
+
     match = difflib.get_close_matches(folded, _FOLDED, n=1, cutoff=_TYPO_CUTOFF)
     return _FOLDED[match[0]] if match else None
 

@@ -160,28 +160,30 @@ def pending_migrations(dialect: str, applied: Iterable[int]) -> list[Migration]:
 def migrate_sqlite(conn: sqlite3.Connection, wall: Callable[[], float]) -> list[int]:
     """Bring a SQLite ledger up to date; return the versions applied now.
 
-    ``conn`` must be in autocommit mode (``isolation_level=None``). Each
-    migration runs under ``BEGIN IMMEDIATE`` and re-reads the applied versions
-    inside it, so two processes racing here apply each step once.
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Every
+    pending migration runs in one ``BEGIN IMMEDIATE`` transaction, which
+    re-reads the applied versions inside it, so two processes racing here
+    apply each step once; a step that fails rolls back them all (SQLite's
+    schema changes are transactional). One transaction, one sync to disk: a
+    new ledger is ready a few milliseconds sooner than with one per step.
     """
     conn.execute(BOOTSTRAP_SQL)
     applied_now: list[int] = []
-    for mig in load_migrations("sqlite"):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            done = [r[0] for r in conn.execute(APPLIED_SQL)]
-            if mig not in pending_migrations("sqlite", done):
-                conn.execute("ROLLBACK")
-                continue
+    conn.execute("BEGIN IMMEDIATE")
+    mig: Migration | None = None
+    try:
+        done = [r[0] for r in conn.execute(APPLIED_SQL)]
+        for mig in pending_migrations("sqlite", done):
             for stmt in mig.statements():
                 conn.execute(stmt)
             conn.execute(RECORD_SQL, {"v": mig.version, "n": mig.name, "at": wall()})
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"migration {mig.version} ({mig.name}) failed: {exc}") from exc
-            raise
-        applied_now.append(mig.version)
+            applied_now.append(mig.version)
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            which = f"migration {mig.version} ({mig.name})" if mig else "reading the migrations"
+            raise LedgerError(f"{which} failed: {exc}") from exc
+        raise
     return applied_now

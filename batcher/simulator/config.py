@@ -8,9 +8,7 @@ it; nothing reads a knob from anywhere else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +331,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read simulator config {p}: {exc.strerror}") from None
+    import json  # the parsers only when a knob file is read: every run builds this parser
+    import tomllib
+
     try:
         data: Any = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
