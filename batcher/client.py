@@ -162,6 +162,9 @@ class DiffioClient:
     ) -> None:
         if not api_key or any(c.isspace() or ord(c) < 32 for c in api_key):
             raise ConfigError("the API key is empty or contains whitespace or control characters")
+        if not api_key.isascii():
+            # An HTTP header carries bytes; the key is never shown, not even in part.
+            raise ConfigError("the API key contains characters other than ASCII")
         if timeout <= 0:
             raise ConfigError("timeout must be positive")
         # After a 402 no generation request may leave; those waiting for the

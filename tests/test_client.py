@@ -582,7 +582,7 @@ def test_client_repr_and_bad_keys() -> None:
     )
     assert repr(client) == "DiffioClient(base_url='https://api.diffio.ai/v1', key=***)"
     assert_key_absent(client)
-    for bad in ["", "two words", "line\nbreak"]:
+    for bad in ["", "two words", "line\nbreak", "sk-caf\u00e9-words", "sk-\u2019break"]:
         with pytest.raises(ConfigError) as info:
             DiffioClient(dummy, "https://x", bad, gate=gate, cap=anyio.CapacityLimiter(1))
         assert "words" not in str(info.value) and "break" not in str(info.value)
